@@ -1,0 +1,40 @@
+# Two commands: `make demo` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test install install-dev lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+# torch goes in first, pinned, so the project's ranges accept it and pip never pulls a CUDA build.
+$(VENV)/.torch: $(BIN)/python
+	$(BIN)/pip install "torch==$(TORCH_VERSION)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(BIN)/pip install -e ".[serve,eval]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -e ".[serve,eval,quant,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/mllm demo --out $(DEMO_OUT)
+
+test: $(VENV)/.installed-dev
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

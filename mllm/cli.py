@@ -1,0 +1,60 @@
+"""The single `mllm` command.
+
+Each subcommand names the module that implements it; the module is imported only when that
+subcommand runs, so `mllm --help` stays instant (no torch/transformers import). A module
+exposes `add_arguments(parser)` and `run(args) -> int`.
+
+Subcommands are listed here as their features land; nothing is listed that does not work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module implementing it, one-line help). The modules of training/eval/serve are named
+# by string and imported lazily: the CLI is the one place that dispatches to the recipes.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("mllm.data.cli", "make the shapes world as shards or LLaVA JSON; convert LLaVA JSON to shards"),
+}
+
+
+def _top_level_help() -> str:
+    width = max(len(name) for name in COMMANDS) + 2
+    lines = [
+        "usage: mllm <command> [options]",
+        "",
+        "One next-token decoder that reads and draws images.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}{summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "Run `mllm <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_level_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"mllm {version('mllm')}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"mllm: unknown command {name!r}\n\n{_top_level_help()}", file=sys.stderr)
+        return 2
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mllm {name}", description=summary)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""`mllm data ...`: make the shapes world, convert LLaVA JSON to shards.
+
+    mllm data shapes --out DIR --n N --seed S [--size PX] [--split train|test] [--format wds|llava]
+    mllm data convert-llava --json FILE --image-root DIR --out DIR
+
+The data modules (webdataset, PIL, the shapes renderer) are imported when a subcommand runs, so
+`mllm data --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="data_command", required=True, metavar="{shapes,convert-llava}")
+
+    shapes = commands.add_parser(
+        "shapes",
+        help="write the synthetic shapes world as webdataset shards or LLaVA JSON",
+        description=(
+            "Write N scenes of the shapes world (1-3 coloured shapes on white, with a caption, VQA "
+            "pairs and a drawing prompt each). Same --seed, --split, --n and --size: same data."
+        ),
+    )
+    shapes.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
+    shapes.add_argument("--n", required=True, type=_positive_int, help="number of scenes to write")
+    shapes.add_argument("--seed", type=int, default=0, help="base seed of the scenes (default: 0)")
+    shapes.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default: 64)")
+    shapes.add_argument(
+        "--split", choices=("train", "test"), default="train",
+        help="train or test scenes; the two never share a scene for the same seed (default: train)",
+    )  # fmt: skip
+    shapes.add_argument(
+        "--format", choices=("wds", "llava"), default="wds",
+        help="wds: shards with {key}.png + {key}.json (caption, qa, prompt, scene) for every task; "
+        "llava: llava.json + images/, one multi-turn chat per scene (caption turn, then every QA pair; "
+        "no drawing prompts) (default: wds)",
+    )  # fmt: skip
+    shapes.add_argument(
+        "--maxcount", type=_positive_int, default=1000, help="records per shard, wds only (default: 1000)"
+    )
+    _add_common(shapes)
+
+    convert = commands.add_parser(
+        "convert-llava",
+        help="convert LLaVA-format JSON + images to webdataset shards",
+        description=(
+            "Convert a LLaVA-format JSON file ([{id, image, conversations: [{from, value}]}]) into "
+            "shards of {key}.jpg|png (original bytes) + {key}.json (messages). Bad records are "
+            "skipped and reported by reason."
+        ),
+    )
+    convert.add_argument("--json", required=True, type=Path, help="the LLaVA JSON file")
+    convert.add_argument(
+        "--image-root", required=True, type=Path, help="directory the records' `image` paths are relative to"
+    )
+    convert.add_argument(
+        "--out", required=True, type=Path, help="output directory for the shards (created if missing)"
+    )
+    convert.add_argument(
+        "--maxcount", type=_positive_int, default=1000, help="records per shard (default: 1000)"
+    )
+    _add_common(convert)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace shards left in --out by an earlier run instead of failing",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    commands = {"shapes": _run_shapes, "convert-llava": _run_convert_llava}
+    return commands[args.data_command](args)
+
+
+def _error(message: str) -> int:
+    print(f"mllm data: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_out_dir(out: Path) -> str | None:
+    if out.exists() and not out.is_dir():
+        return f"--out {out} exists and is not a directory"
+    return None
+
+
+def _run_shapes(args: argparse.Namespace) -> int:
+    from mllm.data.llava import write_llava
+    from mllm.data.samples import caption_qa_chat
+    from mllm.data.shapes import MIN_IMAGE_SIZE, iter_samples
+    from mllm.data.shards import write_shards
+
+    if problem := _check_out_dir(args.out):
+        return _error(problem)
+    if args.size < MIN_IMAGE_SIZE:
+        return _error(f"--size must be at least {MIN_IMAGE_SIZE} pixels, got {args.size}")
+    scenes = iter_samples(args.n, split=args.split, base_seed=args.seed, size=args.size)
+    if args.format == "llava":
+        chats = (caption_qa_chat(s["key"], s["image"], s["caption"], s["qa"]) for s in scenes)
+        json_path = write_llava(chats, args.out, progress=not args.no_progress)
+        print(f"wrote {args.n} records to {json_path} and {args.n} images to {args.out / 'images'}")
+        print(f"to shard them: mllm data convert-llava --json {json_path} --image-root {args.out} --out DIR")
+        return 0
+    try:
+        shards = write_shards(
+            scenes, args.out, maxcount=args.maxcount, progress=not args.no_progress, overwrite=args.overwrite
+        )
+    except FileExistsError as exn:
+        return _error(f"{exn}; pass --overwrite to replace them")
+    _print_shards(shards, args.out)
+    return 0
+
+
+def _run_convert_llava(args: argparse.Namespace) -> int:
+    from mllm.data.llava import LlavaFormatError, convert_llava
+    from mllm.data.shards import DataStats
+
+    if not args.json.is_file():
+        return _error(f"--json {args.json} does not exist or is not a file")
+    if not args.image_root.is_dir():
+        return _error(f"--image-root {args.image_root} does not exist or is not a directory")
+    if problem := _check_out_dir(args.out):
+        return _error(problem)
+    stats = DataStats()
+    try:
+        shards = convert_llava(
+            args.json,
+            args.image_root,
+            args.out,
+            maxcount=args.maxcount,
+            stats=stats,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except FileExistsError as exn:
+        return _error(f"{exn}; pass --overwrite to replace them")
+    except LlavaFormatError as exn:
+        return _error(f"cannot read --json as LLaVA JSON: {exn}")
+    _print_shards(shards, args.out)
+    print(stats.report())
+    return 0
+
+
+def _print_shards(shards: list[str], out: Path) -> None:
+    index = json.loads((out / "index.json").read_text())
+    print(f"wrote {index['total']} records in {len(shards)} shards to {out} (index: {out / 'index.json'})")
+    for entry in index["shards"]:
+        print(f"  {os.path.join(out, entry['file'])}  {entry['count']} records")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mllm data", description="Make and convert data sets.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

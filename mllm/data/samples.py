@@ -1,0 +1,160 @@
+"""The one sample type every reader yields, and the prompt templates of the four tasks.
+
+A `Sample` is a conversation in the Hugging Face / OpenAI content-part style, so the
+processor turns every task into a sequence the same way (DESIGN.md, "Tasks as sequences"):
+
+    {"role": "user" | "assistant" | "system",
+     "content": [{"type": "text", "text": "..."}, {"type": "image", "image": PIL.Image}]}
+
+An image part in an assistant turn is an image the model must draw (text-to-image).
+
+JSON form (shards, LLaVA conversion): images are not stored inside the messages. An image part
+is written as a bare `{"type": "image"}` placeholder and the images travel beside the JSON, in
+order: the k-th image part of the conversation (counting user and assistant turns alike, first
+message first) is the k-th image of the record. `messages_to_json` and `chat_sample` convert
+between the two forms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+TASKS = ("caption", "vqa", "chat", "t2i")
+ROLES = ("user", "assistant", "system")
+
+CAPTION_PROMPT = "Describe the image."
+DRAW_TEMPLATE = "Draw: {prompt}"
+
+
+@dataclass
+class Sample:
+    """One training/eval example: a conversation with its images inside the image parts."""
+
+    key: str
+    task: str
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The images of all image parts, in conversation order."""
+        return [
+            part["image"]
+            for message in self.messages
+            for part in message["content"]
+            if part["type"] == "image"
+        ]
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def image_part(image: Image.Image) -> dict[str, Any]:
+    return {"type": "image", "image": image}
+
+
+def caption_sample(key: str, image: Image.Image, caption: str) -> Sample:
+    """user: image + "Describe the image." -> assistant: caption."""
+    return Sample(
+        key,
+        "caption",
+        [
+            {"role": "user", "content": [image_part(image), text_part(CAPTION_PROMPT)]},
+            {"role": "assistant", "content": [text_part(caption)]},
+        ],
+    )
+
+
+def vqa_sample(key: str, image: Image.Image, question: str, answer: str) -> Sample:
+    """user: image + question -> assistant: short answer."""
+    return Sample(
+        key,
+        "vqa",
+        [
+            {"role": "user", "content": [image_part(image), text_part(question)]},
+            {"role": "assistant", "content": [text_part(answer)]},
+        ],
+    )
+
+
+def t2i_sample(key: str, prompt: str, image: Image.Image) -> Sample:
+    """user: "Draw: {prompt}" -> assistant: the image (the generation target)."""
+    return Sample(
+        key,
+        "t2i",
+        [
+            {"role": "user", "content": [text_part(DRAW_TEMPLATE.format(prompt=prompt))]},
+            {"role": "assistant", "content": [image_part(image)]},
+        ],
+    )
+
+
+def caption_qa_chat(key: str, image: Image.Image, caption: str, qa: list[dict[str, Any]]) -> Sample:
+    """One multi-turn chat about one image: the caption turn (image first), then one turn per QA pair."""
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [image_part(image), text_part(CAPTION_PROMPT)]},
+        {"role": "assistant", "content": [text_part(caption)]},
+    ]
+    for pair in qa:
+        messages.append({"role": "user", "content": [text_part(pair["question"])]})
+        messages.append({"role": "assistant", "content": [text_part(pair["answer"])]})
+    return Sample(key, "chat", messages)
+
+
+def chat_sample(key: str, messages: list[dict[str, Any]], images: list[Image.Image]) -> Sample:
+    """A conversation in JSON form (image parts are `{"type": "image"}` placeholders) bound to its images.
+
+    The k-th image part receives `images[k]`. A message whose `content` is a plain string is read
+    as one text part. Raises ValueError on an unknown role or part type, or when the number of
+    image parts and images differ (naming both counts).
+    """
+    bound: list[dict[str, Any]] = []
+    placeholders = 0
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ValueError(f"each message needs a role in {ROLES}, got {message!r}"[:200])
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [text_part(content)]
+        if not isinstance(content, list) or not content:
+            raise ValueError(
+                f"message content must be a string or a non-empty list of parts, got {content!r}"[:200]
+            )
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(text_part(part["text"]))
+            elif kind == "image":
+                if placeholders < len(images):
+                    parts.append(image_part(images[placeholders]))
+                placeholders += 1
+            else:
+                raise ValueError(f"unknown content part {part!r}"[:200])
+        bound.append({"role": message["role"], "content": parts})
+    if placeholders != len(images):
+        raise ValueError(f"the messages have {placeholders} image parts but {len(images)} images were given")
+    return Sample(key, "chat", bound)
+
+
+def messages_to_json(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """Split in-memory messages into their JSON form (image placeholders) and the images in order."""
+    images: list[Image.Image] = []
+    json_messages = []
+    for message in messages:
+        parts = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                images.append(part["image"])
+                parts.append({"type": "image"})
+            else:
+                parts.append(text_part(part["text"]))
+        json_messages.append({"role": message["role"], "content": parts})
+    return json_messages, images

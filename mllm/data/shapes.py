@@ -1,0 +1,300 @@
+"""The shapes world: the built-in data set of the demo and the tests.
+
+A scene is 1-3 coloured shapes on a white background, each centred in its own cell of a 3x3 grid.
+Everything a task needs is generated from the scene, so every label is exact: the image
+(`render`), a caption naming every object (`caption`), VQA pairs (`vqa_pairs`) and drawing prompts
+(`draw_prompts`). `mllm.data.judge` reads images back into objects to score drawings.
+
+Cell phrasing (one phrase per cell, used by `ShapeObject.describe`, captions, prompts and questions):
+"at the top left", "at the top", "at the top right", "on the left", "at the center", "on the right",
+"at the bottom left", "at the bottom", "at the bottom right" (see `CELL_PHRASES`).
+
+Everything is a pure function of an integer seed. Randomness comes only from `random.Random.random()`
+seeded with a string: that is the one part of the random module Python promises to keep the same across
+versions (`choice`, `sample` and `randrange` are not), so a seed names the same sample everywhere.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 70),
+    "blue": (40, 90, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 190),
+    "orange": (245, 130, 30),
+}
+BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SIZES: tuple[str, ...] = ("small", "large")
+CELLS: tuple[str, ...] = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)  # fmt: skip
+CELL_PHRASES: dict[str, str] = {
+    "top left": "at the top left",
+    "top": "at the top",
+    "top right": "at the top right",
+    "left": "on the left",
+    "center": "at the center",
+    "right": "on the right",
+    "bottom left": "at the bottom left",
+    "bottom": "at the bottom",
+    "bottom right": "at the bottom right",
+}
+# Side of an object's bounding box as a fraction of the cell side. The gap between the two lets the
+# judge tell sizes apart at any resolution, and a large object still leaves a 10% margin to the cell edge,
+# so objects in neighbouring cells never touch.
+EXTENTS: dict[str, float] = {"small": 0.45, "large": 0.8}
+DEFAULT_IMAGE_SIZE = 64
+# Below this a small shape can rasterise to no pixel at all. (The judge needs 40 px to tell every shape apart.)
+MIN_IMAGE_SIZE = 16
+SPLITS: dict[str, int] = {"train": 0, "test": 1, "heldout": 1, "val": 1}  # split -> seed parity
+# Indices per base seed; seeds of different base seeds never collide below this many samples.
+_MAX_INDEX = 10**9
+# Share of samples whose drawing prompt is the full-scene prompt (the rest get a partial prompt).
+FULL_SCENE_PROMPT_SHARE = 0.75
+
+
+def _rng(seed: int, purpose: str) -> random.Random:
+    # A string seed is hashed with SHA-512 (seeding version 2, kept stable by Python); the purpose salt keeps
+    # the scene, question and prompt streams of one seed independent of each other.
+    return random.Random(f"{purpose}:{seed}")
+
+
+def _pick(rng: random.Random, n: int) -> int:
+    """A uniform index in range(n), drawn through `random()`, the only version-stable method."""
+    return int(rng.random() * n)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _join(phrases: Sequence[str]) -> str:
+    """'x', 'x and y', 'x, y and z'."""
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object of a scene (or one object the judge sees in an image)."""
+
+    color: str
+    shape: str
+    size: str
+    cell: str
+
+    def __post_init__(self) -> None:
+        for field, value, vocabulary in (
+            ("color", self.color, tuple(COLORS)),
+            ("shape", self.shape, SHAPES),
+            ("size", self.size, SIZES),
+            ("cell", self.cell, CELLS),
+        ):
+            if value not in vocabulary:
+                raise ValueError(f"unknown {field} {value!r}; expected one of {vocabulary}")
+
+    def describe(self, with_size: bool = True, with_cell: bool = True) -> str:
+        """'a large red circle at the top left'; size and cell phrase are optional."""
+        words = ([self.size] if with_size else []) + [self.color, self.shape]
+        text = f"{_article(words[0])} {' '.join(words)}"
+        return f"{text} {CELL_PHRASES[self.cell]}" if with_cell else text
+
+
+@dataclass(frozen=True)
+class Scene:
+    """The objects of one image, sorted by cell (row-major) so that equal scenes compare equal."""
+
+    objects: tuple[ShapeObject, ...]
+    seed: int
+
+    def __post_init__(self) -> None:
+        ordered = tuple(sorted(self.objects, key=lambda obj: CELLS.index(obj.cell)))
+        if not ordered:
+            raise ValueError("a scene needs at least one object")
+        cells = [obj.cell for obj in ordered]
+        if len(set(cells)) != len(cells):
+            raise ValueError(f"each object needs its own cell, got cells {cells}")
+        object.__setattr__(self, "objects", ordered)  # frozen: sorting is part of construction
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "objects": [asdict(obj) for obj in self.objects]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Scene:
+        return cls(objects=tuple(ShapeObject(**obj) for obj in data["objects"]), seed=int(data["seed"]))
+
+
+def scene_seed(split: str, index: int, base_seed: int = 0) -> int:
+    """The seed of sample `index` of `split`.
+
+    Train seeds are even and test seeds odd, so the splits can never share a scene seed, whatever the
+    index and base seed. "heldout" and "val" are aliases of "test".
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
+    if not 0 <= index < _MAX_INDEX:
+        raise ValueError(f"index must be in [0, {_MAX_INDEX}), got {index}")
+    if base_seed < 0:
+        raise ValueError(f"base_seed must be non-negative, got {base_seed}")
+    return 2 * (base_seed * _MAX_INDEX + index) + SPLITS[split]
+
+
+def make_scene(seed: int, max_objects: int = 3, min_objects: int = 1) -> Scene:
+    """A random scene: a uniform number of objects in distinct cells, each attribute uniform."""
+    if not 1 <= min_objects <= max_objects <= len(CELLS):
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= 9, got {min_objects}, {max_objects}")
+    rng = _rng(seed, "scene")
+    count = min_objects + _pick(rng, max_objects - min_objects + 1)
+    free_cells = list(CELLS)
+    objects = []
+    for _ in range(count):
+        cell = free_cells.pop(_pick(rng, len(free_cells)))
+        color = tuple(COLORS)[_pick(rng, len(COLORS))]
+        shape = SHAPES[_pick(rng, len(SHAPES))]
+        size = SIZES[_pick(rng, len(SIZES))]
+        objects.append(ShapeObject(color=color, shape=shape, size=size, cell=cell))
+    return Scene(objects=tuple(objects), seed=seed)
+
+
+def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, half: float) -> np.ndarray:
+    """Pixels inside `shape`, given pixel-centre offsets from the object centre and its half extent."""
+    if shape == "circle":
+        return dx**2 + dy**2 <= half**2
+    if shape == "square":
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    # Upright triangle filling its box: apex at the top centre, base along the bottom edge.
+    return (np.abs(dy) <= half) & (np.abs(dx) <= (dy + half) / 2)
+
+
+def render(scene: Scene, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
+    """The scene as a `size` x `size` RGB image.
+
+    Pixels are set by testing pixel centres against the exact shape, with no anti-aliasing, so a render
+    holds only palette colours and white and is identical on every machine.
+    """
+    if size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image size must be at least {MIN_IMAGE_SIZE} px, got {size}")
+    pixels = np.full((size, size, 3), BACKGROUND, dtype=np.uint8)
+    centres = np.arange(size) + 0.5
+    cell_side = size / 3
+    for obj in scene.objects:
+        row, col = divmod(CELLS.index(obj.cell), 3)
+        dx = centres[None, :] - (col + 0.5) * cell_side  # (1, W)
+        dy = centres[:, None] - (row + 0.5) * cell_side  # (H, 1)
+        mask = _shape_mask(obj.shape, dx, dy, EXTENTS[obj.size] * cell_side / 2)  # (H, W)
+        pixels[mask] = COLORS[obj.color]
+    return Image.fromarray(pixels)
+
+
+def caption(scene: Scene) -> str:
+    """Every object with size, colour, shape and cell, e.g. 'a large red circle at the top left and ...'."""
+    return _join([obj.describe() for obj in scene.objects])
+
+
+def _count(objects: Sequence[ShapeObject], **attributes: str) -> int:
+    return sum(all(getattr(obj, key) == value for key, value in attributes.items()) for obj in objects)
+
+
+def vqa_pairs(scene: Scene, seed: int | None = None) -> list[dict]:
+    """Question-answer pairs about the scene, each {"question", "answer", "type"}.
+
+    Types, in this order: "count" (all objects; one shape and one colour drawn at random, so "0" occurs),
+    "color" and "shape" (one per object; the object is named by its shape or colour, plus its cell when that
+    alone is ambiguous), "position" (per object whose colour and shape, or failing that size, colour and
+    shape, single it out), "exists" (one present colour-shape pair -> "yes", one absent -> "no").
+    Answers are lower-case words or digits. Deterministic given the scene and `seed` (default: scene.seed).
+    """
+    rng = _rng(scene.seed if seed is None else seed, "vqa")
+    objects = scene.objects
+    pairs: list[dict] = []
+
+    def add(question: str, answer: str | int, kind: str) -> None:
+        pairs.append({"question": question, "answer": str(answer), "type": kind})
+
+    shape = SHAPES[_pick(rng, len(SHAPES))]
+    color = tuple(COLORS)[_pick(rng, len(COLORS))]
+    add("How many objects are there?", len(objects), "count")
+    add(f"How many {shape}s are there?", _count(objects, shape=shape), "count")
+    add(f"How many {color} objects are there?", _count(objects, color=color), "count")
+
+    for obj in objects:
+        where = f" {CELL_PHRASES[obj.cell]}" if _count(objects, shape=obj.shape) > 1 else ""
+        add(f"What colour is the {obj.shape}{where}?", obj.color, "color")
+    for obj in objects:
+        where = f" {CELL_PHRASES[obj.cell]}" if _count(objects, color=obj.color) > 1 else ""
+        add(f"What shape is the {obj.color} object{where}?", obj.shape, "shape")
+    for obj in objects:
+        if _count(objects, color=obj.color, shape=obj.shape) == 1:
+            add(f"Where is the {obj.color} {obj.shape}?", obj.cell, "position")
+        elif _count(objects, size=obj.size, color=obj.color, shape=obj.shape) == 1:
+            add(f"Where is the {obj.size} {obj.color} {obj.shape}?", obj.cell, "position")
+
+    present = objects[_pick(rng, len(objects))]
+    add(f"Is there {_article(present.color)} {present.color} {present.shape}?", "yes", "exists")
+    absent = [(c, s) for c in COLORS for s in SHAPES if not _count(objects, color=c, shape=s)]
+    absent_color, absent_shape = absent[_pick(rng, len(absent))]  # never empty: 18 pairs, <= 9 objects
+    add(f"Is there {_article(absent_color)} {absent_color} {absent_shape}?", "no", "exists")
+    return pairs
+
+
+def draw_prompts(scene: Scene) -> list[str]:
+    """Drawing prompts that `render(scene)` fully satisfies; the first is the full-scene prompt.
+
+    The full-scene prompt is the caption: every object with all four attributes, which the judge reads as
+    a complete description (no other objects allowed). Every other prompt leaves out size or cell, which
+    the judge reads as partial (other objects allowed): per object "a red circle", "a large red circle",
+    "a red circle at the top left", and for several objects all of them with their cells but no sizes.
+    """
+    prompts = [caption(scene)]
+    for obj in scene.objects:
+        prompts += [
+            obj.describe(with_size=False, with_cell=False),
+            obj.describe(with_cell=False),
+            obj.describe(with_size=False),
+        ]
+    if len(scene.objects) > 1:
+        prompts.append(_join([obj.describe(with_size=False) for obj in scene.objects]))
+    return list(dict.fromkeys(prompts))  # objects sharing colour and shape repeat a prompt
+
+
+def make_sample(seed: int, size: int = DEFAULT_IMAGE_SIZE) -> dict:
+    """One sample: key, image, scene dict, caption, VQA pairs and one drawing prompt.
+
+    The prompt is the full-scene prompt with probability FULL_SCENE_PROMPT_SHARE, else a uniformly drawn
+    partial one, chosen by the seed.
+    """
+    scene = make_scene(seed)
+    prompts = draw_prompts(scene)
+    rng = _rng(seed, "prompt")
+    if rng.random() < FULL_SCENE_PROMPT_SHARE:
+        prompt = prompts[0]
+    else:
+        prompt = prompts[1 + _pick(rng, len(prompts) - 1)]  # always >= 3 partial prompts
+    return {
+        "key": f"{seed:012d}",
+        "image": render(scene, size),
+        "scene": scene.to_dict(),
+        "caption": caption(scene),
+        "qa": vqa_pairs(scene),
+        "prompt": prompt,
+    }
+
+
+def iter_samples(
+    n: int, split: str = "train", base_seed: int = 0, size: int = DEFAULT_IMAGE_SIZE
+) -> Iterator[dict]:
+    """The first `n` samples of a split: make_sample(scene_seed(split, i, base_seed), size) for i < n."""
+    for index in range(n):
+        yield make_sample(scene_seed(split, index, base_seed), size)

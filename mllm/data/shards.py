@@ -1,0 +1,441 @@
+"""Webdataset shards: writing them, and reading pipelines that skip and count bad data.
+
+Shard layout (DESIGN.md, "Data"): one record per key, `{key}.png` (or `.jpg`, `.jpeg`, `.webp`:
+the encoded image) and `{key}.json` (every other field: `caption`, `qa`, `prompt`, `messages`
+in JSON form, `scene`, ...). A record may have no image (a text-only chat). `write_shards` also
+writes `index.json` listing every shard and its record count.
+
+Reading is a `webdataset.DataPipeline` (a torch `IterableDataset`):
+
+    shard list -> wds.split_by_node -> wds.split_by_worker -> tar reading (wds.tarfile_samples)
+      -> decode + checks -> [expand records into Samples] -> [shuffle] -> report at the end
+
+Splitting is webdataset's own: `split_by_node` gives each distributed rank (RANK/WORLD_SIZE or an
+initialised torch.distributed) every world_size-th shard, and `split_by_worker` gives each torch
+DataLoader worker every num_workers-th shard of those, so every record is read exactly once per
+epoch with any `num_workers`. Shards are the unit of splitting: use at least as many shards as
+ranks x workers, or some workers sit idle.
+
+Bad data never stops a run. Every skipped item is counted in a `DataStats` by reason, and the
+summary is logged (logging.warning) when an iteration ends:
+
+    unreadable_shard   a shard that cannot be opened                      (counted once per shard)
+    corrupt_tar        a truncated or otherwise unreadable tar stream     (counted once per shard)
+    duplicate_member   a key with two members of the same extension       (counted once per shard)
+    incomplete_record  the record being read when a shard broke off: it may lack members
+    missing_json       a record without its .json
+    invalid_json       .json that does not parse, or is not an object
+    corrupt_image      an image PIL cannot decode
+    image_too_large    an image above `max_image_pixels` (refused before decoding)
+    missing_fields     JSON with none of caption / qa / prompt / messages
+    malformed_field    one of those fields with the wrong shape (counted per field or qa entry)
+    missing_image      an image task (caption / vqa / t2i) on a record without an image
+
+With DataLoader workers each worker process counts into its own copy of the `DataStats` and logs
+its own summary; the copy in the main process stays empty.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from mllm.data.samples import TASKS, Sample, caption_sample, chat_sample, t2i_sample, vqa_sample
+
+logger = logging.getLogger(__name__)
+
+# Refuse images above this many pixels before decoding them: a 64-megapixel RGB image is already
+# 192 MB in memory, and anything bigger in a training set is far more likely an error (or a
+# decompression bomb) than data.
+MAX_IMAGE_PIXELS = 64_000_000
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+TASK_FIELDS = ("caption", "qa", "prompt", "messages")
+
+# Webdataset splits a member name into key and extension at the first dot of its base name and
+# treats `__name__` members as metadata, so keys we write must avoid both.
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_/-]*")
+
+
+class SkipSample(Exception):
+    """Raised by a check to drop the item at hand; `reason` is the DataStats counter it lands in."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class DataStats:
+    """What a reader kept and what it skipped, by reason (see the module docstring for the reasons)."""
+
+    records: int = 0
+    samples: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    # The first offending item of each reason, so a report points at something to look at.
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, reason: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, detail)
+        logger.debug("skipped (%s) %s", reason, detail)
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def report(self) -> str:
+        kept = f"{self.records} records" + (f", {self.samples} samples" if self.samples else "")
+        if not self.skipped:
+            return f"read {kept}; nothing skipped"
+        reasons = "; ".join(
+            f"{reason}={count}" + (f" (first: {self.examples[reason]})" if self.examples.get(reason) else "")
+            for reason, count in sorted(self.skipped.items())
+        )
+        return f"read {kept}; skipped {self.total_skipped}: {reasons}"
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """Image bytes written to a shard as they are (e.g. a source JPEG, kept without re-encoding)."""
+
+    data: bytes
+    ext: str  # one of IMAGE_EXTENSIONS: the member is written as {key}.{ext}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_shards(
+    samples: Iterable[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    prefix: str = "shard",
+    maxcount: int = 1000,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write records to `{out_dir}/{prefix}-%06d.tar` with webdataset's ShardWriter; return the shard paths.
+
+    Each input dict needs a `key` (letters, digits, `_`, `-`, `/`; no dots) and may have an
+    `image`: a PIL image (stored as lossless PNG) or an `EncodedImage` (stored as is). Every other
+    field goes into `{key}.json`, so it must be JSON-serialisable; chat `messages` must already be
+    in JSON form (see `mllm.data.samples`). Also writes `{out_dir}/index.json` with each shard's
+    record count. Existing shards with the same prefix are an error unless `overwrite`, because a
+    reader given the directory would otherwise mix them with the new ones.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob(glob.escape(prefix) + "-" + "[0-9]" * 6 + ".tar"))
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {len(existing)} '{prefix}-*.tar' shards (e.g. {existing[0].name})"
+        )
+    for path in existing:
+        path.unlink()
+    # ShardWriter fills the pattern with `%`, so a literal `%` in the path must be doubled.
+    pattern = str(out / f"{prefix}-").replace("%", "%%") + "%06d.tar"
+    # A fixed member mtime makes the shards byte-for-byte reproducible: same data, same checksum.
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=0) as writer:
+        counts = {writer.fname: 0}  # ShardWriter opens the first shard at once, even for no records
+        for sample in tqdm(samples, desc=f"writing {out}", unit=" records", disable=not progress):
+            writer.write(_tar_record(sample))
+            counts[writer.fname] = counts.get(writer.fname, 0) + 1
+    index = {
+        "shards": [{"file": os.path.basename(path), "count": count} for path, count in counts.items()],
+        "total": sum(counts.values()),
+    }
+    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return list(counts)
+
+
+def _tar_record(sample: dict[str, Any]) -> dict[str, Any]:
+    """Input dict -> the ShardWriter form {"__key__", image extension: image, "json": fields}."""
+    key = sample.get("key")
+    if not isinstance(key, str) or not _KEY_PATTERN.fullmatch(key):
+        raise ValueError(
+            f"record key must match {_KEY_PATTERN.pattern} (webdataset splits names at dots), got {key!r}"
+        )
+    record: dict[str, Any] = {"__key__": key}
+    image = sample.get("image")
+    if isinstance(image, EncodedImage):
+        record[image.ext] = image.data
+    elif isinstance(image, Image.Image):
+        record["png"] = image  # ShardWriter's default encoder saves PIL images by extension
+    elif image is not None:
+        raise TypeError(f"{key}: image must be a PIL image or EncodedImage, got {type(image).__name__}")
+    record["json"] = {name: value for name, value in sample.items() if name not in ("key", "image")}
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def resolve_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """A directory (its `*.tar`, sorted), a brace pattern or `::`-joined list, one path, or a list."""
+    if isinstance(urls, (str, os.PathLike)):
+        path = os.fspath(urls)
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+            if not found:
+                raise FileNotFoundError(f"no *.tar shards in directory {path}")
+            return found
+        return wds.shardlists.expand_urls(path)
+    resolved = [os.fspath(url) for url in urls]
+    if not resolved:
+        raise ValueError("no shard urls given")
+    return resolved
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Encoded bytes -> RGB PIL image; raises SkipSample("image_too_large" | "corrupt_image")."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            # Image.open has read only the header: refuse huge images before decoding a pixel.
+            if probe.width * probe.height > max_pixels:
+                raise SkipSample("image_too_large", f"{probe.width}x{probe.height} > {max_pixels} pixels")
+            probe.verify()  # structure and checksums, without decoding
+        # verify() leaves the image unusable, so decode from a fresh open; a truncated body
+        # that verify() let through fails here.
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except Image.DecompressionBombError as exn:  # Pillow's own limit, when max_pixels is set above it
+        raise SkipSample("image_too_large", str(exn)) from exn
+    except (OSError, SyntaxError, ValueError, EOFError) as exn:  # what PIL raises for broken files
+        raise SkipSample("corrupt_image", repr(exn)) from exn
+
+
+def read_records(
+    urls: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    shuffle: int = 0,
+    seed: int = 0,
+    stats: DataStats | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+) -> wds.DataPipeline:
+    """Records `{"key", "image": RGB PIL image or None, "json": dict}` from shards.
+
+    `shuffle` > 0 shuffles the shard order (seeded, identical in every worker so the split
+    stays disjoint) and records through a buffer of that size. The returned pipeline carries
+    its counters as `.stats` (the `stats` passed in, or a new DataStats).
+    """
+    stats = DataStats() if stats is None else stats
+    stages = _record_stages(urls, shuffle, seed, stats, max_image_pixels)
+    if shuffle:
+        stages.append(wds.shuffle(shuffle, seed=seed))
+    pipeline = wds.DataPipeline(*stages, partial(_report_at_end, stats=stats))
+    pipeline.stats = stats
+    return pipeline
+
+
+def read_samples(
+    urls: str | os.PathLike | Sequence[str | os.PathLike],
+    tasks: Sequence[str] = ("caption", "vqa", "t2i", "chat"),
+    *,
+    shuffle: int = 0,
+    seed: int = 0,
+    stats: DataStats | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+) -> wds.DataPipeline:
+    """`Sample`s of the given tasks from shards; each record expands as in `record_samples`.
+
+    `shuffle` > 0 shuffles shards and then samples (so the samples of one record spread out)
+    through a buffer of that size. Same seed, same order: pass `seed=base + epoch` to vary it.
+    """
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+    stats = DataStats() if stats is None else stats
+    stages = _record_stages(urls, shuffle, seed, stats, max_image_pixels)
+    stages.append(partial(_expand_records, tasks=tuple(tasks), stats=stats))
+    if shuffle:
+        stages.append(wds.shuffle(shuffle, seed=seed))
+    pipeline = wds.DataPipeline(*stages, partial(_report_at_end, stats=stats))
+    pipeline.stats = stats
+    return pipeline
+
+
+def record_samples(
+    record: dict[str, Any], tasks: Sequence[str] = TASKS, stats: DataStats | None = None
+) -> list[Sample]:
+    """Expand one decoded record: `caption` -> caption sample, each `qa` entry -> vqa sample,
+    `prompt` -> t2i sample (the record's image is the target), `messages` -> chat sample.
+
+    Sample keys are `{key}/caption`, `{key}/vqa{i}`, `{key}/t2i`, `{key}/chat`. Malformed fields
+    and image tasks without an image are skipped and counted in `stats`; the rest still expand.
+    """
+    stats = DataStats() if stats is None else stats
+    key, image, meta = record["key"], record["image"], record["json"]
+    if not any(name in meta for name in TASK_FIELDS):
+        stats.skip("missing_fields", f"{key}: has none of {TASK_FIELDS}")
+        return []
+
+    def usable_image(what: str) -> bool:
+        if image is None:
+            stats.skip("missing_image", f"{key}: {what} needs an image")
+        return image is not None
+
+    samples: list[Sample] = []
+    if "caption" in tasks and "caption" in meta:
+        caption = meta["caption"]
+        if not isinstance(caption, str) or not caption:
+            stats.skip("malformed_field", f"{key}: caption {caption!r}"[:200])
+        elif usable_image("caption"):
+            samples.append(caption_sample(f"{key}/caption", image, caption))
+    if "vqa" in tasks and "qa" in meta:
+        qa = meta["qa"]
+        if not isinstance(qa, list):
+            stats.skip("malformed_field", f"{key}: qa is not a list: {qa!r}"[:200])
+            qa = []
+        for index, pair in enumerate(qa):
+            if not (
+                isinstance(pair, dict) and _is_text(pair.get("question")) and _is_text(pair.get("answer"))
+            ):
+                stats.skip("malformed_field", f"{key}: qa[{index}] {pair!r}"[:200])
+            elif usable_image("qa"):
+                samples.append(vqa_sample(f"{key}/vqa{index}", image, pair["question"], pair["answer"]))
+    if "t2i" in tasks and "prompt" in meta:
+        prompt = meta["prompt"]
+        if not _is_text(prompt):
+            stats.skip("malformed_field", f"{key}: prompt {prompt!r}"[:200])
+        elif usable_image("prompt"):
+            samples.append(t2i_sample(f"{key}/t2i", prompt, image))
+    if "chat" in tasks and "messages" in meta:
+        try:
+            samples.append(chat_sample(f"{key}/chat", meta["messages"], [] if image is None else [image]))
+        except ValueError as exn:
+            stats.skip("malformed_field", f"{key}: messages: {exn}")
+    return samples
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _record_stages(
+    urls: str | os.PathLike | Sequence[str | os.PathLike],
+    shuffle: int,
+    seed: int,
+    stats: DataStats,
+    max_image_pixels: int,
+) -> list[Any]:
+    """The stages shared by read_records and read_samples, up to decoded records.
+
+    Stages are webdataset objects or `partial`s of module functions, so the pipeline pickles
+    into DataLoader workers under any start method.
+    """
+    return [
+        wds.SimpleShardList(resolve_urls(urls), seed=seed if shuffle else None),
+        wds.split_by_node,
+        wds.split_by_worker,
+        partial(_read_shards, stats=stats),
+        partial(_decode_records, stats=stats, max_image_pixels=max_image_pixels),
+    ]
+
+
+class _ShardErrors:
+    """A webdataset `handler=` for one shard: remember the exception and carry on reading."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        self.errors.append(exn)
+        return True
+
+
+def _tar_error_reason(exn: Exception) -> str:
+    if isinstance(exn, (tarfile.TarError, EOFError, zlib.error)):
+        return "corrupt_tar"
+    if isinstance(exn, OSError):
+        return "unreadable_shard"
+    return "duplicate_member"  # the one ValueError webdataset's group_by_keys raises
+
+
+def _read_shards(shards: Iterable[dict[str, str]], stats: DataStats) -> Iterator[dict[str, Any]]:
+    """{"url"} per shard -> raw webdataset records {"__key__", "__url__", extension: bytes}.
+
+    webdataset reads the tars, one `tarfile_samples` call per shard: across shards its
+    group_by_keys keeps its current record open when an error swallows the end-of-shard marker,
+    so a shard that breaks off mid-record would lend its partial record members of the next
+    shard's first one. Per shard, the last record is held back until the shard ends cleanly;
+    after a read error it is dropped, as it may be missing members.
+    """
+    for shard in shards:
+        handler = _ShardErrors()
+        pending = None
+        for record in wds.tarfile_samples([dict(shard)], handler=handler):
+            if pending is not None:
+                yield pending
+            pending = record
+        reasons = sorted({_tar_error_reason(exn) for exn in handler.errors})
+        for reason in reasons:
+            stats.skip(reason, f"{shard['url']}: {handler.errors[0]!r}"[:300])
+        if pending is not None and "corrupt_tar" in reasons:
+            stats.skip("incomplete_record", f"{shard['url']}: {pending['__key__']}")
+        elif pending is not None:
+            yield pending
+
+
+def _decode_records(
+    records: Iterable[dict[str, Any]], stats: DataStats, max_image_pixels: int
+) -> Iterator[dict[str, Any]]:
+    # A plain loop rather than wds.map(handler=...): wds.map writes `__key__` into every dict it
+    # returns, and these records are the public {"key", "image", "json"} form.
+    for record in records:
+        try:
+            decoded = _decode_record(record, max_image_pixels)
+        except SkipSample as skip:
+            stats.skip(skip.reason, f"{record.get('__url__')}: {record['__key__']}: {skip.detail}"[:300])
+            continue
+        stats.records += 1
+        yield decoded
+
+
+def _decode_record(record: dict[str, Any], max_image_pixels: int) -> dict[str, Any]:
+    if "json" not in record:
+        raise SkipSample("missing_json")
+    try:
+        meta = json.loads(record["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise SkipSample("invalid_json", str(exn)) from exn
+    if not isinstance(meta, dict):
+        raise SkipSample("invalid_json", f"expected an object, got {type(meta).__name__}")
+    ext = next((ext for ext in IMAGE_EXTENSIONS if ext in record), None)
+    image = None if ext is None else decode_image(record[ext], max_image_pixels)
+    return {"key": record["__key__"], "image": image, "json": meta}
+
+
+def _expand_records(
+    records: Iterable[dict[str, Any]], tasks: tuple[str, ...], stats: DataStats
+) -> Iterator[Sample]:
+    for record in records:
+        for sample in record_samples(record, tasks, stats):
+            stats.samples += 1
+            yield sample
+
+
+def _report_at_end(items: Iterable[Any], stats: DataStats) -> Iterator[Any]:
+    # `finally` so that an epoch cut short (with_epoch, break) still reports what it skipped.
+    try:
+        yield from items
+    finally:
+        if stats.total_skipped:
+            logger.warning("data: %s", stats.report())
