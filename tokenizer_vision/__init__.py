@@ -15,10 +15,10 @@ from tokenizer_vision.image_processing import ImageProcessor, load_image
 from tokenizer_vision.model import DualCodebookTokenizer, EncodedFeatures
 
 __all__ = [
+    "TOKENIZER_SIZES",
     "DualCodebookTokenizer",
     "EncodedFeatures",
-    "TokenizerConfig",
-    "TOKENIZER_SIZES",
     "ImageProcessor",
+    "TokenizerConfig",
     "load_image",
 ]

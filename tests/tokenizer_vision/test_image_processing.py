@@ -1,0 +1,198 @@
+"""load_image refuses bad input with ValueError and converts every mode to the expected RGB;
+ImageProcessor resizes, crops and normalises exactly."""
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenizer_vision import ImageProcessor, load_image
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_with_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (1-bit grey) but whose data is a few bytes:
+    cheap to make, and any attempt to decode it would fail as truncated."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def noise_image(size: int = 64) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def rgb(image: Image.Image) -> np.ndarray:
+    assert image.mode == "RGB"
+    return np.asarray(image).astype(int)
+
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"definitely not an image", "not a recognised image format"),
+        (b"", "not a recognised image format"),
+        (encode(noise_image(), "PNG")[:6000], "truncated"),
+        (encode(noise_image(), "JPEG")[:2000], "truncated"),
+    ],
+    ids=["text", "empty", "truncated-png", "truncated-jpeg"],
+)
+def test_bad_bytes_raise_value_error(payload, message):
+    with pytest.raises(ValueError, match=message):
+        load_image(payload)
+
+
+def test_truncated_file_on_disk_raises(tmp_path):
+    path = tmp_path / "cut.png"
+    path.write_bytes(encode(noise_image(), "PNG")[:5000])
+    with pytest.raises(ValueError, match="truncated"):
+        load_image(path)
+    with pytest.raises(ValueError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_zero_size_image_raises():
+    with pytest.raises(ValueError, match="zero-size"):
+        load_image(Image.new("RGB", (0, 5)))
+    with pytest.raises(ValueError):
+        load_image(png_with_header_only(0, 10))
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="decompression bomb"):
+        load_image(png_with_header_only(100_000, 100_000))  # 10 GP: PIL's own bomb check
+    # 49 MP is under PIL's limits but over ours; "max_pixels" (not "truncated") in the message shows the
+    # size was refused from the header, before the (bogus) data was decoded.
+    with pytest.raises(ValueError, match="exceeds max_pixels=40000000"):
+        load_image(png_with_header_only(7000, 7000))
+    with pytest.raises(ValueError, match="exceeds max_pixels=1000"):
+        load_image(encode(noise_image(), "PNG"), max_pixels=1000)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_wrong_type_raises_type_error():
+    with pytest.raises(TypeError):
+        load_image(12345)
+
+
+# ------------------------------------------------------------------ conversions
+
+
+def test_rgba_is_composited_over_white():
+    image = Image.new("RGBA", (3, 1))
+    image.putdata([(10, 20, 30, 0), (10, 20, 30, 255), (0, 0, 0, 128)])
+    out = rgb(load_image(encode(image, "PNG")))
+    assert out[0, 0].tolist() == [255, 255, 255]  # fully transparent -> white
+    assert out[0, 1].tolist() == [10, 20, 30]  # opaque -> unchanged
+    assert out[0, 2].tolist() == [127, 127, 127]  # half-transparent black over white
+
+
+def test_la_is_composited_over_white():
+    image = Image.new("LA", (2, 1))
+    image.putdata([(100, 0), (100, 255)])
+    out = rgb(load_image(image))
+    assert out[0].tolist() == [[255, 255, 255], [100, 100, 100]]
+
+
+def test_palette_with_transparency():
+    image = Image.new("P", (2, 1))
+    image.putpalette([0, 0, 0, 200, 30, 40] + [0] * 762)
+    image.putdata([0, 1])
+    data = encode(image, "PNG", transparency=0)
+    assert Image.open(io.BytesIO(data)).info.get("transparency") == 0
+    out = rgb(load_image(data))
+    assert out[0].tolist() == [[255, 255, 255], [200, 30, 40]]
+
+
+def test_cmyk_and_greyscale_modes():
+    assert rgb(load_image(Image.new("CMYK", (1, 1), (0, 255, 255, 0))))[0, 0].tolist() == [255, 0, 0]
+    assert rgb(load_image(Image.new("L", (1, 1), 77)))[0, 0].tolist() == [77, 77, 77]
+    assert rgb(load_image(Image.new("1", (1, 1), 1)))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    values = np.array([[0, 65535, 257 * 128, 1000]], dtype=np.uint16)
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    expected = [0, 255, 128, 4]  # round(v * 255 / 65535)
+    for source in (image, encode(image, "PNG"), Image.fromarray(values.astype(np.int32))):  # I;16 and I
+        out = rgb(load_image(source))
+        assert out[0, :, 0].tolist() == expected
+        assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_float_mode_follows_pil_convention():
+    image = Image.fromarray(np.array([[-5.0, 12.4, 300.0]], dtype=np.float32))
+    assert image.mode == "F"
+    assert rgb(load_image(image))[0, :, 1].tolist() == [0, 12, 255]
+
+
+def test_exif_orientation_is_applied():
+    # 16 x 8 image: left half red, right half blue; orientation 6 means "rotate 90 degrees clockwise
+    # for display", so the displayed image is 8 x 16 with red on top.
+    image = Image.new("RGB", (16, 8), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = load_image(encode(image, "JPEG", exif=exif.tobytes(), quality=95))
+    assert out.size == (8, 16)
+    pixels = rgb(out)
+    assert np.abs(pixels[3, 4] - [255, 0, 0]).max() < 40
+    assert np.abs(pixels[12, 4] - [0, 0, 255]).max() < 40
+
+
+def test_accepts_path_bytes_and_pil(tmp_path):
+    image = Image.new("RGB", (4, 4), (1, 2, 3))
+    path = tmp_path / "a.png"
+    image.save(path)
+    for source in (image, path, str(path), path.read_bytes(), bytearray(path.read_bytes())):
+        assert rgb(load_image(source))[0, 0].tolist() == [1, 2, 3]
+
+
+# ------------------------------------------------------------------ ImageProcessor
+
+
+def test_preprocess_normalises_and_centre_crops():
+    processor = ImageProcessor(32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    wide = Image.new("RGB", (96, 32), (0, 0, 255))  # blue | green | red thirds
+    wide.paste((0, 255, 0), (32, 0, 64, 32))
+    wide.paste((255, 0, 0), (64, 0, 96, 32))
+    batch = processor.preprocess([wide, Image.new("RGB", (32, 32), (255, 255, 255))])
+    assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32
+    assert torch.equal(batch[0, 1], torch.ones(32, 32))  # the centre third: green at +1
+    assert torch.equal(batch[0, 0], -torch.ones(32, 32))
+    assert torch.equal(batch[1], torch.ones(3, 32, 32))
+    tall = processor.preprocess(Image.new("RGB", (20, 80), (255, 0, 0)))
+    assert tall.shape == (1, 3, 32, 32)  # shorter side resized to 32, then cropped
+
+
+def test_postprocess_inverts_preprocess():
+    processor = ImageProcessor(16, mean=(0.48, 0.45, 0.40), std=(0.27, 0.26, 0.28))
+    image = noise_image(16)
+    (restored,) = processor.postprocess(processor.preprocess(image))
+    assert restored.size == (16, 16) and restored.mode == "RGB"
+    assert np.array_equal(np.asarray(restored), np.asarray(image))
+    clipped = processor.postprocess(torch.full((3, 2, 2), 100.0))[0]
+    assert np.asarray(clipped).max() == 255

@@ -1,0 +1,159 @@
+"""DualCodebookTokenizer: shapes through encode / decode / embed, gradients, frozen teacher, errors."""
+
+import pytest
+import torch
+from PIL import Image
+
+from tokenizer_vision import EncodedFeatures
+
+WIDTHS = {"dual": (8, 4), "pixel": (None, 4), "semantic": (8, None)}  # (d_sem, d_pix) of the tiny size
+
+
+@pytest.mark.parametrize("mode", ["dual", "pixel", "semantic"])
+def test_shapes_through_encode_decode_embed(mode, make_tokenizer, shape_images):
+    tokenizer = make_tokenizer(quantizer_mode=mode).eval()
+    d_sem, d_pix = WIDTHS[mode]
+    assert tokenizer.grid_size == (4, 4) and tokenizer.codebook_size == 64 and tokenizer.image_size == 32
+
+    codes = tokenizer.encode(shape_images(3))
+    assert codes.shape == (3, 4, 4) and codes.dtype == torch.long
+    assert 0 <= int(codes.min()) and int(codes.max()) < 64
+    assert tokenizer.encode(shape_images(1)[0]).shape == (1, 4, 4)
+
+    images = tokenizer.decode(codes)
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert torch.equal(tokenizer.decode(codes.flatten(1)), images)  # (B, h*w) raster order is accepted
+    pil_images = tokenizer.decode_images(codes)
+    assert len(pil_images) == 3 and all(im.size == (32, 32) and im.mode == "RGB" for im in pil_images)
+
+    sem, pix = tokenizer.embed(codes)
+    assert (None if sem is None else sem.shape) == (None if d_sem is None else (3, 4, 4, d_sem))
+    assert (None if pix is None else pix.shape) == (None if d_pix is None else (3, 4, 4, d_pix))
+
+    pixel_values = tokenizer.processor.preprocess(shape_images(3))
+    encoded = tokenizer.encode_features(pixel_values)
+    assert isinstance(encoded, EncodedFeatures) and torch.equal(encoded.indices, codes)
+    for features, rows in ((encoded.quantized_sem, sem), (encoded.quantized_pix, pix)):
+        assert (features is None) == (rows is None)
+        if rows is not None:
+            assert torch.allclose(features, rows, atol=1e-6)  # STE features equal the codebook rows
+
+    out = tokenizer(pixel_values)
+    assert out["reconstruction"].shape == (3, 3, 32, 32) and torch.equal(out["indices"], codes)
+    assert torch.allclose(out["reconstruction"], images, atol=1e-5)  # decode(encode(x)) == forward
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
+    assert ("semantic" in out["losses"]) == (mode != "pixel")
+
+
+def test_forward_total_is_the_weighted_sum(make_tokenizer, shape_images):
+    tokenizer = make_tokenizer(pixel_l1_weight=0.5, pixel_l2_weight=2.0, vq_weight=3.0, semantic_weight=0.7)
+    out = tokenizer(tokenizer.processor.preprocess(shape_images(2)))
+    losses = out["losses"]
+    expected = (
+        0.5 * losses["pixel_l1"] + 2.0 * losses["pixel_l2"] + 3.0 * losses["vq"] + 0.7 * losses["semantic"]
+    )
+    assert torch.allclose(out["loss"], expected)
+    assert 0.0 <= out["usage_fraction"].item() <= 1.0 and out["perplexity"].item() >= 1.0
+
+
+def test_straight_through_reaches_the_encoders(make_tokenizer, shape_images):
+    tokenizer = make_tokenizer().train()
+    out = tokenizer(tokenizer.processor.preprocess(shape_images(2)))
+    out["reconstruction"].pow(2).mean().backward()  # a loss on the decoder side only
+    for parameter in (
+        tokenizer.pixel_encoder.conv_in.weight,
+        tokenizer.semantic_encoder.projection[0].weight,
+        tokenizer.semantic_encoder.backbone.tower.embeddings.patch_embedding.weight,
+    ):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+
+
+def test_llm_side_gradients_reach_encoders_and_codebooks(make_tokenizer, shape_images):
+    tokenizer = make_tokenizer(codebook_update="loss", restart_every=0).train()
+    encoded = tokenizer.encode_features(tokenizer.processor.preprocess(shape_images(2)))
+    weights = torch.randn_like(encoded.quantized_sem)
+    (encoded.quantized_sem * weights).sum().backward()  # stands in for an LLM loss on the features
+    assert tokenizer.semantic_encoder.projection[0].weight.grad.abs().sum() > 0  # straight-through
+    used = torch.bincount(encoded.indices.flatten(), minlength=64) > 0
+    row_grads = tokenizer.quantizer.codebook_sem.grad.norm(dim=1)
+    assert (row_grads[used] > 0).all() and (row_grads[~used] == 0).all()  # exactly the used rows
+
+    tokenizer.zero_grad()
+    sem, pix = tokenizer.embed(torch.tensor([[1, 2], [3, 4]]))
+    (sem.sum() + pix.sum()).backward()
+    assert (tokenizer.quantizer.codebook_pix.grad.norm(dim=1) > 0).nonzero().flatten().tolist() == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_teacher_is_a_frozen_copy_of_the_starting_tower(make_tokenizer, shape_images):
+    tokenizer = make_tokenizer().train()
+    teacher, tower = tokenizer.teacher, tokenizer.semantic_encoder.backbone
+    assert not teacher.training and tower.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    for (name, p), (_, q) in zip(teacher.named_parameters(), tower.named_parameters()):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
+    pixel_values = tokenizer.processor.preprocess(shape_images(2))
+    target = tokenizer.teacher_features(pixel_values)
+    assert target.shape == (2, 32, 4, 4) and not target.requires_grad
+    assert torch.allclose(tower(pixel_values), target)  # same weights, same features
+    optimizer = torch.optim.SGD(tokenizer.generator_parameters(), lr=0.1)
+    tokenizer(pixel_values)["loss"].backward()
+    optimizer.step()
+    assert torch.equal(tokenizer.teacher_features(pixel_values), target)
+    assert not torch.allclose(tower(pixel_values), target)
+
+
+def test_semantic_cosine_metric(make_tokenizer, shape_images):
+    tokenizer = make_tokenizer().eval()
+    pixel_values = tokenizer.processor.preprocess(shape_images(2))
+    codes = tokenizer.encode(pixel_values)
+    cosine = tokenizer.semantic_cosine(pixel_values, codes)
+    assert cosine.shape == (2, 4, 4) and (cosine.abs() <= 1 + 1e-5).all()
+    assert torch.equal(tokenizer.semantic_cosine(pixel_values), cosine)
+    # It is the complement of the semantic loss that training minimises.
+    loss = tokenizer(pixel_values)["losses"]["semantic"]
+    assert torch.allclose(1 - cosine.mean(), loss, atol=1e-5)
+
+
+def test_bad_inputs_raise_value_error(make_tokenizer):
+    tokenizer = make_tokenizer()
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        tokenizer.decode(torch.full((1, 4, 4), 64))
+    with pytest.raises(ValueError, match="integer"):
+        tokenizer.decode(torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match=r"\(B, 4, 4\) or \(B, 16\)"):
+        tokenizer.decode(torch.zeros(1, 3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"-1"):
+        tokenizer.embed(torch.tensor([-1, 3]))
+    with pytest.raises(ValueError, match="shape"):
+        tokenizer.encode(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="not a recognised image"):
+        tokenizer.encode([b"not an image"])
+    with pytest.raises(ValueError, match="no semantic teacher"):
+        make_tokenizer(quantizer_mode="pixel").teacher_features(torch.zeros(1, 3, 32, 32))
+
+
+def test_encode_accepts_paths_and_bytes(make_tokenizer, shape_images, tmp_path):
+    tokenizer = make_tokenizer().eval()
+    image = shape_images(1)[0]
+    path = tmp_path / "x.png"
+    image.save(path)
+    expected = tokenizer.encode(image)
+    assert torch.equal(tokenizer.encode([path]), expected)
+    assert torch.equal(tokenizer.encode(path.read_bytes()), expected)
+    assert isinstance(tokenizer.decode_images(expected)[0], Image.Image)
+
+
+def test_package_imports_no_other_project_package():
+    import pathlib
+    import re
+
+    import tokenizer_vision
+
+    forbidden = re.compile(r"^\s*(from|import)\s+(mllm|training|eval|serve)\b", re.MULTILINE)
+    for source in pathlib.Path(tokenizer_vision.__file__).parent.rglob("*.py"):
+        assert not forbidden.search(source.read_text()), source

@@ -1,0 +1,61 @@
+import dataclasses
+
+import pytest
+
+from training.config import list_recipes, load_config, parse_overrides, recipe_path
+from training.train_teacher import TeacherConfig
+from training.train_tokenizer import TokenizerTrainConfig
+
+SCHEMAS = {"teacher-": TeacherConfig, "tokenizer-": TokenizerTrainConfig}
+
+
+def _schema_for(name):
+    for prefix, schema in SCHEMAS.items():
+        if name.startswith(prefix):
+            return schema
+    raise AssertionError(f"recipe {name} has no schema registered in this test")
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_shipped_recipe_validates(name):
+    schema = _schema_for(name)
+    config = load_config(schema, name, ["data=/tmp/d", "out=/tmp/o", "teacher=/tmp/t"] if schema is TokenizerTrainConfig
+                         else ["data=/tmp/d", "out=/tmp/o"])
+    assert dataclasses.is_dataclass(config)
+    header = recipe_path(name).read_text().splitlines()[0]
+    assert header.startswith("#"), "every recipe starts with a comment saying what it is and how to run it"
+
+
+def test_overrides_reach_nested_keys_and_coerce_types():
+    config = load_config(TokenizerTrainConfig, "tokenizer-shapes",
+                         ["data=d", "out=o", "teacher=t", "learning_rate=1e-4", "max_steps=7",
+                          "tokenizer.codebook_size=256"])
+    assert config.learning_rate == pytest.approx(1e-4)
+    assert config.max_steps == 7 and isinstance(config.max_steps, int)
+    assert config.tokenizer == {"codebook_size": 256}
+
+
+def test_unknown_key_names_the_key_and_the_accepted_ones():
+    with pytest.raises(ValueError, match="learning_rat.*accepted:.*learning_rate"):
+        load_config(TokenizerTrainConfig, "tokenizer-shapes", ["data=d", "out=o", "teacher=t", "learning_rat=1"])
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(TypeError, match="max_steps"):
+        load_config(TokenizerTrainConfig, "tokenizer-shapes", ["data=d", "out=o", "teacher=t", "max_steps=many"])
+
+
+def test_semantic_quantizer_without_teacher_explains_what_to_do():
+    with pytest.raises(ValueError, match="--teacher"):
+        load_config(TokenizerTrainConfig, "tokenizer-shapes", ["data=d", "out=o"])
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match="tokenizer-shapes"):
+        recipe_path("no-such-recipe")
+
+
+def test_parse_overrides():
+    assert parse_overrides(["a.b=1", "c=[1, 2]", "d=x"]) == {"a": {"b": 1}, "c": [1, 2], "d": "x"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["novalue"])

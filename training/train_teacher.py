@@ -1,0 +1,218 @@
+"""Recipe: a tiny CLIP teacher for the semantic branch of the visual tokenizer.
+
+No pretrained weights can be downloaded on the machines this project targets, so the demo
+trains its own teacher: a small transformers `CLIPModel`, contrastively on shapes-world
+images and their captions. The result is an ordinary CLIP checkpoint folder
+(config.json + model.safetensors + tokenizer + preprocessor_config.json), which the tokenizer
+loads through exactly the code path a real CLIP/SigLIP folder takes.
+
+    mllm train-teacher --data runs/demo/data/train --out runs/demo/teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mllm.runtime import autocast, resolve_device, resolve_precision
+from training.config import load_config, save_config
+from training.data import load_image_arrays, to_pixel_values
+
+TEACHER_MEAN = (0.5, 0.5, 0.5)
+TEACHER_STD = (0.5, 0.5, 0.5)
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+
+@dataclass
+class TeacherConfig:
+    data: str = ""  # shards with images and a `caption` field
+    out: str = ""
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden_size: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden_size: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    projection_dim: int = 128
+    max_text_length: int = 48
+    batch_size: int = 128
+    max_steps: int = 400
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"
+    log_every: int = 50
+    max_images: int | None = None
+
+    def validate(self) -> None:
+        if not self.data or not self.out:
+            raise ValueError("the teacher recipe needs `data` and `out`")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+
+
+def build_word_tokenizer(texts: list[str], max_length: int):
+    """A word-level HF fast tokenizer over the caption vocabulary (lower-cased, <eos> appended)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    splitter = pre_tokenizers.Whitespace()
+    words = sorted({word for text in texts for word, _ in splitter.pre_tokenize_str(text.lower())})
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A <eos>", special_tokens=[("<eos>", vocab["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        model_max_length=max_length,
+    )
+
+
+def build_clip(cfg: TeacherConfig, tokenizer):
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": cfg.text_hidden_size,
+            "intermediate_size": 4 * cfg.text_hidden_size,
+            "num_hidden_layers": cfg.text_layers,
+            "num_attention_heads": cfg.text_heads,
+            "max_position_embeddings": cfg.max_text_length,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "hidden_size": cfg.vision_hidden_size,
+            "intermediate_size": 4 * cfg.vision_hidden_size,
+            "num_hidden_layers": cfg.vision_layers,
+            "num_attention_heads": cfg.vision_heads,
+        },
+        projection_dim=cfg.projection_dim,
+    )
+    return CLIPModel(config)
+
+
+def write_preprocessor_config(out: Path, image_size: int) -> None:
+    """The standard CLIP image-processor description, so any HF-style loader reads size and normalisation."""
+    config = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(TEACHER_MEAN),
+        "image_std": list(TEACHER_STD),
+        "do_convert_rgb": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def main(cfg: TeacherConfig) -> Path:
+    from transformers import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    out = Path(cfg.out)
+    if (out / "model.safetensors").is_file():
+        print(f"teacher already trained at {out} (delete the folder to retrain)")
+        return out
+
+    # --- setup
+    data = load_image_arrays(cfg.data, cfg.image_size, text_field="caption", limit=cfg.max_images)
+    if data.stats.total_skipped:
+        print(f"skipped records: {data.stats.report()}")
+    tokenizer = build_word_tokenizer(data.texts, cfg.max_text_length)
+    encoded = tokenizer(data.texts, padding="max_length", truncation=True, max_length=cfg.max_text_length,
+                        return_tensors="pt")
+    model = build_clip(cfg, tokenizer).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    rng = np.random.default_rng(cfg.seed)
+    n = len(data.texts)
+    batch_size = min(cfg.batch_size, n)
+    print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n} image-caption pairs, "
+          f"{precision} on {device}")
+
+    # --- train
+    model.train()
+    bar = tqdm(range(cfg.max_steps), desc="train-teacher", unit="step")
+    start = time.time()
+    for step in bar:
+        idx = rng.choice(n, size=batch_size, replace=False)
+        pixels = to_pixel_values(data.images[idx], TEACHER_MEAN, TEACHER_STD).to(device)
+        ids = encoded["input_ids"][idx].to(device)
+        mask = encoded["attention_mask"][idx].to(device)
+        with autocast(precision, device):
+            output = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True)
+        loss = output.loss
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"teacher loss became {loss.item()} at step {step}; lower learning_rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+            accuracy = (output.logits_per_image.argmax(-1) == torch.arange(len(idx), device=device)).float().mean()
+            bar.set_postfix(loss=f"{loss.item():.3f}", i2t_acc=f"{accuracy.item():.2f}")
+    print(f"trained {cfg.max_steps} steps in {time.time() - start:.0f}s")
+
+    # --- save atomically: a killed run never leaves a folder that looks complete
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.eval().to("cpu").save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_preprocessor_config(tmp, cfg.image_size)
+    save_config(cfg, tmp / "teacher_recipe.yaml")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"teacher saved to {out}")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="shards with images and captions (e.g. from `mllm data shapes`)")
+    parser.add_argument("--out", required=True, help="output folder: a CLIP checkpoint loadable with transformers")
+    parser.add_argument("--recipe", default="teacher-shapes", help="recipe name or YAML path (default: teacher-shapes)")
+    parser.add_argument("--max-steps", type=int, help="override the recipe's number of steps")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any recipe key")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = [f"data={args.data}", f"out={args.out}", *args.set]
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    main(load_config(TeacherConfig, args.recipe, overrides))
+    return 0

@@ -1,0 +1,256 @@
+"""Recipe: train the dual-codebook visual tokenizer.
+
+    mllm train-tokenizer --data runs/demo/data/train --out runs/demo/tokenizer \
+        --teacher runs/demo/teacher [--quantizer dual|pixel|semantic] [--max-steps N] [--resume]
+
+setup (data in memory, model, optimizer, accelerate) -> train (bf16 autocast where supported,
+periodic checkpoints, exact resume) -> save (`save_pretrained` folder: config.json +
+model.safetensors). Launch with `accelerate launch -m training.train_tokenizer ...` or
+`torchrun --nproc_per_node N -m training.train_tokenizer ...` for several processes: each rank
+draws its own slice of every global batch and accelerate averages the gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mllm.runtime import resolve_precision
+from training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from training.config import load_config, save_config
+from training.data import EpochSampler, load_image_arrays, to_pixel_values
+
+
+@dataclass
+class TokenizerTrainConfig:
+    data: str = ""  # training shards (images); held-out scenes are for `mllm eval-tokenizer`
+    out: str = ""
+    size: str = "shapes"  # named tokenizer size: tiny | shapes | base
+    teacher: str | None = None  # local CLIP/SigLIP/ViT folder for the semantic branch
+    quantizer: str = "dual"  # dual | pixel | semantic (ablations)
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # overrides of TokenizerConfig fields
+    batch_size: int = 32  # per process
+    max_steps: int = 1000
+    learning_rate: float = 2e-3
+    min_learning_rate_ratio: float = 0.05  # cosine decays to this fraction of the peak
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"
+    log_every: int = 25
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    max_images: int | None = None
+
+    def validate(self) -> None:
+        if not self.data or not self.out:
+            raise ValueError("the tokenizer recipe needs `data` and `out`")
+        if self.quantizer not in ("dual", "pixel", "semantic"):
+            raise ValueError(f"quantizer must be dual, pixel or semantic, got {self.quantizer!r}")
+        if self.quantizer in ("dual", "semantic") and not self.teacher and self.size != "tiny":
+            raise ValueError(
+                f"the {self.quantizer!r} quantizer distils a teacher: pass --teacher DIR "
+                "(e.g. from `mllm train-teacher`) or use --quantizer pixel"
+            )
+        if self.max_steps <= 0 or self.batch_size <= 0:
+            raise ValueError("max_steps and batch_size must be positive")
+
+
+def build_tokenizer(cfg: TokenizerTrainConfig):
+    from tokenizer_vision import DualCodebookTokenizer, TokenizerConfig
+
+    overrides = dict(cfg.tokenizer)
+    overrides["quantizer_mode"] = cfg.quantizer
+    if cfg.teacher:
+        overrides["teacher_path"] = str(cfg.teacher)
+        overrides["teacher_config"] = None
+        preprocessor = Path(cfg.teacher) / "preprocessor_config.json"
+        if preprocessor.is_file():  # take the teacher's own normalisation, as its processor would
+            spec = json.loads(preprocessor.read_text())
+            overrides.setdefault("teacher_mean", tuple(spec.get("image_mean", (0.5, 0.5, 0.5))))
+            overrides.setdefault("teacher_std", tuple(spec.get("image_std", (0.5, 0.5, 0.5))))
+    config = dataclasses.replace(TokenizerConfig.from_name(cfg.size), **overrides)
+    return DualCodebookTokenizer(config)
+
+
+def _cosine_with_floor(optimizer, warmup: int, total: int, floor: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _psnr(reconstruction: torch.Tensor, target: torch.Tensor, std: float) -> float:
+    """PSNR in dB on the [0, 1] scale, for the progress bar (eval-tokenizer uses torchmetrics)."""
+    mse = ((reconstruction.float() - target.float()) * std).pow(2).mean().item()
+    return 10.0 * math.log10(1.0 / max(mse, 1e-10))
+
+
+def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    # --- setup
+    out = Path(cfg.out)
+    if (out / "model.safetensors").is_file():  # written only when a run completes
+        print(f"tokenizer already trained at {out} (delete the folder to retrain)")
+        return out
+    probe_device = "cuda" if (cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
+    precision = resolve_precision(cfg.precision, probe_device)
+    set_seed(cfg.seed)
+    model = build_tokenizer(cfg)
+    # Under DDP the discriminator's weights get no gradient from the generator's backward pass.
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=model.discriminator is not None)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=probe_device == "cpu",
+                              kwargs_handlers=[ddp_kwargs])
+    config = model.config
+    data = load_image_arrays(cfg.data, config.image_size, limit=cfg.max_images,
+                             progress=accelerator.is_main_process)
+    if data.stats.total_skipped and accelerator.is_main_process:
+        print(f"skipped records: {data.stats.report()}")
+    trainable = model.generator_parameters()
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    scheduler = _cosine_with_floor(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_learning_rate_ratio)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler}
+    # The PatchGAN (off in the shapes recipe) has its own optimizer, stepped after the generator's.
+    discriminator_optimizer = None
+    if model.discriminator is not None:
+        discriminator_optimizer = torch.optim.AdamW(model.discriminator.parameters(), lr=cfg.learning_rate,
+                                                    betas=(0.5, 0.9), weight_decay=cfg.weight_decay)
+        stateful["discriminator_optimizer"] = discriminator_optimizer
+    sampler = EpochSampler(len(data.images), cfg.batch_size, cfg.seed, accelerator.process_index,
+                           accelerator.num_processes)
+    checkpoints = out / "checkpoints"
+    start_step = 0
+    if resume and (last := latest_checkpoint(checkpoints)) is not None:
+        from tokenizer_vision import DualCodebookTokenizer
+
+        model.load_state_dict(DualCodebookTokenizer.from_pretrained(last / "model").state_dict())
+        state = load_training_state(last, stateful)
+        sampler.load_state(state["sampler"])
+        start_step = int(state["step"])
+        if accelerator.is_main_process:
+            print(f"resuming from {last} at step {start_step}")
+    elif resume and accelerator.is_main_process:
+        print(f"no checkpoint under {checkpoints}; starting from scratch")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if discriminator_optimizer is not None:
+        discriminator_optimizer = accelerator.prepare(discriminator_optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "train_recipe.yaml")
+        params = sum(p.numel() for p in trainable) / 1e6
+        print(f"tokenizer: {params:.2f}M trainable parameters, grid {unwrapped.grid_size}, K={unwrapped.codebook_size}, "
+              f"{config.quantizer_mode} quantizer, {len(data.images)} images, {precision} on {accelerator.device}")
+
+    # --- train
+    metrics_file = out / "metrics.jsonl"
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="train-tokenizer",
+               unit="step", disable=not accelerator.is_main_process)
+    started, images_seen = time.time(), 0
+    model.train()
+    for step in bar:
+        pixels = to_pixel_values(data.images[sampler.next_indices()], config.image_mean, config.image_std)
+        pixels = pixels.to(accelerator.device)
+        with accelerator.autocast():
+            output = model(pixels, step=step)
+        loss = output["loss"]
+        if not torch.isfinite(loss):
+            raise RuntimeError(
+                f"loss became {loss.item()} at step {step}; the last good checkpoint is kept under {checkpoints}. "
+                "Lower learning_rate or resume with --resume."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if discriminator_optimizer is not None and unwrapped.gan_active(step):
+            with accelerator.autocast():
+                discriminator_loss = unwrapped.discriminator_loss(pixels, output["reconstruction"].detach())
+            discriminator_optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(discriminator_loss)
+            discriminator_optimizer.step()
+        images_seen += pixels.shape[0] * accelerator.num_processes
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            record = {
+                "step": done,
+                "loss": loss.item(),
+                **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in output.get("losses", {}).items()},
+                "psnr": _psnr(output["reconstruction"].detach(), pixels, config.image_std[0]),
+                "codebook_usage": unwrapped.quantizer.usage_fraction(),
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_s": images_seen / max(time.time() - started, 1e-6),
+            }
+            unwrapped.quantizer.reset_usage()
+            if accelerator.is_main_process:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", psnr=f"{record['psnr']:.1f}",
+                                usage=f"{record['codebook_usage']:.2f}")
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if done % cfg.save_every == 0 and done < cfg.max_steps and accelerator.is_main_process:
+            save_checkpoint(checkpoints / f"step-{done}", unwrapped.save_pretrained, stateful,
+                            {"step": done, "sampler": sampler.state()}, keep=cfg.keep_checkpoints)
+        if done % cfg.save_every == 0:
+            accelerator.wait_for_everyone()
+
+    # --- save
+    if accelerator.is_main_process:
+        tmp = out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            item.replace(out / item.name)
+        tmp.rmdir()
+        print(f"tokenizer saved to {out} ({time.time() - started:.0f}s of training)")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="image shards (e.g. from `mllm data shapes`)")
+    parser.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
+    parser.add_argument("--teacher", help="local CLIP/SigLIP/ViT folder for the semantic codebook")
+    parser.add_argument("--quantizer", choices=("dual", "pixel", "semantic"), help="codebook mode (default: dual)")
+    parser.add_argument("--recipe", default="tokenizer-shapes", help="recipe name or YAML path (default: tokenizer-shapes)")
+    parser.add_argument("--max-steps", type=int, help="override the recipe's number of steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under OUT/checkpoints")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override any recipe key, e.g. --set learning_rate=1e-3 tokenizer.codebook_size=512")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = [f"data={args.data}", f"out={args.out}", *args.set]
+    if args.teacher:
+        overrides.append(f"teacher={args.teacher}")
+    if args.quantizer:
+        overrides.append(f"quantizer={args.quantizer}")
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    main(load_config(TokenizerTrainConfig, args.recipe, overrides), resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":  # `torchrun -m training.train_tokenizer ...` / `accelerate launch -m ...`
+    parser = argparse.ArgumentParser(prog="train_tokenizer", description=__doc__)
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
