@@ -41,7 +41,7 @@ class TokenizerTrainConfig:
     quantizer: str = "dual"  # dual | pixel | semantic (ablations)
     tokenizer: dict[str, Any] = field(default_factory=dict)  # overrides of TokenizerConfig fields
     batch_size: int = 32  # per process
-    max_steps: int = 1000
+    max_steps: int = 1300
     learning_rate: float = 2e-3
     min_learning_rate_ratio: float = 0.05  # cosine decays to this fraction of the peak
     warmup_steps: int = 100
