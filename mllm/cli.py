@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module implementing it, one-line help). The modules of training/eval/serve are named
@@ -20,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-teacher": ("training.train_teacher", "train a tiny CLIP teacher for the tokenizer's semantic branch"),
     "train-tokenizer": ("training.train_tokenizer", "train the dual-codebook visual tokenizer"),
     "eval-tokenizer": ("eval.tokenizer_metrics", "PSNR, SSIM, codebook use, semantic cosine, judge agreement"),
+    "init": ("mllm.init", "base LLM (+ vision tokenizer) -> unified model folder"),
+    "caption": ("mllm.commands.caption", "describe image(s) with a model folder"),
+    "ask": ("mllm.commands.ask", "answer a question about an image with a model folder"),
+    "draw": ("mllm.commands.draw", "draw image(s) from a text prompt with a model folder"),
 }
 
 
@@ -52,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mllm: unknown command {name!r}\n\n{_top_level_help()}", file=sys.stderr)
         return 2
     module_name, summary = COMMANDS[name]
+    # transformers' per-load "Loading weights" bars are noise in a one-shot command; our own
+    # progress bars (tqdm) are unaffected.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"mllm {name}", description=summary)
     module.add_arguments(parser)

@@ -1,0 +1,125 @@
+"""`MLLMConfig` (the `mllm_config.json` of a model folder) and the registry of named LLM sizes.
+
+A model folder (DESIGN.md, "Checkpoint layout"):
+
+    model_dir/
+      mllm_config.json     this config: grid, K, image_offset, special-token ids, embedding mode, versions
+      llm/                 plain HF causal LM (AutoModelForCausalLM loads it alone)
+      tokenizer/           text tokenizer + chat template (AutoTokenizer loads it)
+      vision_tokenizer/    DualCodebookTokenizer folder (config.json + model.safetensors)
+      projector.safetensors   only for an unbaked `codebook`-mode model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "mllm_config.json"
+LLM_DIR = "llm"
+TOKENIZER_DIR = "tokenizer"
+VISION_TOKENIZER_DIR = "vision_tokenizer"
+PROJECTOR_NAME = "projector.safetensors"
+
+BOI_TOKEN = "<|boi|>"
+EOI_TOKEN = "<|eoi|>"
+IMAGE_TOKEN = "<|image|>"
+EMBEDDING_MODES = ("learned", "codebook")
+VOCAB_PAD_MULTIPLE = 64
+
+
+@dataclass
+class MLLMConfig:
+    """What ties the LLM, its text tokenizer and the visual tokenizer together.
+
+    Ids: text ids are [0, image_offset); image code k (0 <= k < codebook_size) has id
+    image_offset + k; rows at and above image_offset + codebook_size are padding (the embedding
+    matrix is padded to a multiple of 64) and are never sampled.
+    """
+
+    image_offset: int  # = len(text tokenizer), special tokens included
+    codebook_size: int  # K
+    grid_size: tuple[int, int]  # (h, w) codes per image, raster order
+    image_size: int  # pixels per side of the visual tokenizer
+    boi_token_id: int
+    eoi_token_id: int
+    image_token_id: int  # the placeholder a processor expands into <|boi|> codes <|eoi|>
+    end_of_turn_token_id: int  # what ends an assistant turn in the chat template
+    pad_token_id: int
+    vocab_size: int  # rows of the (padded) embedding matrix
+    embedding_mode: str = "learned"  # "learned" | "codebook" (ETT: image rows = proj(codebooks))
+    projector_hidden_size: int | None = None  # codebook mode: hidden width of the proj MLP
+    boi_token: str = BOI_TOKEN
+    eoi_token: str = EOI_TOKEN
+    image_token: str = IMAGE_TOKEN
+    draw_template: str = "Draw: {prompt}"
+    caption_prompt: str = "Describe the image."
+    vqa_template: str = "{question}"
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.grid_size = tuple(int(v) for v in self.grid_size)
+        if self.embedding_mode not in EMBEDDING_MODES:
+            raise ValueError(f"embedding_mode must be one of {EMBEDDING_MODES}, got {self.embedding_mode!r}")
+        if len(self.grid_size) != 2 or min(self.grid_size) < 1:
+            raise ValueError(f"grid_size must be (h, w) with positive sides, got {self.grid_size}")
+        if self.vocab_size < self.image_offset + self.codebook_size:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} cannot hold {self.image_offset} text ids + {self.codebook_size} image ids"
+            )
+        specials = {"boi": self.boi_token_id, "eoi": self.eoi_token_id, "image": self.image_token_id}
+        for name, token_id in specials.items():
+            if not 0 <= token_id < self.image_offset:
+                raise ValueError(f"{name} token id {token_id} must be a text id (< image_offset {self.image_offset})")
+
+    @property
+    def image_tokens_per_image(self) -> int:
+        """h * w codes (the <|boi|> and <|eoi|> around them not counted)."""
+        return self.grid_size[0] * self.grid_size[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["grid_size"] = list(self.grid_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MLLMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown keys in {CONFIG_NAME}: {unknown}")
+        return cls(**data)
+
+    def save(self, model_dir: str | Path) -> None:
+        path = Path(model_dir) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> MLLMConfig:
+        path = Path(model_dir) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_dir} is not a model folder: {CONFIG_NAME} is missing (make one with `mllm init`)")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def padded_vocab_size(rows: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    return -(-rows // multiple) * multiple
+
+
+# Named LLM sizes for `mllm init --llm NAME`: fresh Llama-architecture models with a
+# sentencepiece text tokenizer trained on a text corpus. Real bases come from a local folder.
+LLM_SIZES: dict[str, dict[str, Any]] = {
+    # Tests: builds and runs a step in well under a second.
+    "tiny": {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 512, "text_vocab_size": 256,
+    },
+    # The demo: learns the shapes world on 2 CPU cores in minutes.
+    "shapes": {
+        "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "max_position_embeddings": 1024, "text_vocab_size": 512,
+    },
+}

@@ -1,0 +1,476 @@
+"""Text and image generation for a `UnifiedMLLM` (DESIGN.md, "Generation").
+
+    generate_text(model, conversations)            -> ["answer", ...]          transformers generate()
+    generate_images(model, ["a red circle"], n=2)  -> [[codes (h, w), codes]]  constrained, batched CFG
+    chat(model, conversation)                      -> {"text": str, "images": [PIL, ...]}
+
+Text goes through `model.llm.generate()` (KV cache, greedy or sampling, end of turn, stop
+strings). Images use a short decode loop of our own over the same transformers pieces
+(`DynamicCache`, `TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper`): after
+`<|boi|>` exactly h*w ids are sampled from the image-id range, then `<|eoi|>` is forced. CFG
+runs the conditional and unconditional rows in ONE batch (rows doubled) and combines
+`logits = u + s * (c - u)` on the image slice; both rows of a pair receive the sampled token.
+`generate()` with transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor` runs a second,
+separate forward per step for the unconditional branch and computes full-vocabulary logits; the
+loop here is measured against it in `scripts/bench_generate.py` (figures in BENCHMARKS.md).
+
+Seeding: a seed is scoped (the global RNG state is restored afterwards). Image rows are seeded
+one by one (image j of a prompt gets `seed + j`, each row with its own `torch.Generator`), so an
+image depends on its prompt and seed only, not on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
+from transformers.generation.logits_process import (
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+Conversation = list[dict[str, Any]]
+
+# Architectures whose output head is a plain linear map of the final hidden state (no logit
+# soft-capping or scaling). For them the image loop multiplies the last hidden state by the K
+# image rows of lm_head only: the text rows are never sampled while drawing, and for a large text
+# vocabulary (Qwen2: 151k rows) they are a large share of the bytes each decode step reads.
+_PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3", "olmo", "olmo2", "starcoder2", "gemma"}
+)
+
+
+# ---------------------------------------------------------------------------- text
+@torch.no_grad()
+def generate_text(
+    model,
+    conversations: Conversation | Sequence[Conversation],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop: str | Sequence[str] | None = None,
+    seed: int | None = None,
+) -> list[str]:
+    """One reply per conversation (a conversation alone counts as a list of one).
+
+    Greedy when temperature == 0, else sampling with temperature / top_k / top_p. A reply ends at
+    the end-of-turn token, at the first `stop` string (not included in the text) or after
+    `max_new_tokens`. Image ids and `<|boi|>` are suppressed: these are text replies.
+    """
+    conversations = _as_conversation_list(conversations)
+    with _generation_mode(model), _seeded(seed, model.device):
+        batch = _encode_prompts(model, conversations)
+        new_ids = _generate_ids(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            stop,
+            stop_ids=[model.config.end_of_turn_token_id],
+            allow_boi=False,
+        )
+    return [_finish_text(model, ids, stop) for ids in new_ids]
+
+
+# ---------------------------------------------------------------------------- images
+@torch.no_grad()
+def generate_images(
+    model,
+    prompts: str | Sequence[str],
+    n: int = 1,
+    guidance_scale: float = 3.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | Sequence[int] | None = None,
+) -> list[list[torch.Tensor]]:
+    """`n` images per prompt: `result[i][j]` is image j of prompt i as codes (h, w) on the CPU.
+
+    Each prompt is the draw conversation (`processor.draw_conversation`) rendered with the
+    generation prompt and `<|boi|>` appended. guidance_scale == 1 samples the plain conditional
+    distribution (the unconditional rows are skipped); any other value runs CFG against
+    `processor.unconditional_draw_conversation()`. Image j of prompt i is sampled with seed
+    `seeds[i] + j`, where `seeds` is `seed` per prompt (a list) or the same int for every prompt;
+    seed None draws one from torch's global RNG (so `torch.manual_seed` makes it reproducible).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if not prompts:
+        return []
+    base_seeds = _prompt_seeds(seed, len(prompts))
+    with _generation_mode(model):
+        processor = model.processor
+        prefixes = _draw_prefixes(model, [processor.draw_conversation(p) for p in prompts])
+        unconditional = None
+        if guidance_scale != 1.0:
+            unconditional = _draw_prefixes(model, [processor.unconditional_draw_conversation()])[0]
+        rows = [prefix for prefix in prefixes for _ in range(n)]
+        row_seeds = [base + j for base in base_seeds for j in range(n)]
+        codes = sample_image_codes(
+            model, rows, unconditional, guidance_scale, temperature, top_k, top_p, row_seeds
+        ).cpu()  # (len(prompts) * n, h, w)
+    return [list(codes[i * n : (i + 1) * n]) for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def sample_image_codes(
+    model,
+    prefixes: Sequence[torch.Tensor],
+    unconditional_prefix: torch.Tensor | None,
+    guidance_scale: float,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seeds: Sequence[int],
+) -> torch.Tensor:
+    """The constrained image loop: one image per prefix -> codes (N, h, w).
+
+    `prefixes`: N 1-D id tensors, each ending with `<|boi|>` (the conditional rows).
+    `unconditional_prefix`: one 1-D id tensor ending with `<|boi|>` for CFG (N unconditional rows
+    are added to the same batch), or None for no guidance. `seeds`: one per conditional row.
+    The `<|eoi|>` after the codes is implied: callers append it (nothing is sampled for it).
+    """
+    config, llm = model.config, model.llm
+    height, width = config.grid_size
+    steps = height * width
+    rows = len(prefixes)
+    if len(seeds) != rows:
+        raise ValueError(f"got {len(seeds)} seeds for {rows} images")
+    if any(int(p[-1]) != config.boi_token_id for p in prefixes):
+        raise ValueError("every image prefix must end with <|boi|>")
+    use_cfg = unconditional_prefix is not None
+    sequences = list(prefixes) + ([unconditional_prefix] * rows if use_cfg else [])
+    longest = max(len(s) for s in sequences)
+    if longest + steps + 1 > model.context_length:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus an image of {steps + 1} tokens exceeds the context length "
+            f"{model.context_length}"
+        )
+
+    device = model.device
+    input_ids, attention_mask = _left_pad(sequences, config.pad_token_id, device)  # (R, T) with R = N or 2N
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+    image_logits = _ImageLogits(llm, *model.vocab.image_id_range)
+    warpers = _image_warpers(temperature, top_k, top_p)
+    generators = [_generator(device, s) for s in seeds]
+    offset = config.image_offset
+
+    logits = image_logits(input_ids, attention_mask, position_ids)  # (R, K): prefill, cache filled
+    next_position = position_ids[:, -1:] + 1  # (R, 1)
+    codes = torch.empty(rows, steps, dtype=torch.long, device=device)
+    for step in range(steps):
+        if use_cfg:
+            conditional, unconditional = logits[:rows], logits[rows:]
+            logits = unconditional + guidance_scale * (conditional - unconditional)  # (N, K)
+        codes[:, step] = _sample(warpers(codes[:, :step], logits), generators, greedy=temperature == 0)
+        if step == steps - 1:
+            break
+        token = codes[:, step : step + 1] + offset  # (N, 1)
+        if use_cfg:
+            token = torch.cat([token, token])  # both rows of a CFG pair continue with the same token
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+        logits = image_logits(token, attention_mask, next_position)
+        next_position = next_position + 1
+    return codes.view(rows, height, width)
+
+
+# ---------------------------------------------------------------------------- chat
+@torch.no_grad()
+def chat(
+    model,
+    conversation: Conversation,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop: str | Sequence[str] | None = None,
+    seed: int | None = None,
+    guidance_scale: float = 1.0,
+    image_temperature: float = 1.0,
+    image_top_k: int | None = None,
+    image_top_p: float | None = None,
+    max_images: int = 4,
+) -> dict[str, Any]:
+    """The assistant's next turn: {"text": str, "images": [PIL, ...]}.
+
+    Text is generated until the end of turn or `<|boi|>`. After `<|boi|>` an image is generated
+    (constrained; CFG against the unconditional draw prompt when guidance_scale != 1), `<|eoi|>`
+    is appended and text generation continues, until the end of turn, a `stop` string,
+    `max_new_tokens` text tokens or the context length. At most `max_images` images per turn.
+    """
+    config = model.config
+    eot, boi, eoi = config.end_of_turn_token_id, config.boi_token_id, config.eoi_token_id
+    stop_strings = _stop_list(stop)
+    with _generation_mode(model), _seeded(seed, model.device):
+        # Image seeds come from the (seeded) global RNG, so one chat seed fixes text and images.
+        prompt = _encode_prompts(model, [conversation])["input_ids"][0]
+        generated: list[int] = []
+        image_codes: list[torch.Tensor] = []
+        text_budget = max_new_tokens
+        while text_budget > 0:
+            ids = torch.tensor([prompt.tolist() + generated], device=model.device)
+            room = model.context_length - ids.shape[1]
+            if room <= 0:
+                break
+            can_draw = len(image_codes) < max_images and room > config.image_tokens_per_image + 2
+            new = _generate_ids(
+                model,
+                ids,
+                torch.ones_like(ids),
+                min(text_budget, room),
+                temperature,
+                top_k,
+                top_p,
+                stop_strings,
+                stop_ids=[eot, boi] if can_draw else [eot],
+                allow_boi=can_draw,
+            )[0]
+            generated += new
+            text_budget -= len(new)
+            if not new or new[-1] != boi:
+                break
+            unconditional = None
+            if guidance_scale != 1.0:
+                unconditional = _draw_prefixes(model, [model.processor.unconditional_draw_conversation()])[0]
+            image_seed = int(torch.randint(0, 2**31 - 1, (1,)))
+            prefix = torch.tensor(prompt.tolist() + generated, device=model.device)
+            codes = sample_image_codes(
+                model,
+                [prefix],
+                unconditional,
+                guidance_scale,
+                image_temperature,
+                image_top_k,
+                image_top_p,
+                [image_seed],
+            )[0]
+            image_codes.append(codes.cpu())
+            generated += (codes.reshape(-1) + config.image_offset).tolist() + [eoi]
+        text = _finish_text(model, generated, stop_strings)
+    images = model.vision_tokenizer.decode_images(torch.stack(image_codes)) if image_codes else []
+    return {"text": text, "images": images}
+
+
+# ---------------------------------------------------------------------------- helpers
+def _as_conversation_list(conversations) -> list[Conversation]:
+    if isinstance(conversations, Sequence) and conversations and isinstance(conversations[0], dict):
+        return [list(conversations)]  # one conversation
+    return [list(c) for c in conversations]
+
+
+def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else [s for s in stop if s]
+
+
+def _encode_prompts(model, conversations: list[Conversation]) -> dict[str, torch.Tensor]:
+    batch = model.processor(
+        conversations, add_generation_prompt=True, padding_side="left", max_length=model.context_length
+    )
+    length = batch["input_ids"].shape[1]
+    if length >= model.context_length:
+        raise ValueError(f"the prompt has {length} tokens; the context length is {model.context_length}")
+    return {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask")}
+
+
+def _draw_prefixes(model, conversations: list[Conversation]) -> list[torch.Tensor]:
+    """Draw conversations -> 1-D prompt ids (generation prompt included) + <|boi|>, on the device."""
+    batch = _encode_prompts(model, conversations)
+    boi = torch.tensor([model.config.boi_token_id], device=model.device)
+    return [
+        torch.cat([ids[mask.bool()], boi]) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+    ]
+
+
+def _generate_ids(
+    model,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    stop,
+    stop_ids,
+    allow_boi,
+) -> list[list[int]]:
+    """`model.llm.generate()` for text: image ids (and <|boi|> unless allowed) suppressed.
+
+    Returns the new ids of each row up to and including the first stop id.
+    """
+    config = model.config
+    vocab_rows = model.llm.get_output_embeddings().weight.shape[0]
+    suppressed = list(range(config.image_offset, vocab_rows)) + [config.eoi_token_id, config.image_token_id]
+    if not allow_boi:
+        suppressed.append(config.boi_token_id)
+    sampling = temperature > 0
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        # 0 / 1.0 switch the warpers off explicitly (None would take the model's or the library's defaults).
+        top_k=(top_k or 0) if sampling else None,
+        top_p=(top_p or 1.0) if sampling else None,
+        eos_token_id=list(stop_ids),
+        pad_token_id=config.pad_token_id,
+        stop_strings=_stop_list(stop) or None,
+        use_cache=True,
+    )
+    output = model.llm.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=generation_config,
+        logits_processor=LogitsProcessorList(
+            [SuppressTokensLogitsProcessor(suppressed, device=input_ids.device)]
+        ),
+        tokenizer=model.processor.text_tokenizer,  # read by the stop-string criterion only
+    )
+    new_rows = []
+    for row in output[:, input_ids.shape[1] :].tolist():
+        for position, token in enumerate(row):
+            if token in stop_ids:
+                row = row[: position + 1]
+                break
+        new_rows.append(row)
+    return new_rows
+
+
+def _finish_text(model, ids: list[int], stop: str | Sequence[str] | None) -> str:
+    text = model.processor.decode_text(ids)
+    for stop_string in _stop_list(stop):
+        cut = text.find(stop_string)
+        if cut >= 0:
+            text = text[:cut]
+    return text.strip()
+
+
+def _left_pad(sequences: Sequence[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long, device=device)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, longest - len(sequence) :] = sequence.to(device)
+        attention_mask[row, longest - len(sequence) :] = 1
+    return input_ids, attention_mask
+
+
+def _image_warpers(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    warpers = LogitsProcessorList()
+    if temperature > 0 and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def _sample(logits: torch.Tensor, generators: list[torch.Generator], greedy: bool) -> torch.Tensor:
+    """(N, K) warped logits -> (N,) codes."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = F.softmax(logits, dim=-1)
+    # One generator per row: a row's sample does not depend on the other rows of the batch.
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def _prompt_seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (count,)).tolist()
+    if isinstance(seed, int):
+        return [seed] * count
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} prompts")
+    return seeds
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def _cache_argument(module: nn.Module) -> str:
+    """transformers 5.x renamed the forward argument `past_key_values` to `cache`; accept both."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+class _ImageLogits:
+    """Forward steps of the LLM with a DynamicCache, returning only the image-id logits (R, K) in fp32."""
+
+    def __init__(self, llm: nn.Module, start: int, end: int):
+        self.start, self.end = start, end
+        self.cache = DynamicCache(config=llm.config)
+        head = llm.get_output_embeddings()
+        model_type = getattr(llm.config, "model_type", None)
+        if model_type in _PLAIN_HEAD_MODEL_TYPES and type(head) is nn.Linear:
+            self.body = llm.get_decoder()
+            self.weight = head.weight[start:end]  # (K, H): a view, no copy
+            self.bias = head.bias[start:end] if head.bias is not None else None
+        else:
+            # The transformers model under a peft wrapper (its LoRA layers are injected in place, so
+            # calling it directly keeps them): its forward names the cache argument.
+            base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+            self.body, self.weight, self.bias = base, None, None
+        self.cache_argument = _cache_argument(self.body)
+        self.keeps_last = "logits_to_keep" in inspect.signature(self.body.forward).parameters
+
+    def __call__(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        kwargs = {self.cache_argument: self.cache, "use_cache": True}
+        if self.weight is None and self.keeps_last:
+            kwargs["logits_to_keep"] = 1
+        output = self.body(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        if self.weight is None:
+            return output.logits[:, -1, self.start : self.end].float()
+        hidden = output.last_hidden_state[:, -1]  # (R, H)
+        return F.linear(hidden, self.weight, self.bias).float()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's global RNG inside the block and restore its state afterwards."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+@contextlib.contextmanager
+def _generation_mode(model) -> Iterator[None]:
+    """Eval mode (restored afterwards) and, in codebook mode, image rows of the input embedding
+    matrix synced from the projector, so id-based decoding with a KV cache sees the same embeddings
+    as the embedding path."""
+    was_training = model.training
+    model.eval()
+    try:
+        if model.config.embedding_mode == "codebook":
+            with torch.no_grad():
+                model.sync_image_embeddings()
+        yield
+    finally:
+        model.train(was_training)

@@ -1,0 +1,251 @@
+"""`mllm init`: a base LLM (+ a visual tokenizer) -> a unified model folder.
+
+    mllm init --llm tiny|shapes|PATH --vision-tokenizer DIR|tiny|shapes --out DIR [--embedding learned|codebook]
+
+`--llm tiny|shapes` builds a fresh Llama-architecture LM of a named size (`mllm.config.LLM_SIZES`)
+with a sentencepiece text tokenizer trained on `--text-corpus` (default: the shapes world's texts).
+`--llm PATH` extends any local HF causal LM folder (Llama, Qwen2, Mistral, Gemma, GPT-NeoX, ...)
+through the Auto classes, offline and without remote code: the image special tokens (and a chat
+template when the base has none) are added to its tokenizer and its embeddings are resized once,
+padded to a multiple of 64, for the text specials + K image ids.
+
+New rows (added special tokens, image ids, padding) start as the mean of the base's rows, input and
+output side: the new ids then start with an average logit instead of dominating the softmax
+(Hewitt, "Initializing new word embeddings for pretrained language models", 2021; transformers'
+`mean_resizing` adds small noise around the same mean, we keep it exact and deterministic).
+In `codebook` mode the image input rows come from the projector instead, initialised so its outputs
+have the mean and spread of the base's rows, and a tied input/output embedding is untied (with a
+tied head, baking the projected rows into the input matrix would change the logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mllm.config import EMBEDDING_MODES, LLM_SIZES
+from mllm.model import CodebookProjector, UnifiedMLLM, codebook_feature_size, codebook_features
+from tokenizer_vision import DualCodebookTokenizer
+from tokenizer_vision.config import TOKENIZER_SIZES
+
+
+def _load_vision_tokenizer(vision_tokenizer: str | Path | DualCodebookTokenizer) -> DualCodebookTokenizer:
+    if isinstance(vision_tokenizer, DualCodebookTokenizer):
+        return vision_tokenizer.eval()
+    if str(vision_tokenizer) in TOKENIZER_SIZES and not Path(vision_tokenizer).exists():
+        # A fresh, randomly initialised tokenizer of a named size: for tests and smoke runs only.
+        return DualCodebookTokenizer.from_name(str(vision_tokenizer)).eval()
+    path = Path(vision_tokenizer)
+    if not path.is_dir():
+        raise ValueError(
+            f"--vision-tokenizer {vision_tokenizer!r} is neither a saved tokenizer folder nor one of the "
+            f"named sizes {sorted(TOKENIZER_SIZES)}"
+        )
+    return DualCodebookTokenizer.from_pretrained(path)
+
+
+def _text_corpus(text_corpus: str | Path | Iterable[str] | None, seed: int) -> list[str]:
+    from mllm.text_tokenizer import shapes_text_corpus
+
+    if text_corpus is None:
+        return shapes_text_corpus(seed=seed)
+    if isinstance(text_corpus, (str, Path)):
+        lines = [line.strip() for line in Path(text_corpus).read_text().splitlines()]
+        lines = [line for line in lines if line]
+        if not lines:
+            raise ValueError(f"the text corpus {text_corpus} has no non-empty lines")
+        return lines
+    return list(text_corpus)
+
+
+def _fresh_llm(size: str, text_corpus, seed: int, vision_tokenizer, embedding: str):
+    """A named-size Llama LM with a freshly trained text tokenizer; all its rows are random."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mllm.processor import MultimodalProcessor
+    from mllm.text_tokenizer import train_text_tokenizer
+
+    settings = dict(LLM_SIZES[size])
+    text_vocab_size = settings.pop("text_vocab_size")
+    text_tokenizer = train_text_tokenizer(_text_corpus(text_corpus, seed), vocab_size=text_vocab_size, seed=seed)
+    processor, config = MultimodalProcessor.build(
+        text_tokenizer, vision_tokenizer, embedding, settings["max_position_embeddings"]
+    )
+    llm_config = LlamaConfig(
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=False,
+        bos_token_id=text_tokenizer.bos_token_id,
+        eos_token_id=text_tokenizer.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        **settings,
+    )
+    llm = LlamaForCausalLM(llm_config)
+    return llm, processor, config, config.image_offset  # reference rows: the text rows
+
+
+def _is_tied(llm: nn.Module) -> bool:
+    output = llm.get_output_embeddings()
+    return output is not None and output.weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
+
+
+def _untie_embeddings(llm: nn.Module) -> None:
+    """Give the LM head its own copy of the (tied) embedding matrix, and say so in the config so
+    save_pretrained / from_pretrained keep them apart."""
+    output = llm.get_output_embeddings()
+    output.weight = nn.Parameter(llm.get_input_embeddings().weight.detach().clone())
+    llm.config.tie_word_embeddings = False
+    llm.config.get_text_config().tie_word_embeddings = False
+
+
+@torch.no_grad()
+def _extend_base_llm(path: Path, vision_tokenizer, embedding: str):
+    """Load a local HF causal LM + tokenizer, add the special tokens, resize the embeddings once and
+    initialise every new row to the mean of the base's rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mllm.processor import MultimodalProcessor
+
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--llm {path} is neither a named size {sorted(LLM_SIZES)} nor a HF model folder (no config.json)")
+    text_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # dtype="auto": the base's own dtype (a 7B base stays bf16 instead of doubling in float32).
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
+    base_rows = llm.get_input_embeddings().weight.shape[0]
+    # The base's trained rows are its tokenizer's; rows past len(tokenizer) (Qwen2 pads its matrix)
+    # were never trained and are re-initialised like the new ones.
+    reference_rows = min(len(text_tokenizer), base_rows)
+    context_length = int(llm.config.get_text_config().max_position_embeddings)
+    # build() prepares the tokenizer in place (prepare_text_tokenizer: image tokens, chat template when
+    # the base has none, pad token) and derives the config: image_offset = len(tokenizer) after that.
+    processor, config = MultimodalProcessor.build(text_tokenizer, vision_tokenizer, embedding, context_length)
+
+    input_weight = llm.get_input_embeddings().weight
+    input_mean = input_weight[:reference_rows].float().mean(0)  # (H,)
+    output = llm.get_output_embeddings()
+    tied = _is_tied(llm)
+    output_mean = None if tied else output.weight[:reference_rows].float().mean(0)
+    output_bias_mean = None
+    if getattr(output, "bias", None) is not None:
+        output_bias_mean = output.bias[:reference_rows].float().mean()
+
+    llm.resize_token_embeddings(config.vocab_size, pad_to_multiple_of=64, mean_resizing=False)
+    llm.get_input_embeddings().weight[reference_rows:] = input_mean.to(input_weight.dtype)
+    output = llm.get_output_embeddings()
+    if output_mean is not None:
+        output.weight[reference_rows:] = output_mean.to(output.weight.dtype)
+    if output_bias_mean is not None:
+        output.bias[reference_rows:] = output_bias_mean.to(output.bias.dtype)
+    if embedding == "codebook" and _is_tied(llm):
+        _untie_embeddings(llm)
+    llm.config.pad_token_id = config.pad_token_id
+    llm.config.get_text_config().pad_token_id = config.pad_token_id
+    return llm, processor, config, reference_rows
+
+
+def init_model(
+    llm: str | Path,
+    vision_tokenizer: str | Path | DualCodebookTokenizer,
+    out: str | Path,
+    embedding: str = "learned",
+    text_corpus: str | Path | Iterable[str] | None = None,
+    seed: int = 0,
+    projector_hidden_size: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Build a unified model folder at `out` and return its path.
+
+    llm: a named size ("tiny", "shapes": a fresh Llama with a text tokenizer trained on `text_corpus`,
+    a file of lines or a list of strings; default the shapes world's texts) or a local HF model folder.
+    vision_tokenizer: a saved DualCodebookTokenizer folder, a loaded one, or a named size ("tiny",
+    "shapes": a fresh random tokenizer, for tests and smoke runs). embedding: "learned" | "codebook".
+    projector_hidden_size: codebook mode, the projector's hidden width (default: the LLM's hidden size).
+    """
+    if embedding not in EMBEDDING_MODES:
+        raise ValueError(f"embedding must be one of {EMBEDDING_MODES}, got {embedding!r}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    torch.manual_seed(seed)
+    vision = _load_vision_tokenizer(vision_tokenizer)
+    if str(llm) in LLM_SIZES and not Path(llm).exists():
+        language_model, processor, config, reference_rows = _fresh_llm(str(llm), text_corpus, seed, vision, embedding)
+    else:
+        if text_corpus is not None:
+            raise ValueError("--text-corpus is for a named --llm size; a base model folder brings its own tokenizer")
+        language_model, processor, config, reference_rows = _extend_base_llm(Path(llm), vision, embedding)
+
+    projector = None
+    if embedding == "codebook":
+        hidden = int(language_model.get_input_embeddings().weight.shape[1])
+        config.projector_hidden_size = projector_hidden_size or hidden
+        projector = CodebookProjector(codebook_feature_size(vision), config.projector_hidden_size, hidden)
+        with torch.no_grad():
+            features = codebook_features(vision, torch.arange(config.codebook_size))  # (K, d_sem + d_pix)
+            reference = language_model.get_input_embeddings().weight[:reference_rows]
+            projector.match_statistics(features, reference)
+        projector.to(language_model.dtype)
+    model = UnifiedMLLM(config, language_model, vision, processor, projector)
+    model.sync_image_embeddings()
+    return model.save_pretrained(out, bake=False)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--llm", required=True,
+        help=f"a named size {sorted(LLM_SIZES)} (a fresh Llama-architecture LM with a sentencepiece tokenizer "
+        "trained on --text-corpus) or a local Hugging Face causal LM folder (Llama, Qwen2, Mistral, Gemma, "
+        "GPT-NeoX, ...; loaded offline, never with remote code)",
+    )
+    parser.add_argument(
+        "--vision-tokenizer", required=True,
+        help="a folder written by `mllm train-tokenizer`, or a named size "
+        f"{sorted(TOKENIZER_SIZES)} for a fresh RANDOMLY INITIALISED tokenizer (tests and smoke runs only)",
+    )
+    parser.add_argument("--out", required=True, help="the model folder to write")
+    parser.add_argument(
+        "--embedding", choices=EMBEDDING_MODES, default="learned",
+        help="image input embeddings: ordinary trainable rows ('learned'), or projected from the tokenizer's "
+        "codebooks ('codebook', for end-to-end tuning; baked into rows when saved later). Default: learned",
+    )
+    parser.add_argument(
+        "--text-corpus", default=None,
+        help="named --llm only: a text file, one training string per line, for the text tokenizer "
+        "(default: captions, questions and prompts of the shapes world)",
+    )
+    parser.add_argument("--projector-hidden-size", type=int, default=None,
+                        help="codebook mode: hidden width of the projector MLP (default: the LLM's hidden size)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random initialisation (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = init_model(
+        args.llm,
+        args.vision_tokenizer,
+        args.out,
+        embedding=args.embedding,
+        text_corpus=args.text_corpus,
+        seed=args.seed,
+        projector_hidden_size=args.projector_hidden_size,
+        overwrite=args.overwrite,
+    )
+    model = UnifiedMLLM.from_pretrained(out)
+    config = model.config
+    print(f"wrote {out}")
+    print(
+        f"  llm: {type(model.llm).__name__}, {model.num_parameters() / 1e6:.2f}M parameters, "
+        f"context {model.context_length}, {config.embedding_mode} image embeddings"
+    )
+    print(
+        f"  vocabulary: {config.image_offset} text ids, {config.codebook_size} image ids from {config.image_offset}, "
+        f"{config.vocab_size} rows; images are {config.grid_size[0]}x{config.grid_size[1]} codes of "
+        f"{config.image_size}px"
+    )
+    return 0
+
+
+__all__ = ["add_arguments", "init_model", "run"]

@@ -1,0 +1,346 @@
+"""Generation: the constrained CFG image loop (on a bare tiny Llama) and text / image / chat generation
+on a tiny unified model built by `mllm.init.init_model`."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mllm import generation
+from mllm.config import MLLMConfig
+from mllm.generation import _ImageLogits, _left_pad, chat, generate_images, generate_text, sample_image_codes
+from mllm.vocab import ImageVocabulary
+
+# ------------------------------------------------------------------ the image loop on a bare Llama
+# Fake vocabulary: text ids [0, 32) (pad 0, <|boi|> 1, <|eoi|> 2, <|image|> 3, end of turn 4),
+# image ids [32, 48) for K = 16 codes, padding rows [48, 64).
+K, OFFSET, BOI = 16, 32, 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the hand-offs of
+    every small op dominate (this file: minutes with 2 threads under load, seconds with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class BareModel(nn.Module):
+    """What `sample_image_codes` needs of a UnifiedMLLM: config, llm, vocab, device, context_length."""
+
+    def __init__(self, grid=(2, 3)):
+        super().__init__()
+        self.config = MLLMConfig(
+            image_offset=OFFSET,
+            codebook_size=K,
+            grid_size=grid,
+            image_size=32,
+            boi_token_id=BOI,
+            eoi_token_id=2,
+            image_token_id=3,
+            end_of_turn_token_id=4,
+            pad_token_id=0,
+            vocab_size=64,
+        )
+        llm_config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        )
+        self.llm = LlamaForCausalLM(llm_config).eval()
+        with (
+            torch.no_grad()
+        ):  # peaked, context-dependent logits: samples then depend on the model, not only the RNG
+            self.llm.lm_head.weight.mul_(60.0)
+        self.vocab = ImageVocabulary(self.config)
+
+    @property
+    def device(self):
+        return self.llm.device
+
+    @property
+    def context_length(self):
+        return self.llm.config.max_position_embeddings
+
+
+@pytest.fixture(scope="module")
+def bare():
+    torch.manual_seed(0)
+    return BareModel()
+
+
+def _prefix(length, seed):
+    ids = torch.randint(5, OFFSET, (length,), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([ids, torch.tensor([BOI])])
+
+
+def test_image_loop_samples_exactly_grid_codes_in_range(bare):
+    codes = sample_image_codes(
+        bare, [_prefix(7, 0), _prefix(4, 1)], _prefix(3, 2), 3.0, 1.0, None, None, [0, 1]
+    )
+    assert codes.shape == (2, 2, 3) and codes.dtype == torch.long
+    assert int(codes.min()) >= 0 and int(codes.max()) < K
+
+
+def test_image_loop_feeds_only_image_ids_after_boi(bare, monkeypatch):
+    fed = []
+    real_call = _ImageLogits.__call__
+
+    def spy(self, input_ids, attention_mask, position_ids):
+        fed.append(input_ids.clone())
+        return real_call(self, input_ids, attention_mask, position_ids)
+
+    monkeypatch.setattr(_ImageLogits, "__call__", spy)
+    sample_image_codes(bare, [_prefix(5, 0)], _prefix(2, 1), 2.0, 1.0, None, None, [3])
+    assert len(fed) == 6  # prefill + h*w - 1 steps (the last code needs no forward)
+    steps = torch.cat(fed[1:], dim=1)  # (2, 5): the conditional row and its unconditional twin
+    assert torch.equal(steps[0], steps[1])
+    assert bool(((steps >= OFFSET) & (steps < OFFSET + K)).all())
+
+
+def test_cached_left_padded_steps_match_a_full_forward(bare):
+    """Prefill of a left-padded batch + cached steps give the logits of the unpadded sequence run whole."""
+    sequences = [_prefix(9, 0), _prefix(3, 1)]
+    input_ids, mask = _left_pad(sequences, 0, "cpu")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    image_logits = _ImageLogits(bare.llm, OFFSET, OFFSET + K)
+    assert image_logits.weight is not None  # the sliced-head path (plain Llama head)
+    got = [image_logits(input_ids, mask, positions)]
+    tokens = torch.tensor([[OFFSET + 3, OFFSET + 5], [OFFSET + 7, OFFSET + 1]])
+    for step in range(2):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        got.append(image_logits(tokens[:, step : step + 1], mask, positions[:, -1:] + 1 + step))
+    with torch.no_grad():
+        for row, sequence in enumerate(sequences):
+            full = bare.llm(torch.cat([sequence, tokens[row]])[None]).logits[0, :, OFFSET : OFFSET + K]
+            for step in range(3):
+                torch.testing.assert_close(
+                    got[step][row], full[len(sequence) - 1 + step], rtol=1e-4, atol=1e-4
+                )
+
+
+def test_full_head_fallback_gives_the_same_codes(bare, monkeypatch):
+    """Architectures off the plain-head list run the whole model and slice its logits: same result."""
+    prefixes, unconditional = [_prefix(6, 0), _prefix(3, 1)], _prefix(4, 2)
+    sliced = sample_image_codes(bare, prefixes, unconditional, 2.0, 1.0, None, None, [4, 5])
+    monkeypatch.setattr(generation, "_PLAIN_HEAD_MODEL_TYPES", frozenset())
+    assert _ImageLogits(bare.llm, OFFSET, OFFSET + K).weight is None
+    assert torch.equal(
+        sample_image_codes(bare, prefixes, unconditional, 2.0, 1.0, None, None, [4, 5]), sliced
+    )
+
+
+def test_guidance_combines_conditional_and_unconditional_logits(bare, monkeypatch):
+    """Greedy decoding picks argmax(u + s * (c - u)), which differs from argmax(c) here."""
+    conditional = torch.tensor([5.0, 4.0] + [0.0] * (K - 2))
+    unconditional = torch.tensor([5.0, 1.0] + [0.0] * (K - 2))  # guided: 5 + 3 * 0 = 5 vs 1 + 3 * 3 = 10
+
+    def fake_call(self, input_ids, attention_mask, position_ids):
+        rows = input_ids.shape[0] // 2
+        return torch.stack([conditional] * rows + [unconditional] * rows)
+
+    monkeypatch.setattr(_ImageLogits, "__call__", fake_call)
+    guided = sample_image_codes(bare, [_prefix(4, 0)], _prefix(2, 1), 3.0, 0.0, None, None, [0])
+    assert bool((guided == 1).all())
+    monkeypatch.setattr(
+        _ImageLogits, "__call__", lambda self, ids, *_: torch.stack([conditional] * ids.shape[0])
+    )
+    plain = sample_image_codes(bare, [_prefix(4, 0)], None, 1.0, 0.0, None, None, [0])
+    assert bool((plain == 0).all())
+
+
+def test_guidance_scale_one_equals_the_plain_conditional_distribution(bare):
+    prefixes = [_prefix(6, 0), _prefix(2, 1), _prefix(9, 2)]
+    with_unconditional_rows = sample_image_codes(
+        bare, prefixes, _prefix(4, 3), 1.0, 1.0, None, None, [5, 6, 7]
+    )
+    conditional_only = sample_image_codes(bare, prefixes, None, 1.0, 1.0, None, None, [5, 6, 7])
+    assert torch.equal(with_unconditional_rows, conditional_only)
+    guided = sample_image_codes(bare, prefixes, _prefix(4, 3), 4.0, 1.0, None, None, [5, 6, 7])
+    assert not torch.equal(guided, conditional_only)
+
+
+def test_seeds_are_per_row_and_reproducible(bare):
+    prefixes = [_prefix(6, 0), _prefix(2, 1)]
+    first = sample_image_codes(bare, prefixes, _prefix(4, 3), 2.0, 1.0, None, None, [10, 11])
+    again = sample_image_codes(bare, prefixes, _prefix(4, 3), 2.0, 1.0, None, None, [10, 11])
+    other = sample_image_codes(bare, prefixes, _prefix(4, 3), 2.0, 1.0, None, None, [12, 13])
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    # A row batched with others equals the row generated alone with its seed.
+    alone = sample_image_codes(bare, prefixes[1:], _prefix(4, 3), 2.0, 1.0, None, None, [11])
+    assert torch.equal(first[1:], alone)
+
+
+def test_top_k_one_is_greedy(bare):
+    sampled = sample_image_codes(bare, [_prefix(6, 0)], _prefix(4, 3), 2.0, 1.0, 1, None, [1])
+    greedy = sample_image_codes(bare, [_prefix(6, 0)], _prefix(4, 3), 2.0, 0.0, None, None, [2])
+    assert torch.equal(sampled, greedy)
+
+
+def test_prompt_too_long_for_the_context_is_an_error(bare):
+    with pytest.raises(ValueError, match="context length"):
+        sample_image_codes(bare, [_prefix(125, 0)], None, 1.0, 1.0, None, None, [0])
+
+
+# ------------------------------------------------------------------ a tiny unified model
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from mllm.init import init_model
+    from mllm.model import UnifiedMLLM
+
+    out = init_model(
+        llm="tiny", vision_tokenizer="tiny", out=tmp_path_factory.mktemp("generation") / "model", seed=0
+    )
+    return UnifiedMLLM.from_pretrained(out, device="cpu")
+
+
+def test_generate_images_shapes_and_ranges(tiny):
+    h, w = tiny.config.grid_size
+    result = generate_images(tiny, ["a red circle", "two blue squares", "a green triangle"], n=2, seed=0)
+    assert len(result) == 3 and all(len(images) == 2 for images in result)
+    for images in result:
+        for codes in images:
+            assert codes.shape == (h, w)
+            assert codes.dtype == torch.long
+            assert 0 <= int(codes.min()) and int(codes.max()) < tiny.config.codebook_size
+
+
+def test_generate_images_seeding(tiny):
+    first = generate_images(tiny, "a red circle", n=2, seed=3)[0]
+    other = generate_images(tiny, ["a red circle"], n=2, seed=4)[0]
+    assert not torch.equal(first[0], other[0])  # another seed, another image
+    assert not torch.equal(first[0], first[1])  # image j uses seed + j ...
+    assert torch.equal(first[1], other[0])  # ... so image 1 of seed 3 is image 0 of seed 4
+    # Same prompt and seed -> the same images, also when batched with another prompt.
+    batched = generate_images(tiny, ["a blue square", "a red circle"], n=2, seed=[9, 3])
+    assert all(torch.equal(a, b) for a, b in zip(batched[1], first))
+
+
+def test_generate_images_restores_the_global_rng(tiny):
+    torch.manual_seed(123)
+    generate_images(tiny, "a red circle", seed=1)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(1))
+
+
+def test_generate_text_is_seeded_and_stops_at_end_of_turn(tiny):
+    conversation = [{"role": "user", "content": "What is in the image?"}]
+    greedy = generate_text(tiny, [conversation, conversation], max_new_tokens=8)
+    assert len(greedy) == 2 and greedy[0] == greedy[1]
+    sampled = generate_text(tiny, conversation, max_new_tokens=8, temperature=1.0, seed=7)
+    assert sampled == generate_text(tiny, conversation, max_new_tokens=8, temperature=1.0, seed=7)
+
+    # With <|end|> the likeliest token everywhere, the reply ends at once: empty text.
+    with biased_head(tiny, {tiny.config.end_of_turn_token_id: 100.0}):
+        assert generate_text(tiny, conversation, max_new_tokens=8) == [""]
+
+
+def test_generate_text_cuts_at_stop_strings(tiny):
+    conversation = [{"role": "user", "content": "Describe the image."}]
+    (full,) = generate_text(tiny, conversation, max_new_tokens=12, temperature=1.0, seed=0)
+    words = re.findall(r"[a-z]{2,}", full[1:])
+    assert words, full
+    (cut,) = generate_text(tiny, conversation, max_new_tokens=12, temperature=1.0, seed=0, stop=[words[0]])
+    assert cut == full[: full.find(words[0])].strip() and words[0] not in cut
+
+
+def test_chat_draws_an_image_after_boi(tiny, monkeypatch):
+    """<|boi|> (made the likeliest token) starts an image of exactly h*w image ids closed by <|eoi|>;
+    then text continues (here "red", the likeliest once <|boi|> is no longer allowed)."""
+    config = tiny.config
+    text_calls = []
+    real_generate_ids = generation._generate_ids
+
+    def spy(model, input_ids, *args, **kwargs):
+        text_calls.append(input_ids[0].tolist())
+        return real_generate_ids(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "_generate_ids", spy)
+    red = tiny.processor.text_tokenizer.encode("red", add_special_tokens=False)[0]
+    with biased_head(tiny, {config.boi_token_id: 200.0, red: 100.0}):
+        reply = chat(
+            tiny, [{"role": "user", "content": "Draw: a red circle"}], max_new_tokens=4, max_images=1, seed=0
+        )
+    assert len(reply["images"]) == 1
+    assert reply["images"][0].size == (config.image_size, config.image_size)
+    assert "red" in reply["text"]
+    # The text generation after the image continues from prompt + <|boi|> h*w codes <|eoi|>.
+    assert len(text_calls) == 2
+    continued = torch.tensor(text_calls[1])
+    ((start, codes),) = tiny.vocab.find_images(continued)
+    assert start == len(text_calls[0]) and int(continued[-1]) == config.eoi_token_id
+    assert len(continued) == start + config.image_tokens_per_image + 2
+    assert list(reply["images"][0].getdata()) == list(
+        tiny.vision_tokenizer.decode_images(codes[None])[0].getdata()
+    )
+
+
+def test_chat_without_boi_returns_text_only(tiny):
+    reply = chat(tiny, [{"role": "user", "content": "Hello"}], max_new_tokens=6, temperature=1.0, seed=0)
+    assert reply["images"] == [] and isinstance(reply["text"], str)
+
+
+@contextlib.contextmanager
+def biased_head(model, biases: dict[int, float]):
+    """The LLM's output head with a bias added (id -> logit offset) inside the block."""
+    llm = model.llm
+    head = llm.get_output_embeddings()
+    biased = nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight = head.weight  # shared, not copied
+        biased.bias.zero_()
+        for token_id, offset in biases.items():
+            biased.bias[token_id] = offset
+    llm.set_output_embeddings(biased)
+    try:
+        yield
+    finally:
+        llm.set_output_embeddings(head)
+
+
+def test_generation_module_keeps_model_mode(tiny):
+    tiny.train()
+    try:
+        generate_images(tiny, "a red circle", seed=0)
+        assert tiny.training
+    finally:
+        tiny.eval()
+
+
+def test_codebook_mode_syncs_image_rows_before_decoding(tmp_path):
+    """In codebook mode the id-based loop must see projector(codebooks) in the embedding matrix."""
+    from mllm.init import init_model
+    from mllm.model import UnifiedMLLM
+
+    model = UnifiedMLLM.from_pretrained(
+        init_model(
+            llm="tiny", vision_tokenizer="tiny", out=tmp_path / "codebook", embedding="codebook", seed=0
+        )
+    )
+    start, end = model.vocab.image_id_range
+    with torch.no_grad():
+        model.llm.get_input_embeddings().weight[start:end] = 0.0  # stale rows
+        expected = model.image_embedding_rows()
+    codes = generate_images(model, "a red circle", seed=0)[0][0]
+    torch.testing.assert_close(model.llm.get_input_embeddings().weight[start:end], expected)
+    assert model.config.embedding_mode == "codebook"
+    # and the loop's step logits equal the embedding path's (forward with inputs_embeds)
+    prefix = torch.cat([torch.tensor([model.config.boi_token_id]), codes.reshape(-1)[:3] + start])
+    with torch.no_grad():
+        by_ids = model.llm(prefix[None]).logits
+        by_embeddings = model(prefix[None]).logits
+    torch.testing.assert_close(by_ids, by_embeddings)
