@@ -73,7 +73,7 @@ def evaluate_tokenizer(tokenizer, data: str, batch_size: int = 64, limit: int | 
     seconds = time.time() - started
     psnr = torch.cat(psnrs)
     results = {
-        "images": int(len(arrays.images)),
+        "images": len(arrays.images),
         "psnr": float(psnr.clamp(max=100.0).mean()),
         "ssim": float(torch.cat(ssims).mean()),
         "codebook_usage": float(used.float().mean()),

@@ -196,3 +196,13 @@ def model_batch():
         return dict(model.processor(conversations))
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the hand-offs of
+    every small op dominate (a test module: minutes with 2 threads under load, seconds with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

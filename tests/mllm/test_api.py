@@ -14,23 +14,9 @@ from mllm.api import MLLM
 from mllm.generation import generate_images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the hand-offs of
-    every small op dominate (this file: minutes with 2 threads under load, seconds with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from mllm.init import init_model
-
-    return init_model(
-        llm="tiny", vision_tokenizer="tiny", out=tmp_path_factory.mktemp("api") / "model", seed=0
-    )
+def model_dir(model_tiny_dir):
+    return model_tiny_dir
 
 
 @pytest.fixture(scope="module")

@@ -6,29 +6,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from mllm.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the hand-offs of
-    every small op dominate (this file: minutes with 2 threads under load, seconds with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from mllm.init import init_model
-
-    return init_model(
-        llm="tiny", vision_tokenizer="tiny", out=tmp_path_factory.mktemp("commands") / "model", seed=0
-    )
+def model_dir(model_tiny_dir):
+    return model_tiny_dir
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,6 @@ from mllm.vocab import ImageVocabulary
 K, OFFSET, BOI = 16, 32, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the hand-offs of
-    every small op dominate (this file: minutes with 2 threads under load, seconds with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class BareModel(nn.Module):
@@ -197,14 +189,10 @@ def test_prompt_too_long_for_the_context_is_an_error(bare):
 
 # ------------------------------------------------------------------ a tiny unified model
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from mllm.init import init_model
+def tiny(model_tiny_dir):
     from mllm.model import UnifiedMLLM
 
-    out = init_model(
-        llm="tiny", vision_tokenizer="tiny", out=tmp_path_factory.mktemp("generation") / "model", seed=0
-    )
-    return UnifiedMLLM.from_pretrained(out, device="cpu")
+    return UnifiedMLLM.from_pretrained(model_tiny_dir, device="cpu")
 
 
 def test_generate_images_shapes_and_ranges(tiny):
@@ -321,16 +309,11 @@ def test_generation_module_keeps_model_mode(tiny):
         tiny.eval()
 
 
-def test_codebook_mode_syncs_image_rows_before_decoding(tmp_path):
+def test_codebook_mode_syncs_image_rows_before_decoding(model_codebook_dir):
     """In codebook mode the id-based loop must see projector(codebooks) in the embedding matrix."""
-    from mllm.init import init_model
     from mllm.model import UnifiedMLLM
 
-    model = UnifiedMLLM.from_pretrained(
-        init_model(
-            llm="tiny", vision_tokenizer="tiny", out=tmp_path / "codebook", embedding="codebook", seed=0
-        )
-    )
+    model = UnifiedMLLM.from_pretrained(model_codebook_dir)
     start, end = model.vocab.image_id_range
     with torch.no_grad():
         model.llm.get_input_embeddings().weight[start:end] = 0.0  # stale rows
