@@ -41,7 +41,8 @@ def load_image_arrays(
     stats = DataStats()
     processor = ImageProcessor(image_size=image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     images, texts, keys = [], [], []
-    for record in tqdm(read_records(data, stats=stats), desc=f"loading {data}", disable=not progress, unit="img"):
+    # Every process loads the whole set; EpochSampler gives each rank its slice of every batch.
+    for record in tqdm(read_records(data, stats=stats, split=False), desc=f"loading {data}", disable=not progress, unit="img"):
         if record["image"] is None:
             continue
         text = ""

@@ -229,15 +229,18 @@ def read_records(
     seed: int = 0,
     stats: DataStats | None = None,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
+    split: bool = True,
 ) -> wds.DataPipeline:
     """Records `{"key", "image": RGB PIL image or None, "json": dict}` from shards.
+
+    `split=False` turns off the per-process / per-worker shard split (every caller reads all).
 
     `shuffle` > 0 shuffles the shard order (seeded, identical in every worker so the split
     stays disjoint) and records through a buffer of that size. The returned pipeline carries
     its counters as `.stats` (the `stats` passed in, or a new DataStats).
     """
     stats = DataStats() if stats is None else stats
-    stages = _record_stages(urls, shuffle, seed, stats, max_image_pixels)
+    stages = _record_stages(urls, shuffle, seed, stats, max_image_pixels, split)
     if shuffle:
         stages.append(wds.shuffle(shuffle, seed=seed))
     pipeline = wds.DataPipeline(*stages, partial(_report_at_end, stats=stats))
@@ -335,16 +338,18 @@ def _record_stages(
     seed: int,
     stats: DataStats,
     max_image_pixels: int,
+    split: bool = True,
 ) -> list[Any]:
     """The stages shared by read_records and read_samples, up to decoded records.
 
     Stages are webdataset objects or `partial`s of module functions, so the pipeline pickles
-    into DataLoader workers under any start method.
+    into DataLoader workers under any start method. `split=False` gives every process and worker
+    every shard (for callers that load a whole set and split it themselves, e.g. by index).
     """
+    splitters = [wds.split_by_node, wds.split_by_worker] if split else []
     return [
         wds.SimpleShardList(resolve_urls(urls), seed=seed if shuffle else None),
-        wds.split_by_node,
-        wds.split_by_worker,
+        *splitters,
         partial(_read_shards, stats=stats),
         partial(_decode_records, stats=stats, max_image_pixels=max_image_pixels),
     ]

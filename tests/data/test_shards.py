@@ -203,3 +203,12 @@ def test_chat_sample_binds_images_in_order():
         chat_sample("k", messages, [red])
     with pytest.raises(ValueError, match="task"):
         Sample("k", "captioning", [])
+
+
+def test_processes_split_shards_unless_told_not_to(shard_dir, shapes, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rank1 = [r["key"] for r in read_records(shard_dir)]
+    assert rank1 == [s["key"] for s in shapes[8:16]]  # every 2nd shard from the 2nd: shard-000001
+    everything = [r["key"] for r in read_records(shard_dir, split=False)]
+    assert everything == [s["key"] for s in shapes]

@@ -66,3 +66,20 @@ def test_killed_run_resumes_exactly(shards, tmp_path, monkeypatch):
     # The resumed run logs the steps after the checkpoint with the same losses.
     after = {m["step"]: m["loss"] for m in _metrics(resumed) if m["step"] > 20}
     assert after == {m["step"]: m["loss"] for m in _metrics(straight) if m["step"] > 20}
+
+
+def test_two_processes_train_through_torchrun(shards, tmp_path):
+    """accelerate underneath: `torchrun --nproc_per_node 2 -m training.train_tokenizer` (gloo on CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "training.train_tokenizer", "--data", str(shards), "--out", str(out), "--max-steps", "6",
+               "--set", "size=tiny", "batch_size=4", "log_every=3", "save_every=3", "precision=fp32", "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in _metrics(out)] == [3, 6]  # logged once, by the main process
+    assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "step-3").is_dir()
