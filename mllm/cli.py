@@ -18,6 +18,7 @@ import sys
 # by string and imported lazily: the CLI is the one place that dispatches to the recipes.
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mllm.data.cli", "make the shapes world as shards or LLaVA JSON; convert LLaVA JSON to shards"),
+    "pretokenize": ("mllm.data.pretokenize", "replace the images of shards by their vision-tokenizer codes"),
     "train-teacher": ("training.train_teacher", "train a tiny CLIP teacher for the tokenizer's semantic branch"),
     "train-tokenizer": ("training.train_tokenizer", "train the dual-codebook visual tokenizer"),
     "eval-tokenizer": ("eval.tokenizer_metrics", "PSNR, SSIM, codebook use, semantic cosine, judge agreement"),

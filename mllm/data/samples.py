@@ -42,10 +42,11 @@ class Sample:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
 
     @property
-    def images(self) -> list[Image.Image]:
-        """The images of all image parts, in conversation order."""
+    def images(self) -> list[Image.Image | Any]:
+        """What each image part carries, in conversation order: a PIL image, or for pre-tokenized
+        data its code grid (LongTensor (h, w))."""
         return [
-            part["image"]
+            part["image"] if "image" in part else part["codes"]
             for message in self.messages
             for part in message["content"]
             if part["type"] == "image"

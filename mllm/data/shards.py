@@ -5,6 +5,11 @@ the encoded image) and `{key}.json` (every other field: `caption`, `qa`, `prompt
 in JSON form, `scene`, ...). A record may have no image (a text-only chat). `write_shards` also
 writes `index.json` listing every shard and its record count.
 
+Pre-tokenized shards (`mllm pretokenize`) carry `{key}.codes.npy` (the image's code grid (h, w),
+an integer .npy) in place of the image. Readers then yield `"codes"` (LongTensor (h, w)) with
+`"image": None`, and samples get `{"type": "image", "codes": ...}` parts, which the processor
+takes as they are: training on such shards never runs the vision tokenizer.
+
 Reading is a `webdataset.DataPipeline` (a torch `IterableDataset`):
 
     shard list -> wds.split_by_node -> wds.split_by_worker -> tar reading (wds.tarfile_samples)
@@ -26,6 +31,7 @@ summary is logged (logging.warning) when an iteration ends:
     missing_json       a record without its .json
     invalid_json       .json that does not parse, or is not an object
     corrupt_image      an image PIL cannot decode
+    corrupt_codes      a codes.npy that does not load (never unpickled) or is not a 2-D integer grid
     image_too_large    an image above `max_image_pixels` (refused before decoding)
     missing_fields     JSON with none of caption / qa / prompt / messages
     malformed_field    one of those fields with the wrong shape (counted per field or qa entry)
@@ -52,6 +58,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
@@ -66,6 +74,7 @@ logger = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 TASK_FIELDS = ("caption", "qa", "prompt", "messages")
+CODES_EXTENSION = "codes.npy"  # the member `{key}.codes.npy` of a pre-tokenized record
 
 # Webdataset splits a member name into key and extension at the first dot of its base name and
 # treats `__name__` members as metadata, so keys we write must avoid both.
@@ -134,7 +143,8 @@ def write_shards(
     """Write records to `{out_dir}/{prefix}-%06d.tar` with webdataset's ShardWriter; return the shard paths.
 
     Each input dict needs a `key` (letters, digits, `_`, `-`, `/`; no dots) and may have an
-    `image`: a PIL image (stored as lossless PNG) or an `EncodedImage` (stored as is). Every other
+    `image`: a PIL image (stored as lossless PNG) or an `EncodedImage` (stored as is), or `codes`:
+    an integer numpy array (h, w), stored as `{key}.codes.npy`. Every other
     field goes into `{key}.json`, so it must be JSON-serialisable; chat `messages` must already be
     in JSON form (see `mllm.data.samples`). Also writes `{out_dir}/index.json` with each shard's
     record count. Existing shards with the same prefix are an error unless `overwrite`, because a
@@ -180,7 +190,12 @@ def _tar_record(sample: dict[str, Any]) -> dict[str, Any]:
         record["png"] = image  # ShardWriter's default encoder saves PIL images by extension
     elif image is not None:
         raise TypeError(f"{key}: image must be a PIL image or EncodedImage, got {type(image).__name__}")
-    record["json"] = {name: value for name, value in sample.items() if name not in ("key", "image")}
+    codes = sample.get("codes")
+    if codes is not None:
+        if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu" or codes.ndim != 2:
+            raise TypeError(f"{key}: codes must be a 2-D integer numpy array, got {codes!r}"[:200])
+        record[CODES_EXTENSION] = encode_codes(codes)
+    record["json"] = {name: value for name, value in sample.items() if name not in ("key", "image", "codes")}
     return record
 
 
@@ -222,6 +237,29 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
         raise SkipSample("corrupt_image", repr(exn)) from exn
 
 
+def encode_codes(codes: np.ndarray) -> bytes:
+    """A code grid -> .npy bytes (what `{key}.codes.npy` holds)."""
+    buffer = io.BytesIO()
+    np.save(buffer, codes, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_codes(data: bytes) -> torch.Tensor:
+    """`{key}.codes.npy` bytes -> LongTensor (h, w); raises SkipSample("corrupt_codes").
+
+    allow_pickle=False: a shard is untrusted input, and unpickling it could run arbitrary code.
+    """
+    try:
+        codes = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exn:  # what np.load raises for broken or object arrays
+        raise SkipSample("corrupt_codes", repr(exn)) from exn
+    if not isinstance(codes, np.ndarray):  # an .npz archive loads as an NpzFile
+        raise SkipSample("corrupt_codes", f"expected one array, got {type(codes).__name__}")
+    if codes.dtype.kind not in "iu" or codes.ndim != 2:
+        raise SkipSample("corrupt_codes", f"expected a 2-D integer array, got {codes.dtype} {codes.shape}")
+    return torch.from_numpy(codes.astype(np.int64))
+
+
 def read_records(
     urls: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -232,6 +270,9 @@ def read_records(
     split: bool = True,
 ) -> wds.DataPipeline:
     """Records `{"key", "image": RGB PIL image or None, "json": dict}` from shards.
+
+    A pre-tokenized record (`{key}.codes.npy`) also has `"codes"`: LongTensor (h, w), and
+    `"image": None`.
 
     `split=False` turns off the per-process / per-worker shard split (every caller reads all).
 
@@ -283,9 +324,14 @@ def record_samples(
 
     Sample keys are `{key}/caption`, `{key}/vqa{i}`, `{key}/t2i`, `{key}/chat`. Malformed fields
     and image tasks without an image are skipped and counted in `stats`; the rest still expand.
+    A record with `"codes"` gives image parts `{"type": "image", "codes": LongTensor (h, w)}`.
     """
     stats = DataStats() if stats is None else stats
     key, image, meta = record["key"], record["image"], record["json"]
+    codes = record.get("codes")
+    if codes is not None:
+        # The sample builders place whatever stands for the image; the codes parts replace it below.
+        image = codes
     if not any(name in meta for name in TASK_FIELDS):
         stats.skip("missing_fields", f"{key}: has none of {TASK_FIELDS}")
         return []
@@ -325,7 +371,19 @@ def record_samples(
             samples.append(chat_sample(f"{key}/chat", meta["messages"], [] if image is None else [image]))
         except ValueError as exn:
             stats.skip("malformed_field", f"{key}: messages: {exn}")
+    if codes is not None:
+        for sample in samples:
+            _image_parts_to_codes(sample)
     return samples
+
+
+def _image_parts_to_codes(sample: Sample) -> None:
+    """{"type": "image", "image": codes} -> {"type": "image", "codes": codes}, in place."""
+    for message in sample.messages:
+        message["content"] = [
+            {"type": "image", "codes": part["image"]} if part["type"] == "image" else part
+            for part in message["content"]
+        ]
 
 
 def _is_text(value: Any) -> bool:
@@ -423,6 +481,10 @@ def _decode_record(record: dict[str, Any], max_image_pixels: int) -> dict[str, A
         raise SkipSample("invalid_json", str(exn)) from exn
     if not isinstance(meta, dict):
         raise SkipSample("invalid_json", f"expected an object, got {type(meta).__name__}")
+    if CODES_EXTENSION in record:
+        # Pre-tokenized: the codes stand for the image, which is not decoded even if present.
+        return {"key": record["__key__"], "image": None, "codes": decode_codes(record[CODES_EXTENSION]),
+                "json": meta}  # fmt: skip
     ext = next((ext for ext in IMAGE_EXTENSIONS if ext in record), None)
     image = None if ext is None else decode_image(record[ext], max_image_pixels)
     return {"key": record["__key__"], "image": image, "json": meta}

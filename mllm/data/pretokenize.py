@@ -1,0 +1,220 @@
+"""`mllm pretokenize`: replace the images of shards by their code grids, once, before LLM training.
+
+    mllm pretokenize --data DIR --vision-tokenizer DIR --out DIR [--batch-size 64] [--maxcount 1000]
+                     [--device auto] [--precision auto] [--overwrite]
+
+Every record of `--data` is written to `--out` with the SAME `{key}.json` and, in place of its image,
+`{key}.codes.npy`: the tokenizer's code grid (h, w), int16 when the codebook fits (K <= 32767), else
+int32 (DESIGN.md, "Data"). Records without an image (text-only chats) are copied as they are. Bad
+records (corrupt image, invalid JSON, already pre-tokenized, JSON holding a `key` / `image` /
+`codes` field) are skipped and counted, as every reader does
+(`mllm.data.shards`). `--out/pretokenize.json` records the tokenizer's codebook size, grid and image
+size, the source, and the counts, so a training run can check its shards match its tokenizer.
+
+Codes depend on the tokenizer's weights: shards made with one tokenizer are meaningless to a model
+built with another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+INFO_NAME = "pretokenize.json"
+SHARD_PREFIX = "shard"
+RESERVED_FIELDS = frozenset({"key", "image", "codes"})
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True, type=Path, help="source shards: a directory of *.tar, or a pattern"
+    )
+    parser.add_argument(
+        "--vision-tokenizer", required=True, type=Path, help="a tokenizer folder (save_pretrained output)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="images per tokenizer call (default: 64)"
+    )
+    parser.add_argument(
+        "--maxcount", type=_positive_int, default=1000, help="records per shard (default: 1000)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), default="auto",
+        help="encoder precision: auto = bf16 autocast where supported (default: auto)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace shards left in --out by an earlier run instead of failing",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _error(message: str) -> int:
+    print(f"mllm pretokenize: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        return _error(f"--out {out} exists and is not a directory")
+    if args.data.is_dir() and out.exists() and out.resolve() == args.data.resolve():
+        return _error("--out must differ from --data")
+    existing = sorted(out.glob("*.tar")) if out.is_dir() else []
+    if existing and not args.overwrite:
+        return _error(
+            f"--out {out} already holds {len(existing)} shards (e.g. {existing[0].name}); "
+            "pass --overwrite to replace them"
+        )
+    foreign = [path for path in existing if not _is_our_shard(path.name)]
+    if foreign:  # --overwrite removes only our own shards; a reader of --out would mix in the rest
+        return _error(
+            f"--out {out} holds .tar files pretokenize did not write (e.g. {foreign[0].name}); remove them"
+        )
+
+    from mllm.data.shards import DataStats, read_records, resolve_urls, write_shards
+    from mllm.runtime import resolve_device, resolve_precision
+    from tokenizer_vision.model import DualCodebookTokenizer
+
+    try:
+        urls = resolve_urls(args.data)
+    except (FileNotFoundError, ValueError) as exn:
+        return _error(f"--data: {exn}")
+    device = resolve_device(args.device)
+    try:
+        precision = resolve_precision(args.precision, device)
+        tokenizer = DualCodebookTokenizer.from_pretrained(args.vision_tokenizer, device=device)
+    except ValueError as exn:
+        return _error(str(exn))
+    tokenizer.eval()
+
+    stats = DataStats()
+    records = read_records(urls, stats=stats, split=False)  # one process reads every shard
+    counts = {"records_written": 0, "images_encoded": 0, "records_without_image": 0}
+    encoded = pretokenize_records(records, tokenizer, args.batch_size, device, precision, stats, counts)
+    try:
+        shards = write_shards(
+            encoded, out, prefix=SHARD_PREFIX, maxcount=args.maxcount, progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+    except FileExistsError as exn:
+        return _error(f"{exn}; pass --overwrite to replace them")
+
+    info = {
+        "source": [os.path.abspath(url) if os.path.exists(url) else url for url in urls],
+        "vision_tokenizer": os.path.abspath(args.vision_tokenizer),
+        "codebook_size": int(tokenizer.codebook_size),
+        "grid_size": list(tokenizer.grid_size),
+        "image_size": int(tokenizer.image_size),
+        "codes_dtype": codes_dtype(tokenizer.codebook_size).__name__,
+        "precision": precision,
+        "shards": [os.path.basename(path) for path in shards],
+        **counts,
+        "skipped": dict(sorted(stats.skipped.items())),
+    }
+    (out / INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
+
+    print(
+        f"wrote {counts['records_written']} records ({counts['images_encoded']} images as "
+        f"{info['grid_size'][0]}x{info['grid_size'][1]} codes, {counts['records_without_image']} text-only) "
+        f"in {len(shards)} shards to {out} ({precision} on {device})"
+    )
+    print(stats.report())
+    print(f"details: {out / INFO_NAME}")
+    return 0
+
+
+def _is_our_shard(name: str) -> bool:
+    stem = name[len(SHARD_PREFIX) + 1 : -len(".tar")]
+    return name.startswith(SHARD_PREFIX + "-") and len(stem) == 6 and stem.isdigit()
+
+
+def codes_dtype(codebook_size: int):
+    """The smallest signed integer type for codes in [0, K): int16 up to K = 32767, else int32."""
+    import numpy as np
+
+    return np.int16 if codebook_size <= np.iinfo(np.int16).max else np.int32
+
+
+def pretokenize_records(
+    records: Iterable[dict[str, Any]],
+    tokenizer,
+    batch_size: int,
+    device,
+    precision: str,
+    stats,
+    counts: dict[str, int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Decoded records -> `write_shards` input `{"key", "codes": ndarray (h, w), **json}`, in input order.
+
+    Images are encoded `batch_size` at a time (one tokenizer call per batch, under no_grad and the
+    autocast of `precision`). Records without an image pass through as JSON only; records that
+    already carry codes are skipped and counted (`already_pretokenized`): their codes may come from
+    another tokenizer; so are records whose JSON has a field write_shards reserves (`reserved_field`).
+    `counts` (records_written, images_encoded, records_without_image) is updated as records are yielded.
+    """
+    import torch
+
+    from mllm.runtime import autocast
+
+    counts = {} if counts is None else counts
+    dtype = codes_dtype(tokenizer.codebook_size)
+    pending: list[dict[str, Any]] = []  # records in input order, since the last flush
+    images = 0
+
+    def flush() -> Iterator[dict[str, Any]]:
+        with_image = [record for record in pending if record["image"] is not None]
+        if with_image:
+            with torch.no_grad(), autocast(precision, device):
+                codes = tokenizer.encode([record["image"] for record in with_image])  # (B, h, w)
+            grids = iter(codes.cpu().numpy().astype(dtype))
+        for record in pending:
+            out = {**record["json"], "key": record["key"]}
+            if record["image"] is not None:
+                out["codes"] = next(grids)
+                counts["images_encoded"] = counts.get("images_encoded", 0) + 1
+            else:
+                counts["records_without_image"] = counts.get("records_without_image", 0) + 1
+            counts["records_written"] = counts.get("records_written", 0) + 1
+            yield out
+        pending.clear()
+
+    for record in records:
+        if record.get("codes") is not None:
+            stats.skip("already_pretokenized", f"{record['key']}: has codes.npy already")
+            continue
+        if reserved := RESERVED_FIELDS & set(record["json"]):
+            # write_shards takes these names from the record itself, not from its JSON.
+            stats.skip("reserved_field", f"{record['key']}: JSON field(s) {sorted(reserved)} cannot be kept")
+            continue
+        pending.append(record)
+        images += record["image"] is not None
+        if images >= batch_size:
+            yield from flush()
+            images = 0
+    yield from flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mllm pretokenize", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
