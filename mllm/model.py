@@ -410,6 +410,7 @@ class UnifiedMLLM(nn.Module):
         dtype: str | torch.dtype | None = None,
         attn_implementation: str | None = None,
         vision_tokenizer: DualCodebookTokenizer | None = None,
+        quantization_config: Any = None,
     ) -> UnifiedMLLM:
         """Load a model folder (in eval mode).
 
@@ -419,6 +420,7 @@ class UnifiedMLLM(nn.Module):
         adapter: a peft adapter folder (adapter_config.json) loaded onto the LLM.
         vision_tokenizer: an already loaded tokenizer to use instead of the folder's vision_tokenizer/
         (e.g. `DualCodebookTokenizer.from_pretrained(dir, codebook_update="loss")` for end-to-end tuning).
+        quantization_config: a transformers quantization config for the LLM (`mllm.lora.load_base_4bit`).
         """
         from transformers import AutoModelForCausalLM
 
@@ -443,7 +445,12 @@ class UnifiedMLLM(nn.Module):
             dtype=torch_dtype,
             attn_implementation=attn_implementation,
             local_files_only=True,
-        ).to(device)
+            # bitsandbytes quantizes the weights as they load, on the device device_map names.
+            **({"quantization_config": quantization_config, "device_map": str(device)}
+               if quantization_config is not None else {}),
+        )
+        if quantization_config is None:
+            llm = llm.to(device)
         projector = None
         if config.embedding_mode == "codebook":
             projector_file = model_dir / PROJECTOR_NAME
