@@ -30,6 +30,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: a clear message instead of a crash further down."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _top_level_help() -> str:
     width = max(len(name) for name in COMMANDS) + 2
     lines = [

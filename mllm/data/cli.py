@@ -15,12 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+from mllm.cli import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     shapes.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
-    shapes.add_argument("--n", required=True, type=_positive_int, help="number of scenes to write")
+    shapes.add_argument("--n", required=True, type=positive_int, help="number of scenes to write")
     shapes.add_argument("--seed", type=int, default=0, help="base seed of the scenes (default: 0)")
-    shapes.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default: 64)")
+    shapes.add_argument("--size", type=positive_int, default=64, help="image side in pixels (default: 64)")
     shapes.add_argument(
         "--split", choices=("train", "test"), default="train",
         help="train or test scenes; the two never share a scene for the same seed (default: train)",
@@ -49,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "no drawing prompts) (default: wds)",
     )  # fmt: skip
     shapes.add_argument(
-        "--maxcount", type=_positive_int, default=1000, help="records per shard, wds only (default: 1000)"
+        "--maxcount", type=positive_int, default=1000, help="records per shard, wds only (default: 1000)"
     )
     _add_common(shapes)
 
@@ -70,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, type=Path, help="output directory for the shards (created if missing)"
     )
     convert.add_argument(
-        "--maxcount", type=_positive_int, default=1000, help="records per shard (default: 1000)"
+        "--maxcount", type=positive_int, default=1000, help="records per shard (default: 1000)"
     )
     _add_common(convert)
 

@@ -25,16 +25,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mllm.cli import positive_int
+
 INFO_NAME = "pretokenize.json"
 SHARD_PREFIX = "shard"
 RESERVED_FIELDS = frozenset({"key", "image", "codes"})
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=64, help="images per tokenizer call (default: 64)"
+        "--batch-size", type=positive_int, default=64, help="images per tokenizer call (default: 64)"
     )
     parser.add_argument(
-        "--maxcount", type=_positive_int, default=1000, help="records per shard (default: 1000)"
+        "--maxcount", type=positive_int, default=1000, help="records per shard (default: 1000)"
     )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument(
