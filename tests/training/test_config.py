@@ -3,10 +3,11 @@ import dataclasses
 import pytest
 
 from training.config import list_recipes, load_config, parse_overrides, recipe_path
+from training.train_llm import LLMTrainConfig
 from training.train_teacher import TeacherConfig
 from training.train_tokenizer import TokenizerTrainConfig
 
-SCHEMAS = {"teacher-": TeacherConfig, "tokenizer-": TokenizerTrainConfig}
+SCHEMAS = {"teacher-": TeacherConfig, "tokenizer-": TokenizerTrainConfig, "shapes-": LLMTrainConfig}
 
 
 def _schema_for(name):

@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+
+from training.config import load_config
+from training.train_llm import (
+    LLMTrainConfig,
+    draw_conversations,
+    load_task_pools,
+    main,
+    make_collator,
+    tokenize_examples,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from mllm.data.shapes import iter_samples
+    from mllm.data.shards import write_shards
+    from mllm.init import init_model
+
+    root = tmp_path_factory.mktemp("train_llm")
+    model_dir = init_model("tiny", "tiny", root / "m", seed=0)
+    write_shards(iter_samples(24, size=32), root / "data")
+    return model_dir, root / "data"
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    from mllm.model import UnifiedMLLM
+
+    return UnifiedMLLM.from_pretrained(tiny[0], device="cpu", dtype="fp32")
+
+
+def _config(tiny, out, **overrides):
+    model_dir, data = tiny
+    base = {"model": str(model_dir), "data": str(data), "out": str(out), "tasks": {"caption": 1.0, "t2i": 1.0},
+            "num_samples": 8, "per_device_batch_size": 4, "max_steps": 6, "warmup_steps": 0,
+            "logging_steps": 1, "save_steps": 3, "precision": "fp32", "learning_rate": 3e-3, "max_length": 256}
+    return load_config(LLMTrainConfig, {**base, **overrides})
+
+
+def _losses(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all({"loss", "learning_rate", "tokens_per_s"} <= set(r) for r in records)
+    return [r["loss"] for r in records]
+
+
+def test_full_run_lowers_loss_and_saves_a_model_folder(tiny, tmp_path):
+    from mllm.model import UnifiedMLLM
+
+    final = main(_config(tiny, tmp_path / "run"))
+    losses = _losses(tmp_path / "run")
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert final == tmp_path / "run" / "model"
+    assert (tmp_path / "run" / "checkpoint-6").is_dir()
+    UnifiedMLLM.from_pretrained(final, device="cpu")
+
+
+def test_lora_run_lowers_loss_and_saves_an_adapter_that_reloads(tiny, tmp_path):
+    from mllm.model import UnifiedMLLM
+
+    final = main(_config(tiny, tmp_path / "run", lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                         learning_rate=1e-2, packing=False))
+    losses = _losses(tmp_path / "run")
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    UnifiedMLLM.from_pretrained(tiny[0], adapter=final, device="cpu")
+
+
+def test_packed_example_has_the_logits_it_has_alone(loaded, tiny):
+    pools = load_task_pools(str(tiny[1]), {"caption": 1.0, "t2i": 1.0})
+    conversations = [pools["caption"][0].messages, pools["t2i"][0].messages, pools["caption"][1].messages]
+    examples = tokenize_examples(loaded.processor, conversations, None)
+    batch = make_collator(True, loaded.config.pad_token_id)(examples)
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    loaded.llm.config.use_cache = False  # as `main` trains: transformers honours packed position_ids only then
+    with torch.no_grad():
+        packed = loaded.llm(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        start = 0
+        for example in examples:
+            alone = loaded.llm(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed[start:start + len(alone)], alone, atol=1e-4, rtol=0)
+            start += len(alone)
+    # The loss never crosses a boundary: each example's first label is ignored.
+    assert batch["labels"][0, len(examples[0]["input_ids"])] == -100
+
+
+def test_cfg_dropout_one_makes_every_t2i_prompt_unconditional(loaded, tiny):
+    processor = loaded.processor
+    pools = load_task_pools(str(tiny[1]), {"t2i": 1.0, "caption": 1.0})
+    drawn = draw_conversations(pools, {"t2i": 1.0, "caption": 1.0}, processor, 1.0, 12, seed=0)
+    t2i = [messages for task, messages in drawn if task == "t2i"]
+    assert t2i and any(task == "caption" for task, _ in drawn)
+    unconditional = processor.unconditional_draw_conversation()
+    for messages in t2i:
+        assert messages[:-1] == unconditional and messages[-1]["role"] == "assistant"
+    # and the tokens before the first supervised one are exactly the unconditional prompt's
+    reference = tokenize_examples(processor, [t2i[0]], None)[0]
+    for example in tokenize_examples(processor, t2i, None):
+        first = next(i for i, label in enumerate(example["labels"]) if label != -100)
+        assert example["input_ids"][:first] == reference["input_ids"][:first]
+    kept = draw_conversations(pools, {"t2i": 1.0}, processor, 0.0, 4, seed=0)
+    assert all(messages[0] != unconditional[0] for _, messages in kept)
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_message(tiny, tmp_path):
+    with pytest.raises(RuntimeError, match="loss became"):
+        main(_config(tiny, tmp_path / "run", learning_rate=1e30, max_grad_norm=0.0, max_steps=4))
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    main(_config(tiny, out, max_steps=3))
+    shutil.rmtree(out / "model")  # as if the run had been killed after its checkpoint at step 3
+    main(_config(tiny, out, max_steps=6), resume=True)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (out / "model" / "mllm_config.json").is_file()

@@ -1,0 +1,345 @@
+"""Recipe: train the unified model's LLM on a task mixture (pretrain, sft; LoRA or full).
+
+    mllm train --recipe shapes-pretrain --model runs/demo/model --data runs/demo/data/train \
+        --out runs/demo/pretrain [--set learning_rate=1e-4 lora.r=8] [--max-steps N] [--resume]
+
+setup (shards -> task mixture drawn once with a seeded RNG -> processor -> a map-style dataset of
+input_ids/labels; model; LoRA or full) -> train (transformers `Trainer`: bf16 autocast where
+supported, cosine schedule, periodic checkpoints under OUT/checkpoint-N, `--resume`) -> save
+(OUT/adapter for a LoRA run, OUT/model for a full run). Loss is on assistant tokens only (the
+processor's labels). A fraction `cfg_dropout` of text-to-image examples has its prompt replaced by
+`processor.unconditional_draw_conversation()` (DESIGN.md, "Tasks as sequences"), so classifier-free
+guidance has an unconditional branch to subtract. Every logged step appends a JSON line to
+OUT/metrics.jsonl.
+
+Only the LLM trains: the visual tokenizer stays frozen (pre-tokenized shards skip it entirely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mllm.runtime import resolve_precision
+from training.config import load_config, save_config
+
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+METRICS_NAME = "metrics.jsonl"
+_TOKENIZE_BATCH = 32  # conversations per processor call (one vision-tokenizer call for their images)
+
+
+@dataclass
+class LLMTrainConfig:
+    model: str = ""  # a model folder (`mllm init`, or OUT/model of an earlier stage)
+    data: str = ""  # shards (raw or `mllm pretokenize`d)
+    out: str = ""
+    tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "t2i": 1.0})  # mixture weights
+    cfg_dropout: float = 0.1  # fraction of t2i examples trained with the unconditional prompt
+    lora: dict[str, Any] | None = None  # LoraSettings fields; null = full fine-tune of the LLM
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    warmup_steps: int = 50
+    lr_scheduler: str = "cosine"  # any transformers SchedulerType name
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
+    max_length: int | None = None  # longest example in tokens (default: the model's context length)
+    packing: bool = True  # concatenate a batch into one row; position_ids restart per example
+    num_samples: int | None = None  # examples drawn from the mixture (default: one per available sample)
+
+    def validate(self) -> None:
+        from mllm.data.samples import TASKS
+
+        if not self.data or not self.out:
+            raise ValueError("the LLM recipe needs `data` and `out`")
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"tasks: unknown task(s) {unknown}; choose from {list(TASKS)}")
+        if not any(weight > 0 for weight in self.tasks.values()) or any(w < 0 for w in self.tasks.values()):
+            raise ValueError(f"tasks: weights must be >= 0 with at least one positive, got {self.tasks}")
+        if not 0.0 <= self.cfg_dropout <= 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
+        if self.lora is not None:
+            from mllm.lora import LoraSettings
+
+            LoraSettings.from_dict(self.lora)  # unknown keys and bad values fail here, before any loading
+        if min(self.max_steps, self.per_device_batch_size, self.gradient_accumulation_steps) <= 0:
+            raise ValueError("max_steps, per_device_batch_size and gradient_accumulation_steps must be positive")
+        if self.num_samples is not None and self.num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {self.num_samples}")
+
+
+# ---------------------------------------------------------------------------------------- data
+def load_task_pools(data: str, tasks: dict[str, float]) -> dict[str, list]:
+    """{task: [Sample, ...]} for the tasks with a positive weight, read once from the shards.
+
+    `split=False`: every process reads every shard; the Trainer's sampler splits the examples."""
+    from mllm.data.shards import DataStats, read_records, record_samples
+
+    wanted = tuple(task for task, weight in tasks.items() if weight > 0)
+    stats = DataStats()
+    pools: dict[str, list] = {task: [] for task in wanted}
+    for record in read_records(data, stats=stats, split=False):
+        for sample in record_samples(record, wanted, stats):
+            pools[sample.task].append(sample)
+    if stats.total_skipped:
+        print(f"skipped records: {stats.report()}")
+    empty = [task for task, samples in pools.items() if not samples]
+    for task in empty:
+        print(f"warning: no {task} samples in {data}; the mixture goes on without it")
+        del pools[task]
+    if not pools:
+        raise ValueError(f"{data} holds no samples of the tasks {list(wanted)}")
+    return pools
+
+
+def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processor, cfg_dropout: float,
+                       num_samples: int | None, seed: int) -> list[tuple[str, list[dict]]]:
+    """(task, messages) drawn from the mixture: each example picks a task with probability proportional to
+    its weight, then that task's next sample (a seeded shuffle, reshuffled when exhausted)."""
+    rng = random.Random(seed)
+    names = sorted(name for name in pools if tasks.get(name, 0) > 0)
+    if not names:
+        raise ValueError(f"none of the tasks {sorted(tasks)} with a positive weight has samples")
+    weights = [tasks[name] for name in names]
+    orders: dict[str, list[int]] = {name: [] for name in names}
+    total = num_samples if num_samples is not None else sum(len(pools[name]) for name in names)
+    drawn = []
+    for _ in range(total):
+        task = rng.choices(names, weights)[0]
+        if not orders[task]:
+            orders[task] = rng.sample(range(len(pools[task])), len(pools[task]))
+        messages = pools[task][orders[task].pop()].messages
+        if task == "t2i" and rng.random() < cfg_dropout:
+            reply = [message for message in messages if message["role"] == "assistant"]
+            messages = processor.unconditional_draw_conversation() + reply
+        drawn.append((task, messages))
+    return drawn
+
+
+def tokenize_examples(processor, conversations: list[list[dict]], max_length: int | None) -> list[dict[str, list[int]]]:
+    """Conversations -> [{"input_ids", "labels"}] (unpadded lists), truncated to `max_length`."""
+    examples = []
+    for start in range(0, len(conversations), _TOKENIZE_BATCH):
+        batch = processor(conversations[start:start + _TOKENIZE_BATCH], padding_side="right",
+                          max_length=max_length, truncation=True)
+        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+            length = int(mask.sum())
+            examples.append({"input_ids": ids[:length].tolist(), "labels": labels[:length].tolist()})
+    return examples
+
+
+class PaddingCollator:
+    """Right-pads a list of examples to the longest; padding gets label -100 and attention 0."""
+
+    def __init__(self, pad_token_id: int, ignore_index: int = -100) -> None:
+        self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(features), longest), self.ignore_index, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.tensor(feature["input_ids"])
+            labels[row, :n] = torch.tensor(feature["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def make_collator(packing: bool, pad_token_id: int):
+    if packing:
+        from transformers import DataCollatorWithFlattening
+
+        # One row (1, sum T_i) with position_ids restarting at 0 per example: transformers derives a
+        # block-diagonal causal mask from them, so examples never attend to each other, and the first
+        # label of each example is -100 so no loss crosses a boundary.
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return PaddingCollator(pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------- callbacks
+def _callbacks(metrics_file: Path):
+    from transformers import TrainerCallback
+
+    class MetricsLogger(TrainerCallback):
+        """Appends {step, loss, learning_rate, tokens_per_s} to metrics.jsonl at every logged step."""
+
+        def __init__(self) -> None:
+            self.last_time, self.last_tokens = time.time(), 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
+                return
+            now, tokens = time.time(), state.num_input_tokens_seen
+            record = {"step": state.global_step, "loss": float(logs["loss"]),
+                      "learning_rate": float(logs.get("learning_rate", float("nan"))),
+                      "tokens_per_s": (tokens - self.last_tokens) / max(now - self.last_time, 1e-6)}
+            self.last_time, self.last_tokens = now, tokens
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        """A NaN/inf logged loss stops the run before anything else is saved; the last checkpoint
+        (written before the loss diverged) stays the one to resume from."""
+
+        def __init__(self) -> None:
+            self.bad: tuple[int, float] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                self.bad = (state.global_step, loss)
+                control.should_training_stop = True
+                control.should_save = False
+            return control
+
+    return MetricsLogger(), StopOnNonFiniteLoss()
+
+
+# ---------------------------------------------------------------------------------------- recipe
+def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from mllm.lora import LoraSettings, add_lora
+    from mllm.model import UnifiedMLLM
+
+    # --- setup
+    if not cfg.model:
+        raise ValueError("the LLM recipe needs `model` (a model folder from `mllm init` or an earlier stage)")
+    out = Path(cfg.out)
+    final = out / (ADAPTER_DIR if cfg.lora is not None else MODEL_DIR)
+    if final.is_dir():  # written only when a run completes
+        print(f"already trained: {final} (delete it to retrain)")
+        return final
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(cfg.precision, device)
+    set_seed(cfg.seed)
+    model = UnifiedMLLM.from_pretrained(cfg.model, device="cpu", dtype="fp32")
+    if model.config.embedding_mode != "learned":
+        raise ValueError(
+            f"{cfg.model} is a codebook-mode model; this recipe trains learned-mode models only. "
+            "Bake it first (`UnifiedMLLM.bake()` + save_pretrained) or train it end to end elsewhere."
+        )
+    model.vision_tokenizer.requires_grad_(False)
+    # Without a KV cache: transformers builds the block-diagonal mask of a packed row from its
+    # position_ids only when no cache is passed (masking_utils), and training needs none anyway.
+    llm_config = model.llm.config
+    llm_config.use_cache = False
+    processor = model.processor
+    pools = load_task_pools(cfg.data, cfg.tasks)
+    drawn = draw_conversations(pools, cfg.tasks, processor, cfg.cfg_dropout, cfg.num_samples, cfg.seed)
+    examples = tokenize_examples(processor, [messages for _, messages in drawn], cfg.max_length)
+    if cfg.lora is not None:
+        add_lora(model, LoraSettings.from_dict(cfg.lora))
+    counts = {task: sum(1 for t, _ in drawn if t == task) for task in sorted(pools)}
+    tokens = sum(len(example["input_ids"]) for example in examples)
+    trainable = model.num_parameters(only_trainable=True) / 1e6
+    print(f"llm: {trainable:.2f}M trainable parameters ({'LoRA' if cfg.lora is not None else 'full'}), "
+          f"{len(examples)} examples {counts}, {tokens} tokens, {precision} on {device}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "train_recipe.yaml")
+
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must reach the callback, not be averaged away
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        use_cpu=device == "cpu",
+        report_to="none",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen=True,
+        dataloader_num_workers=0,
+    )
+    metrics_logger, nan_guard = _callbacks(out / METRICS_NAME)
+    trainer = Trainer(
+        model=model.llm,  # learned mode: the plain HF causal LM (or its peft wrapper) is the whole model
+        args=args,
+        train_dataset=examples,
+        data_collator=make_collator(cfg.packing, model.config.pad_token_id),
+        callbacks=[metrics_logger, nan_guard],
+    )
+
+    # --- train
+    checkpoint = get_last_checkpoint(str(out)) if resume else None
+    if resume and checkpoint is None:
+        print(f"no checkpoint under {out}; starting from scratch")
+    elif checkpoint is not None:
+        print(f"resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if nan_guard.bad is not None:
+        step, loss = nan_guard.bad
+        last = get_last_checkpoint(str(out))
+        raise RuntimeError(
+            f"loss became {loss} at step {step}; training stopped. "
+            + (f"The last good checkpoint is {last}: lower learning_rate and rerun with --resume."
+               if last else "No checkpoint was written before it: lower learning_rate and rerun.")
+        )
+
+    # --- save
+    model.llm = trainer.model
+    llm_config.use_cache = True  # generation wants its KV cache back
+    if cfg.lora is not None:
+        model.llm.save_pretrained(final)  # adapter_config.json + adapter_model.safetensors
+    else:
+        model.save_pretrained(final)
+    print(f"saved {final}")
+    return final
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipe name (shapes-pretrain, shapes-sft) or YAML path")
+    parser.add_argument("--model", required=True, help="model folder to start from")
+    parser.add_argument("--data", required=True, help="training shards (raw or pre-tokenized)")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, adapter/ or model/)")
+    parser.add_argument("--max-steps", type=int, help="override the recipe's number of optimizer steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest OUT/checkpoint-N")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override any recipe key, e.g. --set learning_rate=1e-4 lora=null tasks.chat=0.5")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = [f"model={args.model}", f"data={args.data}", f"out={args.out}", *args.set]
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    main(load_config(LLMTrainConfig, args.recipe, overrides), resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":  # `accelerate launch -m training.train_llm ...` / `torchrun -m ...`
+    parser = argparse.ArgumentParser(prog="train_llm", description=__doc__)
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
