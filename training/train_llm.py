@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -175,12 +176,107 @@ def make_collator(packing: bool, pad_token_id: int):
     return PaddingCollator(pad_token_id)
 
 
+class TaskCollator:
+    """Wraps a collator: examples may carry `task` (an index into the mixture's task names); the batch then
+    also holds `task_ids`, shaped like `labels`, the task of each token (-1 on padding). Packed rows
+    concatenate examples in order, padded rows right-pad, so the per-token task follows the same layout."""
+
+    def __init__(self, inner, packing: bool) -> None:
+        self.inner, self.packing = inner, packing
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if not features or "task" not in features[0]:
+            return self.inner(features)
+        tasks = [int(f["task"]) for f in features]
+        batch = self.inner([{k: v for k, v in f.items() if k != "task"} for f in features])
+        task_ids = torch.full_like(batch["labels"], -1)
+        if self.packing:
+            start = 0
+            for task, feature in zip(tasks, (f for f in features if len(f["input_ids"]) > 0)):
+                n = len(feature["input_ids"])
+                task_ids[0, start:start + n] = task
+                start += n
+        else:
+            for row, (task, feature) in enumerate(zip(tasks, features)):
+                task_ids[row, :len(feature["input_ids"])] = task
+        batch["task_ids"] = task_ids
+        return batch
+
+
+def _make_trainer_class():
+    """A `Trainer` whose compute_loss takes the per-token cross-entropy once: the training loss is its
+    token mean (normalized exactly as transformers' causal-LM loss: over `num_items_in_batch` when the
+    Trainer counts it, for gradient accumulation and multi-process token averaging), and the same
+    per-token losses, summed per task, feed `loss_<task>` / `label_tokens_<task>` (supervised tokens) in the
+    logs (token-weighted over the logging window, summed over processes)."""
+    import torch.nn.functional as F
+    from transformers import Trainer
+
+    class TaskLossTrainer(Trainer):
+        def __init__(self, *args, task_names: list[str] = (), **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.task_names = list(task_names)
+            self._task_sums: torch.Tensor | None = None  # (2, num_tasks): loss sum, token count
+            self.loss_is_scaled_for_ga = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            task_ids = inputs.pop("task_ids", None)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts label t+1
+            targets = labels[:, 1:].to(logits.device)
+            per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                        ignore_index=-100, reduction="none")  # (B*(T-1),), 0 where ignored
+            valid = targets.reshape(-1) != -100
+            if num_items_in_batch is not None:
+                loss = per_token.sum() / torch.as_tensor(num_items_in_batch, device=per_token.device)
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+                self.loss_is_scaled_for_ga = True
+            else:
+                loss = per_token.sum() / valid.sum().clamp(min=1)
+                self.loss_is_scaled_for_ga = False
+            if task_ids is not None and self.task_names and model.training:
+                tasks = task_ids[:, 1:].reshape(-1).to(per_token.device)
+                keep = valid & (tasks >= 0)
+                sums = torch.zeros(2, len(self.task_names), dtype=torch.float64, device=per_token.device)
+                sums[0].index_add_(0, tasks[keep], per_token.detach()[keep].double())
+                sums[1].index_add_(0, tasks[keep], torch.ones_like(per_token[keep], dtype=torch.float64))
+                self._task_sums = sums if self._task_sums is None else self._task_sums + sums.to(self._task_sums.device)
+            if isinstance(outputs, dict):
+                outputs["loss"] = loss
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self.task_names:
+                sums = self._task_sums
+                if sums is None:
+                    sums = torch.zeros(2, len(self.task_names), dtype=torch.float64, device=self.args.device)
+                if self.args.world_size > 1:  # every process logs (Trainer gathers the loss the same way)
+                    import torch.distributed as dist
+
+                    sums = sums.to(self.args.device)
+                    dist.all_reduce(sums)
+                for index, name in enumerate(self.task_names):
+                    count = float(sums[1, index])
+                    if count > 0:
+                        logs[f"loss_{name}"] = float(sums[0, index]) / count
+                        logs[f"label_tokens_{name}"] = int(count)
+                self._task_sums = None
+            super().log(logs, start_time)
+
+    return TaskLossTrainer
+
+
 # ---------------------------------------------------------------------------------------- callbacks
 def _callbacks(metrics_file: Path):
     from transformers import TrainerCallback
 
     class MetricsLogger(TrainerCallback):
-        """Appends {step, loss, learning_rate, tokens_per_s} to metrics.jsonl at every logged step."""
+        """Appends {step, loss, loss_<task>, label_tokens_<task>, learning_rate, tokens_per_s} to metrics.jsonl at
+        every logged step (the per-task losses are token-weighted means over the logging window)."""
 
         def __init__(self) -> None:
             self.last_time, self.last_tokens = time.time(), 0
@@ -193,6 +289,7 @@ def _callbacks(metrics_file: Path):
                 return
             now, tokens = time.time(), state.num_input_tokens_seen
             record = {"step": state.global_step, "loss": float(logs["loss"]),
+                      **{k: v for k, v in logs.items() if k.startswith(("loss_", "label_tokens_"))},
                       "learning_rate": float(logs.get("learning_rate", float("nan"))),
                       "tokens_per_s": (tokens - self.last_tokens) / max(now - self.last_time, 1e-6)}
             self.last_time, self.last_tokens = now, tokens
@@ -219,7 +316,7 @@ def _callbacks(metrics_file: Path):
 
 # ---------------------------------------------------------------------------------------- recipe
 def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from mllm.lora import LoraSettings, add_lora
@@ -251,6 +348,9 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     pools = load_task_pools(cfg.data, cfg.tasks)
     drawn = draw_conversations(pools, cfg.tasks, processor, cfg.cfg_dropout, cfg.num_samples, cfg.seed)
     examples = tokenize_examples(processor, [messages for _, messages in drawn], cfg.max_length)
+    task_names = sorted(pools)
+    for example, (task, _) in zip(examples, drawn):
+        example["task"] = task_names.index(task)
     if cfg.lora is not None:
         add_lora(model, LoraSettings.from_dict(cfg.lora))
     counts = {task: sum(1 for t, _ in drawn if t == task) for task in sorted(pools)}
@@ -283,14 +383,17 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
         remove_unused_columns=False,
         include_num_input_tokens_seen=True,
         dataloader_num_workers=0,
+        # torchrun on CPU: gloo (set only when launched distributed; a lone process needs no backend)
+        ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     metrics_logger, nan_guard = _callbacks(out / METRICS_NAME)
-    trainer = Trainer(
+    trainer = _make_trainer_class()(
         model=model.llm,  # learned mode: the plain HF causal LM (or its peft wrapper) is the whole model
         args=args,
         train_dataset=examples,
-        data_collator=make_collator(cfg.packing, model.config.pad_token_id),
+        data_collator=TaskCollator(make_collator(cfg.packing, model.config.pad_token_id), cfg.packing),
         callbacks=[metrics_logger, nan_guard],
+        task_names=task_names,
     )
 
     # --- train

@@ -123,3 +123,101 @@ def test_resume_continues_from_the_last_checkpoint(tiny, tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (out / "model" / "mllm_config.json").is_file()
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_metrics_log_a_loss_per_task_consistent_with_the_loss(tiny, tmp_path, packing):
+    import math
+
+    out = tmp_path / "run"
+    main(_config(tiny, out, max_steps=4, packing=packing))
+    records = _records(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    seen = set()
+    for record in records:
+        tasks = [key[len("loss_"):] for key in record if key.startswith("loss_")]
+        assert tasks and set(tasks) <= {"caption", "t2i"}, record
+        seen |= set(tasks)
+        for task in tasks:
+            assert math.isfinite(record[f"loss_{task}"]) and record[f"label_tokens_{task}"] > 0
+        # logging_steps=1, one process, no accumulation: `loss` is the token mean over the batch, so the
+        # token-weighted combination of the per-task means is that same number.
+        tokens = sum(record[f"label_tokens_{task}"] for task in tasks)
+        combined = sum(record[f"loss_{task}"] * record[f"label_tokens_{task}"] for task in tasks) / tokens
+        assert combined == pytest.approx(record["loss"], rel=1e-5), record
+    assert seen == {"caption", "t2i"}
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(folder.rglob("*.safetensors")):
+        tensors.update({f"{file.relative_to(folder)}:{k}": v for k, v in load_file(file).items()})
+    return tensors
+
+
+def test_killed_run_resumes_exactly(tiny, tmp_path, monkeypatch):
+    from transformers.trainer_callback import CallbackHandler
+
+    straight = main(_config(tiny, tmp_path / "straight"))
+
+    real_on_save = CallbackHandler.on_save
+
+    def save_then_die(self, args, state, control):
+        control = real_on_save(self, args, state, control)
+        if state.global_step == 3:
+            raise KeyboardInterrupt  # as if the process were killed right after checkpoint-3 was written
+        return control
+
+    monkeypatch.setattr(CallbackHandler, "on_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(_config(tiny, tmp_path / "resumed"))
+    monkeypatch.setattr(CallbackHandler, "on_save", real_on_save)
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir() and not (tmp_path / "resumed" / "model").exists()
+    resumed = main(_config(tiny, tmp_path / "resumed"), resume=True)
+
+    expected, got = _weights(straight), _weights(resumed)
+    assert expected and expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    straight_losses, resumed_losses = _records(tmp_path / "straight"), _records(tmp_path / "resumed")
+    assert [r["step"] for r in resumed_losses] == list(range(1, 7))
+    for a, b in zip(straight_losses[3:], resumed_losses[3:]):
+        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {k: v for k, v in b.items() if k != "tokens_per_s"}
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_path):
+    """`torchrun --nproc_per_node 2 -m training.train_llm` (gloo on CPU), 2 examples per process, logs the
+    same per-step losses as one process with 4 examples per step: the sampler hands the two ranks the two
+    halves of the one-process batch, and the loss is token-averaged across processes."""
+    import os
+    import subprocess
+    import sys
+
+    from training.config import save_config
+
+    single = tmp_path / "single"
+    main(_config(tiny, single, max_steps=4, save_steps=2))
+    recipe = tmp_path / "ddp.yaml"
+    save_config(_config(tiny, tmp_path / "unused", max_steps=4, save_steps=2, per_device_batch_size=2), recipe)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "training.train_llm", "--recipe", str(recipe), "--model", str(tiny[0]), "--data", str(tiny[1]),
+               "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _records(single), _records(out)
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # logged once, by the main process
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (one, two)
+        assert {k for k in a if k.startswith("label_tokens_")} == {k for k in b if k.startswith("label_tokens_")}
+        for key in (k for k in a if k.startswith("loss_")):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+            assert b["label_tokens_" + key[len("loss_"):]] == a["label_tokens_" + key[len("loss_"):]]
+    assert (out / "model" / "mllm_config.json").is_file() and (out / "checkpoint-2").is_dir()
