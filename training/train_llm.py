@@ -1,4 +1,4 @@
-"""Recipe: train the unified model's LLM on a task mixture (pretrain, sft; LoRA or full).
+"""Recipe: train the unified model's LLM on a task mixture (align, pretrain, sft; LoRA, QLoRA or full).
 
     mllm train --recipe shapes-pretrain --model runs/demo/model --data runs/demo/data/train \
         --out runs/demo/pretrain [--set learning_rate=1e-4 lora.r=8] [--max-steps N] [--resume]
@@ -13,6 +13,10 @@ guidance has an unconditional branch to subtract. Every logged step appends a JS
 OUT/metrics.jsonl.
 
 Only the LLM trains: the visual tokenizer stays frozen (pre-tokenized shards skip it entirely).
+Variants: `quantization: 4bit` loads the base LLM in 4-bit NF4 (`mllm.lora.load_base_4bit`, needs
+bitsandbytes) and trains a LoRA on it (QLoRA); `freeze_llm: true` (the align stage) freezes the whole LLM
+except the vocabulary rows `mllm init` added (`mllm.lora.new_token_ids`; input embedding and LM head), by
+masking the gradient of every other row, and saves OUT/model.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class LLMTrainConfig:
     max_length: int | None = None  # longest example in tokens (default: the model's context length)
     packing: bool = True  # concatenate a batch into one row; position_ids restart per example
     num_samples: int | None = None  # examples drawn from the mixture (default: one per available sample)
+    quantization: str | None = None  # null | "4bit": QLoRA, the base LLM loaded in 4-bit NF4 (needs `lora`)
+    freeze_llm: bool = False  # align stage: only the rows `mllm init` added to the vocabulary train
 
     def validate(self) -> None:
         from mllm.data.samples import TASKS
@@ -84,6 +90,17 @@ class LLMTrainConfig:
             raise ValueError("max_steps, per_device_batch_size and gradient_accumulation_steps must be positive")
         if self.num_samples is not None and self.num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {self.num_samples}")
+        if self.quantization not in (None, "4bit"):
+            raise ValueError(f"quantization must be null or '4bit', got {self.quantization!r}")
+        if self.quantization == "4bit" and self.lora is None:
+            raise ValueError("quantization: 4bit (QLoRA) needs a `lora` section: a 4-bit base cannot be fine-tuned "
+                             "in full; set lora (e.g. `--set lora.r=16`) or quantization=null")
+        if self.freeze_llm and (self.lora is not None or self.quantization is not None):
+            raise ValueError("freeze_llm (the align stage) trains only the new vocabulary rows of a full-precision "
+                             "LLM: set lora=null and quantization=null")
+        if self.freeze_llm and self.weight_decay != 0:
+            raise ValueError("freeze_llm needs weight_decay: 0 (decoupled weight decay would shrink the frozen "
+                             f"vocabulary rows too), got {self.weight_decay}")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -314,6 +331,31 @@ def _callbacks(metrics_file: Path):
     return MetricsLogger(), StopOnNonFiniteLoss()
 
 
+# ---------------------------------------------------------------------------------------- align
+def freeze_all_but_new_rows(model) -> list[int]:
+    """Freeze the LLM except the rows of the input embedding (and of an untied LM head) that `mllm init`
+    added (`mllm.lora.new_token_ids`): those matrices keep requires_grad, and a gradient hook zeroes every
+    other row, so with no weight decay the optimizer (AdamW: zero gradient -> zero moments -> zero update)
+    leaves them bit-identical. Returns the trainable ids. The hook is on the parameter itself: single
+    process or DDP (torchrun); FSDP and DeepSpeed flatten parameters and would bypass it."""
+    from mllm.lora import new_token_ids
+
+    ids = new_token_ids(model)
+    llm = model.llm
+    llm.requires_grad_(False)
+    model.vision_tokenizer.requires_grad_(False)
+    if model.projector is not None:
+        model.projector.requires_grad_(False)
+    matrices = {id(m.weight): m.weight for m in (llm.get_input_embeddings(), llm.get_output_embeddings())
+                if m is not None}  # one entry for a tied head
+    for weight in matrices.values():
+        mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        mask[[i for i in ids if i < weight.shape[0]]] = 1.0
+        weight.requires_grad_(True)
+        weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
+    return ids
+
+
 # ---------------------------------------------------------------------------------------- recipe
 def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     from transformers import TrainingArguments, set_seed
@@ -333,7 +375,12 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
-    model = UnifiedMLLM.from_pretrained(cfg.model, device="cpu", dtype="fp32")
+    if cfg.quantization == "4bit":
+        from mllm.lora import load_base_4bit
+
+        model = load_base_4bit(cfg.model)  # frozen NF4 base, norms and head in fp32, gradient checkpointing
+    else:
+        model = UnifiedMLLM.from_pretrained(cfg.model, device="cpu", dtype="fp32")
     if model.config.embedding_mode != "learned":
         raise ValueError(
             f"{cfg.model} is a codebook-mode model; this recipe trains learned-mode models only. "
@@ -353,10 +400,14 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
         example["task"] = task_names.index(task)
     if cfg.lora is not None:
         add_lora(model, LoraSettings.from_dict(cfg.lora))
+    mode = ("QLoRA" if cfg.quantization else "LoRA") if cfg.lora is not None else "full"
+    if cfg.lora is None and cfg.freeze_llm:
+        rows = freeze_all_but_new_rows(model)
+        mode = f"of which only the {len(rows)} new vocabulary rows move"
     counts = {task: sum(1 for t, _ in drawn if t == task) for task in sorted(pools)}
     tokens = sum(len(example["input_ids"]) for example in examples)
     trainable = model.num_parameters(only_trainable=True) / 1e6
-    print(f"llm: {trainable:.2f}M trainable parameters ({'LoRA' if cfg.lora is not None else 'full'}), "
+    print(f"llm: {trainable:.2f}M trainable parameters ({mode}), "
           f"{len(examples)} examples {counts}, {tokens} tokens, {precision} on {device}")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "train_recipe.yaml")
@@ -424,7 +475,9 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="recipe name (shapes-pretrain, shapes-sft) or YAML path")
+    parser.add_argument("--recipe", required=True,
+                        help="recipe name (align, pretrain, sft, qwen2.5-1.5b-lora, shapes-pretrain, shapes-sft) "
+                             "or YAML path")
     parser.add_argument("--model", required=True, help="model folder to start from")
     parser.add_argument("--data", required=True, help="training shards (raw or pre-tokenized)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, adapter/ or model/)")

@@ -7,7 +7,8 @@ from training.train_llm import LLMTrainConfig
 from training.train_teacher import TeacherConfig
 from training.train_tokenizer import TokenizerTrainConfig
 
-SCHEMAS = {"teacher-": TeacherConfig, "tokenizer-": TokenizerTrainConfig, "shapes-": LLMTrainConfig}
+SCHEMAS = {"teacher-": TeacherConfig, "tokenizer-": TokenizerTrainConfig, "shapes-": LLMTrainConfig,
+           "align": LLMTrainConfig, "pretrain": LLMTrainConfig, "sft": LLMTrainConfig, "qwen": LLMTrainConfig}
 
 
 def _schema_for(name):
@@ -60,3 +61,31 @@ def test_parse_overrides():
     assert parse_overrides(["a.b=1", "c=[1, 2]", "d=x"]) == {"a": {"b": 1}, "c": [1, 2], "d": "x"}
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["novalue"])
+
+
+def test_generic_llm_recipes_are_shipped_with_their_stage_settings():
+    align = load_config(LLMTrainConfig, "align", ["data=d", "out=o"])
+    assert align.freeze_llm and align.lora is None and set(align.tasks) == {"caption", "t2i"}
+    sft = load_config(LLMTrainConfig, "sft", ["data=d", "out=o"])
+    assert sft.lora is not None and set(sft.tasks) == {"vqa", "chat", "t2i"}
+    qwen = load_config(LLMTrainConfig, "qwen2.5-1.5b-lora", ["data=d", "out=o"])
+    assert qwen.lora["r"] == 64 and qwen.lora["target_modules"] == "all-linear"
+    assert qwen.precision == "bf16" and qwen.gradient_accumulation_steps > 1
+
+
+@pytest.mark.parametrize("name, kind", [("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")])
+def test_accelerate_configs_parse(name, kind):
+    import yaml
+
+    from training.config import CONFIG_DIR
+
+    path = CONFIG_DIR / "accelerate" / f"{name}.yaml"
+    text = path.read_text()
+    assert text.startswith("#") and "accelerate launch --config_file" in text
+    config = yaml.safe_load(text)
+    assert config["distributed_type"] == kind
+    assert config["mixed_precision"] == "bf16" and config["num_processes"] >= 1
+    # and accelerate itself reads it (what `accelerate launch --config_file` does first)
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert load_config_from_file(str(path)).distributed_type.value == kind

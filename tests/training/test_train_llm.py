@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -221,3 +222,52 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_pa
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
             assert b["label_tokens_" + key[len("loss_"):]] == a["label_tokens_" + key[len("loss_"):]]
     assert (out / "model" / "mllm_config.json").is_file() and (out / "checkpoint-2").is_dir()
+
+
+def test_qlora_run_trains_an_adapter_on_a_4bit_base(tiny, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'mllm[quant]')")
+    out = tmp_path / "run"
+    final = main(_config(tiny, out, quantization="4bit", lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                         max_steps=3, save_steps=3, packing=False))
+    records = _records(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in records), records
+    assert final == out / "adapter"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_without_lora_and_bad_quantization_are_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match="4bit.*needs a `lora`"):
+        _config(tiny, tmp_path, quantization="4bit", lora=None)
+    with pytest.raises(ValueError, match="quantization must be"):
+        _config(tiny, tmp_path, quantization="8bit", lora={"r": 4})
+    with pytest.raises(ValueError, match="freeze_llm"):
+        _config(tiny, tmp_path, freeze_llm=True, lora={"r": 4})
+    with pytest.raises(ValueError, match="weight_decay"):
+        _config(tiny, tmp_path, freeze_llm=True, weight_decay=0.1)
+
+
+def test_align_trains_only_the_new_vocabulary_rows(tiny, loaded, tmp_path):
+    from mllm.lora import new_token_ids
+    from mllm.model import UnifiedMLLM
+
+    final = main(_config(tiny, tmp_path / "run", freeze_llm=True, max_steps=3, save_steps=3, learning_rate=1e-2))
+    assert final == tmp_path / "run" / "model"
+    before = UnifiedMLLM.from_pretrained(tiny[0], device="cpu", dtype="fp32").llm.state_dict()
+    after = UnifiedMLLM.from_pretrained(final, device="cpu", dtype="fp32").llm.state_dict()
+    ids = new_token_ids(loaded)
+    assert before.keys() == after.keys()
+    rows = {id(m.weight) for m in (loaded.llm.get_input_embeddings(), loaded.llm.get_output_embeddings()) if m}
+    vocab_names = [name for name, p in loaded.llm.named_parameters() if id(p) in rows]
+    vocab_names += [name for name in before if name.endswith("lm_head.weight") and name not in vocab_names]
+    changed_rows = False
+    for name in before:
+        a, b = before[name], after[name]
+        if name in vocab_names:
+            keep = torch.ones(a.shape[0], dtype=torch.bool)
+            keep[ids] = False
+            assert torch.equal(a[keep], b[keep]), f"{name}: a row outside the new ids changed"
+            changed_rows |= not torch.equal(a[ids], b[ids])
+        else:
+            assert torch.equal(a, b), f"{name} changed"
+    assert changed_rows, "the new vocabulary rows did not train"
