@@ -76,12 +76,7 @@ def build_tokenizer(cfg: TokenizerTrainConfig):
     overrides["quantizer_mode"] = cfg.quantizer
     if cfg.teacher:
         overrides["teacher_path"] = str(cfg.teacher)
-        overrides["teacher_config"] = None
-        preprocessor = Path(cfg.teacher) / "preprocessor_config.json"
-        if preprocessor.is_file():  # take the teacher's own normalisation, as its processor would
-            spec = json.loads(preprocessor.read_text())
-            overrides.setdefault("teacher_mean", tuple(spec.get("image_mean", (0.5, 0.5, 0.5))))
-            overrides.setdefault("teacher_std", tuple(spec.get("image_std", (0.5, 0.5, 0.5))))
+        overrides["teacher_config"] = None  # the tower reads its normalisation from the folder itself
     config = dataclasses.replace(TokenizerConfig.from_name(cfg.size), **overrides)
     return DualCodebookTokenizer(config)
 
