@@ -1,18 +1,22 @@
-"""Training throughput of the `mllm train` LLM recipe: tokens/s and model FLOP utilisation (MFU).
+"""Training throughput of the `mllm train` LLM recipes: tokens/s and model FLOP utilisation (MFU).
 
     python scripts/bench_train.py [--model DIR | --size shapes] [--samples 512] [--steps 8]
-        [--batch-size 16] [--seq-len N] [--threads N] [--repeats 3] [--precision auto]
+        [--batch-size N] [--seq-len N] [--threads N] [--repeats 3] [--precision auto] [--attn auto]
+        [--configs packed-pre,unpacked-pre,packed-fly,unpacked-fly,sft-packed-pre]
 
 Setup (in a temporary folder, untimed): shapes data (`--samples` records, rendered at the vision
 tokenizer's image size) written with `write_shards`, a fresh `--size` model (`init_model`, or `--model
-DIR`), and pre-tokenized shards (`pretokenize_records` with the model's own vision tokenizer). Then four
-configurations are timed, each a loop of `--steps` optimizer steps after 2 untimed warm-up steps, over
-`--repeats` loops (medians reported):
+DIR`), and pre-tokenized shards (`pretokenize_records` with the model's own vision tokenizer). The model,
+trainer and examples are built from the shipped recipe YAML (`shapes-pretrain`; `shapes-sft` for the sft-*
+configuration: its task mixture and its LoRA), with the recipe's attention (`attn_implementation: auto`:
+`packed_eager` on CPU) and batch size. Each configuration is timed as a loop of `--steps` optimizer steps
+after 2 untimed warm-up steps, over `--repeats` loops (medians reported):
 
     packing     packed (one row per batch, `DataCollatorWithFlattening`) | unpacked (right-padded rows)
     tokenizing  pre-tokenized (examples tokenized once, from code shards, before timing: the recipe)
                 | on-the-fly (raw image shards: each step runs the processor, so the frozen vision
                 tokenizer encodes that batch's images, inside the timed step)
+    sft-packed-pre  the shapes-sft recipe (LoRA r=16 + trainable new rows), packed, pre-tokenized
 
 One step = recipe collator (`make_collator` in `TaskCollator`) -> the recipe's loss (`TaskLossTrainer.
 compute_loss`: per-token cross-entropy on assistant tokens) under bf16 autocast where supported
@@ -20,22 +24,24 @@ compute_loss`: per-token cross-entropy on assistant tokens) under bf16 autocast 
 Data come from `load_task_pools` + `draw_conversations` + `tokenize_examples`, exactly as in the recipe.
 
 --seq-len (packing target): a packed batch takes examples until the next one would exceed --seq-len
-tokens (at least one example), so packed rows hold ~--seq-len tokens; default (0): --batch-size
-examples per batch, as the recipe does. Unpacked batches always hold --batch-size examples.
+tokens (at least one example), so packed rows hold ~--seq-len tokens; default (0): the recipe's batch
+of examples, as `mllm train` does. Unpacked batches always hold one batch of examples.
 
 Tokens are real tokens (attention-mask ones; no padding). Model FLOPs per real token (the PaLM / Chinchilla
 convention, forward + backward, no recomputation):
 
-    6 * N + 12 * layers * hidden * T
+    6 * N + 12 * layers * hidden * T        (full fine-tune)
+    6 * N_trainable + 4 * N_frozen + 12 * layers * hidden * T        (LoRA: frozen weights get no weight gradient)
 
 N = LLM parameters minus the input embedding table (a lookup, no FLOPs); the output projection (lm_head,
-a real matmul) is counted. T = the example's own length: packed examples attend only within themselves
-(block-diagonal mask), and padded positions are not useful work; so the attention term is averaged over
-tokens, 12*layers*hidden * sum(T_i^2)/sum(T_i). MFU = achieved model FLOP/s / the dense matmul peak of the
+a real matmul) is counted. T = the example's own length: packed examples attend only within themselves,
+and padded positions are not useful work; so the attention term is averaged over tokens,
+12*layers*hidden * sum(T_i^2)/sum(T_i). MFU = achieved model FLOP/s / the dense matmul peak of the
 training precision (`mllm.perf.measure_matmul_peak`, bf16 where autocast runs bf16) measured in the same run.
 The vision tokenizer's encode FLOPs (on-the-fly) are not model FLOPs: they only cost time.
 
-Prints a markdown table and, as the LAST line, `MFU <percent>` for packed + pre-tokenized.
+Prints a markdown table and, as the LAST line, `MFU <percent>` for the default configuration: the
+shapes-pretrain recipe, packed, pre-tokenized.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 WARMUP_STEPS = 2
-TASKS = {"caption": 1.0, "t2i": 1.0}  # the shapes-pretrain mixture
+PRETRAIN_RECIPE, SFT_RECIPE = "shapes-pretrain", "shapes-sft"
+CONFIGS = ("packed-pre", "unpacked-pre", "packed-fly", "unpacked-fly", "sft-packed-pre")
 
 
 def build_inputs(root: Path, size: str, model_dir: str | None, samples: int, precision: str):
@@ -76,12 +83,25 @@ def build_inputs(root: Path, size: str, model_dir: str | None, samples: int, pre
     return model_path, raw, codes
 
 
+def count_parameters(llm) -> tuple[int, int]:
+    """(non-embedding parameters, of which trainable). The input embedding is a lookup, no FLOPs (peft's
+    trainable-token deltas on it are lookups too); the output projection is a matmul and counts."""
+    total = trainable = 0
+    for name, param in llm.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return total, trainable
+
+
 def model_flops_per_token(llm, lengths: list[int]) -> float:
-    """6 * N (non-embedding) + 12 * layers * hidden * <T>, <T> = sum(T_i^2)/sum(T_i) (see module docstring)."""
+    """6 N_trainable + 4 N_frozen (non-embedding) + 12 * layers * hidden * <T>, <T> = sum(T_i^2)/sum(T_i):
+    a frozen weight costs a forward and an input-gradient matmul per token, no weight gradient (LoRA)."""
     config = llm.config
-    params = sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel()
+    total, trainable = count_parameters(llm)
     mean_t = sum(t * t for t in lengths) / max(sum(lengths), 1)
-    return 6.0 * params + 12.0 * config.num_hidden_layers * config.hidden_size * mean_t
+    return 6.0 * trainable + 4.0 * (total - trainable) + 12.0 * config.num_hidden_layers * config.hidden_size * mean_t
 
 
 def make_batches(items: list, batch_size: int, seq_len: int, length) -> list[list]:
@@ -100,14 +120,13 @@ def make_batches(items: list, batch_size: int, seq_len: int, length) -> list[lis
 
 
 def run_config(model, trainer, processor, precision: str, packing: bool, on_the_fly: bool, examples, drawn,
-               max_length, args) -> dict:
+               max_length, batch_size: int, args) -> dict:
     """Time `args.repeats` loops of `args.steps` steps; return median tokens/s and the mean attention length."""
     from mllm.runtime import autocast
     from training.train_llm import TaskCollator, make_collator, tokenize_examples
 
     collator = TaskCollator(make_collator(packing, model.config.pad_token_id), packing)
     llm, optimizer = trainer.model, trainer.optimizer
-    batch_size = args.batch_size
     seq_len = args.seq_len if packing else 0
     # Batch composition is decided from the pre-tokenized lengths for both data paths (same examples).
     index_batches = make_batches(list(range(len(examples))), batch_size, seq_len,
@@ -155,83 +174,117 @@ def run_config(model, trainer, processor, precision: str, packing: bool, on_the_
             "pad_fraction": 1 - sum(lengths) / max(padded, 1)}
 
 
+def prepare(recipe: str, model_dir: Path, raw: Path, codes: Path, precision: str, root: Path, args) -> dict:
+    """A shipped recipe's model (its LoRA, if any), trainer + optimizer and examples, as `mllm train` builds them."""
+    from transformers import TrainingArguments, set_seed
+
+    from mllm.lora import LoraSettings, add_lora
+    from mllm.model import UnifiedMLLM
+    from training.config import load_config
+    from training.train_llm import (
+        LLMTrainConfig,
+        _make_trainer_class,
+        draw_conversations,
+        load_task_pools,
+        set_training_attention,
+        tokenize_examples,
+    )
+
+    overrides = [f"model={model_dir}", f"data={codes}", f"out={root / recipe}", f"attn_implementation={args.attn}"]
+    if args.batch_size:
+        overrides.append(f"per_device_batch_size={args.batch_size}")
+    cfg = load_config(LLMTrainConfig, recipe, overrides)
+    set_seed(cfg.seed)
+    model = UnifiedMLLM.from_pretrained(model_dir, device="cpu", dtype="fp32")
+    model.vision_tokenizer.requires_grad_(False).eval()
+    model.llm.config.use_cache = False
+    attention = set_training_attention(model.llm, cfg.attn_implementation)
+    processor = model.processor
+    max_length = cfg.max_length or model.llm.config.max_position_embeddings
+    # The same examples for both data paths: draw from the code shards, and the raw shards' samples
+    # in the same order (same keys, same seeded draw) for on-the-fly tokenization.
+    code_pools = load_task_pools(str(codes), cfg.tasks)
+    drawn = draw_conversations(code_pools, cfg.tasks, processor, cfg.cfg_dropout, None, cfg.seed)
+    examples = tokenize_examples(processor, [m for _, m in drawn], max_length)
+    names = sorted(code_pools)
+    for example, (task, _) in zip(examples, drawn):
+        example["task"] = names.index(task)
+    drawn_raw = draw_conversations(load_task_pools(str(raw), cfg.tasks), cfg.tasks, processor, cfg.cfg_dropout,
+                                   None, cfg.seed)
+    if cfg.lora is not None:
+        add_lora(model, LoraSettings.from_dict(cfg.lora))
+    training_args = TrainingArguments(output_dir=str(root / recipe / "out"),
+                                      per_device_train_batch_size=cfg.per_device_batch_size,
+                                      learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                      max_grad_norm=cfg.max_grad_norm, bf16=precision == "bf16", use_cpu=True,
+                                      report_to="none", remove_unused_columns=False)
+    trainer = _make_trainer_class()(model=model.llm, args=training_args, train_dataset=examples, task_names=names)
+    trainer.create_optimizer()
+    return {"cfg": cfg, "model": model, "trainer": trainer, "processor": processor, "examples": examples,
+            "drawn_raw": drawn_raw, "max_length": max_length, "attention": attention}
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder (default: a fresh --size model)")
     parser.add_argument("--size", default="shapes", help="named LLM + vision tokenizer size (mllm.config.LLM_SIZES)")
     parser.add_argument("--samples", type=int, default=512, help="shapes records to generate")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per loop")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per batch (shapes-pretrain: 16)")
-    parser.add_argument("--seq-len", type=int, default=0, help="packing target in tokens (0: --batch-size examples)")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="examples per batch (0: the recipe's per_device_batch_size, 16 in the shapes recipes)")
+    parser.add_argument("--seq-len", type=int, default=0, help="packing target in tokens (0: one batch of examples)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3, help="timed loops per configuration (median)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    parser.add_argument("--configs", default="packed-pre,unpacked-pre,packed-fly,unpacked-fly",
-                        help="comma-separated subset of packed-pre, unpacked-pre, packed-fly, unpacked-fly")
+    parser.add_argument("--attn", default="auto", help="the recipe's attn_implementation (auto: packed_eager on CPU)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
 
-    from transformers import TrainingArguments, set_seed
-
-    from mllm.model import UnifiedMLLM
     from mllm.perf import measure_matmul_peak
     from mllm.runtime import resolve_precision
-    from training.train_llm import _make_trainer_class, draw_conversations, load_task_pools, tokenize_examples
 
     precision = resolve_precision(args.precision, "cpu")
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
         model_dir, raw, codes = build_inputs(root, args.size, args.model, args.samples, precision)
         setup_s = time.perf_counter() - t0
-        set_seed(0)
-        model = UnifiedMLLM.from_pretrained(model_dir, device="cpu", dtype="fp32")
-        model.vision_tokenizer.requires_grad_(False).eval()
-        model.llm.config.use_cache = False
-        processor = model.processor
-        max_length = model.llm.config.max_position_embeddings  # the recipe's default (max_length: null)
-        # The same examples for both data paths: draw from the code shards, and the raw shards' samples
-        # in the same order (same keys, same seeded draw) for on-the-fly tokenization.
-        code_pools = load_task_pools(str(codes), TASKS)
-        drawn = draw_conversations(code_pools, TASKS, processor, 0.1, None, 0)
-        examples = tokenize_examples(processor, [m for _, m in drawn], max_length)
-        names = sorted(code_pools)
-        for example, (task, _) in zip(examples, drawn):
-            example["task"] = names.index(task)
-        drawn_raw = draw_conversations(load_task_pools(str(raw), TASKS), TASKS, processor, 0.1, None, 0)
-
-        training_args = TrainingArguments(output_dir=str(root / "out"), per_device_train_batch_size=args.batch_size,
-                                          learning_rate=5e-4, weight_decay=0.0, max_grad_norm=1.0,
-                                          bf16=precision == "bf16", use_cpu=True, report_to="none",
-                                          remove_unused_columns=False)
-        trainer = _make_trainer_class()(model=model.llm, args=training_args, train_dataset=examples,
-                                        task_names=names)
-        trainer.create_optimizer()
-
-        results = {}
+        results, setups = {}, {}
         for name in configs:
-            packing, on_the_fly = name.startswith("packed"), name.endswith("fly")
-            results[name] = run_config(model, trainer, processor, precision, packing, on_the_fly, examples,
-                                       drawn_raw, max_length, args)
+            recipe = SFT_RECIPE if name.startswith("sft-") else PRETRAIN_RECIPE
+            if recipe not in setups:
+                setups = {recipe: prepare(recipe, model_dir, raw, codes, precision, root, args)}  # one at a time
+            setup = setups[recipe]
+            packing, on_the_fly = "packed" in name.split("-"), name.endswith("fly")
+            result = run_config(setup["model"], setup["trainer"], setup["processor"], precision, packing, on_the_fly,
+                                setup["examples"], setup["drawn_raw"], setup["max_length"],
+                                setup["cfg"].per_device_batch_size, args)
+            result["flops"] = model_flops_per_token(setup["trainer"].model, result["lengths"])
+            results[name] = result
+            if name == configs[0]:
+                llm, attention = setup["trainer"].model, setup["attention"]
+                n_params, n_examples = count_parameters(llm)[0], len(setup["examples"])
         peak = measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
-        llm = trainer.model
-        n_params = sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel()
 
+    config = llm.config
     print(f"\nmodel {args.model or args.size}: {n_params / 1e6:.2f}M non-embedding params, "
-          f"{llm.config.num_hidden_layers} layers, hidden {llm.config.hidden_size}, vocab {llm.config.vocab_size}; "
-          f"{len(examples)} examples; {precision} on cpu, {torch.get_num_threads()} threads; "
+          f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "
+          f"{n_examples} examples; {precision} on cpu, {torch.get_num_threads()} threads, {attention} attention; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s ({precision}); setup {setup_s:.0f}s\n")
     print("| config | examples/step | tokens/step | pad % | tokens/s | model GFLOP/token | TFLOP/s | MFU % |")
     print("|---|---|---|---|---|---|---|---|")
     mfu = {}
     for name, r in results.items():
-        per_token = model_flops_per_token(llm, r["lengths"])
-        achieved = r["tokens_per_s"] * per_token
+        achieved = r["tokens_per_s"] * r["flops"]
         mfu[name] = 100 * achieved / peak
         print(f"| {name} | {r['examples_per_step']:.1f} | {r['tokens_per_step']:.0f} | {100 * r['pad_fraction']:.0f} "
-              f"| {r['tokens_per_s']:.0f} | {per_token / 1e9:.4f} | {achieved / 1e12:.3f} | {mfu[name]:.1f} |")
+              f"| {r['tokens_per_s']:.0f} | {r['flops'] / 1e9:.4f} | {achieved / 1e12:.3f} | {mfu[name]:.1f} |")
     default = mfu.get("packed-pre", next(iter(mfu.values())))
     print(f"MFU {default:.1f}%")
     return default

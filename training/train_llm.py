@@ -40,6 +40,7 @@ from training.config import load_config, save_config
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 METRICS_NAME = "metrics.jsonl"
+TRAIN_ATTN_IMPLEMENTATIONS = ("auto", "packed_eager", "eager", "sdpa", "flash_attention_2")
 _TOKENIZE_BATCH = 32  # conversations per processor call (one vision-tokenizer call for their images)
 
 
@@ -66,6 +67,7 @@ class LLMTrainConfig:
     precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
     max_length: int | None = None  # longest example in tokens (default: the model's context length)
     packing: bool = True  # concatenate a batch into one row; position_ids restart per example
+    attn_implementation: str = "auto"  # auto: packed_eager on CPU, sdpa on CUDA | packed_eager | eager | sdpa | flash_attention_2
     num_samples: int | None = None  # examples drawn from the mixture (default: one per available sample)
     quantization: str | None = None  # null | "4bit": QLoRA, the base LLM loaded in 4-bit NF4 (needs `lora`)
     freeze_llm: bool = False  # align stage: only the rows `mllm init` added to the vocabulary train
@@ -98,6 +100,9 @@ class LLMTrainConfig:
         if self.freeze_llm and (self.lora is not None or self.quantization is not None):
             raise ValueError("freeze_llm (the align stage) trains only the new vocabulary rows of a full-precision "
                              "LLM: set lora=null and quantization=null")
+        if self.attn_implementation not in TRAIN_ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {TRAIN_ATTN_IMPLEMENTATIONS}, "
+                             f"got {self.attn_implementation!r}")
         if self.freeze_llm and self.weight_decay != 0:
             raise ValueError("freeze_llm needs weight_decay: 0 (decoupled weight decay would shrink the frozen "
                              f"vocabulary rows too), got {self.weight_decay}")
@@ -186,11 +191,35 @@ def make_collator(packing: bool, pad_token_id: int):
     if packing:
         from transformers import DataCollatorWithFlattening
 
-        # One row (1, sum T_i) with position_ids restarting at 0 per example: transformers derives a
-        # block-diagonal causal mask from them, so examples never attend to each other, and the first
-        # label of each example is -100 so no loss crosses a boundary.
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        # One row (1, sum T_i) with position_ids restarting at 0 per example, and the examples' boundaries
+        # (cu_seq_lens_q/k, as flash-attn's varlen kernel takes them): flash_attention_2 and `packed_eager`
+        # attend within each example from the boundaries; sdpa/eager get a block-diagonal causal mask that
+        # transformers derives from the position_ids. The first label of each example is -100 so no loss
+        # crosses a boundary.
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True)
     return PaddingCollator(pad_token_id)
+
+
+def set_training_attention(llm, requested: str = "auto") -> str:
+    """Select the LLM's attention for training; returns the name. "auto": `packed_eager` (mllm.attention:
+    per-example eager attention, the fastest on CPU, packed or not) off CUDA, sdpa on CUDA. `llm` is a
+    transformers model (not a peft wrapper). `restore_inference_attention` puts sdpa back before saving."""
+    from mllm.attention import register
+
+    name = requested
+    if requested == "auto":
+        name = "sdpa" if llm.device.type == "cuda" else "packed_eager"
+    if name == "packed_eager":
+        register()
+    llm.set_attn_implementation(name)
+    return name
+
+
+def restore_inference_attention(llm) -> None:
+    """sdpa (`UnifiedMLLM.from_pretrained`'s default) on the transformers model under a peft wrapper, if any."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    if base.config._attn_implementation not in ("sdpa", "flash_attention_2"):
+        base.set_attn_implementation("sdpa")
 
 
 class TaskCollator:
@@ -242,22 +271,23 @@ def _make_trainer_class():
             labels = inputs.pop("labels")
             outputs = model(**inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-            logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts label t+1
-            targets = labels[:, 1:].to(logits.device)
-            per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                        ignore_index=-100, reduction="none")  # (B*(T-1),), 0 where ignored
-            valid = targets.reshape(-1) != -100
+            targets = labels[:, 1:].to(logits.device)  # position t predicts label t+1
+            valid = targets != -100  # (B, T-1): supervised positions (assistant tokens)
+            # Cross-entropy in float32 on the supervised positions only: the LM head still runs on every
+            # position (its FLOPs are spent either way), but the float copy and log-softmax of (B, T, V)
+            # logits shrink to the labelled rows (the answer text, or an image's codes).
+            per_token = F.cross_entropy(logits[:, :-1][valid].float(), targets[valid], reduction="none")  # (N,)
             if num_items_in_batch is not None:
                 loss = per_token.sum() / torch.as_tensor(num_items_in_batch, device=per_token.device)
                 if self.args.average_tokens_across_devices:
                     loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
                 self.loss_is_scaled_for_ga = True
             else:
-                loss = per_token.sum() / valid.sum().clamp(min=1)
+                loss = per_token.sum() / max(per_token.numel(), 1)
                 self.loss_is_scaled_for_ga = False
             if task_ids is not None and self.task_names and model.training:
-                tasks = task_ids[:, 1:].reshape(-1).to(per_token.device)
-                keep = valid & (tasks >= 0)
+                tasks = task_ids[:, 1:].to(per_token.device)[valid]  # (N,)
+                keep = tasks >= 0
                 sums = torch.zeros(2, len(self.task_names), dtype=torch.float64, device=per_token.device)
                 sums[0].index_add_(0, tasks[keep], per_token.detach()[keep].double())
                 sums[1].index_add_(0, tasks[keep], torch.ones_like(per_token[keep], dtype=torch.float64))
@@ -387,6 +417,7 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
             "Bake it first (`UnifiedMLLM.bake()` + save_pretrained) or train it end to end elsewhere."
         )
     model.vision_tokenizer.requires_grad_(False)
+    attention = set_training_attention(model.llm, cfg.attn_implementation)
     # Without a KV cache: transformers builds the block-diagonal mask of a packed row from its
     # position_ids only when no cache is passed (masking_utils), and training needs none anyway.
     llm_config = model.llm.config
@@ -408,7 +439,7 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     tokens = sum(len(example["input_ids"]) for example in examples)
     trainable = model.num_parameters(only_trainable=True) / 1e6
     print(f"llm: {trainable:.2f}M trainable parameters ({mode}), "
-          f"{len(examples)} examples {counts}, {tokens} tokens, {precision} on {device}")
+          f"{len(examples)} examples {counts}, {tokens} tokens, {precision} on {device}, {attention} attention")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "train_recipe.yaml")
 
@@ -466,6 +497,7 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     # --- save
     model.llm = trainer.model
     llm_config.use_cache = True  # generation wants its KV cache back
+    restore_inference_attention(model.llm)
     if cfg.lora is not None:
         model.llm.save_pretrained(final)  # adapter_config.json + adapter_model.safetensors
     else:

@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 
@@ -11,6 +12,8 @@ from training.train_llm import (
     load_task_pools,
     main,
     make_collator,
+    restore_inference_attention,
+    set_training_attention,
     tokenize_examples,
 )
 
@@ -72,22 +75,44 @@ def test_lora_run_lowers_loss_and_saves_an_adapter_that_reloads(tiny, tmp_path):
     UnifiedMLLM.from_pretrained(tiny[0], adapter=final, device="cpu")
 
 
-def test_packed_example_has_the_logits_it_has_alone(loaded, tiny):
+@pytest.mark.parametrize("attention", ["sdpa", "packed_eager"])
+def test_packed_example_has_the_logits_it_has_alone(loaded, tiny, attention):
     pools = load_task_pools(str(tiny[1]), {"caption": 1.0, "t2i": 1.0})
     conversations = [pools["caption"][0].messages, pools["t2i"][0].messages, pools["caption"][1].messages]
     examples = tokenize_examples(loaded.processor, conversations, None)
     batch = make_collator(True, loaded.config.pad_token_id)(examples)
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    assert batch["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(len(e["input_ids"]) for e in examples)]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     loaded.llm.config.use_cache = False  # as `main` trains: transformers honours packed position_ids only then
-    with torch.no_grad():
-        packed = loaded.llm(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-        start = 0
-        for example in examples:
-            alone = loaded.llm(input_ids=torch.tensor([example["input_ids"]])).logits[0]
-            torch.testing.assert_close(packed[start:start + len(alone)], alone, atol=1e-4, rtol=0)
-            start += len(alone)
+    assert set_training_attention(loaded.llm, attention) == attention
+    try:
+        with torch.no_grad():
+            packed = loaded.llm(**inputs).logits[0]
+            restore_inference_attention(loaded.llm)  # each example alone, with the default sdpa
+            start = 0
+            for example in examples:
+                alone = loaded.llm(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+                torch.testing.assert_close(packed[start:start + len(alone)], alone, atol=1e-4, rtol=0)
+                start += len(alone)
+    finally:
+        restore_inference_attention(loaded.llm)
+        loaded.llm.config.use_cache = True
     # The loss never crosses a boundary: each example's first label is ignored.
     assert batch["labels"][0, len(examples[0]["input_ids"])] == -100
+
+
+def test_training_attention_defaults_to_packed_eager_on_cpu_and_the_saved_model_to_sdpa(tiny, tmp_path, capsys):
+    from mllm.model import UnifiedMLLM
+
+    cfg = _config(tiny, tmp_path / "run", max_steps=2)
+    assert cfg.attn_implementation == "auto"
+    final = main(cfg)
+    assert "packed_eager attention" in capsys.readouterr().out
+    assert "packed_eager" not in (final / "llm" / "config.json").read_text()
+    assert UnifiedMLLM.from_pretrained(final, device="cpu").llm.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        _config(tiny, tmp_path / "bad", attn_implementation="flash")
 
 
 def test_cfg_dropout_one_makes_every_t2i_prompt_unconditional(loaded, tiny):
