@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("mllm.commands.caption", "describe image(s) with a model folder"),
     "ask": ("mllm.commands.ask", "answer a question about an image with a model folder"),
     "draw": ("mllm.commands.draw", "draw image(s) from a text prompt with a model folder"),
-    "train": ("training.train_llm", "train the unified model with a staged recipe (align, pretrain, sft; LoRA, QLoRA or full)"),
+    "train": ("training.train_llm", "train the unified model with a staged recipe (align, pretrain, sft, ett; LoRA, QLoRA or full)"),
     "merge": ("mllm.merge", "base model folder + LoRA adapter -> full model folder"),
 }
 

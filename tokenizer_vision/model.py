@@ -177,15 +177,16 @@ class DualCodebookTokenizer(nn.Module):
         ]
 
     # ------------------------------------------------------------------ training
-    def forward(self, pixel_values: torch.Tensor, step: int | None = None) -> dict[str, Any]:
+    def forward(self, pixel_values: torch.Tensor, step: int | None = None, adversarial: bool = True) -> dict[str, Any]:
         """One training/validation pass on normalised images (B, 3, H, W).
 
         Returns a dict with "loss" (the weighted total to backpropagate), "losses" (each term),
         "reconstruction" (B, 3, H, W), "indices" (B, h, w), "quantized_sem" / "quantized_pix"
         (B, h, w, d) features for end-to-end tuning (as in `encode_features`), and this batch's
         "usage_fraction" and "perplexity".
-        `step` drives the GAN schedule (None counts as step 0). In train mode with gradients on, the
-        quantizer also updates its EMA codebooks and restarts dead codes.
+        `step` drives the GAN schedule (None counts as step 0); `adversarial=False` leaves the GAN term out
+        (end-to-end tuning trains no discriminator). In train mode with gradients on, the quantizer also
+        updates its EMA codebooks and restarts dead codes.
         """
         config = self.config
         quantized = self._quantize(pixel_values)
@@ -214,7 +215,7 @@ class DualCodebookTokenizer(nn.Module):
                 self._to_signed_unit(reconstruction), self._to_signed_unit(pixel_values)
             ).mean()
             total = total + config.perceptual_weight * losses["perceptual"]
-        if self.gan_active(step):
+        if adversarial and self.gan_active(step):
             # The discriminator is read with detached weights so the generator's backward leaves its
             # gradients untouched; it is trained separately through `discriminator_loss`.
             frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}

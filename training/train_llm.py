@@ -12,7 +12,9 @@ processor's labels). A fraction `cfg_dropout` of text-to-image examples has its 
 guidance has an unconditional branch to subtract. Every logged step appends a JSON line to
 OUT/metrics.jsonl.
 
-Only the LLM trains: the visual tokenizer stays frozen (pre-tokenized shards skip it entirely).
+Only the LLM trains: the visual tokenizer stays frozen (pre-tokenized shards skip it entirely). A recipe
+with an `ett` section (codebook-mode models) is run by training.train_ett instead: end-to-end tokenizer
+tuning, where the LLM's loss also trains the tokenizer.
 Variants: `quantization: 4bit` loads the base LLM in 4-bit NF4 (`mllm.lora.load_base_4bit`, needs
 bitsandbytes) and trains a LoRA on it (QLoRA); `freeze_llm: true` (the align stage) freezes the whole LLM
 except the vocabulary rows `mllm init` added (`mllm.lora.new_token_ids`; input embedding and LM head), by
@@ -71,6 +73,7 @@ class LLMTrainConfig:
     num_samples: int | None = None  # examples drawn from the mixture (default: one per available sample)
     quantization: str | None = None  # null | "4bit": QLoRA, the base LLM loaded in 4-bit NF4 (needs `lora`)
     freeze_llm: bool = False  # align stage: only the rows `mllm init` added to the vocabulary train
+    ett: dict[str, Any] | None = None  # training.train_ett.ETTSettings fields: end-to-end tokenizer tuning (codebook mode)
 
     def validate(self) -> None:
         from mllm.data.samples import TASKS
@@ -100,6 +103,13 @@ class LLMTrainConfig:
         if self.freeze_llm and (self.lora is not None or self.quantization is not None):
             raise ValueError("freeze_llm (the align stage) trains only the new vocabulary rows of a full-precision "
                              "LLM: set lora=null and quantization=null")
+        if self.ett is not None:
+            from training.train_ett import ETTSettings
+
+            ETTSettings.from_dict(self.ett)
+            if self.quantization is not None:
+                raise ValueError("ett trains a full-precision LLM (full or LoRA) with the tokenizer: set "
+                                 "quantization=null")
         if self.attn_implementation not in TRAIN_ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {TRAIN_ATTN_IMPLEMENTATIONS}, "
                              f"got {self.attn_implementation!r}")
@@ -271,6 +281,15 @@ def _make_trainer_class():
             labels = inputs.pop("labels")
             outputs = model(**inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            loss = self.language_model_loss(logits, labels, task_ids, num_items_in_batch, model.training)
+            if isinstance(outputs, dict):
+                outputs["loss"] = loss
+            return (loss, outputs) if return_outputs else loss
+
+        def language_model_loss(self, logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor | None,
+                                num_items_in_batch=None, training: bool = True) -> torch.Tensor:
+            """Next-token cross-entropy of logits (B, T, V) against labels (B, T) (-100: not supervised);
+            accumulates the per-task sums for the logs when `task_ids` (B, T) are given in training."""
             targets = labels[:, 1:].to(logits.device)  # position t predicts label t+1
             valid = targets != -100  # (B, T-1): supervised positions (assistant tokens)
             # Cross-entropy in float32 on the supervised positions only: the LM head still runs on every
@@ -285,16 +304,14 @@ def _make_trainer_class():
             else:
                 loss = per_token.sum() / max(per_token.numel(), 1)
                 self.loss_is_scaled_for_ga = False
-            if task_ids is not None and self.task_names and model.training:
+            if task_ids is not None and self.task_names and training:
                 tasks = task_ids[:, 1:].to(per_token.device)[valid]  # (N,)
                 keep = tasks >= 0
                 sums = torch.zeros(2, len(self.task_names), dtype=torch.float64, device=per_token.device)
                 sums[0].index_add_(0, tasks[keep], per_token.detach()[keep].double())
                 sums[1].index_add_(0, tasks[keep], torch.ones_like(per_token[keep], dtype=torch.float64))
                 self._task_sums = sums if self._task_sums is None else self._task_sums + sums.to(self._task_sums.device)
-            if isinstance(outputs, dict):
-                outputs["loss"] = loss
-            return (loss, outputs) if return_outputs else loss
+            return loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs and self.task_names:
@@ -318,8 +335,12 @@ def _make_trainer_class():
 
 
 # ---------------------------------------------------------------------------------------- callbacks
-def _callbacks(metrics_file: Path):
+def _callbacks(metrics_file: Path, tokens_seen=None):
+    """(MetricsLogger, StopOnNonFiniteLoss). `tokens_seen(state)`: tokens trained on so far (default: the
+    Trainer's `num_input_tokens_seen`)."""
     from transformers import TrainerCallback
+
+    tokens_seen = tokens_seen or (lambda state: state.num_input_tokens_seen)
 
     class MetricsLogger(TrainerCallback):
         """Appends {step, loss, loss_<task>, label_tokens_<task>, learning_rate, tokens_per_s} to metrics.jsonl at
@@ -329,14 +350,14 @@ def _callbacks(metrics_file: Path):
             self.last_time, self.last_tokens = time.time(), 0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
+            self.last_time, self.last_tokens = time.time(), tokens_seen(state)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
-            now, tokens = time.time(), state.num_input_tokens_seen
+            now, tokens = time.time(), tokens_seen(state)
             record = {"step": state.global_step, "loss": float(logs["loss"]),
-                      **{k: v for k, v in logs.items() if k.startswith(("loss_", "label_tokens_"))},
+                      **{k: v for k, v in logs.items() if k.startswith(("loss_", "label_tokens_", "tokenizer_"))},
                       "learning_rate": float(logs.get("learning_rate", float("nan"))),
                       "tokens_per_s": (tokens - self.last_tokens) / max(now - self.last_time, 1e-6)}
             self.last_time, self.last_tokens = now, tokens
@@ -386,10 +407,100 @@ def freeze_all_but_new_rows(model) -> list[int]:
     return ids
 
 
+def training_arguments(cfg: LLMTrainConfig, out: Path, precision: str, device: str, **overrides):
+    """The recipe's `TrainingArguments` (shared by every LLM recipe, ETT included)."""
+    from transformers import TrainingArguments
+
+    values = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": cfg.per_device_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "max_steps": cfg.max_steps,
+        "learning_rate": cfg.learning_rate,
+        "weight_decay": cfg.weight_decay,
+        "warmup_steps": cfg.warmup_steps,
+        "lr_scheduler_type": cfg.lr_scheduler,
+        "max_grad_norm": cfg.max_grad_norm,
+        "logging_steps": cfg.logging_steps,
+        "logging_nan_inf_filter": False,  # a NaN must reach the callback, not be averaged away
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "bf16": precision == "bf16",
+        "use_cpu": device == "cpu",
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "include_num_input_tokens_seen": True,
+        "dataloader_num_workers": 0,
+        # torchrun on CPU: gloo (set only when launched distributed; a lone process needs no backend)
+        "ddp_backend": "gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    }
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def raise_if_stopped_on_nan(nan_guard, out: Path) -> None:
+    """After `trainer.train()`: a clear error naming the last good checkpoint when the NaN guard fired."""
+    if nan_guard.bad is None:
+        return
+    step, loss = nan_guard.bad
+    complete = complete_checkpoints(out)
+    last = complete[-1][1] if complete else None
+    raise RuntimeError(
+        f"loss became {loss} at step {step}; training stopped. "
+        + (f"The last good checkpoint is {last}: lower learning_rate and rerun with --resume."
+           if last else "No checkpoint was written before it: lower learning_rate and rerun.")
+    )
+
+
+def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every OUT/checkpoint-N holding trainer_state.json, oldest first. The Trainer writes
+    that file last, so a checkpoint cut short by a kill (SIGKILL, power loss) lacks it and is passed over."""
+    found = []
+    for folder in out.glob("checkpoint-*") if out.is_dir() else []:
+        suffix = folder.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and folder.is_dir() and (folder / "trainer_state.json").is_file():
+            found.append((int(suffix), folder))
+    return sorted(found)
+
+
+def resume_checkpoint(out: Path, resume: bool) -> str | None:
+    """The checkpoint `trainer.train` resumes from: the latest complete one under OUT when `resume`.
+
+    Resuming drops the lines of OUT/metrics.jsonl logged after that checkpoint (the killed run got further
+    than its last checkpoint; those steps are trained again), so the log reads as one uninterrupted run.
+    Without `resume`, an OUT that already holds checkpoints is refused rather than overwritten."""
+    checkpoints = complete_checkpoints(out)
+    partial = sorted(str(f) for f in out.glob("checkpoint-*") if f.is_dir()) if out.is_dir() else []
+    if not resume:
+        if checkpoints or partial:
+            raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                                  "or choose another --out (or delete them) to start over")
+        return None
+    for folder in sorted(set(partial) - {str(f) for _, f in checkpoints}):
+        print(f"skipping {folder}: incomplete (the run was killed while writing it)")
+    if not checkpoints:
+        print(f"no complete checkpoint under {out}; starting from scratch")
+        _truncate_metrics(out / METRICS_NAME, 0)
+        return None
+    step, folder = checkpoints[-1]
+    print(f"resuming from {folder}")
+    _truncate_metrics(out / METRICS_NAME, step)
+    return str(folder)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 # ---------------------------------------------------------------------------------------- recipe
 def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
-    from transformers import TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import set_seed
 
     from mllm.lora import LoraSettings, add_lora
     from mllm.model import UnifiedMLLM
@@ -397,6 +508,10 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     # --- setup
     if not cfg.model:
         raise ValueError("the LLM recipe needs `model` (a model folder from `mllm init` or an earlier stage)")
+    if cfg.ett is not None:
+        from training.train_ett import main as end_to_end
+
+        return end_to_end(cfg, resume)
     out = Path(cfg.out)
     final = out / (ADAPTER_DIR if cfg.lora is not None else MODEL_DIR)
     if final.is_dir():  # written only when a run completes
@@ -413,8 +528,9 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
         model = UnifiedMLLM.from_pretrained(cfg.model, device="cpu", dtype="fp32")
     if model.config.embedding_mode != "learned":
         raise ValueError(
-            f"{cfg.model} is a codebook-mode model; this recipe trains learned-mode models only. "
-            "Bake it first (`UnifiedMLLM.bake()` + save_pretrained) or train it end to end elsewhere."
+            f"{cfg.model} is a codebook-mode model (image embeddings projected from the tokenizer's codebooks); "
+            "train it with an `ett` section (`--recipe ett`, or `--set ett.train_tokenizer=false` for a frozen "
+            "tokenizer), or bake it first (`UnifiedMLLM.bake()` + save_pretrained)."
         )
     model.vision_tokenizer.requires_grad_(False)
     attention = set_training_attention(model.llm, cfg.attn_implementation)
@@ -443,31 +559,7 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "train_recipe.yaml")
 
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
-        logging_nan_inf_filter=False,  # a NaN must reach the callback, not be averaged away
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=precision == "bf16",
-        use_cpu=device == "cpu",
-        report_to="none",
-        remove_unused_columns=False,
-        include_num_input_tokens_seen=True,
-        dataloader_num_workers=0,
-        # torchrun on CPU: gloo (set only when launched distributed; a lone process needs no backend)
-        ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-    )
+    args = training_arguments(cfg, out, precision, device)
     metrics_logger, nan_guard = _callbacks(out / METRICS_NAME)
     trainer = _make_trainer_class()(
         model=model.llm,  # learned mode: the plain HF causal LM (or its peft wrapper) is the whole model
@@ -479,20 +571,8 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     )
 
     # --- train
-    checkpoint = get_last_checkpoint(str(out)) if resume else None
-    if resume and checkpoint is None:
-        print(f"no checkpoint under {out}; starting from scratch")
-    elif checkpoint is not None:
-        print(f"resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if nan_guard.bad is not None:
-        step, loss = nan_guard.bad
-        last = get_last_checkpoint(str(out))
-        raise RuntimeError(
-            f"loss became {loss} at step {step}; training stopped. "
-            + (f"The last good checkpoint is {last}: lower learning_rate and rerun with --resume."
-               if last else "No checkpoint was written before it: lower learning_rate and rerun.")
-        )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(out, resume))
+    raise_if_stopped_on_nan(nan_guard, out)
 
     # --- save
     model.llm = trainer.model
@@ -507,14 +587,19 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.config import list_recipes
+
+    names = [name for name in list_recipes() if not name.startswith(("teacher-", "tokenizer-"))]
     parser.add_argument("--recipe", required=True,
-                        help="recipe name (align, pretrain, sft, qwen2.5-1.5b-lora, shapes-pretrain, shapes-sft) "
-                             "or YAML path")
+                        help=f"recipe name ({', '.join(names)}) or YAML path; ett recipes tune the visual "
+                             "tokenizer end to end (codebook-mode models, image shards)")
     parser.add_argument("--model", required=True, help="model folder to start from")
-    parser.add_argument("--data", required=True, help="training shards (raw or pre-tokenized)")
+    parser.add_argument("--data", required=True, help="training shards (raw or pre-tokenized; raw for ett)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, adapter/ or model/)")
     parser.add_argument("--max-steps", type=int, help="override the recipe's number of optimizer steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest OUT/checkpoint-N")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest complete OUT/checkpoint-N (needed to reuse an OUT with "
+                             "checkpoints)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override any recipe key, e.g. --set learning_rate=1e-4 lora=null tasks.chat=0.5")
 

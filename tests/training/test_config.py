@@ -8,7 +8,8 @@ from training.train_teacher import TeacherConfig
 from training.train_tokenizer import TokenizerTrainConfig
 
 SCHEMAS = {"teacher-": TeacherConfig, "tokenizer-": TokenizerTrainConfig, "shapes-": LLMTrainConfig,
-           "align": LLMTrainConfig, "pretrain": LLMTrainConfig, "sft": LLMTrainConfig, "qwen": LLMTrainConfig}
+           "align": LLMTrainConfig, "pretrain": LLMTrainConfig, "sft": LLMTrainConfig, "qwen": LLMTrainConfig,
+           "ett": LLMTrainConfig}
 
 
 def _schema_for(name):
@@ -71,6 +72,9 @@ def test_generic_llm_recipes_are_shipped_with_their_stage_settings():
     qwen = load_config(LLMTrainConfig, "qwen2.5-1.5b-lora", ["data=d", "out=o"])
     assert qwen.lora["r"] == 64 and qwen.lora["target_modules"] == "all-linear"
     assert qwen.precision == "bf16" and qwen.gradient_accumulation_steps > 1
+    for name in ("ett", "shapes-ett"):
+        ett = load_config(LLMTrainConfig, name, ["data=d", "out=o"])
+        assert ett.ett["train_tokenizer"] and ett.ett["reconstruction_weight"] > 0 and ett.quantization is None
 
 
 @pytest.mark.parametrize("name, kind", [("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")])

@@ -1,0 +1,331 @@
+"""Recipe: ETT, end-to-end tokenizer tuning of a codebook-mode model (the LLM's loss reaches the tokenizer).
+
+    mllm train --recipe ett --model runs/ett/model --data runs/demo/data/train --out runs/ett/stage \
+        [--set ett.reconstruction_weight=1.0 ett.tokenizer_learning_rate=1e-4 lora=null] [--resume]
+
+`mllm train` hands a recipe with an `ett` section (`ETTSettings`) to this module. The model must be in
+`codebook` mode (`mllm init --embedding codebook`): the input embedding of image code k is
+`projector(concat(sem_codebook[k], pix_codebook[k]))` (DESIGN.md, "Image embeddings").
+
+One step, for a batch of conversations with their images (`EndToEndModel.forward`):
+
+    images (N, 3, S, S) --vision tokenizer (train mode, codebook_update="loss")--> codes (N, h, w),
+        straight-through features (N, h, w, d_sem + d_pix), the tokenizer's own loss
+        (pixel L1 + L2 reconstruction, VQ codebook + commitment, semantic distillation)
+    conversations with those codes --processor--> input_ids / labels, packed like `mllm train`
+    LLM(inputs_embeds: text rows, and projector(features) at the image positions) --> logits
+    loss = LLM loss (assistant tokens) + reconstruction_weight * tokenizer loss
+
+The features equal the codebook rows in value but carry gradients into the encoders (straight-through)
+and the codebooks, so the LLM's loss on a caption or an answer moves the tokenizer towards codes the
+LLM can read, while the reconstruction term keeps the pixel decoder faithful to them. Trainable: the LLM
+(full, or LoRA with `lora`), the projector, and (`train_tokenizer: true`) the tokenizer's encoders,
+codebooks and decoders, which get their own learning rate. The frozen teacher, LPIPS and a GAN
+discriminator never train (the adversarial term is left out). The codes of every image are computed
+afresh at every step, so ETT reads image shards, not `mllm pretokenize`d ones. Dead-code restarts are
+off: a restarted code would jump to a new embedding under the LLM's feet.
+
+`train_tokenizer: false` keeps the tokenizer frozen (images encoded without gradients): the codebook-mode
+baseline at the same code count and budget, where only the LLM and the projector learn.
+
+Output: OUT/model, a full model folder (the tuned tokenizer included), baked by default (image rows =
+projector(codebooks) written into the LLM's embedding; learned mode), so it loads and serves like any
+other model folder; `bake: false` keeps codebook mode (projector.safetensors) for more ETT. A LoRA run
+also leaves the LLM's adapter at OUT/adapter; it does not carry the tuned tokenizer or projector, so
+OUT/model (the adapter merged) is the result to use. Checkpoints, `--resume`, metrics.jsonl (with
+`loss_llm`, `tokenizer_loss` and each tokenizer term), the NaN guard and the task mixture are those of
+`mllm train` (training.train_llm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mllm.runtime import resolve_precision
+from training.config import save_config
+from training.train_llm import (
+    ADAPTER_DIR,
+    METRICS_NAME,
+    MODEL_DIR,
+    LLMTrainConfig,
+    TaskCollator,
+    _callbacks,
+    _make_trainer_class,
+    draw_conversations,
+    freeze_all_but_new_rows,
+    load_task_pools,
+    make_collator,
+    raise_if_stopped_on_nan,
+    restore_inference_attention,
+    resume_checkpoint,
+    set_training_attention,
+    training_arguments,
+)
+
+TOKENIZER_PARTS = ("pixel_encoder", "semantic_encoder", "quantizer", "pixel_decoder", "semantic_decoder")
+
+
+@dataclass
+class ETTSettings:
+    """The `ett` section of an LLM recipe."""
+
+    reconstruction_weight: float = 1.0  # lambda: weight of the tokenizer's own loss next to the LLM loss
+    tokenizer_learning_rate: float = 1e-4  # encoders, codebooks and decoders (the LLM and projector: learning_rate)
+    train_tokenizer: bool = True  # false: a frozen tokenizer (the codebook-mode baseline)
+    bake: bool = True  # save OUT/model in learned mode (image rows written into the LLM's embedding)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ETTSettings:
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ett: unknown key(s) {unknown}; known: {sorted(known)}")
+        settings = cls(**data)
+        if settings.reconstruction_weight < 0 or settings.tokenizer_learning_rate < 0:
+            raise ValueError("ett: reconstruction_weight and tokenizer_learning_rate must be >= 0")
+        return settings
+
+
+def bind_codes(conversations: list[list[dict]], codes: torch.Tensor) -> list[list[dict]]:
+    """Replace the image parts of the conversations, in order, by `{"type": "image", "codes": codes[j]}`."""
+    images = iter(codes)
+    return [
+        [{**message, "content": [{"type": "image", "codes": next(images)} if part["type"] == "image" else part
+                                 for part in message["content"]]}
+         for message in conversation]
+        for conversation in conversations
+    ]
+
+
+class ETTCollator:
+    """Examples {"messages", "task"} -> {"pixel_values" (N, 3, S, S): every image of the batch, in
+    conversation order; "conversations"; "tasks" (B,)}. Tokenizing waits for the forward pass, where the
+    codes come from the tokenizer being trained."""
+
+    def __init__(self, image_processor) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        conversations = [feature["messages"] for feature in features]
+        parts = [part for conversation in conversations for message in conversation
+                 for part in message["content"] if part["type"] == "image"]
+        if any(part.get("image") is None for part in parts):
+            raise ValueError("ETT needs image shards: these samples carry pre-tokenized codes, which cannot "
+                             "follow a tokenizer that is being trained (pass the shards `mllm pretokenize` read)")
+        images = [part["image"] for part in parts]
+        pixel_values = (self.image_processor.preprocess(images) if images
+                        else torch.zeros(0, 3, self.image_processor.image_size, self.image_processor.image_size))
+        return {"pixel_values": pixel_values, "conversations": conversations,
+                "tasks": torch.tensor([int(feature["task"]) for feature in features])}
+
+
+class EndToEndModel(nn.Module):
+    """The unified model plus the per-step tokenization of ETT, as one module (what the Trainer, and DDP,
+    wrap). `forward` returns logits, labels, per-token task ids, the tokenizer's loss and the token count."""
+
+    def __init__(self, mllm, settings: ETTSettings, packing: bool, max_length: int | None) -> None:
+        super().__init__()
+        self.mllm = mllm
+        self.settings = settings
+        self.max_length = max_length
+        self.collate = TaskCollator(make_collator(packing, mllm.config.pad_token_id), packing)
+
+    def train(self, mode: bool = True) -> EndToEndModel:
+        super().train(mode)  # the LLM and the projector (UnifiedMLLM.train leaves the tokenizer alone)
+        self.mllm.vision_tokenizer.train(mode and self.settings.train_tokenizer)
+        return self
+
+    def forward(self, pixel_values: torch.Tensor, conversations: list[list[dict]], tasks: torch.Tensor):
+        mllm, tokenizer = self.mllm, self.mllm.vision_tokenizer
+        features = tokenizer_loss = None
+        losses: dict[str, torch.Tensor] = {}
+        if pixel_values.shape[0] == 0:
+            codes = torch.zeros(0, *tokenizer.grid_size, dtype=torch.long)
+        elif self.settings.train_tokenizer:
+            out = tokenizer(pixel_values, adversarial=False)
+            codes, tokenizer_loss, losses = out["indices"], out["loss"], out["losses"]
+            parts = [out[key] for key in ("quantized_sem", "quantized_pix") if out[key] is not None]
+            features = torch.cat(parts, dim=-1).flatten(1, 2)  # (N, h*w, d): codebook rows, straight-through
+        else:
+            with torch.no_grad():
+                codes = tokenizer.encode(pixel_values)
+        batch = mllm.processor(bind_codes(conversations, codes), padding_side="right",
+                               max_length=self.max_length, truncation=True)
+        examples = []
+        for ids, mask, labels, task in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], tasks):
+            length = int(mask.sum())
+            examples.append({"input_ids": ids[:length].tolist(), "labels": labels[:length].tolist(), "task": int(task)})
+        image_features = None
+        if features is not None:
+            # The rows of the image positions in row-major order of the (packed or padded) batch: each
+            # example's images in order, cut where truncation dropped its last images (never half of one).
+            rows, start = [], 0
+            for example, conversation in zip(examples, conversations):
+                count = sum(part["type"] == "image" for message in conversation for part in message["content"])
+                positions = int(mllm.vocab.is_image_id(torch.tensor(example["input_ids"])).sum())
+                rows.append(features[start:start + count].reshape(-1, features.shape[-1])[:positions])
+                start += count
+            image_features = torch.cat(rows)
+        device = mllm.device
+        collated = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                    for key, value in self.collate(examples).items()}
+        labels, task_ids = collated.pop("labels"), collated.pop("task_ids")
+        outputs = mllm(**collated, image_features=image_features)
+        return {"logits": outputs.logits, "labels": labels, "task_ids": task_ids, "tokenizer_loss": tokenizer_loss,
+                "tokenizer_losses": losses, "tokens": sum(len(example["input_ids"]) for example in examples)}
+
+
+def _make_ett_trainer_class():
+    base = _make_trainer_class()
+
+    class ETTTrainer(base):
+        """The LLM recipe's trainer with loss = LLM loss + reconstruction_weight * tokenizer loss, two
+        learning rates (LLM + projector; tokenizer), and the tokenizer's terms in the logs."""
+
+        def __init__(self, *args, settings: ETTSettings, param_groups: list[dict], **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.settings, self.param_groups = settings, param_groups
+            self.tokens_seen = 0
+            self._ett_sums: dict[str, float] = {}
+            self._ett_steps = 0
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = torch.optim.AdamW(self.param_groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                                   eps=self.args.adam_epsilon)
+            return self.optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            llm_loss = self.language_model_loss(outputs["logits"], outputs["labels"], outputs["task_ids"],
+                                                None, model.training)
+            loss = llm_loss
+            if outputs["tokenizer_loss"] is not None:
+                loss = loss + self.settings.reconstruction_weight * outputs["tokenizer_loss"]
+            if model.training:
+                self.tokens_seen += outputs["tokens"] * self.args.world_size
+                values = {"loss_llm": llm_loss, "tokenizer_loss": outputs["tokenizer_loss"],
+                          **{f"tokenizer_{name}": value for name, value in outputs["tokenizer_losses"].items()}}
+                for name, value in values.items():
+                    if value is not None:
+                        self._ett_sums[name] = self._ett_sums.get(name, 0.0) + float(value.detach())
+                self._ett_steps += 1
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self._ett_steps:
+                names = sorted(self._ett_sums)
+                means = torch.tensor([self._ett_sums[name] / self._ett_steps for name in names], dtype=torch.float64)
+                if self.args.world_size > 1:
+                    import torch.distributed as dist
+
+                    means = means.to(self.args.device)
+                    dist.all_reduce(means)
+                    means = means / self.args.world_size
+                logs.update({name: float(value) for name, value in zip(names, means.tolist())})
+                self._ett_sums, self._ett_steps = {}, 0
+            super().log(logs, start_time)
+
+    return ETTTrainer
+
+
+def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
+    from transformers import set_seed
+
+    from mllm.config import VISION_TOKENIZER_DIR
+    from mllm.lora import LoraSettings, add_lora
+    from mllm.model import UnifiedMLLM
+    from tokenizer_vision import DualCodebookTokenizer
+
+    # --- setup
+    settings = ETTSettings.from_dict(cfg.ett)
+    out = Path(cfg.out)
+    final = out / MODEL_DIR
+    if final.is_dir():  # written only when a run completes
+        print(f"already trained: {final} (delete it to retrain)")
+        return final
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(cfg.precision, device)
+    set_seed(cfg.seed)
+    tokenizer = DualCodebookTokenizer.from_pretrained(Path(cfg.model) / VISION_TOKENIZER_DIR,
+                                                      codebook_update="loss", restart_every=0)
+    model = UnifiedMLLM.from_pretrained(cfg.model, device="cpu", dtype="fp32", vision_tokenizer=tokenizer)
+    if model.config.embedding_mode != "codebook":
+        raise ValueError(f"{cfg.model} is a learned-mode model: ETT needs a codebook-mode model, whose image "
+                         "embeddings are projected from the tokenizer's codebooks (`mllm init --embedding codebook`)")
+    attention = set_training_attention(model.llm, cfg.attn_implementation)
+    llm_config = model.llm.config
+    llm_config.use_cache = False  # packed rows need it off (see training.train_llm), training needs no cache
+    pools = load_task_pools(cfg.data, cfg.tasks)
+    drawn = draw_conversations(pools, cfg.tasks, model.processor, cfg.cfg_dropout, cfg.num_samples, cfg.seed)
+    task_names = sorted(pools)
+    examples = [{"messages": messages, "task": task_names.index(task)} for task, messages in drawn]
+    ETTCollator(tokenizer.processor)(examples[:1])  # pre-tokenized shards fail here, before any training
+
+    if cfg.lora is not None:
+        add_lora(model, LoraSettings.from_dict(cfg.lora))  # freezes the tokenizer and projector: re-enabled below
+    elif cfg.freeze_llm:
+        freeze_all_but_new_rows(model)
+    model.vision_tokenizer.requires_grad_(False)
+    if settings.train_tokenizer:
+        for name in TOKENIZER_PARTS:
+            part = getattr(model.vision_tokenizer, name)
+            if part is not None:
+                part.requires_grad_(True)
+    model.projector.requires_grad_(True)
+    llm_params = [p for p in model.llm.parameters() if p.requires_grad] + list(model.projector.parameters())
+    tokenizer_params = [p for p in model.vision_tokenizer.parameters() if p.requires_grad]
+    param_groups = [{"params": llm_params, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}]
+    if tokenizer_params:
+        param_groups.append({"params": tokenizer_params, "lr": settings.tokenizer_learning_rate, "weight_decay": 0.0})
+    mode = "LoRA" if cfg.lora is not None else ("new rows only" if cfg.freeze_llm else "full")
+    counts = {task: sum(1 for t, _ in drawn if t == task) for task in task_names}
+    print(f"ett: {sum(p.numel() for p in llm_params) / 1e6:.2f}M trainable LLM + projector parameters ({mode}), "
+          f"{sum(p.numel() for p in tokenizer_params) / 1e6:.2f}M tokenizer parameters "
+          f"({'tuned' if settings.train_tokenizer else 'frozen'}), {len(examples)} examples {counts}, "
+          f"{precision} on {device}, {attention} attention")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "train_recipe.yaml")
+
+    max_length = cfg.max_length or model.context_length
+    wrapper = EndToEndModel(model, settings, cfg.packing, max_length)
+    args = training_arguments(cfg, out, precision, device, include_num_input_tokens_seen=False)
+    trainer_holder: list = []
+    metrics_logger, nan_guard = _callbacks(out / METRICS_NAME, tokens_seen=lambda state: trainer_holder[0].tokens_seen)
+    trainer = _make_ett_trainer_class()(
+        model=wrapper,
+        args=args,
+        train_dataset=examples,
+        data_collator=ETTCollator(tokenizer.processor),
+        callbacks=[metrics_logger, nan_guard],
+        task_names=task_names,
+        settings=settings,
+        param_groups=param_groups,
+    )
+    trainer_holder.append(trainer)
+
+    # --- train
+    trainer.train(resume_from_checkpoint=resume_checkpoint(out, resume))
+    raise_if_stopped_on_nan(nan_guard, out)
+
+    # --- save
+    model.eval()
+    model.vision_tokenizer.eval()
+    llm_config.use_cache = True
+    restore_inference_attention(model.llm)
+    if cfg.lora is not None:
+        model.llm.save_pretrained(out / ADAPTER_DIR)
+        model.merge_adapter()
+    model.save_pretrained(final, bake=settings.bake)
+    print(f"saved {final}")
+    return final
+
+
+__all__ = ["ETTCollator", "ETTSettings", "EndToEndModel", "bind_codes", "main"]
