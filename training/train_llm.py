@@ -606,9 +606,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = [f"model={args.model}", f"data={args.data}", f"out={args.out}", *args.set]
+    cfg = load_config(LLMTrainConfig, args.recipe, overrides)
     if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
-    main(load_config(LLMTrainConfig, args.recipe, overrides), resume=args.resume)
+        if args.max_steps <= 0:
+            raise SystemExit("mllm train: --max-steps must be positive")
+        # A shortened run keeps the recipe's shape: warmup shrinks with it (unless --set warmup_steps=...),
+        # so a 100-step run does not spend all of it warming up towards a peak it never reaches.
+        set_keys = {item.split("=", 1)[0].strip() for item in args.set}
+        if "warmup_steps" not in set_keys and args.max_steps < cfg.max_steps:
+            warmup = round(cfg.warmup_steps * args.max_steps / cfg.max_steps)
+            print(f"--max-steps {args.max_steps} (recipe: {cfg.max_steps}): warmup_steps {cfg.warmup_steps} -> {warmup}")
+            cfg.warmup_steps = warmup
+        cfg.max_steps = args.max_steps
+    main(cfg, resume=args.resume)
     return 0
 
 

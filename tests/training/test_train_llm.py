@@ -296,3 +296,19 @@ def test_align_trains_only_the_new_vocabulary_rows(tiny, loaded, tmp_path):
         else:
             assert torch.equal(a, b), f"{name} changed"
     assert changed_rows, "the new vocabulary rows did not train"
+
+
+def test_max_steps_shortens_warmup_with_the_run_unless_it_is_set(monkeypatch, tmp_path):
+    import argparse
+
+    import training.train_llm as recipe
+
+    seen = []
+    monkeypatch.setattr(recipe, "main", lambda cfg, resume=False: seen.append(cfg))
+    parser = argparse.ArgumentParser()
+    recipe.add_arguments(parser)
+    base = ["--recipe", "shapes-pretrain", "--model", "m", "--data", "d", "--out", str(tmp_path)]
+    recipe.run(parser.parse_args([*base, "--max-steps", "200"]))  # the recipe: 2000 steps, 100 of warmup
+    recipe.run(parser.parse_args([*base, "--max-steps", "200", "--set", "warmup_steps=30"]))
+    recipe.run(parser.parse_args([*base, "--max-steps", "4000"]))
+    assert [(c.max_steps, c.warmup_steps) for c in seen] == [(200, 10), (200, 30), (4000, 100)]
