@@ -72,7 +72,19 @@ def test_lora_run_lowers_loss_and_saves_an_adapter_that_reloads(tiny, tmp_path):
     losses = _losses(tmp_path / "run")
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
-    UnifiedMLLM.from_pretrained(tiny[0], adapter=final, device="cpu")
+    # The adapter loads with plain peft onto the base's llm/ and gives the logits mllm's loader gives.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = UnifiedMLLM.from_pretrained(tiny[0], adapter=final, device="cpu")
+    base = AutoModelForCausalLM.from_pretrained(tiny[0] / "llm", local_files_only=True)
+    input_ids = torch.tensor([[1, 5, 9, model.config.image_offset + 3, 7]])
+    with torch.no_grad():
+        untuned = base(input_ids=input_ids).logits
+        plain = PeftModel.from_pretrained(base, final).eval()(input_ids=input_ids).logits
+        ours = model(input_ids=input_ids).logits
+    torch.testing.assert_close(plain, ours, atol=1e-6, rtol=0)
+    assert (plain - untuned).abs().max() > 1e-3  # and the adapter does change them
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "packed_eager"])

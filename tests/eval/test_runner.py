@@ -1,0 +1,129 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval import runner
+from eval.suites import get_suite, suite_names
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from mllm.init import init_model
+
+    return init_model("tiny", "tiny", tmp_path_factory.mktemp("eval") / "model", seed=0)
+
+
+def _args(model_dir, out, **overrides):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    argv = ["--model", str(model_dir), "--suite", "shapes-vqa", "--out", str(out), "--limit", "24",
+            "--batch-size", "5", "--no-progress"]
+    args = parser.parse_args(argv)
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def _ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+def test_registry_finds_suites_by_name():
+    assert {"shapes-vqa", "shapes-caption"} <= set(suite_names())
+    assert get_suite("shapes-vqa").kind == "answer"
+    with pytest.raises(ValueError, match="unknown suite 'nope'; available:"):
+        get_suite("nope")
+
+
+def test_interrupted_run_resumes_with_every_id_once(model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_predict, calls = runner._predict, []
+
+    def predict_then_die(suite, model, batch, out_dir, args):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while the third batch was being generated
+        return real_predict(suite, model, batch, out_dir, args)
+
+    monkeypatch.setattr(runner, "_predict", predict_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate(_args(model_dir, out))
+    monkeypatch.setattr(runner, "_predict", real_predict)
+    predictions = out / runner.PREDICTIONS_NAME
+    assert len(_ids(predictions)) == 10  # two batches of 5 made it to disk
+    with open(predictions, "a") as handle:  # and a line cut short by the kill
+        handle.write('{"id": "00000000-0", "ans')
+
+    results = runner.evaluate(_args(model_dir, out))
+    assert "10 predictions already in" in capsys.readouterr().out
+    ids = _ids(predictions)
+    items = get_suite("shapes-vqa").load_items(None, 24)
+    assert sorted(ids) == sorted(item.id for item in items)  # each once: none lost, none duplicated
+    assert results["count"] == 24
+    saved = json.loads((out / runner.RESULTS_NAME).read_text())
+    assert saved["suite"] == "shapes-vqa" and saved["count"] == 24
+    assert (out / runner.TABLE_NAME).read_text().startswith("### shapes-vqa")
+
+    # a finished run restarted does nothing but score again
+    runner.evaluate(_args(model_dir, out))
+    assert sorted(_ids(predictions)) == sorted(ids)
+
+
+def test_eval_score_rescoring_matches_and_prints_the_primary_metric_last(model_dir, tmp_path, capsys):
+    import argparse
+
+    out = tmp_path / "run"
+    results = runner.evaluate(_args(model_dir, out))
+    # Replace half the answers by the truth: the score must follow the file, not the model.
+    items = {item.id: item for item in get_suite("shapes-vqa").load_items(None, 24)}
+    lines = [json.loads(line) for line in (out / runner.PREDICTIONS_NAME).read_text().splitlines()]
+    for record in lines[:12]:
+        record["answer"] = items[record["id"]].meta["answer"].upper() + "."  # case and period do not count
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    capsys.readouterr()
+
+    parser = argparse.ArgumentParser()
+    runner.add_score_arguments(parser)
+    rescored = runner.score_file(parser.parse_args(["--suite", "shapes-vqa", "--predictions", str(edited)]))
+    printed = capsys.readouterr().out.strip().splitlines()
+    correct = sum(str(r["answer"]).lower().rstrip(".") == items[r["id"]].meta["answer"] for r in lines)
+    assert rescored["metrics"]["accuracy"] == pytest.approx(100 * correct / 24)
+    assert correct >= 12 and rescored["metrics"]["accuracy"] >= results["metrics"]["accuracy"]
+    assert printed[-1] == f"accuracy {100 * correct / 24:.2f}"
+
+
+def test_shapes_caption_reads_captions_back_with_the_judge():
+    from eval.suites.shapes import caption_matches
+
+    scene = {"seed": 0, "objects": [{"color": "red", "shape": "circle", "size": "large", "cell": "top left"},
+                                    {"color": "blue", "shape": "square", "size": "small", "cell": "center"}]}
+    assert caption_matches("a large red circle at the top left and a small blue square at the center", scene) \
+        == (True, True)
+    assert caption_matches("a small blue square in the middle and a small red circle at the top left.", scene) \
+        == (True, False)  # order free; a wrong size only spoils the exact match
+    assert caption_matches("a large red circle at the top left", scene) == (False, False)  # one missing
+    assert caption_matches("a red circle at the top right and a blue square at the center", scene) \
+        == (False, False)
+    assert caption_matches("two shapes", scene) == (False, False)
+
+
+def test_two_processes_share_the_work_and_the_file(model_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "eval.runner", "--model", str(model_dir), "--suite", "shapes-vqa", "--out", str(out),
+               "--limit", "14", "--batch-size", "3", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = _ids(out / runner.PREDICTIONS_NAME)
+    assert len(ids) == 14 and len(set(ids)) == 14
+    assert json.loads((out / runner.RESULTS_NAME).read_text())["count"] == 14
