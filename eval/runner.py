@@ -159,6 +159,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.model is None:
         raise SystemExit("mllm eval: --model is required")
     items = suite.load_items(args.data, args.limit)
+    if suite.kind == "answer" and any(not item.prompt for item in items):
+        raise SystemExit(f"mllm eval: some {args.suite} items have no question text (is the questions file "
+                         f"missing from {args.data}?); a model needs them, `mllm eval-score` does not")
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"suite {args.suite}: item ids are not unique in {args.data}")
