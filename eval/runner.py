@@ -148,6 +148,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = parse_options(args.option)
+    suite.configure(options)
     started = time.time()
     if suite.kind == "custom":
         results = suite.run(args, out)
@@ -261,6 +262,8 @@ def score_file(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.predictions)
     if not path.is_file():
         raise SystemExit(f"mllm eval-score: no predictions file {path}")
+    options = parse_options(args.option)
+    suite.configure(options)
     items = suite.load_items(args.data, None)
     predictions: dict[str, dict] = {}
     for record in suite.read_predictions(path):
@@ -268,7 +271,7 @@ def score_file(args: argparse.Namespace) -> dict[str, Any]:
     known = {item.id for item in items}
     unknown = len(set(predictions) - known)
     results = suite.score({k: v for k, v in predictions.items() if k in known}, items,
-                          ScoreContext(out=path.parent, data=args.data, options=parse_options(args.option)))
+                          ScoreContext(out=path.parent, data=args.data, options=options))
     if unknown:
         results.setdefault("notes", []).append(f"{unknown} predictions have ids not in the data; ignored")
     print(format_table(args.suite, results))

@@ -53,6 +53,9 @@ class Suite:
     images_per_prompt: int = 1  # draw suites
     needs_data: bool = True  # False: the suite builds its own items when --data is omitted (shapes suites)
 
+    def configure(self, options: dict[str, str]) -> None:
+        """Apply `--option KEY=VALUE` settings (strings) before items are read; unknown keys are ignored."""
+
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         """The suite's items in a fixed order (the first `limit` when given)."""
         raise NotImplementedError
