@@ -127,3 +127,35 @@ def test_two_processes_share_the_work_and_the_file(model_dir, tmp_path):
     ids = _ids(out / runner.PREDICTIONS_NAME)
     assert len(ids) == 14 and len(set(ids)) == 14
     assert json.loads((out / runner.RESULTS_NAME).read_text())["count"] == 14
+
+
+def test_sigkilled_eval_restarts_and_scores_every_id_once(model_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "mllm.cli", "eval", "--model", str(model_dir), "--suite", "shapes-vqa",
+               "--out", str(out), "--limit", "600", "--batch-size", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    predictions = out / runner.PREDICTIONS_NAME
+    try:
+        deadline = time.time() + 120
+        while process.poll() is None and time.time() < deadline:
+            if predictions.is_file() and predictions.read_text().count("\n") >= 20:
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / runner.RESULTS_NAME).exists()
+    before = len(predictions.read_text().splitlines())
+    assert 0 < before < 600
+
+    restarted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    ids = _ids(predictions)
+    assert len(ids) == 600 and len(set(ids)) == 600
+    assert json.loads((out / runner.RESULTS_NAME).read_text())["count"] == 600
+    assert restarted.stdout.strip().splitlines()[-1].startswith("accuracy ")
