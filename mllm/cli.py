@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "draw": ("mllm.commands.draw", "draw image(s) from a text prompt with a model folder"),
     "train": ("training.train_llm", "train the unified model with a staged recipe (align, pretrain, sft, ett; LoRA, QLoRA or full)"),
     "merge": ("mllm.merge", "base model folder + LoRA adapter -> full model folder"),
+    "chat": ("mllm.commands.chat", "chat with a model in the terminal (/image PATH, /draw PROMPT, /reset, /quit)"),
+    "serve": ("serve.cli", "OpenAI-compatible HTTP server (chat completions with images, image generation) + web chat"),
     "eval": ("eval.runner", "run a model over an evaluation suite (VQA, captioning, generation); resumable"),
     "eval-score": ("eval.score", "score a predictions file with a suite's official rules, without a model"),
 }

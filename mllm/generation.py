@@ -307,10 +307,15 @@ def _generate_ids(
     stop,
     stop_ids,
     allow_boi,
+    streamer=None,
+    stopping_criteria=None,
 ) -> list[list[int]]:
     """`model.llm.generate()` for text: image ids (and <|boi|> unless allowed) suppressed.
 
-    Returns the new ids of each row up to and including the first stop id.
+    Returns the new ids of each row up to and including the first stop id. `streamer` (a transformers
+    BaseStreamer: `put` gets the prompt, then each step's (B,) new ids) and `stopping_criteria` (a
+    StoppingCriteriaList, e.g. per-row budgets or cancellation) are passed to `generate` (the server's
+    engine uses them).
     """
     config = model.config
     vocab_rows = model.llm.get_output_embeddings().weight.shape[0]
@@ -338,6 +343,8 @@ def _generate_ids(
             [SuppressTokensLogitsProcessor(suppressed, device=input_ids.device)]
         ),
         tokenizer=model.processor.text_tokenizer,  # read by the stop-string criterion only
+        streamer=streamer,
+        stopping_criteria=stopping_criteria,
     )
     new_rows = []
     for row in output[:, input_ids.shape[1] :].tolist():
