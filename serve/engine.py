@@ -1,0 +1,342 @@
+"""The serving engine: one worker thread owns the model; requests are queued and batched dynamically.
+
+    HTTP handlers --submit(job)--> bounded queue --worker--> batches --> results / stream deltas
+
+The worker takes the first waiting job, then keeps collecting for `batch_window_s` (or until `max_batch`
+rows), and runs what it collected in as few forward passes as the jobs allow:
+
+- chat jobs whose sampling settings agree (greedy ones always agree; sampled ones when temperature,
+  top_p and stop strings match and no seed is asked for) share one `generate()` call: their prompts are
+  left-padded into one batch, each row stops at its own end of turn, its own `max_tokens` budget
+  (`_RowLimits`) or when its client went away; a streamed job gets its tokens as they are produced
+  (`_RowStreamer`). A row that starts an image (`<|boi|>`) is finished by `mllm.generation.chat` on its
+  own (text, the drawn image, more text), since drawing is the rare case in a chat.
+- image jobs with the same guidance scale share one `generate_images` call (one row per image, seeded
+  per image), whatever their prompts and counts.
+
+The queue is bounded (`queue_size`): a full queue refuses new jobs (`QueueFull`, HTTP 429). A job can
+be cancelled at any time (`job.cancel()`, e.g. when its client disconnects): a waiting job is dropped, a
+running row stops at the next token. `stats` counts requests, batches and the largest batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class QueueFull(Exception):
+    """The engine's queue is full: the client should retry later (HTTP 429)."""
+
+
+class Cancelled(Exception):
+    """The job was cancelled (its client disconnected)."""
+
+
+@dataclass(eq=False)
+class ChatJob:
+    messages: list[dict]
+    max_tokens: int | None
+    temperature: float
+    top_p: float | None
+    seed: int | None
+    stop: list[str]
+    n: int = 1
+    guidance_scale: float = 3.0
+    on_delta: Callable[[int, str], None] | None = None  # (choice index, new text), called from the worker
+    # filled by the engine
+    result: list[dict] | None = None  # per choice: {"text", "images", "finish_reason", "completion_tokens"}
+    prompt_tokens: int = 0
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass(eq=False)
+class ImageJob:
+    prompt: str
+    n: int = 1
+    guidance_scale: float = 3.0
+    seed: int | None = None
+    result: list | None = None  # PIL images
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, batch_window_s: float = 0.02, queue_size: int = 64,
+                 default_max_tokens: int = 256) -> None:
+        self.model = model  # mllm.api.MLLM
+        self.max_batch, self.batch_window_s, self.default_max_tokens = max_batch, batch_window_s, default_max_tokens
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "max_batch": 0, "batch_sizes": Counter(),
+                                      "cancelled": 0, "errors": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mllm-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ client side
+    def submit(self, job: ChatJob | ImageJob) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"the server is busy ({self._queue.maxsize} requests waiting); retry later") from None
+        self.stats["requests"] += 1
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def snapshot(self) -> dict[str, Any]:
+        stats = dict(self.stats)
+        stats["batch_sizes"] = {str(k): v for k, v in sorted(self.stats["batch_sizes"].items())}
+        stats["waiting"] = self.waiting
+        return stats
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            jobs = [first]
+            deadline = time.monotonic() + self.batch_window_s
+            while sum(_rows(job) for job in jobs) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    jobs.append(self._queue.get(timeout=remaining))
+                except queue.Empty:
+                    break
+            live = []
+            for job in jobs:
+                if job.cancelled.is_set():
+                    self.stats["cancelled"] += 1
+                    job.error = Cancelled()
+                    job.done.set()
+                else:
+                    live.append(job)
+            for group in _groups(live, self.max_batch):
+                self._run(group)
+
+    def _run(self, group: list) -> None:
+        self.stats["batches"] += 1
+        size = sum(_rows(job) for job in group)
+        self.stats["batch_sizes"][size] += 1
+        self.stats["max_batch"] = max(self.stats["max_batch"], size)
+        try:
+            with torch.inference_mode():
+                if isinstance(group[0], ImageJob):
+                    self._run_images(group)
+                else:
+                    self._run_chat(group)
+        except ValueError as error:
+            if len(group) > 1:  # one bad request (e.g. a prompt over the context) must not fail the others
+                for job in group:
+                    if not job.done.is_set():
+                        self._run([job])
+                return
+            self._fail(group, error)
+        except BaseException as error:  # noqa: BLE001 - every job of the group gets the error; the worker lives on
+            self._fail(group, error)
+
+    def _fail(self, group: list, error: BaseException) -> None:
+        self.stats["errors"] += 1
+        for job in group:
+            if not job.done.is_set():
+                job.error = error
+                job.done.set()
+
+    def _run_images(self, jobs: list[ImageJob]) -> None:
+        from mllm.generation import generate_images
+
+        prompts, seeds = [], []
+        for job in jobs:
+            base = job.seed if job.seed is not None else random.randrange(2**31 - 1 - job.n)
+            prompts += [job.prompt] * job.n
+            seeds += [base + k for k in range(job.n)]
+        codes = generate_images(self.model.model, prompts, 1, jobs[0].guidance_scale, seed=seeds)
+        images = self.model.model.vision_tokenizer.decode_images(torch.stack([c[0] for c in codes]))
+        start = 0
+        for job in jobs:
+            job.result = images[start:start + job.n]
+            start += job.n
+            job.done.set()
+
+    def _run_chat(self, jobs: list[ChatJob]) -> None:
+        from transformers import StoppingCriteriaList
+
+        from mllm.generation import _encode_prompts, _finish_text, _generate_ids, chat
+
+        model = self.model.model
+        config = model.config
+        rows = [(job, choice) for job in jobs for choice in range(job.n)]
+        conversations = [job.messages for job, _ in rows]
+        batch = _encode_prompts(model, conversations)
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        room = model.context_length - batch["input_ids"].shape[1]
+        budgets = [min(job.max_tokens or self.default_max_tokens, room) for job, _ in rows]
+        for (job, _), length in zip(rows, lengths):
+            job.prompt_tokens = int(length)
+        first = jobs[0]
+        streamer = _RowStreamer(model, [job.on_delta for job, _ in rows], [choice for _, choice in rows], first.stop)
+        limits = _RowLimits(budgets, [job.cancelled for job, _ in rows], batch["input_ids"].shape[1])
+        if first.seed is not None:
+            torch.manual_seed(first.seed)  # a seeded job runs alone (see _groups)
+        new_ids = _generate_ids(model, batch["input_ids"], batch["attention_mask"], max(budgets), first.temperature,
+                                None, first.top_p, first.stop, stop_ids=[config.end_of_turn_token_id,
+                                                                          config.boi_token_id],
+                                allow_boi=True, streamer=streamer, stopping_criteria=StoppingCriteriaList([limits]))
+        results: dict[int, list] = {id(job): [None] * job.n for job in jobs}
+        for row, ((job, choice), ids, budget) in enumerate(zip(rows, new_ids, budgets)):
+            if job.cancelled.is_set():
+                results[id(job)][choice] = None
+                continue
+            if ids and ids[-1] == config.boi_token_id:  # the model starts drawing: finish this row alone
+                reply = chat(model, job.messages, max_new_tokens=budget, temperature=job.temperature,
+                             top_p=job.top_p, stop=job.stop or None, seed=job.seed,
+                             guidance_scale=job.guidance_scale)
+                images = reply["images"]
+                text = reply["text"]
+                tokens = len(ids) + len(images) * (config.image_tokens_per_image + 2)
+                finish = "stop"
+                streamed = streamer.text(row)
+                if job.on_delta is not None and text.startswith(streamed) and len(text) > len(streamed):
+                    job.on_delta(choice, text[len(streamed):])
+            else:
+                text, images, tokens = _finish_text(model, ids, job.stop), [], len(ids)
+                finished = bool(ids) and ids[-1] == config.end_of_turn_token_id
+                stopped = any(s in model.processor.decode_text(ids) for s in job.stop)
+                finish = "stop" if finished or stopped else "length"
+            results[id(job)][choice] = {"text": text, "images": images, "finish_reason": finish,
+                                        "completion_tokens": tokens}
+        for job in jobs:
+            if job.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                job.error = Cancelled()
+            else:
+                job.result = results[id(job)]
+            job.done.set()
+
+
+def _rows(job) -> int:
+    return job.n
+
+
+def _key(job) -> tuple:
+    if isinstance(job, ImageJob):
+        return ("image", job.guidance_scale)
+    if job.seed is not None:
+        return ("seeded", id(job))  # its own RNG stream: never shares a batch
+    if job.temperature == 0:
+        return ("greedy", tuple(job.stop))
+    return ("sampled", job.temperature, job.top_p, tuple(job.stop))
+
+
+def _groups(jobs: list, max_batch: int) -> list[list]:
+    """Jobs that can share a forward pass, in arrival order, each group at most `max_batch` rows."""
+    groups: dict[tuple, list[list]] = {}
+    order: list[list] = []
+    for job in jobs:
+        chunks = groups.setdefault(_key(job), [])
+        if not chunks or sum(_rows(j) for j in chunks[-1]) + _rows(job) > max_batch:
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(job)
+    return order
+
+
+class _RowLimits:
+    """Stopping criterion: row r is done after budgets[r] new tokens, or once its job is cancelled."""
+
+    def __init__(self, budgets: list[int], cancelled: list[threading.Event], prompt_length: int) -> None:
+        self.budgets = torch.tensor(budgets)
+        self.cancelled, self.prompt_length = cancelled, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        produced = input_ids.shape[1] - self.prompt_length
+        done = self.budgets.to(input_ids.device) <= produced
+        flags = torch.tensor([event.is_set() for event in self.cancelled], device=input_ids.device)
+        return done | flags
+
+
+class _RowStreamer:
+    """transformers streamer for a batch: after the prompt, each `put` brings one new id per row; the
+    row's newly decodable text goes to its job's `on_delta(choice, text)`. Text is decoded from the row's
+    ids so far (multi-token characters come out whole; image ids and special tokens decode to nothing),
+    cut at the first stop string, and the last len(longest stop) - 1 characters are held back until the
+    row ends, so a stop string is never sent in part."""
+
+    def __init__(self, model, callbacks: list, choices: list[int], stop: list[str]) -> None:
+        self.model, self.callbacks, self.choices, self.stop = model, callbacks, choices, list(stop)
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[list[int]] = [[] for _ in callbacks]
+        self.sent: list[str] = ["" for _ in callbacks]
+        self.finished = [False for _ in callbacks]
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        config = self.model.config
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.finished[row]:
+                continue
+            if token in (config.end_of_turn_token_id, config.boi_token_id):
+                self._flush(row, final=True)
+                continue
+            self.ids[row].append(token)
+            self._flush(row, final=False)
+
+    def end(self) -> None:
+        for row in range(len(self.callbacks)):
+            if not self.finished[row]:
+                self._flush(row, final=True)
+
+    def _flush(self, row: int, final: bool) -> None:
+        if final:
+            self.finished[row] = True
+        if self.callbacks[row] is None:
+            return
+        text = self.model.processor.decode_text(self.ids[row]).lstrip()
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            text, final = text[:cut], True
+            self.finished[row] = True
+        if not final:
+            if text.endswith("\ufffd"):
+                return
+            text = text[: len(text) - self.holdback] if self.holdback else text
+        if final:
+            text = text.rstrip()
+        if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]):
+            self.callbacks[row](self.choices[row], text[len(self.sent[row]):])
+            self.sent[row] = text
+
+    def text(self, row: int) -> str:
+        return self.sent[row]
+
+
+__all__ = ["Cancelled", "ChatJob", "Engine", "ImageJob", "QueueFull"]

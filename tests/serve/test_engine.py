@@ -1,0 +1,97 @@
+import pytest
+
+from serve.engine import Cancelled, ChatJob, Engine, ImageJob, _groups
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    import mllm
+    from mllm.init import init_model
+
+    return mllm.load(init_model("tiny", "tiny", tmp_path_factory.mktemp("engine") / "m", seed=0), device="cpu")
+
+
+def _chat(text: str, **overrides) -> ChatJob:
+    values = {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}], "max_tokens": 6,
+              "temperature": 0.0, "top_p": None, "seed": None, "stop": []}
+    return ChatJob(**{**values, **overrides})
+
+
+def _wait(*jobs) -> None:
+    for job in jobs:
+        assert job.done.wait(120)
+
+
+def test_grouping_rules():
+    greedy = [_chat(str(i)) for i in range(3)]
+    seeded = [_chat("s", temperature=0.8, seed=1), _chat("s", temperature=0.8, seed=1)]
+    sampled = [_chat("t", temperature=0.8), _chat("t", temperature=0.8), _chat("t", temperature=0.7)]
+    images = [ImageJob("a red circle", n=2), ImageJob("a blue square", n=3), ImageJob("x", guidance_scale=1.0)]
+    groups = _groups(greedy + seeded + sampled + images, max_batch=4)
+    as_sets = [set(map(id, group)) for group in groups]
+    assert set(map(id, greedy)) in as_sets  # greedy jobs always share a pass
+    assert {id(seeded[0])} in as_sets and {id(seeded[1])} in as_sets  # a seed needs its own RNG stream
+    assert set(map(id, sampled[:2])) in as_sets and {id(sampled[2])} in as_sets
+    assert {id(images[0])} in as_sets and {id(images[1])} in as_sets  # 2 + 3 rows > max_batch 4
+    assert {id(images[2])} in as_sets  # another guidance scale
+    assert all(sum(job.n for job in group) <= 4 for group in groups)
+
+
+def test_batched_answers_equal_single_answers_and_a_bad_prompt_fails_alone(model):
+    engine = Engine(model, max_batch=8, batch_window_s=0.2)
+    try:
+        alone = _chat("red circle")
+        engine.submit(alone)
+        _wait(alone)
+        jobs = [_chat(text) for text in ("red circle", "blue square", "green triangle")]
+        too_long = _chat("red circle " * 2000)
+        for job in [*jobs, too_long]:
+            engine.submit(job)
+        _wait(*jobs, too_long)
+        assert engine.stats["max_batch"] >= 3
+        assert jobs[0].result[0]["text"] == alone.result[0]["text"]
+        assert all(job.error is None and job.result for job in jobs)
+        assert isinstance(too_long.error, ValueError) and "context length" in str(too_long.error)
+    finally:
+        engine.close()
+
+
+def test_cancelling_a_running_job_stops_it_at_the_next_token(model):
+    engine = Engine(model, max_batch=8, batch_window_s=0.0)
+    try:
+        received = []
+        job = _chat("hello", max_tokens=400, stop=["zzzzzz"])
+
+        def on_delta(choice: int, text: str) -> None:
+            received.append(text)
+            job.cancel()  # as when the client disconnects after the first chunk
+
+        job.on_delta = on_delta
+        engine.submit(job)
+        _wait(job)
+        assert isinstance(job.error, Cancelled) and engine.stats["cancelled"] == 1
+        assert len(received) <= 3  # stopped right away, not after 400 tokens
+        waiting = _chat("never run")
+        waiting.cancel()  # cancelled while still queued: dropped without running
+        engine.submit(waiting)
+        _wait(waiting)
+        assert isinstance(waiting.error, Cancelled) and waiting.result is None
+    finally:
+        engine.close()
+
+
+def test_image_jobs_share_one_pass_and_keep_their_seeds(model):
+    engine = Engine(model, max_batch=8, batch_window_s=0.2)
+    try:
+        first, second = ImageJob("a red circle", n=2, seed=5), ImageJob("a blue square", n=1, seed=9)
+        engine.submit(first)
+        engine.submit(second)
+        _wait(first, second)
+        assert engine.stats["max_batch"] == 3 and engine.stats["batches"] == 1
+        again = ImageJob("a red circle", n=2, seed=5)
+        engine.submit(again)
+        _wait(again)
+        assert [image.tobytes() for image in again.result] == [image.tobytes() for image in first.result]
+        assert len(second.result) == 1
+    finally:
+        engine.close()
