@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import time
 import uuid
@@ -54,9 +55,17 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
     name = model_name or (Path(model_dir).name if model_dir else "mllm")
     engine = Engine(model, max_batch=max_batch, batch_window_s=batch_window_s, queue_size=queue_size,
                     default_max_tokens=default_max_tokens)
-    app = FastAPI(title="mllm", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.close()
+
+    app = FastAPI(title="mllm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine, app.state.limits, app.state.model_name = engine, limits, name
     tokens_per_image = model.model.config.image_tokens_per_image + 2
+    # The processor's own resize + crop, applied as soon as an image is decoded: a queued request then
+    # holds S x S pixels per image, not the client's full-size upload (memory stays bounded).
+    shrink = model.model.vision_tokenizer.processor.resize_and_crop
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
@@ -72,10 +81,6 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"error": {"message": f"internal error: {type(error).__name__}: {error}",
                                        "type": "server_error", "param": None, "code": None}}, status_code=500)
-
-    @app.on_event("shutdown")
-    def _shutdown() -> None:
-        engine.close()
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -100,7 +105,7 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
         authorize(request)
         payload = parse_json_body(await _read_body(request, limits), limits)
         # Image decoding (and a remote fetch, when allowed) blocks: off the event loop.
-        chat = await asyncio.to_thread(parse_chat_request, payload, limits)
+        chat = await asyncio.to_thread(_parse_chat, payload, limits, shrink)
         job = ChatJob(messages=chat.messages, max_tokens=chat.max_tokens, temperature=chat.temperature,
                       top_p=chat.top_p, seed=chat.seed, stop=chat.stop, n=chat.n, guidance_scale=chat.guidance_scale)
         created, completion_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
@@ -155,6 +160,15 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def _parse_chat(payload, limits: Limits, shrink):
+    chat = parse_chat_request(payload, limits)
+    for message in chat.messages:
+        for part in message["content"]:
+            if part.get("type") == "image":
+                part["image"] = shrink(part["image"])
+    return chat
+
+
 async def _read_body(request: Request, limits: Limits) -> bytes:
     """The body, refused with a 413 as soon as it exceeds the limit (never read whole first)."""
     declared = request.headers.get("content-length", "")
