@@ -27,28 +27,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Until the unified-model stages land (`mllm demo`), the demo runs the stages that exist:
-# data -> teacher -> tokenizer -> tokenizer evaluation. Each stage is a file target, so a rerun
-# skips what is complete and a killed stage resumes.
-demo: $(VENV)/.installed $(DEMO_OUT)/tokenizer/eval/results.json
-	@echo "Demo stages done: data, teacher, tokenizer (see $(DEMO_OUT)/tokenizer/eval/)."
-	@echo "The unified-model stages (mllm init/train/eval/serve) are not in this release yet."
-
-$(DEMO_OUT)/data/train/index.json: | $(VENV)/.installed
-	$(BIN)/mllm data shapes --out $(DEMO_OUT)/data/train --n 20000 --seed 0 --overwrite
-
-$(DEMO_OUT)/data/test/index.json: | $(VENV)/.installed
-	$(BIN)/mllm data shapes --out $(DEMO_OUT)/data/test --n 1000 --seed 0 --split test --overwrite
-
-$(DEMO_OUT)/teacher/model.safetensors: $(DEMO_OUT)/data/train/index.json
-	$(BIN)/mllm train-teacher --data $(DEMO_OUT)/data/train --out $(DEMO_OUT)/teacher
-
-$(DEMO_OUT)/tokenizer/model.safetensors: $(DEMO_OUT)/teacher/model.safetensors
-	$(BIN)/mllm train-tokenizer --data $(DEMO_OUT)/data/train --out $(DEMO_OUT)/tokenizer \
-		--teacher $(DEMO_OUT)/teacher --resume
-
-$(DEMO_OUT)/tokenizer/eval/results.json: $(DEMO_OUT)/tokenizer/model.safetensors $(DEMO_OUT)/data/test/index.json
-	$(BIN)/mllm eval-tokenizer --tokenizer $(DEMO_OUT)/tokenizer --data $(DEMO_OUT)/data/test
+# The whole pipeline (mllm demo): data -> teacher -> tokenizer -> model (pretrain, sft) -> evaluation ->
+# runs/demo/report.md. Each stage is skipped when its output is complete, so a rerun resumes.
+demo: $(VENV)/.installed
+	$(BIN)/mllm demo --out $(DEMO_OUT)
 
 test: $(VENV)/.installed-dev
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q

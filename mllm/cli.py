@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("mllm.merge", "base model folder + LoRA adapter -> full model folder"),
     "chat": ("mllm.commands.chat", "chat with a model in the terminal (/image PATH, /draw PROMPT, /reset, /quit)"),
     "serve": ("serve.cli", "OpenAI-compatible HTTP server (chat completions with images, image generation) + web chat"),
+    "demo": ("mllm.demo", "the whole pipeline on the shapes world: data, tokenizer, model, evaluation, report"),
     "eval": ("eval.runner", "run a model over an evaluation suite (VQA, captioning, generation); resumable"),
     "eval-score": ("eval.score", "score a predictions file with a suite's official rules, without a model"),
 }

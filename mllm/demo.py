@@ -1,0 +1,327 @@
+"""`mllm demo --out DIR [--minutes M] [--size shapes|tiny]`: the whole pipeline on the shapes world.
+
+    data (train + held-out test scenes) -> teacher -> dual-codebook tokenizer -> tokenizer metrics
+    -> mllm init -> pretokenize -> shapes-pretrain -> shapes-sft (LoRA) -> merge
+    -> shapes-vqa, shapes-caption, shapes-t2i -> DIR/report.md + DIR/report.png
+
+Every stage runs the project's own command (`mllm data`, `mllm train-teacher`, ... in this process) and
+writes under DIR; a stage whose output is complete is skipped, training stages resume from their last
+checkpoint, so a killed demo continues where it stopped. `--minutes` scales the four training stages'
+step counts from the plan of `--size` (the plan is sized for 2 CPU cores); `tiny` is a minute-sized run
+for tests. Stage wall times go to DIR/stages.json; the report shows the results next to the quality bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+# The quality bars of the demo (held-out scenes): (results file, metric, minimum, label).
+BARS = (
+    ("eval/shapes-vqa", "accuracy", 90.0, "VQA accuracy (shapes-vqa)"),
+    ("eval/shapes-caption", "objects_right", 70.0, "caption: every object's colour, shape and position right"),
+    ("eval/shapes-t2i", "accuracy_single_object", 80.0, "drawing 'a {colour} {shape}' judged correct"),
+    ("eval/shapes-t2i", "accuracy_position", 60.0, "drawing '... at the <position>' judged correct"),
+    ("eval/tokenizer", "judge_agreement", 95.0, "tokenizer: judge agreement original vs reconstruction"),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the demo trains and evaluates; `minutes` is the wall time the plan is sized for."""
+
+    llm: str = "shapes"
+    tokenizer: str = "shapes"
+    image_size: int = 64
+    train_scenes: int = 20000
+    test_scenes: int = 1000
+    teacher_steps: int = 400
+    tokenizer_steps: int = 1300
+    pretrain_steps: int = 1500
+    sft_steps: int = 500
+    vqa_items: int = 1000
+    caption_items: int = 300
+    t2i_prompts: int = 162
+    t2i_seeds: int = 2
+    minutes: float = 20.0
+    teacher_overrides: tuple[str, ...] = ()
+    tokenizer_overrides: tuple[str, ...] = ()
+    llm_overrides: tuple[str, ...] = ()
+
+
+PLANS = {
+    "shapes": Plan(),
+    # Tests: every stage for real, on tiny models and a few scenes (about a minute on 2 cores).
+    "tiny": Plan(llm="tiny", tokenizer="tiny", image_size=32, train_scenes=96, test_scenes=12, teacher_steps=4,
+                 tokenizer_steps=4, pretrain_steps=4, sft_steps=3, vqa_items=12, caption_items=6, t2i_prompts=5,
+                 t2i_seeds=1, minutes=1.0,
+                 teacher_overrides=("image_size=32", "vision_hidden_size=32", "vision_layers=1", "vision_heads=2",
+                                    "text_hidden_size=32", "text_layers=1", "text_heads=2", "projection_dim=32",
+                                    "batch_size=16", "warmup_steps=1", "log_every=1"),
+                 tokenizer_overrides=("size=tiny", "batch_size=8", "warmup_steps=1", "log_every=1", "save_every=2"),
+                 llm_overrides=("per_device_batch_size=4", "logging_steps=1", "save_steps=2", "max_length=256")),
+}
+
+
+def scaled(plan: Plan, minutes: float | None) -> Plan:
+    """The plan with its training steps scaled by minutes / plan.minutes (at least 1 step each)."""
+    if minutes is None or minutes == plan.minutes:
+        return plan
+    factor = minutes / plan.minutes
+    return replace(plan, teacher_steps=max(1, round(plan.teacher_steps * factor)),
+                   tokenizer_steps=max(1, round(plan.tokenizer_steps * factor)),
+                   pretrain_steps=max(1, round(plan.pretrain_steps * factor)),
+                   sft_steps=max(1, round(plan.sft_steps * factor)), minutes=minutes)
+
+
+def stages(out: Path, plan: Plan) -> list[tuple[str, Path, list[str]]]:
+    """(name, the file that marks it complete, the `mllm` command line) per stage, in order."""
+    data, test, codes = out / "data" / "train", out / "data" / "test", out / "data" / "train-codes"
+    sets = lambda overrides: ["--set", *overrides] if overrides else []
+    return [
+        ("data", data / "index.json", ["data", "shapes", "--out", str(data), "--n", str(plan.train_scenes),
+                                       "--size", str(plan.image_size), "--overwrite"]),
+        ("test data", test / "index.json", ["data", "shapes", "--out", str(test), "--n", str(plan.test_scenes),
+                                            "--size", str(plan.image_size), "--split", "test", "--overwrite"]),
+        ("teacher", out / "teacher" / "model.safetensors",
+         ["train-teacher", "--data", str(data), "--out", str(out / "teacher"), "--max-steps",
+          str(plan.teacher_steps), *sets(plan.teacher_overrides)]),
+        ("tokenizer", out / "tokenizer" / "model.safetensors",
+         ["train-tokenizer", "--data", str(data), "--out", str(out / "tokenizer"), "--teacher", str(out / "teacher"),
+          "--max-steps", str(plan.tokenizer_steps), "--resume", *sets(plan.tokenizer_overrides)]),
+        ("tokenizer metrics", out / "eval" / "tokenizer" / "results.json",
+         ["eval", "--model", str(out / "tokenizer"), "--suite", "tokenizer", "--data", str(test), "--out",
+          str(out / "eval" / "tokenizer")]),
+        ("init", out / "init" / "mllm_config.json",
+         ["init", "--llm", plan.llm, "--vision-tokenizer", str(out / "tokenizer"), "--out", str(out / "init"),
+          "--overwrite"]),
+        ("pretokenize", codes / "index.json",
+         ["pretokenize", "--data", str(data), "--vision-tokenizer", str(out / "tokenizer"), "--out", str(codes)]),
+        ("pretrain", out / "pretrain" / "model" / "mllm_config.json",
+         ["train", "--recipe", "shapes-pretrain", "--model", str(out / "init"), "--data", str(codes), "--out",
+          str(out / "pretrain"), "--max-steps", str(plan.pretrain_steps), "--resume", *sets(plan.llm_overrides)]),
+        ("sft", out / "sft" / "adapter" / "adapter_config.json",
+         ["train", "--recipe", "shapes-sft", "--model", str(out / "pretrain" / "model"), "--data", str(codes),
+          "--out", str(out / "sft"), "--max-steps", str(plan.sft_steps), "--resume", *sets(plan.llm_overrides)]),
+        ("merge", out / "model" / "mllm_config.json",
+         ["merge", "--base", str(out / "pretrain" / "model"), "--adapter", str(out / "sft" / "adapter"), "--out",
+          str(out / "model")]),
+        ("eval shapes-vqa", out / "eval" / "shapes-vqa" / "results.json",
+         ["eval", "--model", str(out / "model"), "--suite", "shapes-vqa", "--data", str(test), "--out",
+          str(out / "eval" / "shapes-vqa"), "--limit", str(plan.vqa_items)]),
+        ("eval shapes-caption", out / "eval" / "shapes-caption" / "results.json",
+         ["eval", "--model", str(out / "model"), "--suite", "shapes-caption", "--data", str(test), "--out",
+          str(out / "eval" / "shapes-caption"), "--limit", str(plan.caption_items)]),
+        ("eval shapes-t2i", out / "eval" / "shapes-t2i" / "results.json",
+         ["eval", "--model", str(out / "model"), "--suite", "shapes-t2i", "--out", str(out / "eval" / "shapes-t2i"),
+          "--limit", str(plan.t2i_prompts), "--option", f"seeds={plan.t2i_seeds}"]),
+    ]
+
+
+def run_demo(out: Path, plan: Plan) -> dict[str, Any]:
+    from mllm.cli import main as mllm
+
+    out.mkdir(parents=True, exist_ok=True)
+    timings_file = out / "stages.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    todo = stages(out, plan)
+    started = time.time()
+    for index, (name, marker, argv) in enumerate(todo, 1):
+        if marker.is_file():
+            print(f"== [{index}/{len(todo)}] {name}: done ({marker.relative_to(out)})", flush=True)
+            continue
+        print(f"== [{index}/{len(todo)}] {name}: mllm {' '.join(argv)}", flush=True)
+        stage_start = time.time()
+        code = mllm(argv)
+        if code != 0 or not marker.is_file():
+            raise SystemExit(f"mllm demo: stage {name!r} failed (exit {code}); fix the cause and rerun "
+                             f"`mllm demo --out {out}` to continue from this stage")
+        timings[name] = round(time.time() - stage_start, 1)
+        timings_file.write_text(json.dumps(timings, indent=2) + "\n")
+    report = write_report(out, plan, timings)
+    print(f"\ndemo finished in {time.time() - started:.0f} s (this run); report: {out / 'report.md'}\n")
+    print(report["table"])
+    print(f"chat with it:   mllm chat --model {out / 'model'}")
+    print(f"serve it:       mllm serve --model {out / 'model'}   (web chat at http://127.0.0.1:8000/)")
+    return report
+
+
+# ---------------------------------------------------------------------------------------- report
+def _results(out: Path, folder: str) -> dict[str, Any]:
+    path = out / folder / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _metric(results: dict[str, Any], name: str) -> float | None:
+    value = results.get("metrics", results).get(name)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def write_report(out: Path, plan: Plan, timings: dict[str, float]) -> dict[str, Any]:
+    rows = ["| result | value | bar | |", "|---|---|---|---|"]
+    passed = {}
+    for folder, metric, minimum, label in BARS:
+        value = _metric(_results(out, folder), metric)
+        ok = value is not None and value >= minimum
+        passed[label] = ok
+        shown = "n/a" if value is None else f"{value:.1f}%"
+        rows.append(f"| {label} | {shown} | >= {minimum:.0f}% | {'pass' if ok else 'MISS'} |")
+    extra = [("caption exact (sizes too)", _metric(_results(out, "eval/shapes-caption"), "exact")),
+             ("caption CIDEr", _metric(_results(out, "eval/shapes-caption"), "cider")),
+             ("drawing, all categories (GenEval-style mean)", _metric(_results(out, "eval/shapes-t2i"), "accuracy")),
+             ("tokenizer PSNR (dB)", _metric(_results(out, "eval/tokenizer"), "psnr"))]
+    for label, value in extra:
+        if value is not None:
+            rows.append(f"| {label} | {value:.2f} | | |")
+    table = "\n".join(rows)
+    total = sum(timings.values())
+    lines = [f"# Demo report ({plan.llm} model, {plan.minutes:g}-minute plan)", "", "![report](report.png)", "",
+             "## Results on held-out scenes", "", table, "", "## Stages (wall time, seconds)", "",
+             "| stage | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in timings.items()],
+             f"| total | {total:.0f} |", "", "## Use the model", "", "```bash",
+             f"mllm chat --model {out / 'model'}", f"mllm serve --model {out / 'model'}", "```", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    write_report_image(out)
+    return {"table": table, "passed": passed, "seconds": total}
+
+
+def write_report_image(out: Path) -> None:
+    """DIR/report.png: held-out images with caption and one VQA answer; drawings; the tokenizer's
+    originals next to reconstructions; training loss curves."""
+    from PIL import Image, ImageDraw
+
+    from mllm.data.shards import DataStats, read_records
+
+    width, tile = 960, 128
+    panels: list[Image.Image] = []
+
+    # 1. held-out scenes with the model's caption and an answer
+    captions = _predictions(out / "eval" / "shapes-caption")
+    answers = _predictions(out / "eval" / "shapes-vqa")
+    scenes = []
+    for record in read_records(str(out / "data" / "test"), stats=DataStats(), split=False):
+        if record["key"] in captions:
+            scenes.append(record)
+        if len(scenes) == 6:
+            break
+    if scenes:
+        panel = Image.new("RGB", (width, tile + 90), "white")
+        draw = ImageDraw.Draw(panel)
+        for column, record in enumerate(scenes):
+            x = column * (width // 6)
+            panel.paste(record["image"].resize((tile, tile), Image.Resampling.NEAREST), (x + 8, 4))
+            draw.rectangle((x + 7, 3, x + 8 + tile, 4 + tile), outline=(160, 160, 160))
+            qa = (record.get("json") or {}).get("qa") or [{}]
+            answer = answers.get(f"{record['key']}-0", {}).get("answer", "")
+            text = (_wrap(captions[record["key"]].get("answer", ""), 26)[:3]
+                    + _wrap(f"Q: {qa[0].get('question', '')}", 26)[:2] + [f"A: {answer}"[:26]])
+            draw.multiline_text((x + 4, tile + 8), "\n".join(text), fill="black", spacing=1)
+        panels.append(_titled(panel, "held-out scenes: the model's caption, and its answer to the first question"))
+
+    # 2. drawings
+    drawings = list(_predictions(out / "eval" / "shapes-t2i").values())[:6]
+    if drawings:
+        panel = Image.new("RGB", (width, tile + 40), "white")
+        draw = ImageDraw.Draw(panel)
+        for column, record in enumerate(drawings):
+            x = column * (width // 6)
+            path = out / "eval" / "shapes-t2i" / record["images"][0]
+            if path.is_file():
+                panel.paste(Image.open(path).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (x + 8, 4))
+            draw.multiline_text((x + 4, tile + 8), "\n".join(_wrap(record.get("prompt", ""), 24)[:2]), fill="black")
+        panels.append(_titled(panel, "drawings for held-out prompts"))
+
+    # 3. tokenizer reconstructions (eval-tokenizer's examples)
+    examples = out / "eval" / "tokenizer" / "examples.png"
+    if examples.is_file():
+        image = Image.open(examples).convert("RGB")
+        image = image.resize((width, max(1, round(image.height * width / image.width))), Image.Resampling.NEAREST)
+        panels.append(_titled(image, "tokenizer: originals and reconstructions"))
+
+    # 4. loss curves
+    curves = {name: _losses(out / name / "metrics.jsonl") for name in ("pretrain", "sft")}
+    if any(curves.values()):
+        panels.append(_titled(_plot(curves, width, 220), "training loss (pretrain, then sft)"))
+
+    height = sum(p.height for p in panels) or 1
+    sheet = Image.new("RGB", (width, height), "white")
+    y = 0
+    for panel in panels:
+        sheet.paste(panel, (0, y))
+        y += panel.height
+    sheet.save(out / "report.png")
+
+
+def _predictions(folder: Path) -> dict[str, dict]:
+    path = folder / "predictions.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {str(r["id"]): r for r in records}
+
+
+def _losses(path: Path) -> list[float]:
+    if not path.is_file():
+        return []
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def _titled(panel, title: str):
+    from PIL import Image, ImageDraw
+
+    framed = Image.new("RGB", (panel.width, panel.height + 22), "white")
+    ImageDraw.Draw(framed).text((8, 4), title, fill="black")
+    framed.paste(panel, (0, 22))
+    return framed
+
+
+def _plot(curves: dict[str, list[float]], width: int, height: int):
+    """Losses of the stages one after the other on one axis (PIL: no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    values = [v for losses in curves.values() for v in losses]
+    low, high = min(values), max(values)
+    left, right, top, bottom = 50, width - 10, 10, height - 20
+    draw.rectangle((left, top, right, bottom), outline="gray")
+    draw.text((4, top), f"{high:.2f}", fill="black")
+    draw.text((4, bottom - 10), f"{low:.2f}", fill="black")
+    count = len(values)
+    start, colours = 0, {"pretrain": (30, 90, 200), "sft": (200, 60, 30)}
+    for name, losses in curves.items():
+        points = [(left + (right - left) * (start + i) / max(count - 1, 1),
+                   bottom - (bottom - top) * (v - low) / max(high - low, 1e-9)) for i, v in enumerate(losses)]
+        if len(points) > 1:
+            draw.line(points, fill=colours.get(name, "black"), width=2)
+        if points:
+            draw.text((points[0][0] + 4, top + 4), name, fill=colours.get(name, "black"))
+        start += len(losses)
+    return image
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); rerun to resume")
+    parser.add_argument("--minutes", type=float, help="scale the training stages to about this many minutes "
+                                                      "in all (default: the plan's own, 20 for shapes)")
+    parser.add_argument("--size", choices=sorted(PLANS), default="shapes",
+                        help="shapes (the demo) or tiny (a minute-sized smoke run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(Path(args.out), scaled(PLANS[args.size], args.minutes))
+    return 0
+
+
+__all__ = ["BARS", "PLANS", "Plan", "run_demo", "scaled", "stages", "write_report"]
