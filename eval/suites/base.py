@@ -95,8 +95,29 @@ def read_jsonl_or_json(path: str | Path) -> list[dict]:
     return records
 
 
+def jsonl_rows(path: Path):
+    """(where, row) for each non-blank line of a JSONL file; `where` is "path:line" for error messages."""
+    for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error})") from None
+
+
+def first_dir_holding(candidates: list[Path], file_name: str) -> Path:
+    """The first of `candidates` that holds `file_name` (else the first candidate): where a benchmark's
+    images live, found from one of them."""
+    for candidate in candidates:
+        if (candidate / file_name).is_file():
+            return candidate
+    return candidates[0]
+
+
 def _safe(item_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item_id)) or "_"
 
 
-__all__ = ["KINDS", "Item", "ScoreContext", "Suite", "read_jsonl_or_json"]
+__all__ = ["KINDS", "Item", "ScoreContext", "Suite", "first_dir_holding", "jsonl_rows", "read_jsonl_or_json"]

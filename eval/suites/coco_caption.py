@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite
+from eval.suites.base import Item, ScoreContext, Suite, first_dir_holding
 
 PROMPT = "Describe the image."
 
@@ -45,12 +45,9 @@ def _find_annotations(data: str | None) -> Path:
 
 
 def _image_dir(base: Path, first_image: str) -> Path:
-    candidates = [base / "images", base / "val2014", base, base.parent / "images", base.parent / "val2014",
-                  base.parent]
-    for candidate in candidates:
-        if (candidate / first_image).is_file():
-            return candidate
-    return candidates[0]
+    """The folder among the usual places that holds `first_image` (else the first of them)."""
+    return first_dir_holding([base / "images", base / "val2014", base, base.parent / "images", base.parent / "val2014",
+                  base.parent], first_image)
 
 
 class COCOCaptionSuite(Suite):

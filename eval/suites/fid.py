@@ -38,12 +38,11 @@ full-rank covariance.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite
+from eval.suites.base import Item, ScoreContext, Suite, jsonl_rows
 from eval.suites.shapes_t2i import int_option, resolve_image_path
 
 DEFAULT_SHAPES_ITEMS = 1000
@@ -217,21 +216,6 @@ def _tensor_features(model):
     return CLIPFeatures().eval()
 
 
-def _square(image, size: int):
-    """An RGB image resized (bicubic, shorter side to `size`) and centre-cropped to size x size."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    width, height = image.size
-    if (width, height) == (size, size):
-        return image
-    scale = size / min(width, height)
-    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
-    left, top = (new_width - size) // 2, (new_height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def _uint8(image):
     """PIL image -> uint8 tensor (3, H, W)."""
     import numpy as np
@@ -241,10 +225,14 @@ def _uint8(image):
 
 
 def _uint8_batch(images, size: int):
-    """PIL images -> uint8 tensor (B, 3, size, size), each resized and centre-cropped to a square."""
+    """PIL images -> uint8 tensor (B, 3, size, size), each resized and centre-cropped to a square (the
+    tokenizer's own resize + crop)."""
     import torch
 
-    return torch.stack([_uint8(_square(image, size)) for image in images])
+    from tokenizer_vision.image_processing import ImageProcessor
+
+    square = ImageProcessor(size).resize_and_crop
+    return torch.stack([_uint8(square(image.convert("RGB"))) for image in images])
 
 
 def _read_reference_file(path: str | Path) -> list[Item]:
@@ -252,14 +240,7 @@ def _read_reference_file(path: str | Path) -> list[Item]:
     if not path.is_file():
         raise FileNotFoundError(f'--data {path}: not a file; fid takes a JSONL of {{"prompt", "image"}} rows')
     items = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error})") from None
+    for where, row in jsonl_rows(path):
         well_formed = (
             isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("image"), str)
         )

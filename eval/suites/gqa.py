@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite
+from eval.suites.base import Item, ScoreContext, Suite, first_dir_holding
 
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 QUESTIONS_FILE = "testdev_balanced_questions.json"
@@ -46,12 +46,8 @@ def _find_questions_file(data: str | None) -> Path:
 
 
 def _image_dir(base: Path, first_image: str) -> Path:
-    """The folder among base/images, base, base/../images that holds `first_image` (else base/images)."""
-    candidates = [base / "images", base, base.parent / "images"]
-    for candidate in candidates:
-        if (candidate / first_image).is_file():
-            return candidate
-    return candidates[0]
+    """The folder among the usual places that holds `first_image` (else the first of them)."""
+    return first_dir_holding([base / "images", base, base.parent / "images"], first_image)
 
 
 class GQASuite(Suite):

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, read_jsonl_or_json
+from eval.suites.base import Item, ScoreContext, Suite, first_dir_holding, read_jsonl_or_json
 
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 _CATEGORY = re.compile(r"pope_([A-Za-z0-9]+)$")
@@ -56,12 +56,9 @@ def _read_file(path: Path, require_labels: bool) -> list[dict] | None:
 
 
 def _image_dir(base: Path, first_image: str) -> Path:
-    candidates = [base / "images", base / "val2014", base, base.parent / "images", base.parent / "val2014",
-                  base.parent]
-    for candidate in candidates:
-        if (candidate / first_image).is_file():
-            return candidate
-    return candidates[0]
+    """The folder among the usual places that holds `first_image` (else the first of them)."""
+    return first_dir_holding([base / "images", base / "val2014", base, base.parent / "images", base.parent / "val2014",
+                  base.parent], first_image)
 
 
 class POPESuite(Suite):

@@ -45,12 +45,11 @@ prompts whose images are all correct. All are percentages.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite
+from eval.suites.base import Item, ScoreContext, Suite, jsonl_rows
 
 CATEGORIES = ("single_object", "size", "position", "two_objects", "full_scene")
 ITEMS_PER_SCENE_CATEGORY = 36
@@ -161,14 +160,7 @@ def read_prompt_file(path: str | Path) -> list[Item]:
         )
     items: list[Item] = []
     seen: set[str] = set()
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error})") from None
+    for where, row in jsonl_rows(path):
         well_formed = isinstance(row, dict) and isinstance(row.get("prompt"), str)
         if not well_formed:
             raise ValueError(f'{where}: expected an object with a string "prompt" (and a "category")')

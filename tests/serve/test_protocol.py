@@ -615,7 +615,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def log_message(self, *args):
-        pass
+        """Keep the test output free of the server's request log."""
 
 
 @pytest.fixture

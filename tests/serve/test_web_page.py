@@ -76,10 +76,8 @@ def ensure_chromium() -> tuple[str, str]:
 
 
 def ensure_selenium():
-    try:
+    if importlib.util.find_spec("selenium") is not None:
         return importlib.import_module("selenium.webdriver")
-    except ImportError:
-        pass
     proc = _run([sys.executable, "-m", "pip", "install", "--quiet", "selenium"], 600)
     if proc.returncode != 0:
         pytest.skip(f"selenium is not installed and pip could not install it: {_tail(proc)}")
