@@ -96,9 +96,10 @@ def test_base_model_extends_and_trains(base, embedding, request, tmp_path, model
         tied = model.llm.lm_head.weight.data_ptr() == model.llm.model.embed_tokens.weight.data_ptr()
         assert tied == (embedding == "learned")  # codebook mode unties a tied base
 
-    # Rows past the base tokenizer (specials, image ids, padding; Qwen2's untrained padding too) start
-    # at the mean of the base's rows, input and output side. In codebook mode the image input rows
-    # hold the projected codebooks instead.
+    # Rows past the base tokenizer (specials, padding; Qwen2's untrained padding too) start at the mean of
+    # the base's rows, input and output side. The image-id rows start from the tokenizer's codebooks
+    # (--image-init codebook, the default) at the mean and spread of the base's rows: input side from the
+    # projector (codebook mode) or a projection baked in (learned), output side when untied.
     base_llm = AutoModelForCausalLM.from_pretrained(base_dir)
     old = len(base_tokenizer)
     base_input = base_llm.get_input_embeddings().weight[:old].detach()
@@ -107,16 +108,53 @@ def test_base_model_extends_and_trains(base, embedding, request, tmp_path, model
     output_rows = model.llm.get_output_embeddings().weight.detach()
     torch.testing.assert_close(input_rows[:old], base_input, rtol=0, atol=0)
     start, end = model.vocab.image_id_range
-    new_input = torch.cat([input_rows[old:start], input_rows[end:]]) if embedding == "codebook" else input_rows[old:]
-    torch.testing.assert_close(new_input, base_input.mean(0).expand_as(new_input))
-    torch.testing.assert_close(output_rows[old:], base_output.mean(0).expand_as(output_rows[old:]))
-    if embedding == "codebook":
-        image_rows = input_rows[start:end]
-        torch.testing.assert_close(image_rows.mean(0), base_input.mean(0), atol=1e-4, rtol=0)
-        assert image_rows.std().item() == pytest.approx((base_input - base_input.mean(0)).std().item(), rel=0.05)
+    for rows, base_rows in ((input_rows, base_input), (output_rows, base_output)):
+        new_rows = torch.cat([rows[old:start], rows[end:]])
+        torch.testing.assert_close(new_rows, base_rows.mean(0).expand_as(new_rows))
+        image_rows = rows[start:end]
+        torch.testing.assert_close(image_rows.mean(0), base_rows.mean(0), atol=1e-4, rtol=0)
+        assert image_rows.std().item() == pytest.approx((base_rows - base_rows.mean(0)).std().item(), rel=0.05)
+        assert len({tuple(row.tolist()) for row in image_rows}) == end - start  # distinct, not one mean row
 
     before, after = _one_step_loss_drop(model, model_batch(model))
     assert after < before
+
+
+def test_codebook_image_init_follows_the_codebooks(tmp_path):
+    """Codes whose codebook rows are alike start with alike LLM rows (input and output side), and
+    --image-init mean keeps every image row at the mean of the text rows."""
+    from mllm.model import codebook_features
+    from tokenizer_vision import DualCodebookTokenizer
+
+    vision = DualCodebookTokenizer.from_name("tiny").eval()
+    with torch.no_grad():  # make code 1 a near copy of code 0 in both codebooks
+        for branch in ("sem", "pix"):
+            codebook = vision.quantizer.codebook(branch)
+            codebook[1] = codebook[0] + 1e-3 * torch.randn_like(codebook[0])
+    model = UnifiedMLLM.from_pretrained(init_model("tiny", vision, tmp_path / "codebook"))
+    start, end = model.vocab.image_id_range
+    features = codebook_features(model.vision_tokenizer, torch.arange(end - start)).detach()
+    feature_similarity = torch.nn.functional.cosine_similarity(features[:, None], features[None], dim=-1)
+    for matrix in (model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight):
+        rows = matrix[start:end].detach()
+        rows = rows - rows.mean(0)
+        row_similarity = torch.nn.functional.cosine_similarity(rows[:, None], rows[None], dim=-1)
+        assert row_similarity[0, 1] > 0.99
+        assert row_similarity[0, 2:].abs().max() < 0.99
+        # similarity in codebook space carries over to the rows
+        upper = torch.triu_indices(end - start, end - start, 1)
+        pairs = torch.stack([feature_similarity[upper[0], upper[1]], row_similarity[upper[0], upper[1]]])
+        assert torch.corrcoef(pairs)[0, 1] > 0.5
+
+    # --image-init mean: a fresh LLM keeps its random rows (a base LLM's would sit at the mean), unrelated to
+    # the codebooks; the text rows are the same either way
+    mean_model = UnifiedMLLM.from_pretrained(init_model("tiny", vision, tmp_path / "mean", image_init="mean"))
+    rows = mean_model.llm.get_input_embeddings().weight[start:end].detach()
+    assert torch.nn.functional.cosine_similarity(rows[0] - rows.mean(0), rows[1] - rows.mean(0), dim=0) < 0.9
+    torch.testing.assert_close(mean_model.llm.get_input_embeddings().weight[:start],
+                               model.llm.get_input_embeddings().weight[:start])
+    with pytest.raises(ValueError, match="image_init"):
+        init_model("tiny", vision, tmp_path / "bad", image_init="zeros")
 
 
 def test_codebook_init_projects_at_the_scale_of_the_text_rows(model_codebook_dir):
