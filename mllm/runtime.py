@@ -51,3 +51,29 @@ def autocast(precision: str, device: str | torch.device = "cpu"):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory instead of handing it back to the kernel at once.
+
+    A training step on the CPU frees and re-allocates the same large activation buffers every step; with
+    glibc's defaults each buffer above the (adaptive) mmap threshold is a fresh mmap whose pages fault in
+    zeroed, and the heap top is trimmed back, so the kernel's page-fault work showed up as about half of
+    the CPU time of a shapes-LLM step. Raising the mmap and trim thresholds makes the buffers reuse heap
+    memory. Returns False (and changes nothing) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+    # Buffers up to 32 MiB (glibc's largest mmap threshold on 64-bit) come from the heap; the heap is
+    # trimmed only when 1 GiB at its top is free.
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))

@@ -58,6 +58,7 @@ from training.train_llm import (
     _callbacks,
     _make_trainer_class,
     draw_conversations,
+    examples_needed,
     freeze_all_but_new_rows,
     load_task_pools,
     make_collator,
@@ -263,8 +264,8 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     attention = set_training_attention(model.llm, cfg.attn_implementation)
     llm_config = model.llm.config
     llm_config.use_cache = False  # packed rows need it off (see training.train_llm), training needs no cache
-    pools = load_task_pools(cfg.data, cfg.tasks)
-    drawn = draw_conversations(pools, cfg.tasks, model.processor, cfg.cfg_dropout, cfg.num_samples, cfg.seed)
+    pools = load_task_pools(cfg.data, cfg.tasks, cfg.vqa_turns, cfg.seed)
+    drawn = draw_conversations(pools, cfg.tasks, model.processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed)
     task_names = sorted(pools)
     examples = [{"messages": messages, "task": task_names.index(task)} for task, messages in drawn]
     ETTCollator(tokenizer.processor)(examples[:1])  # pre-tokenized shards fail here, before any training

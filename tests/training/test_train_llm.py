@@ -9,6 +9,7 @@ from training.config import load_config
 from training.train_llm import (
     LLMTrainConfig,
     draw_conversations,
+    examples_needed,
     load_task_pools,
     main,
     make_collator,
@@ -143,6 +144,49 @@ def test_cfg_dropout_one_makes_every_t2i_prompt_unconditional(loaded, tiny):
         assert example["input_ids"][:first] == reference["input_ids"][:first]
     kept = draw_conversations(pools, {"t2i": 1.0}, processor, 0.0, 4, seed=0)
     assert all(messages[0] != unconditional[0] for _, messages in kept)
+
+
+def test_vqa_turns_group_each_images_questions_into_multi_turn_examples(tiny, loaded):
+    single = load_task_pools(str(tiny[1]), {"vqa": 1.0})["vqa"]
+    grouped = load_task_pools(str(tiny[1]), {"vqa": 1.0}, vqa_turns=3, seed=0)["vqa"]
+    assert load_task_pools(str(tiny[1]), {"vqa": 1.0}, vqa_turns=3, seed=0)["vqa"][0].messages == grouped[0].messages
+    pairs = {}  # (record, question) -> answer, from the single-turn samples
+    for sample in single:
+        user, assistant = sample.messages
+        pairs[(sample.key.rsplit("/vqa", 1)[0], user["content"][1]["text"])] = assistant["content"][0]["text"]
+    seen, first_questions = [], set()
+    for sample in grouped:
+        record = sample.key.rsplit("/vqa", 1)[0]
+        roles = [message["role"] for message in sample.messages]
+        assert sample.task == "vqa" and 2 <= len(roles) <= 6 and roles == ["user", "assistant"] * (len(roles) // 2)
+        users, answers = sample.messages[0::2], sample.messages[1::2]
+        assert [part["type"] for part in users[0]["content"]] == ["image", "text"]  # the image once, first
+        assert all([part["type"] for part in user["content"]] == ["text"] for user in users[1:])
+        questions = [user["content"][-1]["text"] for user in users]
+        first_questions.add(questions[0])
+        for question, answer in zip(questions, answers):
+            assert pairs[(record, question)] == answer["content"][0]["text"]  # its own image's answer
+            seen.append((record, question))
+    assert sorted(seen) == sorted(pairs)  # every pair exactly once
+    assert len(grouped) < len(single) / 2
+    assert len(first_questions) > 5  # shuffled: not always "How many objects are there?" first
+    # every answer is supervised
+    example = tokenize_examples(loaded.processor, [grouped[0].messages], None)[0]
+    supervised = loaded.processor.text_tokenizer.decode([t for t in example["labels"] if t != -100])
+    for answer in grouped[0].messages[1::2]:
+        assert answer["content"][0]["text"] in supervised
+    with pytest.raises(ValueError, match="vqa_turns"):
+        _config(tiny, "unused", vqa_turns=0)
+
+
+def test_the_mixture_is_drawn_to_what_the_run_consumes(tiny, monkeypatch):
+    config = _config(tiny, "unused", num_samples=None, max_steps=7, per_device_batch_size=3,
+                     gradient_accumulation_steps=2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert examples_needed(config) == 42
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert examples_needed(config) == 84
+    assert examples_needed(_config(tiny, "unused", num_samples=5)) == 5
 
 
 def test_non_finite_loss_stops_the_run_with_a_clear_message(tiny, tmp_path):
