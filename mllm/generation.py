@@ -203,6 +203,7 @@ def chat(
     image_top_k: int | None = None,
     image_top_p: float | None = None,
     max_images: int = 4,
+    reply_prefix: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The assistant's next turn: {"text": str, "images": [PIL, ...]}.
 
@@ -210,36 +211,31 @@ def chat(
     (constrained; CFG against the unconditional draw prompt when guidance_scale != 1), `<|eoi|>`
     is appended and text generation continues, until the end of turn, a `stop` string,
     `max_new_tokens` text tokens or the context length. At most `max_images` images per turn.
+    `reply_prefix`: ids the reply already has (e.g. text a server streamed, ending in `<|boi|>`): the turn
+    continues from them instead of starting over, so its text begins with theirs.
     """
     config = model.config
-    eot, boi, eoi = config.end_of_turn_token_id, config.boi_token_id, config.eoi_token_id
+    boi, eoi = config.boi_token_id, config.eoi_token_id
     stop_strings = _stop_list(stop)
     with _generation_mode(model), _seeded(seed, model.device):
         # Image seeds come from the (seeded) global RNG, so one chat seed fixes text and images.
         prompt = _encode_prompts(model, [conversation])["input_ids"][0]
-        generated: list[int] = []
+        generated: list[int] = [int(i) for i in reply_prefix or ()]
         image_codes: list[torch.Tensor] = []
-        text_budget = max_new_tokens
-        while text_budget > 0:
-            ids = torch.tensor([prompt.tolist() + generated], device=model.device)
-            room = model.context_length - ids.shape[1]
-            if room <= 0:
-                break
-            can_draw = len(image_codes) < max_images and room > config.image_tokens_per_image + 2
-            new = _generate_ids(
-                model,
-                ids,
-                torch.ones_like(ids),
-                min(text_budget, room),
-                temperature,
-                top_k,
-                top_p,
-                stop_strings,
-                stop_ids=[eot, boi] if can_draw else [eot],
-                allow_boi=can_draw,
-            )[0]
-            generated += new
-            text_budget -= len(new)
+        text_budget = max_new_tokens - len(generated)
+        room = model.context_length - len(prompt) - len(generated)
+        draw_next = bool(generated) and generated[-1] == boi and room > config.image_tokens_per_image + 1
+        while text_budget > 0 or draw_next:
+            if draw_next:  # the prefix ends in <|boi|>: draw first
+                draw_next = False
+                new = [boi]
+            else:
+                new = _next_text(model, prompt, generated, text_budget, len(image_codes) < max_images, temperature,
+                                 top_k, top_p, stop_strings)
+                if new is None:
+                    break
+                generated += new
+                text_budget -= len(new)
             if not new or new[-1] != boi:
                 break
             unconditional = None
@@ -265,6 +261,21 @@ def chat(
 
 
 # ---------------------------------------------------------------------------- helpers
+def _next_text(model, prompt: torch.Tensor, generated: list[int], budget: int, may_draw: bool, temperature,
+               top_k, top_p, stop_strings: list[str]) -> list[int] | None:
+    """chat(): the next stretch of reply text after prompt + generated, up to the end of turn or <|boi|>
+    (when another image fits and is allowed); None when the context is full."""
+    config = model.config
+    ids = torch.tensor([prompt.tolist() + generated], device=model.device)
+    room = model.context_length - ids.shape[1]
+    if room <= 0:
+        return None
+    can_draw = may_draw and room > config.image_tokens_per_image + 2
+    eot, boi = config.end_of_turn_token_id, config.boi_token_id
+    return _generate_ids(model, ids, torch.ones_like(ids), min(budget, room), temperature, top_k, top_p, stop_strings,
+                         stop_ids=[eot, boi] if can_draw else [eot], allow_boi=can_draw)[0]
+
+
 def _as_conversation_list(conversations) -> list[Conversation]:
     if isinstance(conversations, Sequence) and conversations and isinstance(conversations[0], dict):
         return [list(conversations)]  # one conversation

@@ -214,9 +214,10 @@ class Engine:
                 results[id(job)][choice] = None
                 continue
             if ids and ids[-1] == config.boi_token_id:  # the model starts drawing: finish this row alone
+                # continues from the row's own ids, so the reply begins with the text already streamed
                 reply = chat(model, job.messages, max_new_tokens=budget, temperature=job.temperature,
                              top_p=job.top_p, stop=job.stop or None, seed=job.seed,
-                             guidance_scale=job.guidance_scale)
+                             guidance_scale=job.guidance_scale, reply_prefix=ids)
                 images = reply["images"]
                 text = reply["text"]
                 tokens = len(ids) + len(images) * (config.image_tokens_per_image + 2)
@@ -286,7 +287,9 @@ class _RowStreamer:
     row's newly decodable text goes to its job's `on_delta(choice, text)`. Text is decoded from the row's
     ids so far (multi-token characters come out whole; image ids and special tokens decode to nothing),
     cut at the first stop string, and the last len(longest stop) - 1 characters are held back until the
-    row ends, so a stop string is never sent in part."""
+    row ends, so a stop string is never sent in part. Text is also held while the row's last text id is a
+    byte-fallback token (`<0x..>`): a run of byte tokens decodes as one UTF-8 sequence, and a later byte can
+    turn bytes already decoded into replacement characters, so a run is sent once it has ended."""
 
     def __init__(self, model, callbacks: list, choices: list[int], stop: list[str]) -> None:
         self.model, self.callbacks, self.choices, self.stop = model, callbacks, choices, list(stop)
@@ -295,6 +298,9 @@ class _RowStreamer:
         self.sent: list[str] = ["" for _ in callbacks]
         self.finished = [False for _ in callbacks]
         self.prompt_seen = False
+        tokenizer = model.processor.text_tokenizer
+        self.byte_ids = {i for token, i in tokenizer.get_vocab().items()
+                         if len(token) == 6 and token.startswith("<0x") and token.endswith(">")}
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:
@@ -326,7 +332,8 @@ class _RowStreamer:
             text, final = text[:cut], True
             self.finished[row] = True
         if not final:
-            if text.endswith("\ufffd"):
+            text_ids = [i for i in self.ids[row] if i < self.model.config.image_offset]
+            if text.endswith("\ufffd") or (text_ids and text_ids[-1] in self.byte_ids):
                 return
             text = text[: len(text) - self.holdback] if self.holdback else text
         if final:

@@ -277,6 +277,29 @@ def test_chat_draws_an_image_after_boi(tiny, monkeypatch):
     )
 
 
+def test_chat_continues_from_a_reply_prefix_ending_in_boi(tiny, monkeypatch):
+    """reply_prefix (text already streamed + <|boi|>): the image is drawn right after it, nothing before it
+    is generated again, and the reply's text starts with the prefix's text."""
+    config = tiny.config
+    blue = tiny.processor.text_tokenizer.encode("blue", add_special_tokens=False)
+    prefix = [*blue, config.boi_token_id]
+    text_calls = []
+    real_generate_ids = generation._generate_ids
+
+    def spy(model, input_ids, *args, **kwargs):
+        text_calls.append(input_ids[0].tolist())
+        return real_generate_ids(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "_generate_ids", spy)
+    reply = chat(tiny, [{"role": "user", "content": "Draw: a blue square"}], max_new_tokens=len(prefix) + 3,
+                 max_images=1, seed=0, reply_prefix=prefix)
+    assert len(reply["images"]) == 1 and reply["text"].startswith("blue")
+    # the only text call comes after the image: prompt + prefix + h*w codes + <|eoi|>
+    assert len(text_calls) == 1
+    ((start, _),) = tiny.vocab.find_images(torch.tensor(text_calls[0]))
+    assert text_calls[0][start + 1 - len(prefix):start + 1] == prefix and text_calls[0][-1] == config.eoi_token_id
+
+
 def test_chat_without_boi_returns_text_only(tiny):
     reply = chat(tiny, [{"role": "user", "content": "Hello"}], max_new_tokens=6, temperature=1.0, seed=0)
     assert reply["images"] == [] and isinstance(reply["text"], str)

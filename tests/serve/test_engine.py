@@ -95,3 +95,26 @@ def test_image_jobs_share_one_pass_and_keep_their_seeds(model):
         assert len(second.result) == 1
     finally:
         engine.close()
+
+
+def test_streamed_text_equals_the_final_text_across_byte_fallback_runs(model):
+    """A run of byte tokens decodes as one UTF-8 sequence: a valid byte followed by a stray continuation
+    byte turns both into replacement characters, so text must not be sent while a run is open."""
+    import torch
+
+    from serve.engine import _RowStreamer
+
+    model = model.model  # the UnifiedMLLM under the mllm.load wrapper, as the engine holds it
+    tokenizer = model.processor.text_tokenizer
+    vocab = tokenizer.get_vocab()
+    word = next(i for token, i in vocab.items() if token.isalpha() and len(token) > 2)
+    ids = [word, vocab["<0x0F>"], vocab["<0x9A>"], word, vocab["<0xC3>"], vocab["<0xA9>"], word]
+    deltas = []
+    streamer = _RowStreamer(model, [lambda choice, text: deltas.append(text)], [0], [])
+    streamer.put(torch.tensor([[1, 2]]))  # the prompt
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    expected = model.processor.decode_text(ids).strip()
+    assert "".join(deltas) == expected and len(deltas) >= 3  # all of it, in pieces
+    assert "\ufffd" in expected and "é" in expected
