@@ -27,7 +27,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# The whole pipeline (mllm demo): data -> teacher -> tokenizer -> model (pretrain, sft) -> evaluation ->
+# The whole pipeline (mllm demo): data -> teacher -> tokenizer -> model -> evaluation ->
 # runs/demo/report.md. Each stage is skipped when its output is complete, so a rerun resumes.
 demo: $(VENV)/.installed
 	$(BIN)/mllm demo --out $(DEMO_OUT)

@@ -46,9 +46,42 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
 
 
 def test_minutes_scale_the_training_stages():
-    plan = demo.scaled(demo.PLANS["shapes"], 10)
-    assert (plan.teacher_steps, plan.tokenizer_steps, plan.pretrain_steps, plan.sft_steps) == (200, 650, 750, 250)
+    base = demo.PLANS["shapes"]
+    plan = demo.scaled(base, base.minutes / 2)
+    for name in ("teacher_steps", "tokenizer_steps", "pretrain_steps", "ett_steps"):
+        assert getattr(plan, name) == round(getattr(base, name) / 2), name
+    assert plan.sft_steps == base.sft_steps == 0  # no sft stage stays none
     assert demo.scaled(demo.PLANS["tiny"], 0.01).pretrain_steps == 1
+    assert demo.scaled(demo.PLANS["tiny"], 0.01).sft_steps == 1
+    # without sft the pretrain model is the demo's model, and no sft/merge stage runs
+    names = [name for name, _, _ in demo.stages(demo.Path("out"), base)]
+    assert "sft" not in names and "merge" not in names and "model" in names
+
+
+def test_tiny_ablations_run_both_comparisons_and_write_the_table(tmp_path):
+    out = tmp_path / "demo"
+    plan = demo.PLANS["tiny"]
+    table = demo.run_ablations(out, plan)
+    for name, marker, _ in [*demo.stages(out, plan), *demo.ablation_stages(out, plan)]:
+        assert marker.is_file(), name
+    from tokenizer_vision import DualCodebookTokenizer
+
+    assert DualCodebookTokenizer.from_pretrained(out / "ablations/pixel/tokenizer").config.quantizer_mode == "pixel"
+    text = (out / "ablations.md").read_text()
+    assert table in text and "minutes" in text
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    for label in ("dual codebook (the demo)", "pixel-only codebook", "ETT: tokenizer tuned end to end",
+                  "frozen tokenizer"):
+        assert label in rows and "n/a" not in rows[label], label
+    # the frozen arm really kept the tokenizer, the ETT arm changed it
+    import torch
+    from safetensors.torch import load_file
+
+    before = load_file(out / "tokenizer" / "model.safetensors")
+    frozen = load_file(out / "ablations/frozen/model/vision_tokenizer/model.safetensors")
+    tuned = load_file(out / "ablations/ett/model/vision_tokenizer/model.safetensors")
+    name = next(key for key in before if "encoder" in key and key.endswith("weight"))
+    assert torch.equal(before[name], frozen[name]) and not torch.equal(before[name], tuned[name])
 
 
 @pytest.mark.slow
