@@ -203,14 +203,14 @@ def prepare(recipe: str, model_dir: Path, raw: Path, codes: Path, precision: str
     max_length = cfg.max_length or model.llm.config.max_position_embeddings
     # The same examples for both data paths: draw from the code shards, and the raw shards' samples
     # in the same order (same keys, same seeded draw) for on-the-fly tokenization.
-    code_pools = load_task_pools(str(codes), cfg.tasks)
+    code_pools = load_task_pools(str(codes), cfg.tasks, cfg.vqa_turns, cfg.seed)
     drawn = draw_conversations(code_pools, cfg.tasks, processor, cfg.cfg_dropout, None, cfg.seed)
     examples = tokenize_examples(processor, [m for _, m in drawn], max_length)
     names = sorted(code_pools)
     for example, (task, _) in zip(examples, drawn):
         example["task"] = names.index(task)
-    drawn_raw = draw_conversations(load_task_pools(str(raw), cfg.tasks), cfg.tasks, processor, cfg.cfg_dropout,
-                                   None, cfg.seed)
+    raw_pools = load_task_pools(str(raw), cfg.tasks, cfg.vqa_turns, cfg.seed)
+    drawn_raw = draw_conversations(raw_pools, cfg.tasks, processor, cfg.cfg_dropout, None, cfg.seed)
     if cfg.lora is not None:
         add_lora(model, LoraSettings.from_dict(cfg.lora))
     training_args = TrainingArguments(output_dir=str(root / recipe / "out"),
@@ -247,7 +247,9 @@ def main(argv: list[str] | None = None) -> float:
         parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
 
     from mllm.perf import measure_matmul_peak
-    from mllm.runtime import resolve_precision
+    from mllm.runtime import keep_freed_memory, resolve_precision
+
+    keep_freed_memory()  # as `mllm train` does
 
     precision = resolve_precision(args.precision, "cpu")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
