@@ -382,6 +382,7 @@ def write_report_image(out: Path) -> None:
             path = out / "eval" / "shapes-t2i" / record["images"][0]
             if path.is_file():
                 panel.paste(Image.open(path).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (x + 8, 4))
+            draw.rectangle((x + 7, 3, x + 8 + tile, 4 + tile), outline=(160, 160, 160))
             draw.multiline_text((x + 4, tile + 8), "\n".join(_wrap(record.get("prompt", ""), 24)[:2]), fill="black")
         panels.append(_titled(panel, "drawings for held-out prompts"))
 
@@ -395,7 +396,8 @@ def write_report_image(out: Path) -> None:
     # 4. loss curves
     curves = {name: _losses(out / name / "metrics.jsonl") for name in ("pretrain", "sft")}
     if any(curves.values()):
-        panels.append(_titled(_plot(curves, width, 220), "training loss (pretrain, then sft)"))
+        stages_run = ", then ".join(name for name, losses in curves.items() if losses)
+        panels.append(_titled(_plot(curves, width, 220), f"training loss ({stages_run})"))
 
     height = sum(p.height for p in panels) or 1
     sheet = Image.new("RGB", (width, height), "white")
