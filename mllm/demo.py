@@ -114,15 +114,49 @@ def _copy_model(source: Path, target: Path):
     return copy
 
 
+def _sets(overrides: tuple[str, ...]) -> list[str]:
+    return ["--set", *overrides] if overrides else []
+
+
+def _model_chain(prefix: str, root: Path, out: Path, plan: Plan, codes: Path, tokenizer_args: list[str]) -> list[Stage]:
+    """tokenizer -> its metrics -> init -> pretokenize -> shapes-pretrain, under `root` (stage names prefixed)."""
+    data, test = out / "data" / "train", out / "data" / "test"
+    tokenizer = root / "tokenizer"
+    return [
+        (f"{prefix}tokenizer", tokenizer / "model.safetensors",
+         ["train-tokenizer", "--data", str(data), "--out", str(tokenizer), *tokenizer_args,
+          "--max-steps", str(plan.tokenizer_steps), "--resume", *_sets(plan.tokenizer_overrides)]),
+        (f"{prefix}tokenizer metrics", root / "eval" / "tokenizer" / "results.json",
+         ["eval", "--model", str(tokenizer), "--suite", "tokenizer", "--data", str(test), "--out",
+          str(root / "eval" / "tokenizer")]),
+        (f"{prefix}init", root / "init" / "mllm_config.json",
+         ["init", "--llm", plan.llm, "--vision-tokenizer", str(tokenizer), "--out", str(root / "init"), "--overwrite"]),
+        (f"{prefix}pretokenize", codes / "index.json",
+         ["pretokenize", "--data", str(data), "--vision-tokenizer", str(tokenizer), "--out", str(codes)]),
+        (f"{prefix}pretrain", root / "pretrain" / "model" / "mllm_config.json",
+         ["train", "--recipe", "shapes-pretrain", "--model", str(root / "init"), "--data", str(codes), "--out",
+          str(root / "pretrain"), "--max-steps", str(plan.pretrain_steps), "--resume", *_sets(plan.llm_overrides)]),
+    ]
+
+
+def _evals(prefix: str, model: Path, root: Path, out: Path, plan: Plan, suites: tuple[str, ...]) -> list[Stage]:
+    """One stage per evaluation suite of `model`, results under root/eval/<suite>."""
+    test = out / "data" / "test"
+    options = {"shapes-vqa": ["--data", str(test), "--limit", str(plan.vqa_items)],
+               "shapes-caption": ["--data", str(test), "--limit", str(plan.caption_items)],
+               "shapes-t2i": ["--limit", str(plan.t2i_prompts), "--option", f"seeds={plan.t2i_seeds}"]}
+    return [(f"{prefix}eval {suite}", root / "eval" / suite / "results.json",
+             ["eval", "--model", str(model), "--suite", suite, "--out", str(root / "eval" / suite), *options[suite]])
+            for suite in suites]
+
+
 def stages(out: Path, plan: Plan) -> list[Stage]:
     """The demo's stages, in order."""
     data, test, codes = out / "data" / "train", out / "data" / "test", out / "data" / "train-codes"
-    sets = lambda overrides: ["--set", *overrides] if overrides else []
-    model = model_dir(out, plan)
     sft = [
         ("sft", out / "sft" / "adapter" / "adapter_config.json",
          ["train", "--recipe", "shapes-sft", "--model", str(out / "pretrain" / "model"), "--data", str(codes),
-          "--out", str(out / "sft"), "--max-steps", str(plan.sft_steps), "--resume", *sets(plan.llm_overrides)]),
+          "--out", str(out / "sft"), "--max-steps", str(plan.sft_steps), "--resume", *_sets(plan.llm_overrides)]),
         ("merge", out / "model" / "mllm_config.json",
          ["merge", "--base", str(out / "pretrain" / "model"), "--adapter", str(out / "sft" / "adapter"), "--out",
           str(out / "model")]),
@@ -136,31 +170,10 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
                                             "--size", str(plan.image_size), "--split", "test", "--overwrite"]),
         ("teacher", out / "teacher" / "model.safetensors",
          ["train-teacher", "--data", str(data), "--out", str(out / "teacher"), "--max-steps",
-          str(plan.teacher_steps), *sets(plan.teacher_overrides)]),
-        ("tokenizer", out / "tokenizer" / "model.safetensors",
-         ["train-tokenizer", "--data", str(data), "--out", str(out / "tokenizer"), "--teacher", str(out / "teacher"),
-          "--max-steps", str(plan.tokenizer_steps), "--resume", *sets(plan.tokenizer_overrides)]),
-        ("tokenizer metrics", out / "eval" / "tokenizer" / "results.json",
-         ["eval", "--model", str(out / "tokenizer"), "--suite", "tokenizer", "--data", str(test), "--out",
-          str(out / "eval" / "tokenizer")]),
-        ("init", out / "init" / "mllm_config.json",
-         ["init", "--llm", plan.llm, "--vision-tokenizer", str(out / "tokenizer"), "--out", str(out / "init"),
-          "--overwrite"]),
-        ("pretokenize", codes / "index.json",
-         ["pretokenize", "--data", str(data), "--vision-tokenizer", str(out / "tokenizer"), "--out", str(codes)]),
-        ("pretrain", out / "pretrain" / "model" / "mllm_config.json",
-         ["train", "--recipe", "shapes-pretrain", "--model", str(out / "init"), "--data", str(codes), "--out",
-          str(out / "pretrain"), "--max-steps", str(plan.pretrain_steps), "--resume", *sets(plan.llm_overrides)]),
+          str(plan.teacher_steps), *_sets(plan.teacher_overrides)]),
+        *_model_chain("", out, out, plan, codes, ["--teacher", str(out / "teacher")]),
         *sft,
-        ("eval shapes-vqa", out / "eval" / "shapes-vqa" / "results.json",
-         ["eval", "--model", str(model), "--suite", "shapes-vqa", "--data", str(test), "--out",
-          str(out / "eval" / "shapes-vqa"), "--limit", str(plan.vqa_items)]),
-        ("eval shapes-caption", out / "eval" / "shapes-caption" / "results.json",
-         ["eval", "--model", str(model), "--suite", "shapes-caption", "--data", str(test), "--out",
-          str(out / "eval" / "shapes-caption"), "--limit", str(plan.caption_items)]),
-        ("eval shapes-t2i", out / "eval" / "shapes-t2i" / "results.json",
-         ["eval", "--model", str(model), "--suite", "shapes-t2i", "--out", str(out / "eval" / "shapes-t2i"),
-          "--limit", str(plan.t2i_prompts), "--option", f"seeds={plan.t2i_seeds}"]),
+        *_evals("", model_dir(out, plan), out, out, plan, ("shapes-vqa", "shapes-caption", "shapes-t2i")),
     ]
 
 
@@ -209,51 +222,26 @@ def ablation_stages(out: Path, plan: Plan) -> list[Stage]:
     """
     data, test = out / "data" / "train", out / "data" / "test"
     ab = out / "ablations"
-    sets = lambda overrides: ["--set", *overrides] if overrides else []
     pixel = ab / "pixel"
-
-    def evals(name: str, model: Path, where: Path, suites: tuple[str, ...]) -> list[Stage]:
-        limits = {"shapes-vqa": ["--data", str(test), "--limit", str(plan.vqa_items)],
-                  "shapes-caption": ["--data", str(test), "--limit", str(plan.caption_items)],
-                  "shapes-t2i": ["--limit", str(plan.t2i_prompts), "--option", f"seeds={plan.t2i_seeds}"]}
-        return [(f"{name} eval {suite}", where / "eval" / suite / "results.json",
-                 ["eval", "--model", str(model), "--suite", suite, "--out", str(where / "eval" / suite),
-                  *limits[suite]]) for suite in suites]
-
     ett_steps = str(plan.ett_steps)
     return [
-        ("pixel-only tokenizer", pixel / "tokenizer" / "model.safetensors",
-         ["train-tokenizer", "--data", str(data), "--out", str(pixel / "tokenizer"), "--quantizer", "pixel",
-          "--max-steps", str(plan.tokenizer_steps), "--resume", *sets(plan.tokenizer_overrides)]),
-        ("pixel-only tokenizer metrics", pixel / "eval" / "tokenizer" / "results.json",
-         ["eval", "--model", str(pixel / "tokenizer"), "--suite", "tokenizer", "--data", str(test), "--out",
-          str(pixel / "eval" / "tokenizer")]),
-        ("pixel-only init", pixel / "init" / "mllm_config.json",
-         ["init", "--llm", plan.llm, "--vision-tokenizer", str(pixel / "tokenizer"), "--out", str(pixel / "init"),
-          "--overwrite"]),
-        ("pixel-only pretokenize", pixel / "train-codes" / "index.json",
-         ["pretokenize", "--data", str(data), "--vision-tokenizer", str(pixel / "tokenizer"), "--out",
-          str(pixel / "train-codes")]),
-        ("pixel-only pretrain", pixel / "pretrain" / "model" / "mllm_config.json",
-         ["train", "--recipe", "shapes-pretrain", "--model", str(pixel / "init"), "--data", str(pixel / "train-codes"),
-          "--out", str(pixel / "pretrain"), "--max-steps", str(plan.pretrain_steps), "--resume",
-          *sets(plan.llm_overrides)]),
-        *evals("pixel-only", pixel / "pretrain" / "model", pixel, ("shapes-vqa", "shapes-t2i")),
+        *_model_chain("pixel-only ", pixel, out, plan, pixel / "train-codes", ["--quantizer", "pixel"]),
+        *_evals("pixel-only ", pixel / "pretrain" / "model", pixel, out, plan, ("shapes-vqa", "shapes-t2i")),
         ("codebook-mode init", ab / "codebook-init" / "mllm_config.json",
          ["init", "--llm", plan.llm, "--vision-tokenizer", str(out / "tokenizer"), "--out", str(ab / "codebook-init"),
           "--embedding", "codebook", "--overwrite"]),
         ("ETT", ab / "ett" / "model" / "mllm_config.json",
          ["train", "--recipe", "shapes-ett", "--model", str(ab / "codebook-init"), "--data", str(data), "--out",
-          str(ab / "ett"), "--max-steps", ett_steps, "--resume", *sets(plan.llm_overrides)]),
+          str(ab / "ett"), "--max-steps", ett_steps, "--resume", *_sets(plan.llm_overrides)]),
         ("frozen tokenizer", ab / "frozen" / "model" / "mllm_config.json",
          ["train", "--recipe", "shapes-ett", "--model", str(ab / "codebook-init"), "--data", str(data), "--out",
           str(ab / "frozen"), "--max-steps", ett_steps, "--resume", "--set", "ett.train_tokenizer=false",
           *plan.llm_overrides]),
-        *evals("ETT", ab / "ett" / "model", ab / "ett", ("shapes-vqa", "shapes-caption")),
+        *_evals("ETT ", ab / "ett" / "model", ab / "ett", out, plan, ("shapes-vqa", "shapes-caption")),
         ("ETT tokenizer metrics", ab / "ett" / "eval" / "tokenizer" / "results.json",
          ["eval", "--model", str(ab / "ett" / "model" / "vision_tokenizer"), "--suite", "tokenizer", "--data",
           str(test), "--out", str(ab / "ett" / "eval" / "tokenizer")]),
-        *evals("frozen", ab / "frozen" / "model", ab / "frozen", ("shapes-vqa", "shapes-caption")),
+        *_evals("frozen ", ab / "frozen" / "model", ab / "frozen", out, plan, ("shapes-vqa", "shapes-caption")),
     ]
 
 
@@ -261,9 +249,10 @@ def run_ablations(out: Path, plan: Plan) -> str:
     """The demo (if not complete), then the ablation stages; writes DIR/ablations.md and returns its table."""
     run_demo(out, plan)
     started = time.time()
-    timings = _run_stages(out, ablation_stages(out, plan))
+    todo = ablation_stages(out, plan)
+    timings = _run_stages(out, todo)
     table = ablation_table(out, plan)
-    ablation_seconds = sum(v for k, v in timings.items() if k in {name for name, _, _ in ablation_stages(out, plan)})
+    ablation_seconds = sum(timings.get(name, 0.0) for name, _, _ in todo)
     text = (f"# Ablations ({plan.llm} model)\n\n{table}\n\nAblation stages: {ablation_seconds / 60:.1f} minutes "
             f"of wall time on top of the demo (stage times in stages.json).\n")
     (out / "ablations.md").write_text(text)

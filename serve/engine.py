@@ -21,6 +21,7 @@ running row stops at the next token. `stats` counts requests, batches and the la
 
 from __future__ import annotations
 
+import functools
 import queue
 import random
 import threading
@@ -298,9 +299,7 @@ class _RowStreamer:
         self.sent: list[str] = ["" for _ in callbacks]
         self.finished = [False for _ in callbacks]
         self.prompt_seen = False
-        tokenizer = model.processor.text_tokenizer
-        self.byte_ids = {i for token, i in tokenizer.get_vocab().items()
-                         if len(token) == 6 and token.startswith("<0x") and token.endswith(">")}
+        self.byte_ids = _byte_token_ids(model.processor.text_tokenizer)
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:
@@ -332,8 +331,9 @@ class _RowStreamer:
             text, final = text[:cut], True
             self.finished[row] = True
         if not final:
-            text_ids = [i for i in self.ids[row] if i < self.model.config.image_offset]
-            if text.endswith("\ufffd") or (text_ids and text_ids[-1] in self.byte_ids):
+            offset = self.model.config.image_offset
+            last_text_id = next((i for i in reversed(self.ids[row]) if i < offset), None)
+            if text.endswith("\ufffd") or last_text_id in self.byte_ids:
                 return
             text = text[: len(text) - self.holdback] if self.holdback else text
         if final:
@@ -344,6 +344,14 @@ class _RowStreamer:
 
     def text(self, row: int) -> str:
         return self.sent[row]
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of a tokenizer's byte-fallback tokens (`<0x00>` ... `<0xFF>`); computed once per tokenizer, not per
+    batch (reading the vocabulary of a real LLM's tokenizer builds a dict of 100k+ entries)."""
+    return frozenset(i for token, i in tokenizer.get_vocab().items()
+                     if len(token) == 6 and token.startswith("<0x") and token.endswith(">"))
 
 
 __all__ = ["Cancelled", "ChatJob", "Engine", "ImageJob", "QueueFull"]
