@@ -72,6 +72,9 @@ class LLMTrainConfig:
     attn_implementation: str = "auto"  # auto: packed_eager on CPU, sdpa on CUDA | packed_eager | eager | sdpa | flash_attention_2
     num_samples: int | None = None  # examples drawn from the mixture (default: what max_steps consumes)
     vqa_turns: int = 1  # up to this many QA pairs about one image per vqa example (multi-turn, shuffled order)
+    # vqa_turns > 1 with packing: each turn sees the image and its own question only (`branch_turns`), as in a
+    # single-turn example; false: an ordinary multi-turn conversation (earlier answers in context).
+    vqa_branches: bool = True
     quantization: str | None = None  # null | "4bit": QLoRA, the base LLM loaded in 4-bit NF4 (needs `lora`)
     freeze_llm: bool = False  # align stage: only the rows `mllm init` added to the vocabulary train
     ett: dict[str, Any] | None = None  # training.train_ett.ETTSettings fields: end-to-end tokenizer tuning (codebook mode)
@@ -153,8 +156,10 @@ def group_vqa_turns(samples: list, turns: int, seed: int) -> list:
     a record key `{key}/vqa{i}`) in a seeded random order, cut into conversations of up to `turns` pairs.
 
     The image comes once, in the first user turn; every answer is supervised. Many answers per image
-    tokens make VQA training several times cheaper per token than one pair per example, and the shuffled
-    order keeps every question type in first position (the single-turn form the suites ask in)."""
+    tokens make VQA training several times cheaper per token than one pair per example. `mllm train`
+    (vqa_branches, packing) then makes each pair a branch off the image (`tokenize_examples`), so no answer
+    is learned from the ones before it; otherwise the shuffled order at least keeps every question type in
+    first position (the single-turn form the suites ask in)."""
     from mllm.data.samples import Sample
 
     rng = random.Random(seed)
@@ -208,16 +213,66 @@ def examples_needed(cfg: LLMTrainConfig) -> int:
     return cfg.max_steps * cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
 
 
-def tokenize_examples(processor, conversations: list[list[dict]], max_length: int | None) -> list[dict[str, list[int]]]:
-    """Conversations -> [{"input_ids", "labels"}] (unpadded lists), truncated to `max_length`."""
-    examples = []
-    for start in range(0, len(conversations), _TOKENIZE_BATCH):
-        batch = processor(conversations[start:start + _TOKENIZE_BATCH], padding_side="right",
+def tokenize_examples(processor, conversations: list[list[dict]], max_length: int | None,
+                      branched: list[bool] | None = None) -> list[dict[str, list[int]]]:
+    """Conversations -> [{"input_ids", "labels"}] (unpadded lists), truncated to `max_length`.
+
+    A conversation flagged in `branched` (a multi-turn vqa example) becomes one tree-shaped example
+    (`branch_turns`): each turn is tokenized as its own single-turn conversation about the image, and the
+    shared prefix (the image) is kept once; such examples also carry "position_ids" and "branch_ids"."""
+    flags = branched or [False] * len(conversations)
+    flat, owners = [], []
+    for index, (conversation, flag) in enumerate(zip(conversations, flags)):
+        parts = split_turns(conversation) if flag else [conversation]
+        flat += parts
+        owners += [index] * len(parts)
+    pieces: list[list[dict[str, list[int]]]] = [[] for _ in conversations]
+    for start in range(0, len(flat), _TOKENIZE_BATCH):
+        batch = processor(flat[start:start + _TOKENIZE_BATCH], padding_side="right",
                           max_length=max_length, truncation=True)
-        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        for offset, (ids, mask, labels) in enumerate(zip(batch["input_ids"], batch["attention_mask"], batch["labels"])):
             length = int(mask.sum())
-            examples.append({"input_ids": ids[:length].tolist(), "labels": labels[:length].tolist()})
-    return examples
+            pieces[owners[start + offset]].append({"input_ids": ids[:length].tolist(), "labels": labels[:length].tolist()})
+    return [branch_turns(parts) if flag else parts[0] for parts, flag in zip(pieces, flags)]
+
+
+def split_turns(conversation: list[dict]) -> list[list[dict]]:
+    """A multi-turn conversation about the images of its first user turn -> one single-turn conversation per
+    (user, assistant) pair, each with those images before its own text (the form the suites ask in)."""
+    first = conversation[0]["content"]
+    images = [part for part in first if part["type"] != "text"] if isinstance(first, list) else []
+    turns = []
+    for user, assistant in zip(conversation[0::2], conversation[1::2]):
+        content = user["content"]
+        text = [{"type": "text", "text": content}] if isinstance(content, str) else \
+            [part for part in content if part["type"] == "text"]
+        turns.append([{"role": "user", "content": images + text}, assistant])
+    return turns
+
+
+def branch_turns(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """Tokenized single-turn examples that share a prefix (the image) -> one example: the longest common
+    prefix once (branch 0), then each example's remainder (branch 1, 2, ...) with position_ids continuing
+    from the prefix. With `mllm.attention`'s packed_eager attention a branch sees the prefix and itself
+    only, so every turn trains exactly as if it were a single-turn example, while the image is run once.
+    (Conversation history would otherwise teach answers from earlier answers instead of the image.)"""
+    if len(examples) == 1:
+        ids = examples[0]["input_ids"]
+        return {**examples[0], "position_ids": list(range(len(ids))), "branch_ids": [0] * len(ids)}
+    first = examples[0]["input_ids"]
+    shared = min(len(e["input_ids"]) for e in examples) - 1  # every branch keeps at least one token
+    for example in examples[1:]:
+        ids = example["input_ids"]
+        shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
+    input_ids, labels = list(first[:shared]), list(examples[0]["labels"][:shared])
+    position_ids, branch_ids = list(range(shared)), [0] * shared
+    for branch, example in enumerate(examples, start=1):
+        rest = len(example["input_ids"]) - shared
+        input_ids += example["input_ids"][shared:]
+        labels += example["labels"][shared:]
+        position_ids += range(shared, shared + rest)
+        branch_ids += [branch] * rest
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "branch_ids": branch_ids}
 
 
 class PaddingCollator:
@@ -248,19 +303,44 @@ def make_collator(packing: bool, pad_token_id: int):
         # attend within each example from the boundaries; sdpa/eager get a block-diagonal causal mask that
         # transformers derives from the position_ids. The first label of each example is -100 so no loss
         # crosses a boundary.
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True)
+        return BranchCollator(
+            DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True))
     return PaddingCollator(pad_token_id)
 
 
-def set_training_attention(llm, requested: str = "auto") -> str:
+class BranchCollator:
+    """The packing collator, plus tree-shaped examples (`branch_turns`): when any example carries
+    "position_ids"/"branch_ids", the row gets those position_ids (the others count from 0) and a
+    `branch_ids` row (0 elsewhere), which `packed_eager` attention reads."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        tree = any("branch_ids" in f for f in features)
+        batch = self.inner([{k: v for k, v in f.items() if k not in ("position_ids", "branch_ids")} for f in features])
+        if tree:
+            kept = [f for f in features if len(f["input_ids"]) > 0]
+            batch["position_ids"] = torch.tensor(
+                [p for f in kept for p in f.get("position_ids", range(len(f["input_ids"])))])[None]
+            batch["branch_ids"] = torch.tensor([b for f in kept for b in f.get("branch_ids", [0] * len(f["input_ids"]))])[None]
+        return batch
+
+
+def set_training_attention(llm, requested: str = "auto", tree: bool = False) -> str:
     """Select the LLM's attention for training; returns the name. "auto": `packed_eager` (mllm.attention:
-    per-example eager attention, the fastest on CPU, packed or not) off CUDA, sdpa on CUDA. `llm` is a
-    transformers model (not a peft wrapper). `restore_inference_attention` puts sdpa back before saving."""
+    per-example eager attention, the fastest on CPU, packed or not) off CUDA, sdpa on CUDA, and packed_eager
+    everywhere when `tree` (tree-shaped examples, `branch_turns`: only packed_eager reads their branch_ids).
+    `llm` is a transformers model (not a peft wrapper). `restore_inference_attention` puts sdpa back before
+    saving."""
     from mllm.attention import register
 
     name = requested
     if requested == "auto":
-        name = "sdpa" if llm.device.type == "cuda" else "packed_eager"
+        name = "sdpa" if llm.device.type == "cuda" and not tree else "packed_eager"
+    elif tree and name != "packed_eager":
+        raise ValueError(f"attn_implementation {name!r} cannot train branched vqa examples (vqa_turns > 1 with "
+                         "vqa_branches and packing): use auto or packed_eager, or set vqa_branches: false")
     if name == "packed_eager":
         register()
     llm.set_attn_implementation(name)
@@ -576,7 +656,8 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
             "tokenizer), or bake it first (`UnifiedMLLM.bake()` + save_pretrained)."
         )
     model.vision_tokenizer.requires_grad_(False)
-    attention = set_training_attention(model.llm, cfg.attn_implementation)
+    tree = cfg.vqa_turns > 1 and cfg.vqa_branches and cfg.packing
+    attention = set_training_attention(model.llm, cfg.attn_implementation, tree)
     # Without a KV cache: transformers builds the block-diagonal mask of a packed row from its
     # position_ids only when no cache is passed (masking_utils), and training needs none anyway.
     llm_config = model.llm.config
@@ -584,7 +665,8 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     processor = model.processor
     pools = load_task_pools(cfg.data, cfg.tasks, cfg.vqa_turns, cfg.seed)
     drawn = draw_conversations(pools, cfg.tasks, processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed)
-    examples = tokenize_examples(processor, [messages for _, messages in drawn], cfg.max_length)
+    examples = tokenize_examples(processor, [messages for _, messages in drawn], cfg.max_length,
+                                 [tree and task == "vqa" for task, _ in drawn])
     task_names = sorted(pools)
     for example, (task, _) in zip(examples, drawn):
         example["task"] = task_names.index(task)

@@ -66,3 +66,23 @@ def test_padded_batches_and_cached_generation_match_sdpa(llm):
     real = attention_mask.bool()
     torch.testing.assert_close(padded[real], reference[real], atol=1e-5, rtol=0)
     assert again.tolist() == greedy.tolist()
+
+
+def test_branches_of_a_packed_example_match_each_branch_alone(llm):
+    # Example 1 is a tree: prefix [5, 9, 2] then branches [44, 7] and [8, 3, 1]; example 2 is ordinary.
+    prefix, branches, other = [5, 9, 2], [[44, 7], [8, 3, 1]], [60, 61, 62, 63]
+    packed = _packed([prefix + branches[0] + branches[1], other])
+    packed["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 2, 3]])
+    packed["branch_ids"] = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 0, 0, 0, 0]])
+    llm.set_attn_implementation(PACKED_EAGER)
+    with torch.no_grad():
+        tree = llm(**packed).logits[0]  # (12, V)
+        first, second, alone_other = _alone(llm, [prefix + branches[0], prefix + branches[1], other])
+    torch.testing.assert_close(tree[:5], first, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tree[5:8], second[3:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tree[8:], alone_other, atol=1e-5, rtol=0)
+    # Without the branch ids the second branch reads the first one: different values.
+    packed.pop("branch_ids")
+    with torch.no_grad():
+        flat = llm(**packed).logits[0]
+    assert not torch.allclose(flat[5:8], second[3:], atol=1e-3)

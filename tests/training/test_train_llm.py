@@ -15,6 +15,7 @@ from training.train_llm import (
     make_collator,
     restore_inference_attention,
     set_training_attention,
+    split_turns,
     tokenize_examples,
 )
 
@@ -177,6 +178,45 @@ def test_vqa_turns_group_each_images_questions_into_multi_turn_examples(tiny, lo
         assert answer["content"][0]["text"] in supervised
     with pytest.raises(ValueError, match="vqa_turns"):
         _config(tiny, "unused", vqa_turns=0)
+
+
+def test_branched_vqa_examples_train_every_turn_as_a_single_turn_example(tiny, loaded):
+    processor = loaded.processor
+    grouped = load_task_pools(str(tiny[1]), {"vqa": 1.0}, vqa_turns=4, seed=0)["vqa"]
+    conversation = next(sample.messages for sample in grouped if len(sample.messages) == 8)
+    tree = tokenize_examples(processor, [conversation], None, [True])[0]
+    singles = tokenize_examples(processor, split_turns(conversation), None)
+    assert len(singles) == 4
+    branches = torch.tensor(tree["branch_ids"])
+    positions, ids, labels = (torch.tensor(tree[key]) for key in ("position_ids", "input_ids", "labels"))
+    assert len(tree["input_ids"]) < sum(len(single["input_ids"]) for single in singles)  # the image once
+    assert int(loaded.vocab.is_image_id(ids).sum()) == loaded.vocab.tokens_per_image - 2  # codes only
+    for branch, single in enumerate(singles, start=1):
+        seen = (branches == 0) | (branches == branch)  # what a token of this branch attends to
+        assert ids[seen].tolist() == single["input_ids"]
+        assert labels[seen].tolist() == single["labels"]
+        assert positions[seen].tolist() == list(range(len(single["input_ids"])))
+    # every answer supervised once, no question supervised
+    supervised = processor.text_tokenizer.decode([t for t in tree["labels"] if t != -100])
+    for user, answer in zip(conversation[0::2], conversation[1::2]):
+        assert answer["content"][0]["text"] in supervised
+        assert user["content"][-1]["text"] not in supervised
+    # a packed batch carries the tree's positions and branches, the other examples count from 0 in branch 0
+    plain = tokenize_examples(processor, [conversation[:2]], None)[0]
+    batch = make_collator(True, 0)([plain, tree])
+    n = len(plain["input_ids"])
+    assert batch["input_ids"].shape == batch["position_ids"].shape == batch["branch_ids"].shape
+    assert batch["position_ids"][0, :n].tolist() == list(range(n)) and batch["branch_ids"][0, :n].eq(0).all()
+    assert batch["position_ids"][0, n:].tolist() == tree["position_ids"]
+    assert batch["branch_ids"][0, n:].tolist() == tree["branch_ids"]
+    assert "branch_ids" not in make_collator(True, 0)([plain])
+
+
+def test_branched_examples_need_the_packed_eager_attention(loaded):
+    with pytest.raises(ValueError, match="vqa_branches"):
+        set_training_attention(loaded.llm, "sdpa", tree=True)
+    assert set_training_attention(loaded.llm, "auto", tree=True) == "packed_eager"
+    restore_inference_attention(loaded.llm)
 
 
 def test_the_mixture_is_drawn_to_what_the_run_consumes(tiny, monkeypatch):
