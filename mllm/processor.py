@@ -502,14 +502,17 @@ class MultimodalProcessor:
         if not len(positions):
             return ids, supervised, positions
         span = self.vocab.tokens_per_image
-        blocks = torch.stack([self.vocab.image_ids(codes) for codes in image_codes])  # (N, h*w + 2)
-        repeats = torch.ones_like(ids)
-        repeats[positions] = span
-        length = len(ids) + len(positions) * (span - 1)
-        expanded = ids.repeat_interleave(repeats, output_size=length)  # (T + N * (span - 1),)
-        starts = torch.cumsum(repeats, 0)[positions] - span  # where each image begins in `expanded`
-        expanded[starts[:, None] + torch.arange(span)] = blocks
-        return expanded, supervised.repeat_interleave(repeats, output_size=length), starts
+        # Slices and torch.cat, not repeat_interleave: that took ~2 ms per call on these 20-id rows (CPU, 2
+        # threads), most of the setup time of a training run that tokenizes 100k conversations.
+        ids_parts, supervised_parts, starts, previous = [], [], [], 0
+        for index, position in enumerate(positions.tolist()):
+            starts.append(position + index * (span - 1))
+            ids_parts += [ids[previous:position], self.vocab.image_ids(image_codes[index]).to(ids.dtype)]
+            supervised_parts += [supervised[previous:position], supervised[position:position + 1].expand(span)]
+            previous = position + 1
+        ids_parts.append(ids[previous:])
+        supervised_parts.append(supervised[previous:])
+        return torch.cat(ids_parts), torch.cat(supervised_parts), torch.tensor(starts, dtype=torch.long)
 
     def _truncate(self, ids, supervised, image_starts, limit, truncation, add_generation_prompt):
         kind = "prompt" if add_generation_prompt else "sequence"
