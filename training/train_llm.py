@@ -256,9 +256,6 @@ def branch_turns(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     from the prefix. With `mllm.attention`'s packed_eager attention a branch sees the prefix and itself
     only, so every turn trains exactly as if it were a single-turn example, while the image is run once.
     (Conversation history would otherwise teach answers from earlier answers instead of the image.)"""
-    if len(examples) == 1:
-        ids = examples[0]["input_ids"]
-        return {**examples[0], "position_ids": list(range(len(ids))), "branch_ids": [0] * len(ids)}
     first = examples[0]["input_ids"]
     shared = min(len(e["input_ids"]) for e in examples) - 1  # every branch keeps at least one token
     for example in examples[1:]:
