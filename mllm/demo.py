@@ -47,7 +47,7 @@ class Plan:
     train_scenes: int = 20000
     test_scenes: int = 1000
     teacher_steps: int = 250
-    tokenizer_steps: int = 1200
+    tokenizer_steps: int = 1000
     pretrain_steps: int = 2000
     sft_steps: int = 0  # 0: no sft stage; the pretrain model is the demo's model
     ett_steps: int = 1000  # `--ablations`: each of the two shapes-ett runs (tokenizer tuned / frozen)
