@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+
 PREDICTIONS_NAME = "predictions.jsonl"
 RESULTS_NAME = "results.json"
 TABLE_NAME = "results.md"
@@ -198,7 +200,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                           ScoreContext(out=out, data=args.data, model=args.model, options=options))
     table = write_results(out, args.suite, results, {
         "model": args.model, "adapter": args.adapter, "data": args.data, "limit": args.limit,
-        "predictions": str(predictions_path), "seconds": round(time.time() - started, 1)})
+        "predictions": str(predictions_path), "seconds": round(time.time() - started, 1),
+        **({"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
+            "seed": args.seed} if suite.kind == "draw" else {})})
     print(table)
     print(primary_line(suite, results))
     return results
@@ -220,7 +224,7 @@ def _predict(suite, model, batch, out: Path, args) -> list[dict]:
         return [{"id": item.id, "answer": answer} for item, answer in zip(batch, answers)]
     if suite.kind == "draw":
         images = model.draw([item.prompt for item in batch], n=suite.images_per_prompt, seed=args.seed,
-                            guidance_scale=args.guidance_scale)
+                            guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k)
         return [{"id": item.id, "prompt": item.prompt, "images": suite.save_images(out, item, drawn)}
                 for item, drawn in zip(batch, images)]
     raise ValueError(f"suite kind {suite.kind!r} has no predictions")
@@ -238,7 +242,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_positive, help="only the first N items")
     parser.add_argument("--adapter", help="a peft adapter folder to load onto the model")
     parser.add_argument("--max-new-tokens", type=_positive, help="override the suite's answer length")
-    parser.add_argument("--guidance-scale", type=float, default=3.0, help="draw suites: CFG scale (default 3)")
+    parser.add_argument("--guidance-scale", type=float, default=DRAW_GUIDANCE_SCALE,
+                        help=f"draw suites: CFG scale (default {DRAW_GUIDANCE_SCALE})")
+    parser.add_argument("--temperature", type=_non_negative, default=DRAW_TEMPERATURE,
+                        help=f"draw suites: sampling temperature of image codes (0: greedy; default {DRAW_TEMPERATURE})")
+    parser.add_argument("--top-k", type=_positive, help="draw suites: sample image codes from the k likeliest only")
     parser.add_argument("--seed", type=int, default=0, help="draw suites: seed of the first image per prompt")
     parser.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
                         help="suite options, e.g. circular=true (mmbench), clip=DIR (fid)")
@@ -299,6 +307,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 

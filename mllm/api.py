@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
 from mllm.data.samples import image_part, text_part
 
 
@@ -88,8 +89,8 @@ class MLLM:
         self,
         prompt: str | Sequence[str],
         n: int = 1,
-        guidance_scale: float = 3.0,
-        temperature: float = 1.0,
+        guidance_scale: float = DRAW_GUIDANCE_SCALE,
+        temperature: float = DRAW_TEMPERATURE,
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | Sequence[int] | None = None,

@@ -37,6 +37,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+
 Conversation = list[dict[str, Any]]
 
 # Architectures whose output head is a plain linear map of the final hidden state (no logit
@@ -90,8 +92,8 @@ def generate_images(
     model,
     prompts: str | Sequence[str],
     n: int = 1,
-    guidance_scale: float = 3.0,
-    temperature: float = 1.0,
+    guidance_scale: float = DRAW_GUIDANCE_SCALE,
+    temperature: float = DRAW_TEMPERATURE,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | Sequence[int] | None = None,
@@ -199,7 +201,7 @@ def chat(
     stop: str | Sequence[str] | None = None,
     seed: int | None = None,
     guidance_scale: float = 1.0,
-    image_temperature: float = 1.0,
+    image_temperature: float = DRAW_TEMPERATURE,
     image_top_k: int | None = None,
     image_top_p: float | None = None,
     max_images: int = 4,

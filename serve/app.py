@@ -3,7 +3,8 @@
     GET  /health                  liveness + the engine's counters (requests, batches, largest batch)
     GET  /v1/models               the one model served
     POST /v1/chat/completions     OpenAI chat completions: text and image_url parts, multi-turn, n, stop,
-                                  seed, temperature, top_p, max_tokens, stream (SSE chunks, [DONE])
+                                  seed, temperature, top_p, max_tokens, stream (SSE chunks, [DONE]);
+                                  no temperature: the model's generation config (greedy unless it samples)
     POST /v1/images/generations   prompt -> n images, response_format b64_json
     GET  /                        the web chat page (serve/static)
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import time
 import uuid
@@ -40,6 +42,16 @@ STATIC_DIR = Path(__file__).parent / "static"
 POLL_S = 0.01
 
 
+def generation_config_temperature(model) -> float:
+    """The temperature the model's own generation config implies, as transformers' `generate` reads it:
+    its `temperature` when it samples (`do_sample: true`), else 0 (greedy decoding, the default of a
+    config that says nothing, like those `mllm train` writes)."""
+    config = getattr(model.model.llm, "generation_config", None)
+    if config is None or not config.do_sample:
+        return 0.0
+    return float(config.temperature if config.temperature is not None else 1.0)
+
+
 def create_app(model_dir: str | None = None, *, model=None, adapter: str | None = None, api_key: str | None = None,
                limits: Limits | None = None, max_batch: int = 8, batch_window_s: float = 0.02,
                queue_size: int = 64, default_max_tokens: int = 256, device: str | None = None,
@@ -52,6 +64,8 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
 
         model = mllm.load(model_dir, adapter=adapter, device=device)
     limits = limits or Limits()
+    if limits.default_temperature is None:
+        limits = dataclasses.replace(limits, default_temperature=generation_config_temperature(model))
     name = model_name or (Path(model_dir).name if model_dir else "mllm")
     engine = Engine(model, max_batch=max_batch, batch_window_s=batch_window_s, queue_size=queue_size,
                     default_max_tokens=default_max_tokens)

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mllm.commands._common import positive_int
+    from mllm.commands._common import non_negative_float, positive_int
 
     parser.add_argument("--model", required=True, help="model folder (`mllm init` / `mllm train` / `mllm merge`)")
     parser.add_argument("--adapter", help="a peft adapter folder to load onto the model")
@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reply length when a request gives no max_tokens (default 256)")
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (default 32 MB)")
     parser.add_argument("--max-images", type=positive_int, default=8, help="images per request (default 8)")
+    parser.add_argument("--default-temperature", type=non_negative_float, default=None, metavar="T",
+                        help="temperature of chat requests that give none (default: the model's generation "
+                             "config, as transformers' generate reads it: greedy unless it sets do_sample)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from serve.protocol import Limits
 
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-                    allow_remote_images=args.allow_remote_images)
+                    allow_remote_images=args.allow_remote_images, default_temperature=args.default_temperature)
     app = create_app(args.model, adapter=args.adapter, api_key=args.api_key, limits=limits,
                      max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
                      queue_size=args.queue_size, default_max_tokens=args.max_tokens, device=args.device,

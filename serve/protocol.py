@@ -92,6 +92,9 @@ class Limits:
     max_n: int = 8
     max_prompt_chars: int = 200_000  # total text characters of a request (cheap guard before tokenizing)
     allow_remote_images: bool = False  # fetch http(s):// image URLs (off: only data: URLs)
+    # The temperature of a chat request that gives none; None: 1, OpenAI's default (`create_app` sets it from
+    # the model's generation config).
+    default_temperature: float | None = None
 
 
 # ----------------------------------------------------------------------------------------- requests
@@ -502,7 +505,7 @@ def parse_chat_request(payload: Any, limits: Limits) -> ChatRequest:
     - at most `limits.max_images` images in all (param "messages"), at most `limits.max_prompt_chars`
       characters of text (code "context_length_exceeded"); both checked before any image is decoded.
     - images: see `decode_image_url` (413 for too many bytes or pixels).
-    - `temperature` a number in [0, 2] (default 1); `top_p` in (0, 1]; `n` an integer in
+    - `temperature` a number in [0, 2] (default `limits.default_temperature`); `top_p` in (0, 1]; `n` an integer in
       [1, max_n]; `max_completion_tokens` (preferred) / `max_tokens` an integer in [1, max_tokens];
       `seed` an integer (int64); `stop` a string or up to 4 non-empty strings; `stream` a boolean;
       `stream_options.include_usage` a boolean; `guidance_scale` (extra) a number in [0, 100],
@@ -517,7 +520,8 @@ def parse_chat_request(payload: Any, limits: Limits) -> ChatRequest:
 
     _refuse_unsupported_chat_fields(payload)
     model = _get_str(payload, "model")
-    temperature = _get_number(payload, "temperature", 0.0, 2.0, 1.0)
+    default_temperature = 1.0 if limits.default_temperature is None else limits.default_temperature
+    temperature = _get_number(payload, "temperature", 0.0, 2.0, default_temperature)
     top_p = _get_number(payload, "top_p", 0.0, 1.0, None, low_open=True)
     n = _get_int(payload, "n", 1, limits.max_n, 1)
     max_tokens = _get_int(payload, "max_tokens", 1, limits.max_tokens, None)

@@ -32,10 +32,26 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
     monkeypatch.setattr(mllm.cli, "main", lambda argv: calls.append(argv[0]) or real_main(argv))
     report = demo.run_demo(out, plan)
     # The rerun starts at the interrupted stage: nothing before it runs again.
-    assert calls == ["train", "merge", "eval", "eval", "eval"]
+    assert calls == ["train", "merge", "eval", "eval", "eval", "eval"]
     for name, marker, _ in demo.stages(out, plan):
         assert marker.is_file(), name
+    # The tokenizer trained on exact renders, the LLM on the mixed set (some scenes rendered at other
+    # sizes and resized), whose codes the pretrain stage read.
+    import webdataset as wds
+
+    mixed = [json.loads(r["json"]) for r in wds.WebDataset(str(out / "data" / "train-mixed" / "shard-000000.tar"),
+                                                           shardshuffle=False)]
+    exact = [json.loads(r["json"]) for r in wds.WebDataset(str(out / "data" / "train" / "shard-000000.tar"),
+                                                           shardshuffle=False)]
+    assert not any("rendered_size" in r for r in exact) and 0 < sum("rendered_size" in r for r in mixed) < len(mixed)
+    codes = [json.loads(r["json"]) for r in wds.WebDataset(str(out / "data" / "train-codes" / "shard-000000.tar"),
+                                                           shardshuffle=False)]
+    assert [r.get("rendered_size") for r in codes] == [r.get("rendered_size") for r in mixed]
+    # VQA also ran on the test scenes rendered at the other size, and the report shows it.
+    other = json.loads((out / "eval" / demo.OTHER_SIZE_VQA / "results.json").read_text())
+    assert other["data"].endswith(f"test-{plan.other_size}px") and other["count"] == plan.vqa_items
     text = (out / "report.md").read_text()
+    assert f"rendered at {plan.other_size} px" in text
     for _, _, minimum, label in demo.BARS:
         assert label in text and f">= {minimum:.0f}%" in text
     from PIL import Image

@@ -31,7 +31,9 @@ from mllm.commands._common import (
     check_model_folder,
     error,
     load_model,
+    non_negative_float,
 )
+from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
 
 Message = dict[str, Any]
 
@@ -50,8 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--guidance-scale",
         type=float,
-        default=3.0,
-        help="classifier-free guidance scale of drawn images; 1 turns guidance off (default: 3.0)",
+        default=DRAW_GUIDANCE_SCALE,
+        help=f"classifier-free guidance scale of drawn images; 1 turns guidance off (default: {DRAW_GUIDANCE_SCALE})",
+    )
+    parser.add_argument(
+        "--image-temperature",
+        type=non_negative_float,
+        default=DRAW_TEMPERATURE,
+        help=f"sampling temperature of drawn images' codes; 0 is greedy (default: {DRAW_TEMPERATURE})",
     )
     parser.add_argument(
         "--save-dir",
@@ -161,7 +169,8 @@ def save_images(images, save_dir: Path, stamp: str, turn: int) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------- drawing
-def draw_images(model, messages: list[Message], guidance_scale: float, seed: int | None) -> list:
+def draw_images(model, messages: list[Message], guidance_scale: float, seed: int | None,
+                temperature: float = DRAW_TEMPERATURE) -> list:
     """The assistant's reply to a drawing request: one image sampled right after `<|boi|>` at the end
     of the conversation (what the model was trained to answer "Draw: ..." with), CFG against the
     unconditional draw prompt. -> [PIL image]."""
@@ -187,7 +196,7 @@ def draw_images(model, messages: list[Message], guidance_scale: float, seed: int
         if guidance_scale != 1.0:
             unconditional = prefix(core.processor.unconditional_draw_conversation())
         codes = sample_image_codes(
-            core, [prefix(messages)], unconditional, guidance_scale, 1.0, None, None, [seed]
+            core, [prefix(messages)], unconditional, guidance_scale, temperature, None, None, [seed]
         )
     return list(core.vision_tokenizer.decode_images(codes.cpu()))
 
@@ -288,7 +297,8 @@ class ChatSession:
         try:
             self.fit(draw)
             if draw:
-                images = draw_images(self.model, self.history, self.args.guidance_scale, self.seed())
+                images = draw_images(self.model, self.history, self.args.guidance_scale, self.seed(),
+                                     self.args.image_temperature)
                 reply = {"text": "", "images": images}
             else:
                 reply = self.model.chat(self.history, **self.chat_options())
@@ -342,6 +352,7 @@ class ChatSession:
             "top_p": args.top_p,
             "seed": self.seed(),
             "guidance_scale": args.guidance_scale,
+            "image_temperature": args.image_temperature,
         }
 
 

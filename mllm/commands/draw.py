@@ -18,6 +18,7 @@ from mllm.commands._common import (
     positive_int,
     unit_float,
 )
+from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,14 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--guidance",
         type=float,
-        default=3.0,
-        help="classifier-free guidance scale; 1 turns guidance off (default: 3.0)",
+        default=DRAW_GUIDANCE_SCALE,
+        help=f"classifier-free guidance scale; 1 turns guidance off (default: {DRAW_GUIDANCE_SCALE})",
     )
     parser.add_argument(
         "--temperature",
         type=non_negative_float,
-        default=1.0,
-        help="sampling temperature; 0 is greedy (default: 1.0)",
+        default=DRAW_TEMPERATURE,
+        help=f"sampling temperature of the image codes; 0 is greedy (default: {DRAW_TEMPERATURE})",
     )
     parser.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codes")
     parser.add_argument("--top-p", type=unit_float, default=None, help="nucleus sampling mass")

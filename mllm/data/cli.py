@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--seed", type=int, default=0, help="base seed of the scenes (default: 0)")
     shapes.add_argument("--size", type=positive_int, default=64, help="image side in pixels (default: 64)")
     shapes.add_argument(
+        "--resized-share", type=float, default=0.0, metavar="P",
+        help="share of scenes rendered at another size (40-256 px, half of them 64) and resized to --size "
+        "the way a model's image processor resizes its input, so a model trained at --size also reads "
+        "scenes of other sizes; those scenes get no drawing prompt (default: 0)",
+    )  # fmt: skip
+    shapes.add_argument(
         "--split", choices=("train", "test"), default="train",
         help="train or test scenes; the two never share a scene for the same seed (default: train)",
     )  # fmt: skip
@@ -105,7 +111,11 @@ def _run_shapes(args: argparse.Namespace) -> int:
         return _error(problem)
     if args.size < MIN_IMAGE_SIZE:
         return _error(f"--size must be at least {MIN_IMAGE_SIZE} pixels, got {args.size}")
-    scenes = iter_samples(args.n, split=args.split, base_seed=args.seed, size=args.size)
+    if not 0.0 <= args.resized_share <= 1.0:
+        return _error(f"--resized-share must be between 0 and 1, got {args.resized_share}")
+    scenes = iter_samples(
+        args.n, split=args.split, base_seed=args.seed, size=args.size, resized_share=args.resized_share
+    )
     if args.format == "llava":
         chats = (caption_qa_chat(s["key"], s["image"], s["caption"], s["qa"]) for s in scenes)
         json_path = write_llava(chats, args.out, progress=not args.no_progress)

@@ -41,6 +41,19 @@ def test_shapes_through_the_mllm_command(tmp_path, capsys):
     assert records[0]["png"].size == (32, 32)
 
 
+def test_shapes_resized_share(tmp_path, capsys):
+    out = tmp_path / "mixed"
+    assert data("shapes", "--n", "40", "--out", str(out), "--size", "32", "--resized-share", "0.5", "--no-progress") == 0
+    records = list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).decode("pil"))
+    expected = list(iter_samples(40, "train", size=32, resized_share=0.5))
+    assert [r["json"].get("rendered_size") for r in records] == [s.get("rendered_size") for s in expected]
+    assert 0 < sum("rendered_size" in r["json"] for r in records) < 40
+    assert all(("prompt" in r["json"]) == ("rendered_size" not in r["json"]) for r in records)
+    assert all(r["png"].tobytes() == s["image"].tobytes() for r, s in zip(records, expected))
+    assert data("shapes", "--n", "2", "--out", str(out), "--resized-share", "2", "--overwrite") == 2
+    assert "--resized-share must be between 0 and 1" in capsys.readouterr().err
+
+
 def test_shapes_llava_format(tmp_path, capsys):
     out = tmp_path / "llava"
     assert data("shapes", "--n", "4", "--out", str(out), "--format", "llava", "--no-progress") == 0
@@ -96,6 +109,7 @@ def test_help_explains_the_options(capsys):
         data("shapes", "--help")
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--out", "--n", "--seed", "--size", "--split", "--format", "--maxcount", "--overwrite"):
+    for option in ("--out", "--n", "--seed", "--size", "--split", "--format", "--maxcount", "--overwrite",
+                   "--resized-share"):
         assert option in text
     assert "multi-turn chat" in text

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mllm.data.shapes import (
+    BACKGROUND,
     CELL_PHRASES,
     CELLS,
     COLORS,
@@ -21,6 +22,7 @@ from mllm.data.shapes import (
     make_sample,
     make_scene,
     render,
+    resized,
     scene_seed,
     vqa_pairs,
 )
@@ -287,3 +289,35 @@ def test_make_sample_and_iter_samples():
     assert 0.6 * len(samples) < full_scene < 0.9 * len(samples)
     for s in samples:
         assert s["prompt"] in draw_prompts(Scene.from_dict(s["scene"]))
+
+
+def test_resized_share_renders_some_scenes_at_other_sizes_and_resizes_them():
+    from tokenizer_vision.image_processing import ImageProcessor
+
+    plain = list(iter_samples(200, size=48))
+    mixed = list(iter_samples(200, size=48, resized_share=0.5))
+    assert [s["key"] for s in mixed] == [s["key"] for s in plain]  # same scenes, same labels
+    resized_ones = [s for s in mixed if "rendered_size" in s]
+    assert 0.35 * len(mixed) < len(resized_ones) < 0.65 * len(mixed)
+    sources = [s["rendered_size"] for s in resized_ones]
+    assert 48 not in sources and 0.3 < sources.count(64) / len(sources) < 0.7 and len(set(sources)) >= 5
+    for sample, reference in zip(mixed, plain):
+        assert sample["caption"] == reference["caption"] and sample["qa"] == reference["qa"]
+        assert sample["image"].size == (48, 48)
+        if "rendered_size" in sample:
+            # The image processor's own resize of the render at the other size; only exact renders are drawn.
+            expected = ImageProcessor(48).resize_and_crop(render(make_scene(int(sample["key"])), sample["rendered_size"]))
+            assert sample["image"].tobytes() == expected.tobytes()
+            assert "prompt" not in sample
+        else:
+            assert sample["image"].tobytes() == reference["image"].tobytes()
+            assert sample["prompt"] == reference["prompt"]
+    # A resize blends edges: colours outside the palette appear, the background stays white.
+    pixels = np.asarray(resized_ones[0]["image"]).reshape(-1, 3)
+    palette = {tuple(c) for c in COLORS.values()} | {BACKGROUND}
+    assert any(tuple(p) not in palette for p in pixels)
+    assert tuple(pixels[0]) == BACKGROUND
+    assert resized(render(make_scene(3), 48), 48).tobytes() == render(make_scene(3), 48).tobytes()
+    assert next(iter_samples(5, size=48, resized_share=0.0))["image"].tobytes() == plain[0]["image"].tobytes()
+    with pytest.raises(ValueError, match="resized_share"):
+        make_sample(1, resized_share=1.5)

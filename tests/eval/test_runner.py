@@ -159,3 +159,25 @@ def test_sigkilled_eval_restarts_and_scores_every_id_once(model_dir, tmp_path):
     assert len(ids) == 600 and len(set(ids)) == 600
     assert json.loads((out / runner.RESULTS_NAME).read_text())["count"] == 600
     assert restarted.stdout.strip().splitlines()[-1].startswith("accuracy ")
+
+
+def test_draw_suites_take_the_sampling_settings_and_record_them(model_dir, tmp_path):
+    from PIL import Image
+
+    from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+
+    def drawn(out: Path) -> list[bytes]:
+        record = json.loads((out / runner.PREDICTIONS_NAME).read_text().splitlines()[0])
+        return [Image.open(out / name).tobytes() for name in record["images"]]
+
+    default = _args(model_dir, tmp_path / "default", suite="shapes-t2i", limit=1, option=["seeds=3"])
+    assert (default.temperature, default.guidance_scale, default.top_k) == (DRAW_TEMPERATURE, DRAW_GUIDANCE_SCALE, None)
+    runner.evaluate(default)
+    saved = json.loads((tmp_path / "default" / runner.RESULTS_NAME).read_text())
+    assert (saved["temperature"], saved["guidance_scale"], saved["seed"]) == (DRAW_TEMPERATURE, DRAW_GUIDANCE_SCALE, 0)
+    assert len(set(drawn(tmp_path / "default"))) > 1  # sampled: the seeds differ
+
+    runner.evaluate(_args(model_dir, tmp_path / "greedy", suite="shapes-t2i", limit=1, option=["seeds=3"],
+                          temperature=0.0))
+    assert len(set(drawn(tmp_path / "greedy"))) == 1  # greedy: every seed draws the same codes
+    assert json.loads((tmp_path / "greedy" / runner.RESULTS_NAME).read_text())["temperature"] == 0.0

@@ -110,6 +110,28 @@ def test_multi_turn_n_and_seed(client):
     assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
 
 
+def test_temperature_defaults_to_the_models_generation_config(client, model):
+    from serve.app import generation_config_temperature
+
+    # `mllm init` / `mllm train` write a generation config that does not sample: greedy, as `generate` would.
+    assert generation_config_temperature(model) == 0.0
+    messages = [_image_message("Describe the image.")]
+    greedy = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    default = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, n=3)
+    assert [c.message.content for c in default.choices] == [greedy.choices[0].message.content] * 3
+    sampled = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, n=3, temperature=1.5,
+                                             seed=3)
+    assert len({c.message.content for c in sampled.choices}) > 1  # a request's own temperature still samples
+
+    config = model.model.llm.generation_config
+    before = config.do_sample, config.temperature
+    try:
+        config.do_sample, config.temperature = True, 0.8
+        assert generation_config_temperature(model) == 0.8
+    finally:
+        config.do_sample, config.temperature = before
+
+
 def test_streaming_matches_the_plain_reply_and_reports_usage(client):
     messages = [_image_message("Describe the image.")]
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)

@@ -355,6 +355,11 @@ def test_text_only_defaults():
         guidance_scale=3.0,
         image_count=0,
     )
+    # A server sets the default temperature (from the model's generation config); a request's own wins.
+    plain = body({"messages": [{"role": "user", "content": "hi"}]})
+    assert parse_chat_request(json.loads(plain), Limits(default_temperature=0.0)).temperature == 0.0
+    assert parse_chat_request(json.loads(plain), Limits(default_temperature=0.7)).temperature == 0.7
+    assert parse_chat_request(chat(temperature=1.2), Limits(default_temperature=0.0)).temperature == 1.2
 
 
 def test_all_fields_and_harmless_extras():
