@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from mllm.config import DRAW_GUIDANCE_SCALE
+
 
 class QueueFull(Exception):
     """The engine's queue is full: the client should retry later (HTTP 429)."""
@@ -51,7 +53,7 @@ class ChatJob:
     seed: int | None
     stop: list[str]
     n: int = 1
-    guidance_scale: float = 3.0
+    guidance_scale: float = DRAW_GUIDANCE_SCALE
     on_delta: Callable[[int, str], None] | None = None  # (choice index, new text), called from the worker
     # filled by the engine
     result: list[dict] | None = None  # per choice: {"text", "images", "finish_reason", "completion_tokens"}
@@ -68,7 +70,7 @@ class ChatJob:
 class ImageJob:
     prompt: str
     n: int = 1
-    guidance_scale: float = 3.0
+    guidance_scale: float = DRAW_GUIDANCE_SCALE
     seed: int | None = None
     result: list | None = None  # PIL images
     error: BaseException | None = None

@@ -37,6 +37,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mllm.config import DRAW_GUIDANCE_SCALE
+
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
@@ -118,7 +120,7 @@ class ChatRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
-    guidance_scale: float = 3.0  # extra field: CFG scale for images drawn inside the chat
+    guidance_scale: float = DRAW_GUIDANCE_SCALE  # extra field: CFG scale for images drawn inside the chat
     image_count: int = 0
 
 
@@ -130,7 +132,7 @@ class ImageRequest:
     n: int = 1
     size: tuple[int, int] | None = None
     response_format: str = "b64_json"
-    guidance_scale: float = 3.0
+    guidance_scale: float = DRAW_GUIDANCE_SCALE
     seed: int | None = None
     model: str | None = None
 
@@ -283,7 +285,7 @@ def _get_seed(payload: dict) -> int | None:
 
 
 def _get_guidance_scale(payload: dict) -> float:
-    value = _get_number(payload, "guidance_scale", 0.0, 100.0, 3.0)
+    value = _get_number(payload, "guidance_scale", 0.0, 100.0, DRAW_GUIDANCE_SCALE)
     assert value is not None
     return value
 
@@ -509,7 +511,7 @@ def parse_chat_request(payload: Any, limits: Limits) -> ChatRequest:
       [1, max_n]; `max_completion_tokens` (preferred) / `max_tokens` an integer in [1, max_tokens];
       `seed` an integer (int64); `stop` a string or up to 4 non-empty strings; `stream` a boolean;
       `stream_options.include_usage` a boolean; `guidance_scale` (extra) a number in [0, 100],
-      default 3; `model` a string. Booleans are not numbers.
+      default DRAW_GUIDANCE_SCALE; `model` a string. Booleans are not numbers.
     - unsupported fields that change the answer's meaning (tools, logprobs, response_format other
       than text, ...) are refused; harmless and unknown fields are ignored.
     """
@@ -610,7 +612,7 @@ def parse_image_request(payload: Any, limits: Limits) -> ImageRequest:
     "context_length_exceeded" beyond); `n` an integer in [1, max_n] (default 1); `size` "WxH" with
     sides 1..4096, or "auto"/absent (None: the model's native size); `response_format` "b64_json"
     (default) - "url" is refused, since this server stores no files; `guidance_scale` (extra) a number
-    in [0, 100], default 3; `seed` an integer; `model` a string. `quality`, `style`, `user` and unknown
+    in [0, 100], default DRAW_GUIDANCE_SCALE; `seed` an integer; `model` a string. `quality`, `style`, `user` and unknown
     fields are ignored; `stream: true` is refused.
     """
     if not isinstance(payload, dict):

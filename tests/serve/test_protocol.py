@@ -14,6 +14,7 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
+from mllm.config import DRAW_GUIDANCE_SCALE
 from serve.protocol import (
     APIError,
     ChatRequest,
@@ -352,7 +353,7 @@ def test_text_only_defaults():
         n=1,
         stream=False,
         include_usage=False,
-        guidance_scale=3.0,
+        guidance_scale=DRAW_GUIDANCE_SCALE,
         image_count=0,
     )
     # A server sets the default temperature (from the model's generation config); a request's own wins.
@@ -584,7 +585,7 @@ def test_image_request_parsing():
         n=1,
         size=None,
         response_format="b64_json",
-        guidance_scale=3.0,
+        guidance_scale=DRAW_GUIDANCE_SCALE,
         seed=None,
         model=None,
     )
