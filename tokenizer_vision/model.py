@@ -177,7 +177,13 @@ class DualCodebookTokenizer(nn.Module):
         ]
 
     # ------------------------------------------------------------------ training
-    def forward(self, pixel_values: torch.Tensor, step: int | None = None, adversarial: bool = True) -> dict[str, Any]:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        step: int | None = None,
+        adversarial: bool = True,
+        target: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
         """One training/validation pass on normalised images (B, 3, H, W).
 
         Returns a dict with "loss" (the weighted total to backpropagate), "losses" (each term),
@@ -187,14 +193,18 @@ class DualCodebookTokenizer(nn.Module):
         `step` drives the GAN schedule (None counts as step 0); `adversarial=False` leaves the GAN term out
         (end-to-end tuning trains no discriminator). In train mode with gradients on, the quantizer also
         updates its EMA codebooks and restarts dead codes.
+        `target` (same shape; default `pixel_values`): what the reconstruction and the teacher's features are
+        taken from, while the codes come from `pixel_values` (a degraded input learns the clean image's codes).
         """
         config = self.config
         quantized = self._quantize(pixel_values)
+        if target is None:
+            target = pixel_values
         reconstruction = self.pixel_decoder(quantized.quantized_sem, quantized.quantized_pix)  # (B, 3, H, W)
 
         losses = {
-            "pixel_l1": pixel_l1_loss(reconstruction, pixel_values),
-            "pixel_l2": pixel_l2_loss(reconstruction, pixel_values),
+            "pixel_l1": pixel_l1_loss(reconstruction, target),
+            "pixel_l2": pixel_l2_loss(reconstruction, target),
             "vq": quantized.vq_loss,
             "codebook": quantized.codebook_loss,
             "commitment": quantized.commitment_loss,
@@ -208,11 +218,11 @@ class DualCodebookTokenizer(nn.Module):
         )
         if self.semantic_decoder is not None:
             predicted = self.semantic_decoder(quantized.quantized_sem)  # (B, C_t, h, w)
-            losses["semantic"] = semantic_distillation_loss(predicted, self.teacher_features(pixel_values))
+            losses["semantic"] = semantic_distillation_loss(predicted, self.teacher_features(target))
             total = total + config.semantic_weight * losses["semantic"]
         if self.perceptual is not None:
             losses["perceptual"] = self.perceptual(
-                self._to_signed_unit(reconstruction), self._to_signed_unit(pixel_values)
+                self._to_signed_unit(reconstruction), self._to_signed_unit(target)
             ).mean()
             total = total + config.perceptual_weight * losses["perceptual"]
         if adversarial and self.gan_active(step):

@@ -7,6 +7,7 @@ sets stream through `mllm.data.shards` in the LLM recipes instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,34 @@ def load_image_arrays(
     if not images:
         raise ValueError(f"no usable images found in {data}: {stats.report()}")
     return ImageTextArrays(np.stack(images), texts, keys, stats)
+
+
+def rescale_round_trip(
+    batch_uint8: np.ndarray, share: float, factors: Sequence[float], rng: np.random.Generator
+) -> np.ndarray:
+    """A copy of (B, S, S, 3) uint8 images where a `share` of them made a round trip through another size.
+
+    Each chosen image goes to round(S * f) px, f drawn from `factors` (nearest-neighbour when enlarging,
+    so edges stay hard as in an image drawn at that size; bicubic when shrinking), and comes back with
+    the image processor's own bicubic resize: what a picture made at another size looks like once the
+    processor has brought it to S. Trained on such inputs against the clean image, a tokenizer's encoder
+    learns to give them the clean image's codes.
+    """
+    from PIL import Image
+
+    from tokenizer_vision.image_processing import ImageProcessor
+
+    out = batch_uint8.copy()
+    size = batch_uint8.shape[1]
+    processor = ImageProcessor(size)
+    for index in np.flatnonzero(rng.random(len(batch_uint8)) < share):
+        side = max(1, round(size * float(factors[rng.integers(len(factors))])))
+        if side == size:
+            continue
+        image = Image.fromarray(batch_uint8[index])
+        resample = Image.Resampling.NEAREST if side > size else Image.Resampling.BICUBIC
+        out[index] = np.asarray(processor.resize_and_crop(image.resize((side, side), resample)))
+    return out
 
 
 def to_pixel_values(batch_uint8: np.ndarray, mean, std) -> torch.Tensor:

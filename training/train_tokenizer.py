@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from mllm.runtime import resolve_precision
 from training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from training.config import load_config, save_config
-from training.data import EpochSampler, load_image_arrays, to_pixel_values
+from training.data import EpochSampler, load_image_arrays, rescale_round_trip, to_pixel_values
 
 
 @dataclass
@@ -54,6 +55,11 @@ class TokenizerTrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     max_images: int | None = None
+    # Share of each batch whose input image makes a round trip through another size (factors of the image
+    # side; `training.data.rescale_round_trip`) while the targets stay the clean image: the encoder learns
+    # to give pictures made at other sizes the codes of the clean one. 0: off.
+    rescale_share: float = 0.0
+    rescale_factors: list[float] = field(default_factory=lambda: [0.83, 1.17, 1.33, 1.33, 1.67, 2.0])
 
     def validate(self) -> None:
         if not self.data or not self.out:
@@ -67,6 +73,10 @@ class TokenizerTrainConfig:
             )
         if self.max_steps <= 0 or self.batch_size <= 0:
             raise ValueError("max_steps and batch_size must be positive")
+        if not 0.0 <= self.rescale_share <= 1.0:
+            raise ValueError(f"rescale_share must be in [0, 1], got {self.rescale_share}")
+        if self.rescale_share > 0 and (not self.rescale_factors or any(f <= 0 for f in self.rescale_factors)):
+            raise ValueError(f"rescale_factors must be positive numbers, got {self.rescale_factors}")
 
 
 def build_tokenizer(cfg: TokenizerTrainConfig):
@@ -162,10 +172,15 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
     started, images_seen = time.time(), 0
     model.train()
     for step in bar:
-        pixels = to_pixel_values(data.images[sampler.next_indices()], config.image_mean, config.image_std)
-        pixels = pixels.to(accelerator.device)
+        clean = data.images[sampler.next_indices()]
+        pixels = to_pixel_values(clean, config.image_mean, config.image_std).to(accelerator.device)
+        inputs = pixels
+        if cfg.rescale_share > 0:  # seeded by step: a resumed run degrades the same images the same way
+            degraded = rescale_round_trip(clean, cfg.rescale_share, cfg.rescale_factors,
+                                          np.random.default_rng([cfg.seed, step, accelerator.process_index]))
+            inputs = to_pixel_values(degraded, config.image_mean, config.image_std).to(accelerator.device)
         with accelerator.autocast():
-            output = model(pixels, step=step)
+            output = model(inputs, step=step, target=pixels)
         loss = output["loss"]
         if not torch.isfinite(loss):
             raise RuntimeError(

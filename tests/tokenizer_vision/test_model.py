@@ -56,6 +56,31 @@ def test_forward_total_is_the_weighted_sum(make_tokenizer, shape_images):
     assert 0.0 <= out["usage_fraction"].item() <= 1.0 and out["perplexity"].item() >= 1.0
 
 
+def test_target_sets_what_is_reconstructed_while_the_input_sets_the_codes(make_tokenizer, shape_images):
+    from tokenizer_vision.losses import pixel_l1_loss
+
+    tokenizer = make_tokenizer().eval()
+    clean = tokenizer.processor.preprocess(shape_images(2))
+    degraded = clean + 0.3 * torch.randn_like(clean)
+    with torch.no_grad():
+        plain = tokenizer(degraded)
+        targeted = tokenizer(degraded, target=clean)
+        same = tokenizer(clean, target=clean)
+        default = tokenizer(clean)
+    assert torch.equal(targeted["indices"], plain["indices"])  # the codes come from the input
+    assert torch.allclose(targeted["losses"]["pixel_l1"], pixel_l1_loss(targeted["reconstruction"], clean))
+    assert not torch.allclose(targeted["losses"]["pixel_l1"], plain["losses"]["pixel_l1"])
+    assert torch.allclose(same["loss"], default["loss"])
+    seen = []  # the teacher reads the target, not the input
+    real = tokenizer.teacher_features
+    tokenizer.teacher_features = lambda pixels: seen.append(pixels) or real(pixels)
+    with torch.no_grad():
+        again = tokenizer(degraded, target=clean)
+    assert len(seen) == 1 and torch.equal(seen[0], clean)
+    assert torch.allclose(again["losses"]["semantic"], targeted["losses"]["semantic"])
+    assert not torch.allclose(targeted["losses"]["semantic"], plain["losses"]["semantic"])
+
+
 def test_straight_through_reaches_the_encoders(make_tokenizer, shape_images):
     tokenizer = make_tokenizer().train()
     out = tokenizer(tokenizer.processor.preprocess(shape_images(2)))

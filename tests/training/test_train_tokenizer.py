@@ -83,3 +83,32 @@ def test_two_processes_train_through_torchrun(shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["step"] for m in _metrics(out)] == [3, 6]  # logged once, by the main process
     assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "step-3").is_dir()
+
+
+def test_rescale_round_trip_degrades_a_share_of_the_inputs_reproducibly():
+    import numpy as np
+
+    from mllm.data.shapes import make_scene, render, resized
+    from training.data import rescale_round_trip
+
+    batch = np.stack([np.asarray(render(make_scene(seed), 48)) for seed in range(40)])
+    assert np.array_equal(rescale_round_trip(batch, 0.0, [1.33], np.random.default_rng(0)), batch)
+    assert np.array_equal(rescale_round_trip(batch, 1.0, [1.0], np.random.default_rng(0)), batch)
+    half = rescale_round_trip(batch, 0.5, [1.33, 2.0], np.random.default_rng(1))
+    changed = [not np.array_equal(a, b) for a, b in zip(half, batch)]
+    assert 10 < sum(changed) < 30 and half.dtype == np.uint8 and half.shape == batch.shape
+    assert np.array_equal(half, rescale_round_trip(batch, 0.5, [1.33, 2.0], np.random.default_rng(1)))
+    # Enlarging keeps hard edges (nearest), the way back is the image processor's resize.
+    from PIL import Image
+
+    up = rescale_round_trip(batch[:1], 1.0, [1.33], np.random.default_rng(0))[0]
+    expected = resized(Image.fromarray(batch[0]).resize((64, 64), Image.Resampling.NEAREST), 48)
+    assert np.array_equal(up, np.asarray(expected))
+
+
+def test_rescale_training_keeps_the_clean_images_as_targets(shards, tmp_path):
+    out = recipe.main(_config(shards, tmp_path / "rescaled", rescale_share=0.5))
+    metrics = _metrics(out)
+    assert metrics[-1]["loss"] < 0.7 * metrics[0]["loss"] and metrics[-1]["psnr"] > metrics[0]["psnr"]
+    with pytest.raises(ValueError, match="rescale_share"):
+        _config(shards, tmp_path / "bad", rescale_share=1.5).validate()
