@@ -36,7 +36,7 @@ VOCAB_PAD_MULTIPLE = 64
 # likeliest one, a blank patch, and an object asked for without a position goes missing. A higher CFG
 # scale draws the asked-for object more often but places it less well. Measured on the demo's model:
 # README, "Drawing: sampling settings".
-DRAW_GUIDANCE_SCALE = 4.0
+DRAW_GUIDANCE_SCALE = 3.0
 DRAW_TEMPERATURE = 0.6
 
 

@@ -63,7 +63,9 @@ class Plan:
     t2i_seeds: int = 6
     minutes: float = 20.0
     teacher_overrides: tuple[str, ...] = ("image_size=48",)
-    tokenizer_overrides: tuple[str, ...] = ("tokenizer.image_size=48",)
+    # rescale_share: half of each tokenizer batch round-trips through another size against the clean image
+    # (README, "Scenes of other sizes"): VQA 96.5% on 48 px and 90.6% on 64 px scenes, against 92.4 / 86.0.
+    tokenizer_overrides: tuple[str, ...] = ("tokenizer.image_size=48", "rescale_share=0.5")
     llm_overrides: tuple[str, ...] = ()
 
 
