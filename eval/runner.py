@@ -232,6 +232,7 @@ def _predict(suite, model, batch, out: Path, args) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from eval.suites import suite_names
+    from mllm.commands._common import non_negative_float
 
     parser.add_argument("--model", help="model folder (`mllm init` / `mllm train` / `mllm merge` output)")
     parser.add_argument("--suite", required=True, help=f"one of: {', '.join(suite_names())}")
@@ -244,7 +245,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=_positive, help="override the suite's answer length")
     parser.add_argument("--guidance-scale", type=float, default=DRAW_GUIDANCE_SCALE,
                         help=f"draw suites: CFG scale (default {DRAW_GUIDANCE_SCALE})")
-    parser.add_argument("--temperature", type=_non_negative, default=DRAW_TEMPERATURE,
+    parser.add_argument("--temperature", type=non_negative_float, default=DRAW_TEMPERATURE,
                         help=f"draw suites: sampling temperature of image codes (0: greedy; default {DRAW_TEMPERATURE})")
     parser.add_argument("--top-k", type=_positive, help="draw suites: sample image codes from the k likeliest only")
     parser.add_argument("--seed", type=int, default=0, help="draw suites: seed of the first image per prompt")
@@ -307,13 +308,6 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 

@@ -303,20 +303,16 @@ def make_sample(seed: int, size: int = DEFAULT_IMAGE_SIZE, resized_share: float 
         prompt = prompts[1 + _pick(rng, len(prompts) - 1)]  # always >= 3 partial prompts
     sample = {
         "key": f"{seed:012d}",
-        "image": render(scene, size),
         "scene": scene.to_dict(),
         "caption": caption(scene),
         "qa": vqa_pairs(scene),
-        "prompt": prompt,
     }
     rng = _rng(seed, "render size")
     if resized_share > 0.0 and rng.random() < resized_share:
         sources = [s for s in RESIZE_SOURCE_SIZES if s != size]
         source = sources[_pick(rng, len(sources))]
-        sample["image"] = resized(render(scene, source), size)
-        sample["rendered_size"] = source
-        del sample["prompt"]
-    return sample
+        return {**sample, "image": resized(render(scene, source), size), "rendered_size": source}
+    return {**sample, "image": render(scene, size), "prompt": prompt}
 
 
 def iter_samples(
