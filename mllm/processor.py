@@ -12,20 +12,18 @@ The pipeline of `MultimodalProcessor.__call__`, for a batch of conversations:
 3. Tokenize all rendered strings in ONE batched call; a token is supervised when its first character
    lies in an assistant span (offset mapping; no per-token Python loop).
 4. Encode every image of the batch in ONE `vision_tokenizer.encode` call (precomputed codes skip it) and
-   expand each `<|image|>` id into `<|boi|>` + h*w image ids + `<|eoi|>` (`ImageVocabulary.image_ids`)
-   with `repeat_interleave` and one scatter; an expanded image inherits its placeholder's supervision,
-   so an image in an assistant turn is a generation target and one in a user turn is context.
+   expand each `<|image|>` id into `<|boi|>` + h*w image ids + `<|eoi|>` (`ImageVocabulary.image_ids`):
+   each sequence is cut at its placeholders and the pieces, text ids and image ids in turn, are joined
+   by one `torch.cat`; an expanded image inherits its placeholder's supervision (the flag repeated over
+   the image's span), so an image in an assistant turn is a generation target and one in a user turn is
+   context.
 5. Check the length against `max_length` (or truncate), pad (left by default, for generation) and stack.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
-import re
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +51,6 @@ IGNORE_INDEX = -100  # labels the loss skips (PyTorch's cross_entropy default)
 PART_SEPARATOR = "\n"  # between the content parts of one message (DEFAULT_CHAT_TEMPLATE does the same)
 # tokenizer.model_max_length of a tokenizer that never set one is ~1e30; anything this large means "unset".
 _UNSET_LENGTH = 10**8
-_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 
 
 class _FromImages:
@@ -264,11 +261,9 @@ class MultimodalProcessor:
     # ------------------------------------------------------------------ images
     def load_image(self, source) -> Image.Image:
         """A PIL image, path, bytes, `data:` URL or bare base64 string -> validated RGB PIL image (ValueError
-        for anything that is not a sane image; `tokenizer_vision.load_image` does the checking)."""
+        for anything that is not a sane image; `tokenizer_vision.load_image` decodes and checks)."""
         from tokenizer_vision.image_processing import load_image
 
-        if isinstance(source, str):
-            source = _decode_image_string(source)
         try:
             return load_image(source)
         except TypeError as error:
@@ -584,31 +579,6 @@ def _image_source(part: dict) -> Any:
         if part.get(key) is not None:
             return ("image", part[key])
     return _FromImages
-
-
-def _decode_image_string(source: str) -> str | bytes:
-    """A `data:` URL or bare base64 -> bytes; a `file://` URL -> path; a path stays a path."""
-    if source.startswith("data:"):
-        header, comma, payload = source.partition(",")
-        if not comma:
-            raise ValueError("malformed image data URL: no ',' after the header")
-        if header.endswith(";base64"):
-            return _b64decode(payload, "image data URL")
-        return urllib.parse.unquote_to_bytes(payload)
-    if source.startswith(("http://", "https://")):
-        raise ValueError("remote image URLs are not fetched; pass the image as bytes, a path or a data URL")
-    if source.startswith("file://"):
-        return urllib.parse.unquote(source[len("file://") :])
-    if len(source) >= 64 and not os.path.exists(source) and _BASE64.fullmatch(source):
-        return _b64decode(source, "base64 image")
-    return source
-
-
-def _b64decode(payload: str, what: str) -> bytes:
-    try:
-        return base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise ValueError(f"{what}: invalid base64 ({error})") from error
 
 
 def _find_reply(text: str, content: str, eot: str, cursor: int, index: int) -> tuple[int, int]:

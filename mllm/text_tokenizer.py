@@ -19,6 +19,9 @@ from mllm.config import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
 from mllm.vocab import add_image_special_tokens
 
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
+# The trained model's special pieces, in id order (0, 1, 2, 3): named once for both the sentencepiece
+# trainer (`{kind}_id`, `{kind}_piece`) and the HF tokenizer built from its model (`{kind}_token`).
+_SPECIAL_PIECES = {"unk": UNK_TOKEN, "bos": BOS_TOKEN, "eos": EOS_TOKEN, "pad": PAD_TOKEN}
 END_OF_TURN_TOKEN = "<|end|>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", END_OF_TURN_TOKEN)
 # sentencepiece's byte-fallback pieces <0x00> ... <0xFF>: any UTF-8 text can be spelled with them.
@@ -102,8 +105,8 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int, seed: int = 0):
         add_dummy_prefix=False,  # lossless: no invented leading space (chat text starts mid-line)
         remove_extra_whitespaces=False,
         split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        unk_piece=UNK_TOKEN, bos_piece=BOS_TOKEN, eos_piece=EOS_TOKEN, pad_piece=PAD_TOKEN,
+        **{f"{kind}_id": index for index, kind in enumerate(_SPECIAL_PIECES)},
+        **{f"{kind}_piece": piece for kind, piece in _SPECIAL_PIECES.items()},
         num_threads=1,  # determinism
         seed_sentencepiece_size=1_000_000,
         input_sentence_size=0,  # all sentences, no sampling
@@ -161,11 +164,8 @@ def _fast_tokenizer_from_sentencepiece(model_proto: bytes):
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        unk_token=UNK_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
         clean_up_tokenization_spaces=False,
+        **{f"{kind}_token": piece for kind, piece in _SPECIAL_PIECES.items()},
     )
 
 

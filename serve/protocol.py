@@ -21,19 +21,16 @@ fields that would change what the client gets back and that we cannot honour (no
 functions, tool_choice other than "none"/"auto", logprobs, top_logprobs, response_format other than
 text, audio output, non-empty logit_bias, web_search_options) are refused with a 400 naming them.
 
-PIL and httpx are imported inside the functions that need them, so importing this module is cheap.
+PIL (through `tokenizer_vision.load_image`, the project's one image decoder) and httpx are imported
+inside the functions that need them, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import math
 import re
-import threading
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -227,49 +224,49 @@ def _invalid_value(param: str, expected: str, value: Any) -> APIError:
     )
 
 
-def _get_int(payload: dict, key: str, low: int, high: int, default: int | None) -> int | None:
+def _get_checked(
+    payload: dict,
+    key: str,
+    default: Any,
+    expected: str,
+    is_type: Callable[[Any], bool],
+    in_range: Callable[[Any], bool] | None = None,
+) -> Any:
+    """payload[key], or `default` when absent or null; a 400 naming `expected` when the value is not of
+    the type (`is_type`) or, given `in_range`, not in range."""
     value = payload.get(key)
     if value is None:
         return default
-    expected = f"an integer between {low} and {high}"
-    if not _is_int(value):
+    if not is_type(value):
         raise _invalid_type(key, expected, value)
-    if not low <= value <= high:
+    if in_range is not None and not in_range(value):
         raise _invalid_value(key, expected, value)
     return value
+
+
+def _get_int(payload: dict, key: str, low: int, high: int, default: int | None) -> int | None:
+    expected = f"an integer between {low} and {high}"
+    return _get_checked(payload, key, default, expected, _is_int, lambda value: low <= value <= high)
 
 
 def _get_number(
     payload: dict, key: str, low: float, high: float, default: float | None, low_open: bool = False
 ) -> float | None:
-    value = payload.get(key)
-    if value is None:
-        return default
     expected = f"a number {'>' if low_open else '>='} {low:g} and <= {high:g}"
-    if not _is_number(value):
-        raise _invalid_type(key, expected, value)
-    ok_low = value > low if low_open else value >= low
-    if not (math.isfinite(value) and ok_low and value <= high):
-        raise _invalid_value(key, expected, value)
-    return float(value)
+
+    def in_range(value: float) -> bool:
+        return math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+
+    value = _get_checked(payload, key, default, expected, _is_number, in_range)
+    return None if value is None else float(value)
 
 
 def _get_bool(payload: dict, key: str, default: bool) -> bool:
-    value = payload.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _invalid_type(key, "a boolean", value)
-    return value
+    return _get_checked(payload, key, default, "a boolean", lambda value: isinstance(value, bool))
 
 
 def _get_str(payload: dict, key: str) -> str | None:
-    value = payload.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _invalid_type(key, "a string", value)
-    return value
+    return _get_checked(payload, key, None, "a string", lambda value: isinstance(value, str))
 
 
 def _get_seed(payload: dict) -> int | None:
@@ -728,33 +725,49 @@ def split_markdown_images(text: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------- image URLs
-_DATA_MEDIA_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"}
-_PIL_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # the formats this server decodes
 _FETCH_TIMEOUT_S = 10.0
 _MAX_URL_CHARS = 8192  # for remote URLs; data: URLs are bounded by the body limit
-_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings mutates process-wide state
+# `load_image`'s refusal reasons -> (status, error code, what the client can do about it).
+_IMAGE_REFUSALS = {
+    "source": (400, "invalid_image_url", "send a data: URL (data:image/png;base64,...)"),
+    "format": (400, "invalid_image_format", "send PNG, JPEG, WEBP or GIF"),
+    "too_large": (413, "image_too_large", "send a smaller image"),
+    "invalid": (400, "invalid_image", "send a complete PNG, JPEG, WEBP or GIF image"),
+}
 
 
 def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
     """An image URL from a request -> an RGB PIL image, or APIError with `param`.
 
-    - `data:image/<png|jpeg|jpg|webp|gif>;base64,<payload>`: bad base64 -> 400; more than
-      `limits.max_image_bytes` decoded bytes -> 413 (judged from the base64 length, before decoding).
+    - `data:<media type>;base64,<payload>`: a data URL without ";base64" -> 400 "invalid_image_url".
     - `http(s)://...`: 400 unless `limits.allow_remote_images`; then fetched with a 10 s timeout and a
       streamed cap of `max_image_bytes` (413 above it); fetch errors and HTTP errors -> 400.
-    - any other scheme -> 400.
-    The bytes must be a PNG, JPEG, WEBP or GIF (whatever the declared media type says): anything else
-    -> 400; width * height above `limits.max_image_pixels` (or PIL's own decompression-bomb limit) ->
-    413, read from the header before any pixel is decoded; truncated or corrupt data -> 400. GIF and
-    animated WEBP: the first frame. EXIF orientation is applied and transparency composited over white
-    (as training's `load_image` does).
+    - any other scheme (file:// and bare paths included) -> 400.
+    Decoding and every check on the image are `tokenizer_vision.load_image`'s, with formats PNG, JPEG,
+    WEBP and GIF (the data URL's declared media type too), `max_bytes=limits.max_image_bytes` (judged
+    from the base64 length, before decoding) and `max_pixels=limits.max_image_pixels` (read from the
+    header, before any pixel is decoded). Its refusals become: too many bytes or pixels, or a
+    decompression bomb -> 413 "image_too_large"; another media type or format -> 400
+    "invalid_image_format"; a malformed data URL -> 400 "invalid_image_url"; bad base64, no data, not
+    an image, truncated or corrupt data -> 400 "invalid_image". GIF and animated WEBP: the first
+    frame; EXIF orientation applied, transparency composited over white (as in training).
     """
+    from tokenizer_vision.image_processing import ImageError, load_image
+
     if not isinstance(url, str):
         raise _invalid_type(param, "a string (a data: URL)", url)
     url = url.strip()
     scheme = url[: url.find(":")].lower() if ":" in url[:16] else ""
     if scheme == "data":
-        data = _decode_data_url(url, limits, param)
+        if _percent_encoded(url):
+            raise APIError(
+                400,
+                "data URLs must be base64-encoded (data:image/png;base64,<data>)",
+                param=param,
+                code="invalid_image_url",
+            )
+        source: str | bytes = url
     elif scheme in ("http", "https"):
         if not limits.allow_remote_images:
             raise APIError(
@@ -764,7 +777,7 @@ def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
                 param=param,
                 code="remote_images_disabled",
             )
-        data = _fetch(url, limits, param)
+        source = _fetch(url, limits, param)
     else:
         raise APIError(
             400,
@@ -773,56 +786,19 @@ def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
             param=param,
             code="invalid_image_url",
         )
-    return _open_image(data, limits, param)
-
-
-def _decode_data_url(url: str, limits: Limits, param: str) -> bytes:
-    header, comma, payload = url[5:].partition(",")
-    if not comma:
-        raise APIError(
-            400,
-            "malformed data URL: expected data:image/png;base64,<data>",
-            param=param,
-            code="invalid_image_url",
-        )
-    fields = [item.strip().lower() for item in header.split(";")]
-    media_type = fields[0]
-    if media_type not in _DATA_MEDIA_TYPES:
-        raise APIError(
-            400,
-            f"unsupported image media type {media_type[:40]!r}; send image/png, image/jpeg, image/webp or "
-            "image/gif",
-            param=param,
-            code="invalid_image_format",
-        )
-    if "base64" not in fields[1:]:
-        raise APIError(
-            400,
-            "data URLs must be base64-encoded (data:image/png;base64,<data>)",
-            param=param,
-            code="invalid_image_url",
-        )
-    if re.search(r"\s", payload):  # line-wrapped base64
-        payload = re.sub(r"\s+", "", payload)
-    # 4 base64 characters carry 3 bytes: refuse oversized images before decoding anything.
-    estimated = len(payload.rstrip("=")) * 3 // 4
-    if estimated > limits.max_image_bytes:
-        raise _image_too_large(estimated, limits, param)
-    if not payload:
-        raise APIError(400, "the data URL holds no image data", param=param, code="invalid_image")
-    if "-" in payload or "_" in payload:  # URL-safe alphabet
-        payload = payload.replace("-", "+").replace("_", "/")
-    payload = payload.rstrip("=")
-    payload += "=" * (-len(payload) % 4)
     try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise APIError(
-            400, f"invalid base64 in the image data URL ({error})", param=param, code="invalid_image"
-        ) from None
-    if len(data) > limits.max_image_bytes:
-        raise _image_too_large(len(data), limits, param)
-    return data
+        return load_image(
+            source, limits.max_image_pixels, max_bytes=limits.max_image_bytes, formats=_IMAGE_FORMATS
+        )
+    except ImageError as error:
+        status, code, hint = _IMAGE_REFUSALS[error.reason]
+        raise APIError(status, f"{error}; {hint}", param=param, code=code) from None
+
+
+def _percent_encoded(url: str) -> bool:
+    """A data: URL in RFC 2397's %-escaped form: `load_image` reads it, this server takes base64 only."""
+    comma = url.find(",")
+    return comma >= 0 and "base64" not in (item.strip().lower() for item in url[5:comma].split(";")[1:])
 
 
 def _image_too_large(size: int, limits: Limits, param: str) -> APIError:
@@ -886,118 +862,3 @@ def _fetch(url: str, limits: Limits, param: str) -> bytes:
             param=param,
             code="image_fetch_failed",
         ) from None
-
-
-def _open_image(data: bytes, limits: Limits, param: str) -> Image.Image:
-    """Encoded bytes -> RGB PIL image; size checked from the header before any pixel is decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    # Image.open reads only the header. PIL's decompression-bomb check runs there: it warns above
-    # Image.MAX_IMAGE_PIXELS (turned into an error here) and raises above twice that.
-    image = None
-    with _OPEN_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=list(_PIL_FORMATS))
-        except UnidentifiedImageError:
-            pass  # named below, outside the lock
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise APIError(
-                413,
-                f"image refused as a possible decompression bomb ({error}); send a smaller image",
-                param=param,
-                code="image_too_large",
-            ) from None
-        except Exception as error:  # noqa: BLE001 - a broken header must be a 400, whatever PIL raises
-            raise _corrupt(error, param) from None
-    if image is None:
-        raise _unidentified(data, param)
-
-    try:
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise APIError(400, f"image has no pixels ({width}x{height})", param=param, code="invalid_image")
-        if width * height > limits.max_image_pixels:
-            raise APIError(
-                413,
-                f"image is {width}x{height} = {width * height} pixels, above this server's limit of "
-                f"{limits.max_image_pixels}; send a smaller image",
-                param=param,
-                code="image_too_large",
-            )
-        # Decode now (first frame of a GIF / animated WEBP) so truncation surfaces here. This relies on
-        # PIL raising for truncated data, i.e. on ImageFile.LOAD_TRUNCATED_IMAGES being False (its
-        # default; nothing in this project sets it).
-        image.seek(0)
-        image.load()
-        return _to_rgb(image, limits)
-    except APIError:
-        image.close()
-        raise
-    except Exception as error:  # noqa: BLE001 - OSError/SyntaxError/ValueError/EOFError... from PIL: a 400
-        image.close()
-        raise _corrupt(error, param) from None
-
-
-def _to_rgb(image: Image.Image, limits: Limits) -> Image.Image:
-    """EXIF orientation, alpha over white, 16-bit scaling: the same conversion training uses."""
-    from tokenizer_vision.image_processing import load_image
-
-    return load_image(image, max_pixels=max(1, limits.max_image_pixels))
-
-
-def _corrupt(error: BaseException, param: str) -> APIError:
-    detail = str(error)[:200]
-    return APIError(
-        400,
-        f"could not decode the image: truncated or corrupt data ({type(error).__name__}: {detail})",
-        param=param,
-        code="invalid_image",
-    )
-
-
-def _unidentified(data: bytes, param: str) -> APIError:
-    """A 400 for bytes no allowed decoder recognises, naming the format when PIL knows it."""
-    from PIL import Image
-
-    magic = _sniff_allowed_format(data)
-    if magic is not None:  # the right signature, but PIL could not even read the header
-        return APIError(
-            400,
-            f"could not decode the image: truncated or corrupt {magic} data",
-            param=param,
-            code="invalid_image",
-        )
-    format_name = None
-    try:
-        with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as probe:  # header only, to name the format
-                format_name = probe.format
-    except Exception:  # noqa: BLE001 - not an image at all
-        format_name = None
-    if format_name:
-        return APIError(
-            400,
-            f"{format_name} images are not supported; send PNG, JPEG, WEBP or GIF",
-            param=param,
-            code="invalid_image_format",
-        )
-    return APIError(
-        400,
-        "the image data is not an image (expected PNG, JPEG, WEBP or GIF bytes)",
-        param=param,
-        code="invalid_image",
-    )
-
-
-def _sniff_allowed_format(data: bytes) -> str | None:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data.startswith((b"GIF87a", b"GIF89a")):
-        return "GIF"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None

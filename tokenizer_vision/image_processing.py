@@ -1,17 +1,25 @@
 """Images in, validated tensors out (and back).
 
-`load_image` is the one gate every image passes: it accepts a PIL image, a file path or raw bytes,
-refuses anything that is not a sane image with a `ValueError` (never a crash or a hang), applies the
-EXIF orientation and returns an RGB `PIL.Image`. `ImageProcessor` turns images into the normalised
-square tensors the tokenizer reads and turns its output back into PIL images.
+`load_image` is the project's one image decoder: the processor, the server and the data readers all
+go through it. It takes a PIL image, encoded bytes, a path, a `data:` URL or a bare base64 string,
+refuses anything that is not a sane image, or that breaks a limit, with an `ImageError` (a
+`ValueError`; never a crash or a hang), applies the EXIF orientation and returns an RGB `PIL.Image`.
+`ImageProcessor` turns images into the normalised square tensors the tokenizer reads and turns its
+output back into PIL images.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import io
 import os
+import re
+import threading
+import urllib.parse
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,90 +37,328 @@ _BACKGROUND = (255, 255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
+# A string that is no URL and no existing file is read as bare base64 when it is this long and uses
+# only the base64 alphabet: a path almost always has a dot or a separator, or is shorter.
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]+")
+_MIN_BASE64_CHARS = 64
+_URL_SAFE_ALPHABET = str.maketrans("-_", "+/")
+# Media types a data URL may declare besides each format's own (PIL's `Image.MIME`).
+_MEDIA_TYPE_ALIASES = {"image/jpg": "JPEG"}
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings mutates process-wide state (the server has threads)
 
-def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, validate and convert an image to RGB.
 
-    Accepts a `PIL.Image.Image`, a path (`str` / `os.PathLike`) or encoded bytes. Raises `ValueError`
-    for non-images, truncated or corrupt files, zero-size images and images with more than
-    `max_pixels` pixels; the pixel limit is checked from the header, before anything is decoded, so a
-    decompression bomb costs nothing. PIL's own bomb check (`Image.MAX_IMAGE_PIXELS`) applies as well
-    and is reported the same way.
+class ImageError(ValueError):
+    """`load_image`'s refusal: a one-line message naming the source and the check, and `reason`, for
+    callers that answer differently per check (the server with a 400 or a 413, the data readers with
+    a skip counter):
 
-    Conversions: EXIF orientation applied; RGBA / LA / PA / P-with-transparency are composited over
-    white; 16-bit integer images ("I;16*" and "I") are read as 0..65535 and scaled to 0..255; "F"
-    follows PIL's convention (0..255, clipped); CMYK, L, 1, P, YCbCr go through PIL's conversion.
+    - "source": the source itself is unusable: a malformed data URL, a missing file, a remote URL;
+    - "format": an image format, or a data URL's declared media type, outside `formats`;
+    - "too_large": above `max_bytes` or `max_pixels`, or a possible decompression bomb;
+    - "invalid": no image in it: bad base64, no data, an unknown format, truncated or corrupt data
+      (a PNG chunk checksum included), zero pixels, a mode that does not convert to RGB.
     """
-    if not isinstance(src, _SINGLE_IMAGE_TYPES):
-        raise TypeError(f"load_image takes a PIL image, a path or bytes, not {type(src).__name__}")
-    description = _describe(src)
-    with warnings.catch_warnings():
-        # PIL warns (rather than raises) between MAX_IMAGE_PIXELS and twice that; treat it as a refusal.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = _open_and_decode(src, description, max_pixels)
-        except ValueError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise ValueError(f"{description}: refused as a possible decompression bomb ({error})") from error
-        except (OSError, SyntaxError, EOFError, MemoryError, IndexError, TypeError, KeyError) as error:
-            # PIL signals truncated/corrupt data with a mix of these, depending on the plugin.
-            raise ValueError(
-                f"{description}: truncated or corrupt image ({type(error).__name__}: {error})"
-            ) from error
-        try:
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image, description)
-        except ValueError:
-            raise
-        except Exception as error:  # a broken EXIF block or an exotic mode must not crash a data loader
-            raise ValueError(
-                f"{description}: cannot convert to RGB ({type(error).__name__}: {error})"
-            ) from error
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-def _describe(src: object) -> str:
-    if isinstance(src, (str, os.PathLike)):
-        return f"image file {os.fspath(src)!r}"
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return f"image bytes ({len(src)} bytes)"
-    return "image"
+def load_image(
+    source: ImageSource,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    max_bytes: int | None = None,
+    formats: Iterable[str] | None = None,
+) -> Image.Image:
+    """Decode, validate and convert an image to RGB.
 
+    Sources: a `PIL.Image.Image` (decoded already: only the pixel checks apply); encoded bytes
+    (`bytes`, `bytearray`, `memoryview`); a path (`os.PathLike`, a `str`, or a `file://` URL); a
+    `data:` URL, `data:<media type>[;base64],<data>`, base64 (line breaks, the URL-safe alphabet
+    and missing padding are tolerated) or percent-encoded; a bare base64 string (64 characters or
+    more of the base64 alphabet, and no existing file of that name). `http(s)://` URLs are refused:
+    fetching is network code and belongs to the caller (the server's `--allow-remote-images`).
+    Any other type is a `TypeError`.
 
-def _open(src: ImageSource, description: str) -> Image.Image:
-    if isinstance(src, Image.Image):
-        return src
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        src = io.BytesIO(bytes(src))
-    elif not os.path.isfile(src):
-        raise ValueError(f"{description}: no such file")
+    Limits; a refusal is an `ImageError` (a `ValueError`) naming the source and the limit:
+    - `max_pixels` (default `DEFAULT_MAX_PIXELS`, 40 MP): width * height, read from the header
+      before any pixel is decoded, so a decompression bomb costs nothing; PIL's own bomb limit
+      (`Image.MAX_IMAGE_PIXELS`) applies as well.
+    - `max_bytes` (default None: no limit): the encoded size, checked before anything is read or
+      decoded where it can be (a file's size on disk; a base64 payload's from its length).
+    - `formats` (default None: every format PIL reads): PIL format names, e.g. ("PNG", "JPEG",
+      "WEBP", "GIF"); a data URL must also declare one of their media types.
+    Truncated or corrupt data (PNG chunk checksums included) and zero-size images are refused too.
+
+    Conversions: EXIF orientation applied (an unreadable EXIF block is ignored); RGBA / LA / PA /
+    P-with-transparency are composited over white; 16-bit integer images ("I;16*" and "I") are read
+    as 0..65535 and scaled to 0..255; "F" follows PIL's convention (0..255, clipped); CMYK, L, 1, P,
+    YCbCr go through PIL's conversion. GIF and animated WEBP / PNG: the first frame.
+    """
+    if not isinstance(source, _SINGLE_IMAGE_TYPES):
+        raise TypeError(
+            f"load_image takes a PIL image, bytes, a path, a data URL or base64, not {type(source).__name__}"
+        )
+    allowed = _format_names(formats)
+    if isinstance(source, Image.Image):
+        image, description = source, "image"
+        with _refusals(description):
+            _check_size(image, max_pixels, description)
+            image.load()  # a lazily opened image is decoded here, so truncation surfaces here
+    else:
+        encoded, description = _encoded(source, max_bytes, allowed)
+        image = _decode(encoded, description, max_pixels, allowed)
     try:
-        return Image.open(src)  # lazy: reads the header only
-    except UnidentifiedImageError as error:
-        raise ValueError(f"{description}: not a recognised image format") from error
-
-
-def _open_and_decode(src: ImageSource, description: str, max_pixels: int) -> Image.Image:
-    """Open (header only), check the size, then decode fully; a refused file is closed again."""
-    image = _open(src, description)
-    try:
-        _check_size(image, max_pixels, description)
-        image.load()  # force the full decode now so truncation surfaces here, not later
+        rgb = _oriented_rgb(image, description)
     except BaseException:
-        if image is not src:
-            image.close()  # data loaders meet many bad files: do not leak their handles
+        if image is not source:
+            image.close()
+        raise
+    if image is not source and rgb is not image:
+        image.close()  # data loaders meet many files: do not leave their handles to the GC
+    return rgb
+
+
+def _format_names(formats: Iterable[str] | None) -> tuple[str, ...] | None:
+    """`formats` as upper-case PIL format names; a name PIL does not know is the caller's mistake."""
+    if formats is None:
+        return None
+    if isinstance(formats, str):
+        formats = [formats]
+    names = tuple(dict.fromkeys(name.upper() for name in formats))
+    Image.init()  # registers every plugin in Image.OPEN
+    unknown = [name for name in names if name not in Image.OPEN]
+    if unknown:
+        raise ValueError(f"unknown image formats {unknown}; PIL reads {', '.join(sorted(Image.OPEN))}")
+    return names
+
+
+# ---------------------------------------------------------------------- sources -> encoded bytes or a path
+def _encoded(
+    source: ImageSource, max_bytes: int | None, allowed: tuple[str, ...] | None
+) -> tuple[bytes | str, str]:
+    """A source other than a PIL image -> (encoded bytes, or the path of a file; a description)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        description = f"image bytes ({len(data)} bytes)"
+        _check_bytes(len(data), max_bytes, description)
+        return data, description
+    if isinstance(source, str):
+        scheme = source[: source.find(":")].lower() if ":" in source[:8] else ""
+        if scheme == "data":
+            description = f"image data URL ({len(source)} characters)"
+            return _data_url_bytes(source, description, max_bytes, allowed), description
+        if scheme in ("http", "https"):
+            shown = source if len(source) <= 100 else source[:100] + "..."
+            raise ImageError(
+                f"image URL {shown!r}: remote image URLs are not fetched; pass the image as bytes, a path "
+                "or a data URL",
+                "source",
+            )
+        if scheme == "file" and source[5:7] == "//":
+            path = urllib.parse.unquote(source[len("file://") :])
+        elif _looks_like_base64(source):
+            description = f"base64 image ({len(source)} characters)"
+            return _base64_bytes(source, description, max_bytes), description
+        else:
+            path = source
+    else:
+        path = os.fspath(source)
+    description = f"image file {path!r}"
+    if not os.path.isfile(path):
+        raise ImageError(f"{description}: no such file", "source")
+    _check_bytes(os.path.getsize(path), max_bytes, description)
+    return path, description
+
+
+def _looks_like_base64(text: str) -> bool:
+    return (
+        len(text) >= _MIN_BASE64_CHARS
+        and _BASE64_TEXT.fullmatch(text) is not None
+        and not os.path.exists(text)
+    )
+
+
+def _data_url_bytes(
+    url: str, description: str, max_bytes: int | None, allowed: tuple[str, ...] | None
+) -> bytes:
+    header, comma, payload = url[len("data:") :].partition(",")
+    if not comma:
+        raise ImageError(
+            f"{description}: malformed data URL, no ',' after the header (expected "
+            "data:image/png;base64,<data>)",
+            "source",
+        )
+    media_type, *parameters = (item.strip().lower() for item in header.split(";"))
+    if allowed is not None and media_type not in _media_types(allowed):
+        raise ImageError(
+            f"{description}: media type {media_type[:40]!r} is not allowed (formats: {', '.join(allowed)})",
+            "format",
+        )
+    if "base64" in parameters:
+        return _base64_bytes(payload, description, max_bytes)
+    data = urllib.parse.unquote_to_bytes(payload)  # RFC 2397's other encoding: %-escapes
+    _check_bytes(len(data), max_bytes, description)
+    return data
+
+
+def _media_types(allowed: tuple[str, ...]) -> set[str]:
+    """The media types a data URL may declare for these formats."""
+    Image.init()  # fills Image.MIME from every plugin
+    aliases = {alias for alias, name in _MEDIA_TYPE_ALIASES.items() if name in allowed}
+    return {Image.MIME[name] for name in allowed if name in Image.MIME} | aliases
+
+
+def _base64_bytes(text: str, description: str, max_bytes: int | None) -> bytes:
+    text = "".join(text.split())  # line-wrapped base64
+    # 4 base64 characters carry 3 bytes: an oversized image is refused before anything is decoded.
+    _check_bytes(len(text.rstrip("=")) * 3 // 4, max_bytes, description, estimated=True)
+    if not text:
+        raise ImageError(f"{description}: holds no image data", "invalid")
+    if "-" in text or "_" in text:
+        text = text.translate(_URL_SAFE_ALPHABET)
+    text = text.rstrip("=")
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ImageError(f"{description}: invalid base64 ({error})", "invalid") from None
+    _check_bytes(len(data), max_bytes, description)
+    return data
+
+
+def _check_bytes(size: int, max_bytes: int | None, description: str, estimated: bool = False) -> None:
+    if max_bytes is not None and size > max_bytes:
+        amount = f"about {size} bytes once decoded" if estimated else f"{size} bytes"
+        raise ImageError(f"{description}: {amount} exceeds max_bytes={max_bytes}", "too_large")
+
+
+# ---------------------------------------------------------------------- encoded -> decoded image
+@contextlib.contextmanager
+def _refusals(description: str) -> Iterator[None]:
+    """Whatever PIL raises for a bad image -> ImageError (PIL signals truncated or corrupt data with
+    a mix of exception types, depending on the plugin; a data loader must not crash on any)."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(
+            f"{description}: refused as a possible decompression bomb ({error})", "too_large"
+        ) from error
+    except Exception as error:  # see the docstring
+        detail = str(error)[:200]
+        raise ImageError(
+            f"{description}: truncated or corrupt image ({type(error).__name__}: {detail})", "invalid"
+        ) from error
+
+
+def _readable(encoded: bytes | str) -> io.BytesIO | str:
+    return io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded
+
+
+def _decode(
+    encoded: bytes | str, description: str, max_pixels: int, allowed: tuple[str, ...] | None
+) -> Image.Image:
+    """Open (header only), check the size, check PNG checksums, then decode fully."""
+    image = _open_header(encoded, description, allowed)
+    try:
+        with _refusals(description):
+            _check_size(image, max_pixels, description)
+            if image.format == "PNG":
+                # Decoding skips the chunk checksums; verify() checks them (without decoding) but
+                # leaves the image unusable, so it is opened again to decode.
+                image.verify()
+                image = Image.open(_readable(encoded), formats=["PNG"])
+            image.load()  # the full decode, now, so truncation surfaces here and not in a later resize
+    except BaseException:
+        image.close()
         raise
     return image
+
+
+def _open_header(encoded: bytes | str, description: str, allowed: tuple[str, ...] | None) -> Image.Image:
+    with _OPEN_LOCK, warnings.catch_warnings(), _refusals(description):
+        # PIL's bomb check runs in Image.open: it warns above Image.MAX_IMAGE_PIXELS (a refusal
+        # here) and raises above twice that.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(_readable(encoded), formats=allowed)  # lazy: reads the header only
+        except UnidentifiedImageError:
+            pass  # named below, outside the lock
+    raise _unidentified(encoded, description, allowed)
+
+
+def _unidentified(encoded: bytes | str, description: str, allowed: tuple[str, ...] | None) -> ImageError:
+    """The refusal for data no allowed decoder recognises, naming its format when PIL knows it."""
+    if isinstance(encoded, bytes):
+        head = encoded[:12]
+    else:
+        with open(encoded, "rb") as file:
+            head = file.read(12)
+    signature = _signature(head)
+    if signature is not None and (allowed is None or signature in allowed):
+        # The right signature, but PIL could not even read the header.
+        return ImageError(f"{description}: truncated or corrupt {signature} data", "invalid")
+    if allowed is None:
+        return ImageError(f"{description}: not a recognised image format", "invalid")
+    found = _probe_format(encoded)
+    if found is not None:
+        return ImageError(
+            f"{description}: {found} images are not allowed (formats: {', '.join(allowed)})", "format"
+        )
+    return ImageError(
+        f"{description}: not a recognised image format (formats: {', '.join(allowed)})", "invalid"
+    )
+
+
+def _signature(head: bytes) -> str | None:
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _probe_format(encoded: bytes | str) -> str | None:
+    """The format PIL reads the data as, with every plugin (header only); None for no image."""
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(_readable(encoded)) as probe:
+                return probe.format
+    except Exception:  # noqa: BLE001 - not an image at all
+        return None
 
 
 def _check_size(image: Image.Image, max_pixels: int, description: str) -> None:
     width, height = image.size
     if width <= 0 or height <= 0:
-        raise ValueError(f"{description}: zero-size image ({width}x{height})")
+        raise ImageError(f"{description}: zero-size image ({width}x{height})", "invalid")
     if width * height > max_pixels:
-        raise ValueError(
-            f"{description}: {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
+        raise ImageError(
+            f"{description}: {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}",
+            "too_large",
         )
+
+
+# ---------------------------------------------------------------------- decoded image -> RGB
+def _oriented_rgb(image: Image.Image, description: str) -> Image.Image:
+    # An unreadable EXIF block is ignored: the pixels are fine, they keep their stored orientation.
+    with contextlib.suppress(Exception):
+        image = ImageOps.exif_transpose(image)
+    try:
+        return _to_rgb(image, description)
+    except ImageError:
+        raise
+    except Exception as error:  # an exotic mode must not crash a data loader
+        raise ImageError(
+            f"{description}: cannot convert to RGB ({type(error).__name__}: {error})", "invalid"
+        ) from error
 
 
 def _to_rgb(image: Image.Image, description: str) -> Image.Image:
@@ -135,7 +381,7 @@ def _to_rgb(image: Image.Image, description: str) -> Image.Image:
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as error:
-        raise ValueError(f"{description}: unsupported image mode {mode!r}") from error
+        raise ImageError(f"{description}: unsupported image mode {mode!r}", "invalid") from error
 
 
 class ImageProcessor:
@@ -199,4 +445,4 @@ class ImageProcessor:
         return [Image.fromarray(array) for array in values]
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageProcessor", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageError", "ImageProcessor", "load_image"]

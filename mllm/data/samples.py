@@ -1,7 +1,7 @@
 """The one sample type every reader yields, and the prompt templates of the four tasks.
 
 A `Sample` is a conversation in the Hugging Face / OpenAI content-part style, so the
-processor turns every task into a sequence the same way (DESIGN.md, "Tasks as sequences"):
+processor turns every task (caption, VQA, chat, drawing) into a token sequence the same way:
 
     {"role": "user" | "assistant" | "system",
      "content": [{"type": "text", "text": "..."}, {"type": "image", "image": PIL.Image}]}

@@ -1,6 +1,6 @@
 """Webdataset shards: writing them, and reading pipelines that skip and count bad data.
 
-Shard layout (DESIGN.md, "Data"): one record per key, `{key}.png` (or `.jpg`, `.jpeg`, `.webp`:
+Shard layout: one record per key, `{key}.png` (or `.jpg`, `.jpeg`, `.webp`:
 the encoded image) and `{key}.json` (every other field: `caption`, `qa`, `prompt`, `messages`
 in JSON form, `scene`, ...). A record may have no image (a text-only chat). `write_shards` also
 writes `index.json` listing every shard and its record count.
@@ -30,7 +30,7 @@ summary is logged (logging.warning) when an iteration ends:
     incomplete_record  the record being read when a shard broke off: it may lack members
     missing_json       a record without its .json
     invalid_json       .json that does not parse, or is not an object
-    corrupt_image      an image PIL cannot decode
+    corrupt_image      an image that does not decode (truncated, corrupt, not an image)
     corrupt_codes      a codes.npy that does not load (never unpickled) or is not a 2-D integer grid
     image_too_large    an image above `max_image_pixels` (refused before decoding)
     missing_fields     JSON with none of caption / qa / prompt / messages
@@ -65,6 +65,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mllm.data.samples import TASKS, Sample, caption_sample, chat_sample, t2i_sample, vqa_sample
+from tokenizer_vision.image_processing import ImageError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -220,21 +221,14 @@ def resolve_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Encoded bytes -> RGB PIL image; raises SkipSample("image_too_large" | "corrupt_image")."""
+    """Encoded bytes -> RGB PIL image (`tokenizer_vision.load_image`: any format PIL reads, size checked
+    from the header before decoding, PNG checksums checked, EXIF orientation applied, transparency
+    composited over white); raises SkipSample("image_too_large" | "corrupt_image")."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            # Image.open has read only the header: refuse huge images before decoding a pixel.
-            if probe.width * probe.height > max_pixels:
-                raise SkipSample("image_too_large", f"{probe.width}x{probe.height} > {max_pixels} pixels")
-            probe.verify()  # structure and checksums, without decoding
-        # verify() leaves the image unusable, so decode from a fresh open; a truncated body
-        # that verify() let through fails here.
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except Image.DecompressionBombError as exn:  # Pillow's own limit, when max_pixels is set above it
-        raise SkipSample("image_too_large", str(exn)) from exn
-    except (OSError, SyntaxError, ValueError, EOFError) as exn:  # what PIL raises for broken files
-        raise SkipSample("corrupt_image", repr(exn)) from exn
+        return load_image(data, max_pixels)
+    except ImageError as exn:
+        reason = "image_too_large" if exn.reason == "too_large" else "corrupt_image"
+        raise SkipSample(reason, str(exn)) from exn
 
 
 def encode_codes(codes: np.ndarray) -> bytes:
@@ -280,13 +274,7 @@ def read_records(
     stays disjoint) and records through a buffer of that size. The returned pipeline carries
     its counters as `.stats` (the `stats` passed in, or a new DataStats).
     """
-    stats = DataStats() if stats is None else stats
-    stages = _record_stages(urls, shuffle, seed, stats, max_image_pixels, split)
-    if shuffle:
-        stages.append(wds.shuffle(shuffle, seed=seed))
-    pipeline = wds.DataPipeline(*stages, partial(_report_at_end, stats=stats))
-    pipeline.stats = stats
-    return pipeline
+    return _pipeline(urls, None, shuffle, seed, stats, max_image_pixels, split)
 
 
 def read_samples(
@@ -306,14 +294,7 @@ def read_samples(
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
-    stats = DataStats() if stats is None else stats
-    stages = _record_stages(urls, shuffle, seed, stats, max_image_pixels)
-    stages.append(partial(_expand_records, tasks=tuple(tasks), stats=stats))
-    if shuffle:
-        stages.append(wds.shuffle(shuffle, seed=seed))
-    pipeline = wds.DataPipeline(*stages, partial(_report_at_end, stats=stats))
-    pipeline.stats = stats
-    return pipeline
+    return _pipeline(urls, tuple(tasks), shuffle, seed, stats, max_image_pixels)
 
 
 def record_samples(
@@ -390,27 +371,37 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
 
 
-def _record_stages(
+def _pipeline(
     urls: str | os.PathLike | Sequence[str | os.PathLike],
+    tasks: tuple[str, ...] | None,
     shuffle: int,
     seed: int,
-    stats: DataStats,
+    stats: DataStats | None,
     max_image_pixels: int,
     split: bool = True,
-) -> list[Any]:
-    """The stages shared by read_records and read_samples, up to decoded records.
+) -> wds.DataPipeline:
+    """The pipeline of read_records (`tasks` None: decoded records) and read_samples (records expanded
+    into Samples of `tasks`), shuffled after that when `shuffle`, reporting its skips at the end.
 
     Stages are webdataset objects or `partial`s of module functions, so the pipeline pickles
     into DataLoader workers under any start method. `split=False` gives every process and worker
     every shard (for callers that load a whole set and split it themselves, e.g. by index).
     """
+    stats = DataStats() if stats is None else stats
     splitters = [wds.split_by_node, wds.split_by_worker] if split else []
-    return [
+    stages = [
         wds.SimpleShardList(resolve_urls(urls), seed=seed if shuffle else None),
         *splitters,
         partial(_read_shards, stats=stats),
         partial(_decode_records, stats=stats, max_image_pixels=max_image_pixels),
     ]
+    if tasks is not None:
+        stages.append(partial(_expand_records, tasks=tasks, stats=stats))
+    if shuffle:
+        stages.append(wds.shuffle(shuffle, seed=seed))
+    pipeline = wds.DataPipeline(*stages, partial(_report_at_end, stats=stats))
+    pipeline.stats = stats
+    return pipeline
 
 
 class _ShardErrors:

@@ -328,12 +328,11 @@ def test_images_are_not_decoded_when_the_request_is_refused_for_cheap_reasons():
 
 
 def test_oversized_image_is_refused_before_base64_decoding(monkeypatch):
-    from serve import protocol
-
     def no_decode(*args, **kwargs):
         raise AssertionError("base64 decoded")
 
-    monkeypatch.setattr(protocol.base64, "b64decode", no_decode)
+    # The decoding is tokenizer_vision.load_image's, which calls base64.b64decode.
+    monkeypatch.setattr(base64, "b64decode", no_decode)
     with pytest.raises(APIError) as info:
         decode_image_url("data:image/png;base64," + "A" * 4000, Limits(max_image_bytes=1000), "p")
     assert (info.value.status, info.value.param) == (413, "p")

@@ -1,9 +1,11 @@
 """load_image refuses bad input with ValueError and converts every mode to the expected RGB;
 ImageProcessor resizes, crops and normalises exactly."""
 
+import base64
 import io
 import struct
 import time
+import urllib.parse
 import zlib
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizer_vision import ImageProcessor, load_image
+from tokenizer_vision import ImageError, ImageProcessor, load_image
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -169,6 +171,118 @@ def test_accepts_path_bytes_and_pil(tmp_path):
     image.save(path)
     for source in (image, path, str(path), path.read_bytes(), bytearray(path.read_bytes())):
         assert rgb(load_image(source))[0, 0].tolist() == [1, 2, 3]
+
+
+# ------------------------------------------------------------------ one decoder, every source
+
+
+def test_every_source_kind_gives_the_same_pixels(tmp_path):
+    image = noise_image(16)
+    png = encode(image, "PNG")
+    path = tmp_path / "noise image.png"
+    path.write_bytes(png)
+    b64 = base64.b64encode(png).decode()
+    urlsafe = base64.urlsafe_b64encode(png).decode()
+    sources = {
+        "pil": image,
+        "bytes": png,
+        "bytearray": bytearray(png),
+        "memoryview": memoryview(png),
+        "path": path,
+        "str path": str(path),
+        "file url": "file://" + urllib.parse.quote(str(path)),
+        "data url": "data:image/png;base64," + b64,
+        "data url, wrapped": "data:image/png;base64," + base64.encodebytes(png).decode(),
+        "data url, url-safe, unpadded": "data:image/png;base64," + urlsafe.rstrip("="),
+        "data url, %-escaped": "data:image/png," + urllib.parse.quote_from_bytes(png),
+        "bare base64": b64,
+    }
+    expected = np.asarray(image)
+    for name, source in sources.items():
+        out = load_image(source)
+        assert out.mode == "RGB" and np.array_equal(np.asarray(out), expected), name
+
+
+def refusal(reason: str, *fragments: str, **kwargs) -> ImageError:
+    """The ImageError `load_image(**kwargs)` raises, checked for its reason and message fragments."""
+    source = kwargs.pop("source")
+    with pytest.raises(ImageError) as info:
+        load_image(source, **kwargs)
+    error = info.value
+    assert isinstance(error, ValueError) and error.reason == reason, (error.reason, str(error))
+    assert "\n" not in str(error)
+    for fragment in fragments:
+        assert fragment in str(error), (fragment, str(error))
+    return error
+
+
+def test_each_limit_refuses_naming_it(tmp_path, monkeypatch):
+    png = encode(noise_image(), "PNG")  # 64 x 64, over 12 kB
+    path = tmp_path / "a.png"
+    path.write_bytes(png)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    refusal("too_large", "exceeds max_pixels=1000", "image bytes", source=png, max_pixels=1000)
+    refusal("too_large", "exceeds max_pixels=1000", "image data URL", source=url, max_pixels=1000)
+    refusal(
+        "too_large", f"{len(png)} bytes exceeds max_bytes=1000", "image bytes", source=png, max_bytes=1000
+    )
+    refusal("too_large", "exceeds max_bytes=1000", repr(str(path)), source=path, max_bytes=1000)
+    refusal("too_large", "exceeds max_bytes=1000", "base64 image", source=url[22:], max_bytes=1000)
+    bmp = encode(Image.new("RGB", (4, 4)), "BMP")
+    refusal("format", "BMP images are not allowed", "PNG, JPEG", source=bmp, formats=("PNG", "JPEG"))
+    refusal("format", "'image/gif'", "not allowed", source="data:image/gif;base64,R0lG", formats=["png"])
+    assert load_image(bmp).size == (4, 4)  # every format PIL reads, by default
+    with pytest.raises(ValueError, match="unknown image formats"):  # a caller's typo is not a refusal
+        load_image(png, formats=["JPG"])
+    assert load_image(url.replace("image/png", "image/jpg"), formats=["PNG", "JPEG"]).size == (64, 64)
+
+    # An oversized base64 payload is judged from its length: nothing is decoded.
+    def no_decode(*args, **kwargs):
+        raise AssertionError("base64 decoded")
+
+    monkeypatch.setattr(base64, "b64decode", no_decode)
+    refusal("too_large", "about 12", "exceeds max_bytes=1000", source=url, max_bytes=1000)
+
+
+def test_bad_sources_are_refused():
+    refusal("source", "no ','", source="data:image/png;base64")
+    refusal("source", "remote image URLs are not fetched", source="https://example.com/cat.png")
+    refusal("source", "no such file", source="/no/such/image.png")
+    refusal("invalid", "invalid base64", source="data:image/png;base64,@@@not base64@@@")
+    refusal("invalid", "holds no image data", source="data:image/png;base64,")
+    refusal("invalid", "not a recognised image format", source="data:text/plain;base64,aGVsbG8=")
+    refusal("invalid", "not a recognised image format", source=b"hello")
+
+
+def test_bomb_header_is_refused_without_decoding(monkeypatch):
+    from PIL import ImageFile, PngImagePlugin
+
+    def no_decode(self, *args, **kwargs):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "verify", no_decode)
+    refusal("too_large", "decompression bomb", source=png_with_header_only(100_000, 100_000))
+    # Between PIL's limit and twice that PIL only warns: a refusal all the same.
+    refusal("too_large", "decompression bomb", source=png_with_header_only(10_000, 10_000), max_pixels=10**9)
+    refusal("too_large", "exceeds max_pixels", source=png_with_header_only(7000, 7000))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_images_are_refused(fmt):
+    data = encode(noise_image(), fmt)
+    for cut in (data[: len(data) // 2], data[:40]):
+        refusal("invalid", "truncated or corrupt", source=cut)
+        url = f"data:image/{fmt.lower()};base64," + base64.b64encode(cut).decode()
+        refusal("invalid", "truncated or corrupt", source=url, formats=("PNG", "JPEG"))
+
+
+def test_png_checksums_are_checked():
+    data = bytearray(encode(noise_image(), "PNG"))
+    idat = data.index(b"IDAT")
+    length = struct.unpack(">I", data[idat - 4 : idat])[0]
+    data[idat + 4 + length] ^= 0xFF  # the first byte of the IDAT chunk's CRC: the pixels are intact
+    refusal("invalid", "truncated or corrupt", source=bytes(data))
 
 
 # ------------------------------------------------------------------ ImageProcessor
