@@ -1,6 +1,6 @@
 """`MLLMConfig` (the `mllm_config.json` of a model folder) and the registry of named LLM sizes.
 
-A model folder (DESIGN.md, "Checkpoint layout"):
+A model folder (described for users in docs/model.md):
 
     model_dir/
       mllm_config.json     this config: grid, K, image_offset, special-token ids, embedding mode, versions
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenizer_vision.schema import check_keys, field_names
+
 CONFIG_NAME = "mllm_config.json"
 LLM_DIR = "llm"
 TOKENIZER_DIR = "tokenizer"
@@ -28,6 +30,8 @@ BOI_TOKEN = "<|boi|>"
 EOI_TOKEN = "<|eoi|>"
 IMAGE_TOKEN = "<|image|>"
 EMBEDDING_MODES = ("learned", "codebook")
+# How `mllm init` starts the image-id rows: a projection of the tokenizer's codebooks, or the mean row.
+IMAGE_INITS = ("codebook", "mean")
 VOCAB_PAD_MULTIPLE = 64
 
 # Drawing defaults of every entry point (`MLLM.draw`, `mllm draw`, `mllm chat`, the server, `mllm eval`):
@@ -35,7 +39,7 @@ VOCAB_PAD_MULTIPLE = 64
 # in an unlikely code (a stray second object, a wrong colour); below ~0.5 the codes collapse to the
 # likeliest one, a blank patch, and an object asked for without a position goes missing. A higher CFG
 # scale draws the asked-for object more often but places it less well. Measured on the demo's model:
-# README, "Drawing: sampling settings".
+# docs/experiments.md, "Drawing: sampling settings".
 DRAW_GUIDANCE_SCALE = 3.0
 DRAW_TEMPERATURE = 0.6
 
@@ -96,10 +100,7 @@ class MLLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MLLMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown keys in {CONFIG_NAME}: {unknown}")
+        check_keys(data, field_names(cls), CONFIG_NAME)
         return cls(**data)
 
     def save(self, model_dir: str | Path) -> None:

@@ -10,14 +10,32 @@ nothing from the project's other packages.
     images = tokenizer.decode_images(codes)     # list of PIL images
 """
 
-from tokenizer_vision.config import TOKENIZER_SIZES, TokenizerConfig
-from tokenizer_vision.image_processing import ImageProcessor, load_image
-from tokenizer_vision.model import DualCodebookTokenizer, EncodedFeatures
+# Names resolve on first use (PEP 562), so importing a light submodule (`tokenizer_vision.schema`,
+# `tokenizer_vision.config`) does not import torch.
+_EXPORTS = {
+    "TOKENIZER_SIZES": "tokenizer_vision.config",
+    "TokenizerConfig": "tokenizer_vision.config",
+    "ImageError": "tokenizer_vision.image_processing",
+    "ImageProcessor": "tokenizer_vision.image_processing",
+    "load_image": "tokenizer_vision.image_processing",
+    "DualCodebookTokenizer": "tokenizer_vision.model",
+    "EncodedFeatures": "tokenizer_vision.model",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tokenizer_vision' has no attribute {name!r}")
+
 
 __all__ = [
     "TOKENIZER_SIZES",
     "DualCodebookTokenizer",
     "EncodedFeatures",
+    "ImageError",
     "ImageProcessor",
     "TokenizerConfig",
     "load_image",

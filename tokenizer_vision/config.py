@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from tokenizer_vision.schema import check_keys, field_names, unknown_name
+
 QUANTIZER_MODES = ("dual", "pixel", "semantic")
 CODEBOOK_UPDATES = ("ema", "loss")
 ALLOWED_DOWNSAMPLE_FACTORS = (8, 16)
@@ -202,17 +204,14 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TokenizerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"TokenizerConfig: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        check_keys(values, field_names(cls), "TokenizerConfig")
         return cls(**values)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> TokenizerConfig:
         """A named size from `TOKENIZER_SIZES`, with keyword overrides (unknown keys raise)."""
         if name not in TOKENIZER_SIZES:
-            raise ValueError(f"unknown tokenizer size {name!r}; choose one of {sorted(TOKENIZER_SIZES)}")
+            raise unknown_name("tokenizer size", name, TOKENIZER_SIZES)
         return cls.from_dict({**TOKENIZER_SIZES[name], **overrides})
 
     def replace(self, **changes: Any) -> TokenizerConfig:

@@ -6,17 +6,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from tokenizer_vision import DualCodebookTokenizer
+from tokenizer_vision import TOKENIZER_SIZES, DualCodebookTokenizer
 
 COLOURS = [(220, 40, 40), (40, 170, 70), (40, 90, 220), (235, 200, 30), (140, 60, 190), (245, 130, 30)]
-TINY_TOWER = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
+# The tiny size's own teacher tower, without its model_type, so any vision config class takes it.
+TINY_TOWER = {key: value for key, value in TOKENIZER_SIZES["tiny"]["teacher_config"].items() if key != "model_type"}
 TINY_TEXT = {
     "hidden_size": 32,
     "intermediate_size": 64,

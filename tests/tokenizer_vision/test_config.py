@@ -33,11 +33,11 @@ def test_json_round_trip(name):
 
 def test_unknown_keys_are_refused():
     values = TokenizerConfig.from_name("tiny").to_dict()
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['codebook_sise'\]"):
+    with pytest.raises(ValueError, match=r"unknown TokenizerConfig key 'codebook_sise' \(did you mean codebook_size\?\)"):
         TokenizerConfig.from_dict({**values, "codebook_sise": 12})
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="unknown TokenizerConfig key .not_a_field."):
         TokenizerConfig.from_name("tiny", not_a_field=1)
-    with pytest.raises(ValueError, match="unknown tokenizer size 'huge'"):
+    with pytest.raises(ValueError, match="unknown tokenizer size 'huge' .*tiny"):
         TokenizerConfig.from_name("huge")
 
 
