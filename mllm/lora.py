@@ -1,4 +1,4 @@
-"""LoRA and QLoRA on the unified model's LLM, through peft (DESIGN.md, principle 5).
+"""LoRA and QLoRA on the unified model's LLM, through peft.
 
     model = UnifiedMLLM.from_pretrained(dir)        # or load_base_4bit(dir) for QLoRA
     add_lora(model, LoraSettings(r=16))             # model.llm becomes a peft model
@@ -16,11 +16,9 @@ the whole embedding matrices instead (`modules_to_save`) would put two V x H mat
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +31,8 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 
 @dataclass
 class LoraSettings:
-    """What `add_lora` puts on the LLM. target_modules: module-name suffixes, or "all-linear" (peft:
+    """What `add_lora` puts on the LLM (a recipe's `lora:` section, parsed by `tokenizer_vision.schema`,
+    which refuses unknown keys). target_modules: module-name suffixes, or "all-linear" (peft:
     every linear layer except the output head), for architectures whose projections are named otherwise
     (GPT-NeoX's query_key_value, dense_h_to_4h, ...)."""
 
@@ -52,14 +51,6 @@ class LoraSettings:
             raise ValueError(
                 f"target_modules must be a list of module names or 'all-linear', got {self.target_modules!r}"
             )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoraSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LoRA settings: {unknown} (known: {sorted(known)})")
-        return cls(**data)
 
 
 def new_token_ids(model: UnifiedMLLM) -> list[int]:

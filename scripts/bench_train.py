@@ -37,7 +37,7 @@ N = LLM parameters minus the input embedding table (a lookup, no FLOPs); the out
 a real matmul) is counted. T = the example's own length: packed examples attend only within themselves,
 and padded positions are not useful work; so the attention term is averaged over tokens,
 12*layers*hidden * sum(T_i^2)/sum(T_i). MFU = achieved model FLOP/s / the dense matmul peak of the
-training precision (`mllm.perf.measure_matmul_peak`, bf16 where autocast runs bf16) measured in the same run.
+training precision (`scripts/perf.py` measure_matmul_peak, bf16 where autocast runs bf16) measured in the same run.
 The vision tokenizer's encode FLOPs (on-the-fly) are not model FLOPs: they only cost time.
 
 Prints a markdown table and, as the LAST line, `MFU <percent>` for the default configuration: the
@@ -123,7 +123,7 @@ def run_config(model, trainer, processor, precision: str, packing: bool, on_the_
                max_length, batch_size: int, args) -> dict:
     """Time `args.repeats` loops of `args.steps` steps; return median tokens/s and the mean attention length."""
     from mllm.runtime import autocast
-    from training.train_llm import TaskCollator, make_collator, tokenize_examples
+    from training.components import TaskCollator, make_collator, tokenize_examples
 
     collator = TaskCollator(make_collator(packing, model.config.pad_token_id), packing)
     llm, optimizer = trainer.model, trainer.optimizer
@@ -166,7 +166,7 @@ def run_config(model, trainer, processor, precision: str, packing: bool, on_the_
             rows += n
             padded += sum(step_lengths) if packing else n * max(step_lengths)
         rates.append(tokens / (time.perf_counter() - start))
-    from mllm.perf import median
+    from perf import median
 
     return {"tokens_per_s": median(rates), "lengths": lengths,
             "tokens_per_step": sum(lengths) / (args.repeats * args.steps),
@@ -178,17 +178,17 @@ def prepare(recipe: str, model_dir: Path, raw: Path, codes: Path, precision: str
     """A shipped recipe's model (its LoRA, if any), trainer + optimizer and examples, as `mllm train` builds them."""
     from transformers import TrainingArguments, set_seed
 
-    from mllm.lora import LoraSettings, add_lora
+    from mllm.lora import add_lora
     from mllm.model import UnifiedMLLM
-    from training.config import load_config
-    from training.train_llm import (
+    from training.components import (
         LLMTrainConfig,
-        _make_trainer_class,
+        TaskLossTrainer,
         draw_conversations,
         load_task_pools,
         set_training_attention,
         tokenize_examples,
     )
+    from training.config import load_config
 
     overrides = [f"model={model_dir}", f"data={codes}", f"out={root / recipe}", f"attn_implementation={args.attn}"]
     if args.batch_size:
@@ -197,8 +197,7 @@ def prepare(recipe: str, model_dir: Path, raw: Path, codes: Path, precision: str
     set_seed(cfg.seed)
     model = UnifiedMLLM.from_pretrained(model_dir, device="cpu", dtype="fp32")
     model.vision_tokenizer.requires_grad_(False).eval()
-    model.llm.config.use_cache = False
-    attention = set_training_attention(model.llm, cfg.attn_implementation)
+    attention = set_training_attention(model.llm, cfg.attn_implementation)  # and no KV cache
     processor = model.processor
     max_length = cfg.max_length or model.llm.config.max_position_embeddings
     # The same examples for both data paths: draw from the code shards, and the raw shards' samples
@@ -212,13 +211,13 @@ def prepare(recipe: str, model_dir: Path, raw: Path, codes: Path, precision: str
     raw_pools = load_task_pools(str(raw), cfg.tasks, cfg.vqa_turns, cfg.seed)
     drawn_raw = draw_conversations(raw_pools, cfg.tasks, processor, cfg.cfg_dropout, None, cfg.seed)
     if cfg.lora is not None:
-        add_lora(model, LoraSettings.from_dict(cfg.lora))
+        add_lora(model, cfg.lora)
     training_args = TrainingArguments(output_dir=str(root / recipe / "out"),
                                       per_device_train_batch_size=cfg.per_device_batch_size,
                                       learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                       max_grad_norm=cfg.max_grad_norm, bf16=precision == "bf16", use_cpu=True,
                                       report_to="none", remove_unused_columns=False)
-    trainer = _make_trainer_class()(model=model.llm, args=training_args, train_dataset=examples, task_names=names)
+    trainer = TaskLossTrainer(model=model.llm, args=training_args, train_dataset=examples, task_names=names)
     trainer.create_optimizer()
     return {"cfg": cfg, "model": model, "trainer": trainer, "processor": processor, "examples": examples,
             "drawn_raw": drawn_raw, "max_length": max_length, "attention": attention}
@@ -246,7 +245,8 @@ def main(argv: list[str] | None = None) -> float:
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
 
-    from mllm.perf import measure_matmul_peak
+    from perf import measure_matmul_peak
+
     from mllm.runtime import keep_freed_memory, resolve_precision
 
     keep_freed_memory()  # as `mllm train` does

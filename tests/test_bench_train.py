@@ -5,7 +5,8 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
 
 
-def test_bench_train_runs_a_tiny_model_and_ends_with_mfu(capsys):
+def test_bench_train_runs_a_tiny_model_and_ends_with_mfu(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as `python scripts/bench_train.py` has it: scripts/perf.py
     spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -2,22 +2,28 @@
 
 `load_config(Schema, "tokenizer-shapes", ["learning_rate=3e-4"])` reads a shipped recipe (or
 any YAML path), applies `key=value` overrides (dotted keys reach nested dataclasses), checks
-every key against the schema and coerces values to the declared types. Unknown keys and wrong
-types are errors that name the key and the accepted ones, so a typo never trains silently with
-a default.
+every key against the schema and coerces values to the declared types (`tokenizer_vision.schema`).
+Unknown keys and wrong types are errors that name the key and the closest valid one, so a typo
+never trains silently with a default.
+
+A YAML file may name the kind of recipe it is with a top-level `recipe:` key (`recipe: ett`); a
+schema declares its kind as `recipe_kind`, and `save_config` writes it, so a run's saved config
+loads back as the recipe it came from (training.recipes picks the recipe by that key).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from tokenizer_vision.schema import from_dict, unknown_name
+
 CONFIG_DIR = Path(__file__).parent / "configs"
+RECIPE_KEY = "recipe"  # the top-level key of a YAML file that names its kind of recipe
 
 T = TypeVar("T")
 
@@ -31,13 +37,25 @@ def recipe_path(name_or_path: str | Path) -> Path:
         return path
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if not shipped.is_file():
-        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise FileNotFoundError(f"no recipe named {name_or_path!r}; shipped recipes: {names}")
+        raise unknown_name("recipe", str(name_or_path), list_recipes())
     return shipped
 
 
 def list_recipes() -> list[str]:
+    """The names of the YAML files shipped in training/configs."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def read_recipe(source: str | Path) -> dict:
+    """The mapping of a recipe YAML (a shipped name or a path)."""
+    path = recipe_path(source)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"recipe {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if isinstance(data, dict):
+        return data
+    raise ValueError(f"recipe {source} must be a YAML mapping, not a {type(data).__name__}")
 
 
 def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
@@ -47,7 +65,12 @@ def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        if not key.strip():
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ValueError(f"--set {key.strip()}: cannot read the value {raw!r} (YAML)") from None
         node = result
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -66,74 +89,6 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except (TypeError, ValueError) as err:
-                errors.append(str(err))
-        raise TypeError(f"{key}: {value!r} matches none of {annotation}")
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise TypeError(f"{key}: expected a mapping, got {value!r}")
-        return from_dict(annotation, value, prefix=f"{key}.")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ValueError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{key}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{key}[]") for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError(f"{key}: expected true/false, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise TypeError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise TypeError(f"{key}: expected an integer, got {value!r}")
-        return int(value)
-    if annotation is str:
-        if isinstance(value, (dict, list)):
-            raise TypeError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def from_dict(schema: type[T], data: dict, prefix: str = "") -> T:
-    """Build `schema` from a mapping, refusing unknown keys and coercing declared types."""
-    hints = typing.get_type_hints(schema)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"accepted: {', '.join(prefix + k for k in fields)}"
-        )
-    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
-    return schema(**kwargs)
-
-
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
@@ -145,10 +100,11 @@ def load_config(schema: type[T], source: str | Path | dict | None = None, overri
     elif isinstance(source, dict):
         data = dict(source)
     else:
-        with open(recipe_path(source)) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"recipe {source} must be a YAML mapping")
+        data = read_recipe(source)
+    kind, expected = data.pop(RECIPE_KEY, None), getattr(schema, "recipe_kind", None)
+    if kind is not None and kind != expected:
+        name = source if isinstance(source, (str, Path)) else "config"
+        raise ValueError(f"{name} says `{RECIPE_KEY}: {kind}`, but is read as a {expected or schema.__name__} recipe")
     data = _merge(data, parse_overrides(overrides))
     config = from_dict(schema, data)
     validate = getattr(config, "validate", None)
@@ -158,5 +114,10 @@ def load_config(schema: type[T], source: str | Path | dict | None = None, overri
 
 
 def save_config(config: Any, path: str | Path) -> None:
+    """`config` as YAML, with its `recipe:` kind first when the schema declares one (so it loads back)."""
+    data = to_dict(config)
+    kind = getattr(config, "recipe_kind", None)
+    if kind is not None:
+        data = {RECIPE_KEY: kind, **data}
     with open(path, "w") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+        yaml.safe_dump(data, f, sort_keys=False)

@@ -1,66 +1,59 @@
-"""In-memory image datasets for the small vision recipes (teacher, tokenizer).
+"""What the small vision recipes (teacher, tokenizer) share: their common settings, the image set held
+in memory (`mllm.data.arrays`), epoch sampling and augmentation.
 
-The shapes world and similar sets fit in memory as uint8 arrays, which makes epochs cheap,
-sampling exact (a seeded permutation per epoch) and resume trivial (epoch + position). Larger
-sets stream through `mllm.data.shards` in the LLM recipes instead.
+Held in memory, a set is sampled exactly (a seeded permutation per epoch) and a run resumes trivially
+(epoch + position). Larger sets stream through `mllm.data.shards` in the LLM recipes instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from mllm.data.shards import DataStats, read_records
+from mllm.data.arrays import ImageTextArrays, load_image_arrays, to_pixel_values
 
 
 @dataclass
-class ImageTextArrays:
-    images: np.ndarray  # (N, S, S, 3) uint8
-    texts: list[str]
-    keys: list[str]
-    stats: DataStats
+class ImageRecipeConfig:
+    """The settings of a recipe that trains on an in-memory image set (`load_images`) with its own loop."""
+
+    data: str = ""  # image shards
+    out: str = ""
+    batch_size: int = 32  # per process
+    max_steps: int = 1000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"
+    log_every: int = 25
+    max_images: int | None = None
+
+    def validate(self) -> None:
+        if not self.data or not self.out:
+            raise ValueError(f"the {getattr(self, 'recipe_kind', 'image')} recipe needs `data` and `out`")
 
 
-def load_image_arrays(
-    data: str,
-    image_size: int,
-    text_field: str | None = None,
-    limit: int | None = None,
-    progress: bool = True,
-) -> ImageTextArrays:
-    """Read every record of the shards at `data` into memory, resized to `image_size`.
+def trained_already(out: Path, what: str) -> bool:
+    """True (and says so) when OUT holds model.safetensors, which a run writes only when it completes."""
+    if (out / "model.safetensors").is_file():
+        print(f"{what} already trained at {out} (delete the folder to retrain)")
+        return True
+    return False
 
-    Records whose image cannot be decoded (or that lack `text_field`) are skipped and counted
-    by the shard reader; the counts come back in `stats`.
-    """
-    from tokenizer_vision.image_processing import ImageProcessor
 
-    stats = DataStats()
-    processor = ImageProcessor(image_size=image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    images, texts, keys = [], [], []
-    # Every process loads the whole set; EpochSampler gives each rank its slice of every batch.
-    for record in tqdm(read_records(data, stats=stats, split=False), desc=f"loading {data}", disable=not progress, unit="img"):
-        if record["image"] is None:
-            continue
-        text = ""
-        if text_field is not None:
-            text = record["json"].get(text_field)
-            if not isinstance(text, str) or not text:
-                stats.skip(f"missing_{text_field}", record["key"])
-                continue
-        pixels = processor.preprocess(record["image"])[0]  # (3, S, S) in [0, 1]
-        images.append((pixels.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))
-        texts.append(text)
-        keys.append(record["key"])
-        if limit is not None and len(images) >= limit:
-            break
-    if not images:
-        raise ValueError(f"no usable images found in {data}: {stats.report()}")
-    return ImageTextArrays(np.stack(images), texts, keys, stats)
+def load_images(data: str, image_size: int, limit: int | None, text_field: str | None = None,
+                progress: bool = True) -> ImageTextArrays:
+    """The image set of `data` in memory (`mllm.data.arrays.load_image_arrays`), reporting skipped records
+    when `progress` (the main process)."""
+    arrays = load_image_arrays(data, image_size, text_field=text_field, limit=limit, progress=progress)
+    if arrays.stats.total_skipped and progress:
+        print(f"skipped records: {arrays.stats.report()}")
+    return arrays
 
 
 def rescale_round_trip(
@@ -89,14 +82,6 @@ def rescale_round_trip(
         resample = Image.Resampling.NEAREST if side > size else Image.Resampling.BICUBIC
         out[index] = np.asarray(processor.resize_and_crop(image.resize((side, side), resample)))
     return out
-
-
-def to_pixel_values(batch_uint8: np.ndarray, mean, std) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float, normalised with `mean`/`std`."""
-    pixels = torch.from_numpy(batch_uint8).permute(0, 3, 1, 2).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=pixels.dtype).view(1, 3, 1, 1)
-    return (pixels - mean_t) / std_t
 
 
 class EpochSampler:
@@ -135,3 +120,7 @@ class EpochSampler:
     def load_state(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
+
+
+__all__ = ["EpochSampler", "ImageRecipeConfig", "ImageTextArrays", "load_image_arrays", "load_images", "rescale_round_trip",
+           "to_pixel_values", "trained_already"]

@@ -3,9 +3,9 @@
     mllm train --recipe ett --model runs/ett/model --data runs/demo/data/train --out runs/ett/stage \
         [--set ett.reconstruction_weight=1.0 ett.tokenizer_learning_rate=1e-4 lora=null] [--resume]
 
-`mllm train` hands a recipe with an `ett` section (`ETTSettings`) to this module. The model must be in
-`codebook` mode (`mllm init --embedding codebook`): the input embedding of image code k is
-`projector(concat(sem_codebook[k], pix_codebook[k]))` (DESIGN.md, "Image embeddings").
+`mllm train` runs an ETT recipe (`ETTTrainConfig`: an LLM recipe plus its `ett` section, `ETTSettings`)
+with this module. The model must be in `codebook` mode (`mllm init --embedding codebook`): the input
+embedding of image code k is `projector(concat(sem_codebook[k], pix_codebook[k]))`.
 
 One step, for a batch of conversations with their images (`EndToEndModel.forward`):
 
@@ -34,64 +34,56 @@ other model folder; `bake: false` keeps codebook mode (projector.safetensors) fo
 also leaves the LLM's adapter at OUT/adapter; it does not carry the tuned tokenizer or projector, so
 OUT/model (the adapter merged) is the result to use. Checkpoints, `--resume`, metrics.jsonl (with
 `loss_llm`, `tokenizer_loss` and each tokenizer term), the NaN guard and the task mixture are those of
-`mllm train` (training.train_llm).
+the LLM recipe (training.components).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from mllm.runtime import resolve_precision
-from training.config import save_config
-from training.train_llm import (
-    ADAPTER_DIR,
-    METRICS_NAME,
-    MODEL_DIR,
-    LLMTrainConfig,
-    TaskCollator,
-    _callbacks,
-    _make_trainer_class,
-    draw_conversations,
-    examples_needed,
-    freeze_all_but_new_rows,
-    load_task_pools,
-    make_collator,
-    raise_if_stopped_on_nan,
-    restore_inference_attention,
-    resume_checkpoint,
-    set_training_attention,
-    training_arguments,
-)
+from mllm.config import VISION_TOKENIZER_DIR
+from mllm.lora import add_lora
+from mllm.model import UnifiedMLLM
+from tokenizer_vision import DualCodebookTokenizer
+from training import components
+from training.components import ADAPTER_DIR, MODEL_DIR, LLMTrainConfig, TaskLossTrainer
 
 TOKENIZER_PARTS = ("pixel_encoder", "semantic_encoder", "quantizer", "pixel_decoder", "semantic_decoder")
 
 
 @dataclass
 class ETTSettings:
-    """The `ett` section of an LLM recipe."""
+    """The `ett` section of an ETT recipe."""
 
     reconstruction_weight: float = 1.0  # lambda: weight of the tokenizer's own loss next to the LLM loss
     tokenizer_learning_rate: float = 1e-4  # encoders, codebooks and decoders (the LLM and projector: learning_rate)
     train_tokenizer: bool = True  # false: a frozen tokenizer (the codebook-mode baseline)
     bake: bool = True  # save OUT/model in learned mode (image rows written into the LLM's embedding)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> ETTSettings:
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ett: unknown key(s) {unknown}; known: {sorted(known)}")
-        settings = cls(**data)
-        if settings.reconstruction_weight < 0 or settings.tokenizer_learning_rate < 0:
+    def __post_init__(self) -> None:
+        if self.reconstruction_weight < 0 or self.tokenizer_learning_rate < 0:
             raise ValueError("ett: reconstruction_weight and tokenizer_learning_rate must be >= 0")
-        return settings
+
+
+@dataclass
+class ETTTrainConfig(LLMTrainConfig):
+    """An ETT recipe: an LLM recipe whose model is in codebook mode, plus how the tokenizer trains."""
+
+    recipe_kind: ClassVar[str] = "ett"
+
+    ett: ETTSettings = field(default_factory=ETTSettings)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.quantization is not None:
+            raise ValueError("ett trains a full-precision LLM (full or LoRA) with the tokenizer: set "
+                             "quantization=null")
 
 
 def bind_codes(conversations: list[list[dict]], codes: torch.Tensor) -> list[list[dict]]:
@@ -136,7 +128,8 @@ class EndToEndModel(nn.Module):
         self.mllm = mllm
         self.settings = settings
         self.max_length = max_length
-        self.collate = TaskCollator(make_collator(packing, mllm.config.pad_token_id), packing)
+        collator = components.make_collator(packing, mllm.config.pad_token_id)
+        self.collate = components.TaskCollator(collator, packing)
 
     def train(self, mode: bool = True) -> EndToEndModel:
         super().train(mode)  # the LLM and the projector (UnifiedMLLM.train leaves the tokenizer alone)
@@ -183,97 +176,77 @@ class EndToEndModel(nn.Module):
                 "tokenizer_losses": losses, "tokens": sum(len(example["input_ids"]) for example in examples)}
 
 
-def _make_ett_trainer_class():
-    base = _make_trainer_class()
+class ETTTrainer(TaskLossTrainer):
+    """The LLM recipe's trainer with loss = LLM loss + reconstruction_weight * tokenizer loss, two
+    learning rates (LLM + projector; tokenizer), and the tokenizer's terms in the logs. Tokenizing happens
+    in the model's forward, so the trainer counts the tokens seen from its outputs."""
 
-    class ETTTrainer(base):
-        """The LLM recipe's trainer with loss = LLM loss + reconstruction_weight * tokenizer loss, two
-        learning rates (LLM + projector; tokenizer), and the tokenizer's terms in the logs."""
+    def __init__(self, *args, settings: ETTSettings, param_groups: list[dict], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings, self.param_groups = settings, param_groups
+        self.ett_sums: dict[str, float] = {}  # since the last log
+        self.ett_steps = 0
 
-        def __init__(self, *args, settings: ETTSettings, param_groups: list[dict], **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.settings, self.param_groups = settings, param_groups
-            self.tokens_seen = 0
-            self._ett_sums: dict[str, float] = {}
-            self._ett_steps = 0
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(self.param_groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                               eps=self.args.adam_epsilon)
+        return self.optimizer
 
-        def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                self.optimizer = torch.optim.AdamW(self.param_groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                                   eps=self.args.adam_epsilon)
-            return self.optimizer
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        llm_loss = self.language_model_loss(outputs["logits"], outputs["labels"], outputs["task_ids"],
+                                            None, model.training)
+        loss = llm_loss
+        if outputs["tokenizer_loss"] is not None:
+            loss = loss + self.settings.reconstruction_weight * outputs["tokenizer_loss"]
+        if model.training:
+            self.state.num_input_tokens_seen += outputs["tokens"] * self.args.world_size
+            values = {"loss_llm": llm_loss, "tokenizer_loss": outputs["tokenizer_loss"],
+                      **{f"tokenizer_{name}": value for name, value in outputs["tokenizer_losses"].items()}}
+            for name, value in values.items():
+                if value is not None:
+                    self.ett_sums[name] = self.ett_sums.get(name, 0.0) + float(value.detach())
+            self.ett_steps += 1
+        return (loss, outputs) if return_outputs else loss
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(**inputs)
-            llm_loss = self.language_model_loss(outputs["logits"], outputs["labels"], outputs["task_ids"],
-                                                None, model.training)
-            loss = llm_loss
-            if outputs["tokenizer_loss"] is not None:
-                loss = loss + self.settings.reconstruction_weight * outputs["tokenizer_loss"]
-            if model.training:
-                self.tokens_seen += outputs["tokens"] * self.args.world_size
-                values = {"loss_llm": llm_loss, "tokenizer_loss": outputs["tokenizer_loss"],
-                          **{f"tokenizer_{name}": value for name, value in outputs["tokenizer_losses"].items()}}
-                for name, value in values.items():
-                    if value is not None:
-                        self._ett_sums[name] = self._ett_sums.get(name, 0.0) + float(value.detach())
-                self._ett_steps += 1
-            return (loss, outputs) if return_outputs else loss
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self._ett_steps:
-                names = sorted(self._ett_sums)
-                means = torch.tensor([self._ett_sums[name] / self._ett_steps for name in names], dtype=torch.float64)
-                if self.args.world_size > 1:
-                    import torch.distributed as dist
-
-                    means = means.to(self.args.device)
-                    dist.all_reduce(means)
-                    means = means / self.args.world_size
-                logs.update({name: float(value) for name, value in zip(names, means.tolist())})
-                self._ett_sums, self._ett_steps = {}, 0
-            super().log(logs, start_time)
-
-    return ETTTrainer
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.ett_steps:
+            names = sorted(self.ett_sums)
+            means = torch.tensor([self.ett_sums[name] / self.ett_steps for name in names], dtype=torch.float64)
+            if self.args.world_size > 1:
+                means = means.to(self.args.device)
+                dist.all_reduce(means)
+                means = means / self.args.world_size
+            logs.update({name: float(value) for name, value in zip(names, means.tolist())})
+            self.ett_sums, self.ett_steps = {}, 0
+        super().log(logs, start_time)
 
 
-def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
-    from transformers import set_seed
-
-    from mllm.config import VISION_TOKENIZER_DIR
-    from mllm.lora import LoraSettings, add_lora
-    from mllm.model import UnifiedMLLM
-    from tokenizer_vision import DualCodebookTokenizer
-
+def main(cfg: ETTTrainConfig, resume: bool = False) -> Path:
     # --- setup
-    settings = ETTSettings.from_dict(cfg.ett)
+    settings = cfg.ett
     out = Path(cfg.out)
     final = out / MODEL_DIR
-    if final.is_dir():  # written only when a run completes
-        print(f"already trained: {final} (delete it to retrain)")
+    started = components.start_run(cfg, final)
+    if started is None:
         return final
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(cfg.precision, device)
-    set_seed(cfg.seed)
+    device, precision = started
     tokenizer = DualCodebookTokenizer.from_pretrained(Path(cfg.model) / VISION_TOKENIZER_DIR,
                                                       codebook_update="loss", restart_every=0)
     model = UnifiedMLLM.from_pretrained(cfg.model, device="cpu", dtype="fp32", vision_tokenizer=tokenizer)
     if model.config.embedding_mode != "codebook":
         raise ValueError(f"{cfg.model} is a learned-mode model: ETT needs a codebook-mode model, whose image "
                          "embeddings are projected from the tokenizer's codebooks (`mllm init --embedding codebook`)")
-    attention = set_training_attention(model.llm, cfg.attn_implementation)
-    llm_config = model.llm.config
-    llm_config.use_cache = False  # packed rows need it off (see training.train_llm), training needs no cache
-    pools = load_task_pools(cfg.data, cfg.tasks, cfg.vqa_turns, cfg.seed)
-    drawn = draw_conversations(pools, cfg.tasks, model.processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed)
-    task_names = sorted(pools)
+    attention = components.set_training_attention(model.llm, cfg.attn_implementation)
+    drawn, task_names = components.draw_mixture(cfg, model.processor)
     examples = [{"messages": messages, "task": task_names.index(task)} for task, messages in drawn]
     ETTCollator(tokenizer.processor)(examples[:1])  # pre-tokenized shards fail here, before any training
 
     if cfg.lora is not None:
-        add_lora(model, LoraSettings.from_dict(cfg.lora))  # freezes the tokenizer and projector: re-enabled below
+        add_lora(model, cfg.lora)  # freezes the tokenizer and projector: re-enabled below
     elif cfg.freeze_llm:
-        freeze_all_but_new_rows(model)
+        components.freeze_all_but_new_rows(model)
     model.vision_tokenizer.requires_grad_(False)
     if settings.train_tokenizer:
         for name in TOKENIZER_PARTS:
@@ -287,40 +260,28 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     if tokenizer_params:
         param_groups.append({"params": tokenizer_params, "lr": settings.tokenizer_learning_rate, "weight_decay": 0.0})
     mode = "LoRA" if cfg.lora is not None else ("new rows only" if cfg.freeze_llm else "full")
-    counts = {task: sum(1 for t, _ in drawn if t == task) for task in task_names}
     print(f"ett: {sum(p.numel() for p in llm_params) / 1e6:.2f}M trainable LLM + projector parameters ({mode}), "
           f"{sum(p.numel() for p in tokenizer_params) / 1e6:.2f}M tokenizer parameters "
-          f"({'tuned' if settings.train_tokenizer else 'frozen'}), {len(examples)} examples {counts}, "
-          f"{precision} on {device}, {attention} attention")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "train_recipe.yaml")
+          f"({'tuned' if settings.train_tokenizer else 'frozen'}), {len(examples)} examples "
+          f"{components.task_counts(drawn, task_names)}, {precision} on {device}, {attention} attention")
+    components.write_recipe(cfg, out)
 
-    max_length = cfg.max_length or model.context_length
-    wrapper = EndToEndModel(model, settings, cfg.packing, max_length)
-    args = training_arguments(cfg, out, precision, device, include_num_input_tokens_seen=False)
-    trainer_holder: list = []
-    metrics_logger, nan_guard = _callbacks(out / METRICS_NAME, tokens_seen=lambda state: trainer_holder[0].tokens_seen)
-    trainer = _make_ett_trainer_class()(
-        model=wrapper,
-        args=args,
+    # --- train
+    components.train(
+        ETTTrainer, cfg, out, resume, precision, device,
+        arguments={"include_num_input_tokens_seen": False},  # counted by ETTTrainer: tokenizing is in forward
+        model=EndToEndModel(model, settings, cfg.packing, cfg.max_length or model.context_length),
         train_dataset=examples,
         data_collator=ETTCollator(tokenizer.processor),
-        callbacks=[metrics_logger, nan_guard],
         task_names=task_names,
         settings=settings,
         param_groups=param_groups,
     )
-    trainer_holder.append(trainer)
-
-    # --- train
-    trainer.train(resume_from_checkpoint=resume_checkpoint(out, resume))
-    raise_if_stopped_on_nan(nan_guard, out)
 
     # --- save
     model.eval()
     model.vision_tokenizer.eval()
-    llm_config.use_cache = True
-    restore_inference_attention(model.llm)
+    components.restore_inference_attention(model.llm)
     if cfg.lora is not None:
         model.llm.save_pretrained(out / ADAPTER_DIR)
         model.merge_adapter()
@@ -329,4 +290,4 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     return final
 
 
-__all__ = ["ETTCollator", "ETTSettings", "EndToEndModel", "bind_codes", "main"]
+__all__ = ["ETTCollator", "ETTSettings", "ETTTrainConfig", "ETTTrainer", "EndToEndModel", "bind_codes", "main"]

@@ -8,698 +8,83 @@ input_ids/labels; model; LoRA or full) -> train (transformers `Trainer`: bf16 au
 supported, cosine schedule, periodic checkpoints under OUT/checkpoint-N, `--resume`) -> save
 (OUT/adapter for a LoRA run, OUT/model for a full run). Loss is on assistant tokens only (the
 processor's labels). A fraction `cfg_dropout` of text-to-image examples has its prompt replaced by
-`processor.unconditional_draw_conversation()` (DESIGN.md, "Tasks as sequences"), so classifier-free
-guidance has an unconditional branch to subtract. Every logged step appends a JSON line to
-OUT/metrics.jsonl.
+`processor.unconditional_draw_conversation()`, so classifier-free guidance has an unconditional branch
+to subtract. Every logged step appends a JSON line to OUT/metrics.jsonl.
 
-Only the LLM trains: the visual tokenizer stays frozen (pre-tokenized shards skip it entirely). A recipe
-with an `ett` section (codebook-mode models) is run by training.train_ett instead: end-to-end tokenizer
-tuning, where the LLM's loss also trains the tokenizer.
+Only the LLM trains: the visual tokenizer stays frozen (pre-tokenized shards skip it entirely). A
+codebook-mode model (image embeddings projected from the tokenizer's codebooks) is trained by the ETT
+recipe instead (training.train_ett: the LLM's loss also tunes the tokenizer).
 Variants: `quantization: 4bit` loads the base LLM in 4-bit NF4 (`mllm.lora.load_base_4bit`, needs
 bitsandbytes) and trains a LoRA on it (QLoRA); `freeze_llm: true` (the align stage) freezes the whole LLM
 except the vocabulary rows `mllm init` added (`mllm.lora.new_token_ids`; input embedding and LM head), by
 masking the gradient of every other row, and saves OUT/model.
+
+The parts (data, collators, trainer, callbacks, checkpoints) are training.components.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import random
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
+from mllm.lora import add_lora, load_base_4bit
+from mllm.model import UnifiedMLLM
+from training import components
+from training.components import ADAPTER_DIR, MODEL_DIR, LLMTrainConfig
 
-from mllm.runtime import keep_freed_memory, resolve_precision
-from training.config import load_config, save_config
 
-ADAPTER_DIR = "adapter"
-MODEL_DIR = "model"
-METRICS_NAME = "metrics.jsonl"
-TRAIN_ATTN_IMPLEMENTATIONS = ("auto", "packed_eager", "eager", "sdpa", "flash_attention_2")
-_TOKENIZE_BATCH = 32  # conversations per processor call (one vision-tokenizer call for their images)
-
-
-@dataclass
-class LLMTrainConfig:
-    model: str = ""  # a model folder (`mllm init`, or OUT/model of an earlier stage)
-    data: str = ""  # shards (raw or `mllm pretokenize`d)
-    out: str = ""
-    tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "t2i": 1.0})  # mixture weights
-    cfg_dropout: float = 0.1  # fraction of t2i examples trained with the unconditional prompt
-    lora: dict[str, Any] | None = None  # LoraSettings fields; null = full fine-tune of the LLM
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 1000
-    warmup_steps: int = 50
-    lr_scheduler: str = "cosine"  # any transformers SchedulerType name
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int = 2
-    seed: int = 0
-    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
-    max_length: int | None = None  # longest example in tokens (default: the model's context length)
-    packing: bool = True  # concatenate a batch into one row; position_ids restart per example
-    attn_implementation: str = "auto"  # auto: packed_eager on CPU, sdpa on CUDA | packed_eager | eager | sdpa | flash_attention_2
-    num_samples: int | None = None  # examples drawn from the mixture (default: what max_steps consumes)
-    vqa_turns: int = 1  # up to this many QA pairs about one image per vqa example (multi-turn, shuffled order)
-    # vqa_turns > 1 with packing: each turn sees the image and its own question only (`branch_turns`), as in a
-    # single-turn example; false: an ordinary multi-turn conversation (earlier answers in context).
-    vqa_branches: bool = True
-    quantization: str | None = None  # null | "4bit": QLoRA, the base LLM loaded in 4-bit NF4 (needs `lora`)
-    freeze_llm: bool = False  # align stage: only the rows `mllm init` added to the vocabulary train
-    ett: dict[str, Any] | None = None  # training.train_ett.ETTSettings fields: end-to-end tokenizer tuning (codebook mode)
-
-    def validate(self) -> None:
-        from mllm.data.samples import TASKS
-
-        if not self.data or not self.out:
-            raise ValueError("the LLM recipe needs `data` and `out`")
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if unknown:
-            raise ValueError(f"tasks: unknown task(s) {unknown}; choose from {list(TASKS)}")
-        if not any(weight > 0 for weight in self.tasks.values()) or any(w < 0 for w in self.tasks.values()):
-            raise ValueError(f"tasks: weights must be >= 0 with at least one positive, got {self.tasks}")
-        if not 0.0 <= self.cfg_dropout <= 1.0:
-            raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
-        if self.lora is not None:
-            from mllm.lora import LoraSettings
-
-            LoraSettings.from_dict(self.lora)  # unknown keys and bad values fail here, before any loading
-        if min(self.max_steps, self.per_device_batch_size, self.gradient_accumulation_steps) <= 0:
-            raise ValueError("max_steps, per_device_batch_size and gradient_accumulation_steps must be positive")
-        if self.num_samples is not None and self.num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {self.num_samples}")
-        if self.vqa_turns < 1:
-            raise ValueError(f"vqa_turns must be at least 1, got {self.vqa_turns}")
-        if self.quantization not in (None, "4bit"):
-            raise ValueError(f"quantization must be null or '4bit', got {self.quantization!r}")
-        if self.quantization == "4bit" and self.lora is None:
-            raise ValueError("quantization: 4bit (QLoRA) needs a `lora` section: a 4-bit base cannot be fine-tuned "
-                             "in full; set lora (e.g. `--set lora.r=16`) or quantization=null")
-        if self.freeze_llm and (self.lora is not None or self.quantization is not None):
-            raise ValueError("freeze_llm (the align stage) trains only the new vocabulary rows of a full-precision "
-                             "LLM: set lora=null and quantization=null")
-        if self.ett is not None:
-            from training.train_ett import ETTSettings
-
-            ETTSettings.from_dict(self.ett)
-            if self.quantization is not None:
-                raise ValueError("ett trains a full-precision LLM (full or LoRA) with the tokenizer: set "
-                                 "quantization=null")
-        if self.attn_implementation not in TRAIN_ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"attn_implementation must be one of {TRAIN_ATTN_IMPLEMENTATIONS}, "
-                             f"got {self.attn_implementation!r}")
-        if self.freeze_llm and self.weight_decay != 0:
-            raise ValueError("freeze_llm needs weight_decay: 0 (decoupled weight decay would shrink the frozen "
-                             f"vocabulary rows too), got {self.weight_decay}")
-
-
-# ---------------------------------------------------------------------------------------- data
-def load_task_pools(data: str, tasks: dict[str, float], vqa_turns: int = 1, seed: int = 0) -> dict[str, list]:
-    """{task: [Sample, ...]} for the tasks with a positive weight, read once from the shards.
-
-    `vqa_turns` > 1 groups each image's QA pairs into multi-turn vqa conversations (`group_vqa_turns`).
-    `split=False`: every process reads every shard; the Trainer's sampler splits the examples."""
-    from mllm.data.shards import DataStats, read_records, record_samples
-
-    wanted = tuple(task for task, weight in tasks.items() if weight > 0)
-    stats = DataStats()
-    pools: dict[str, list] = {task: [] for task in wanted}
-    for record in read_records(data, stats=stats, split=False):
-        for sample in record_samples(record, wanted, stats):
-            pools[sample.task].append(sample)
-    if stats.total_skipped:
-        print(f"skipped records: {stats.report()}")
-    if vqa_turns > 1 and pools.get("vqa"):
-        pools["vqa"] = group_vqa_turns(pools["vqa"], vqa_turns, seed)
-    empty = [task for task, samples in pools.items() if not samples]
-    for task in empty:
-        print(f"warning: no {task} samples in {data}; the mixture goes on without it")
-        del pools[task]
-    if not pools:
-        raise ValueError(f"{data} holds no samples of the tasks {list(wanted)}")
-    return pools
-
-
-def group_vqa_turns(samples: list, turns: int, seed: int) -> list:
-    """Single-turn vqa samples -> multi-turn ones: the QA pairs about one image (consecutive samples sharing
-    a record key `{key}/vqa{i}`) in a seeded random order, cut into conversations of up to `turns` pairs.
-
-    The image comes once, in the first user turn; every answer is supervised. Many answers per image
-    tokens make VQA training several times cheaper per token than one pair per example. `mllm train`
-    (vqa_branches, packing) then makes each pair a branch off the image (`tokenize_examples`), so no answer
-    is learned from the ones before it; otherwise the shuffled order at least keeps every question type in
-    first position (the single-turn form the suites ask in)."""
-    from mllm.data.samples import Sample
-
-    rng = random.Random(seed)
-    grouped: list[Sample] = []
-    records: dict[str, list] = {}
-    for sample in samples:
-        records.setdefault(sample.key.rsplit("/vqa", 1)[0], []).append(sample)
-    for key, pairs in records.items():
-        order = rng.sample(pairs, len(pairs))
-        for start in range(0, len(order), turns):
-            messages = []
-            for index, pair in enumerate(order[start:start + turns]):
-                user, assistant = pair.messages
-                content = user["content"] if index == 0 else [p for p in user["content"] if p["type"] == "text"]
-                messages += [{"role": "user", "content": content}, assistant]
-            grouped.append(Sample(f"{key}/vqa-turns{start // turns}", "vqa", messages))
-    return grouped
-
-
-def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processor, cfg_dropout: float,
-                       num_samples: int | None, seed: int) -> list[tuple[str, list[dict]]]:
-    """(task, messages) drawn from the mixture: each example picks a task with probability proportional to
-    its weight, then that task's next sample (a seeded shuffle, reshuffled when exhausted)."""
-    rng = random.Random(seed)
-    names = sorted(name for name in pools if tasks.get(name, 0) > 0)
-    if not names:
-        raise ValueError(f"none of the tasks {sorted(tasks)} with a positive weight has samples")
-    weights = [tasks[name] for name in names]
-    orders: dict[str, list[int]] = {name: [] for name in names}
-    total = num_samples if num_samples is not None else sum(len(pools[name]) for name in names)
-    drawn = []
-    for _ in range(total):
-        task = rng.choices(names, weights)[0]
-        if not orders[task]:
-            orders[task] = rng.sample(range(len(pools[task])), len(pools[task]))
-        messages = pools[task][orders[task].pop()].messages
-        if task == "t2i" and rng.random() < cfg_dropout:
-            reply = [message for message in messages if message["role"] == "assistant"]
-            messages = processor.unconditional_draw_conversation() + reply
-        drawn.append((task, messages))
-    return drawn
-
-
-def examples_needed(cfg: LLMTrainConfig) -> int:
-    """`num_samples`, or by default exactly what the run consumes: max_steps optimizer steps of
-    per_device_batch_size x gradient_accumulation_steps examples on each of WORLD_SIZE processes (a mixture
-    drawn larger would only be tokenized at setup and never trained on)."""
-    if cfg.num_samples is not None:
-        return cfg.num_samples
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return cfg.max_steps * cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
-
-
-def tokenize_examples(processor, conversations: list[list[dict]], max_length: int | None,
-                      branched: list[bool] | None = None) -> list[dict[str, list[int]]]:
-    """Conversations -> [{"input_ids", "labels"}] (unpadded lists), truncated to `max_length`.
-
-    A conversation flagged in `branched` (a multi-turn vqa example) becomes one tree-shaped example
-    (`branch_turns`): each turn is tokenized as its own single-turn conversation about the image, and the
-    shared prefix (the image) is kept once; such examples also carry "position_ids" and "branch_ids"."""
-    flags = branched or [False] * len(conversations)
-    flat, owners = [], []
-    for index, (conversation, flag) in enumerate(zip(conversations, flags)):
-        parts = split_turns(conversation) if flag else [conversation]
-        flat += parts
-        owners += [index] * len(parts)
-    pieces: list[list[dict[str, list[int]]]] = [[] for _ in conversations]
-    for start in range(0, len(flat), _TOKENIZE_BATCH):
-        batch = processor(flat[start:start + _TOKENIZE_BATCH], padding_side="right",
-                          max_length=max_length, truncation=True)
-        for offset, (ids, mask, labels) in enumerate(zip(batch["input_ids"], batch["attention_mask"], batch["labels"])):
-            length = int(mask.sum())
-            pieces[owners[start + offset]].append({"input_ids": ids[:length].tolist(), "labels": labels[:length].tolist()})
-    return [branch_turns(parts) if flag else parts[0] for parts, flag in zip(pieces, flags)]
-
-
-def split_turns(conversation: list[dict]) -> list[list[dict]]:
-    """A multi-turn conversation about the images of its first user turn -> one single-turn conversation per
-    (user, assistant) pair, each with those images before its own text (the form the suites ask in)."""
-    first = conversation[0]["content"]
-    images = [part for part in first if part["type"] != "text"] if isinstance(first, list) else []
-    turns = []
-    for user, assistant in zip(conversation[0::2], conversation[1::2]):
-        content = user["content"]
-        text = [{"type": "text", "text": content}] if isinstance(content, str) else \
-            [part for part in content if part["type"] == "text"]
-        turns.append([{"role": "user", "content": images + text}, assistant])
-    return turns
-
-
-def branch_turns(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:
-    """Tokenized single-turn examples that share a prefix (the image) -> one example: the longest common
-    prefix once (branch 0), then each example's remainder (branch 1, 2, ...) with position_ids continuing
-    from the prefix. With `mllm.attention`'s packed_eager attention a branch sees the prefix and itself
-    only, so every turn trains exactly as if it were a single-turn example, while the image is run once.
-    (Conversation history would otherwise teach answers from earlier answers instead of the image.)"""
-    first = examples[0]["input_ids"]
-    shared = min(len(e["input_ids"]) for e in examples) - 1  # every branch keeps at least one token
-    for example in examples[1:]:
-        ids = example["input_ids"]
-        shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
-    input_ids, labels = list(first[:shared]), list(examples[0]["labels"][:shared])
-    position_ids, branch_ids = list(range(shared)), [0] * shared
-    for branch, example in enumerate(examples, start=1):
-        rest = len(example["input_ids"]) - shared
-        input_ids += example["input_ids"][shared:]
-        labels += example["labels"][shared:]
-        position_ids += range(shared, shared + rest)
-        branch_ids += [branch] * rest
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "branch_ids": branch_ids}
-
-
-class PaddingCollator:
-    """Right-pads a list of examples to the longest; padding gets label -100 and attention 0."""
-
-    def __init__(self, pad_token_id: int, ignore_index: int = -100) -> None:
-        self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
-
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(features), longest), self.ignore_index, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
-        for row, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            input_ids[row, :n] = torch.tensor(feature["input_ids"])
-            labels[row, :n] = torch.tensor(feature["labels"])
-            attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def make_collator(packing: bool, pad_token_id: int):
-    if packing:
-        from transformers import DataCollatorWithFlattening
-
-        # One row (1, sum T_i) with position_ids restarting at 0 per example, and the examples' boundaries
-        # (cu_seq_lens_q/k, as flash-attn's varlen kernel takes them): flash_attention_2 and `packed_eager`
-        # attend within each example from the boundaries; sdpa/eager get a block-diagonal causal mask that
-        # transformers derives from the position_ids. The first label of each example is -100 so no loss
-        # crosses a boundary.
-        return BranchCollator(
-            DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True))
-    return PaddingCollator(pad_token_id)
-
-
-class BranchCollator:
-    """The packing collator, plus tree-shaped examples (`branch_turns`): when any example carries
-    "position_ids"/"branch_ids", the row gets those position_ids (the others count from 0) and a
-    `branch_ids` row (0 elsewhere), which `packed_eager` attention reads."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        tree = any("branch_ids" in f for f in features)
-        batch = self.inner([{k: v for k, v in f.items() if k not in ("position_ids", "branch_ids")} for f in features])
-        if tree:
-            kept = [f for f in features if len(f["input_ids"]) > 0]
-            batch["position_ids"] = torch.tensor(
-                [p for f in kept for p in f.get("position_ids", range(len(f["input_ids"])))])[None]
-            batch["branch_ids"] = torch.tensor([b for f in kept for b in f.get("branch_ids", [0] * len(f["input_ids"]))])[None]
-        return batch
-
-
-def set_training_attention(llm, requested: str = "auto", tree: bool = False) -> str:
-    """Select the LLM's attention for training; returns the name. "auto": `packed_eager` (mllm.attention:
-    per-example eager attention, the fastest on CPU, packed or not) off CUDA, sdpa on CUDA, and packed_eager
-    everywhere when `tree` (tree-shaped examples, `branch_turns`: only packed_eager reads their branch_ids).
-    `llm` is a transformers model (not a peft wrapper). `restore_inference_attention` puts sdpa back before
-    saving."""
-    from mllm.attention import register
-
-    name = requested
-    if requested == "auto":
-        name = "sdpa" if llm.device.type == "cuda" and not tree else "packed_eager"
-    elif tree and name != "packed_eager":
-        raise ValueError(f"attn_implementation {name!r} cannot train branched vqa examples (vqa_turns > 1 with "
-                         "vqa_branches and packing): use auto or packed_eager, or set vqa_branches: false")
-    if name == "packed_eager":
-        register()
-    llm.set_attn_implementation(name)
-    return name
-
-
-def restore_inference_attention(llm) -> None:
-    """sdpa (`UnifiedMLLM.from_pretrained`'s default) on the transformers model under a peft wrapper, if any."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    if base.config._attn_implementation not in ("sdpa", "flash_attention_2"):
-        base.set_attn_implementation("sdpa")
-
-
-class TaskCollator:
-    """Wraps a collator: examples may carry `task` (an index into the mixture's task names); the batch then
-    also holds `task_ids`, shaped like `labels`, the task of each token (-1 on padding). Packed rows
-    concatenate examples in order, padded rows right-pad, so the per-token task follows the same layout."""
-
-    def __init__(self, inner, packing: bool) -> None:
-        self.inner, self.packing = inner, packing
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if not features or "task" not in features[0]:
-            return self.inner(features)
-        tasks = [int(f["task"]) for f in features]
-        batch = self.inner([{k: v for k, v in f.items() if k != "task"} for f in features])
-        task_ids = torch.full_like(batch["labels"], -1)
-        if self.packing:
-            start = 0
-            for task, feature in zip(tasks, (f for f in features if len(f["input_ids"]) > 0)):
-                n = len(feature["input_ids"])
-                task_ids[0, start:start + n] = task
-                start += n
-        else:
-            for row, (task, feature) in enumerate(zip(tasks, features)):
-                task_ids[row, :len(feature["input_ids"])] = task
-        batch["task_ids"] = task_ids
-        return batch
-
-
-def _make_trainer_class():
-    """A `Trainer` whose compute_loss takes the per-token cross-entropy once: the training loss is its
-    token mean (normalized exactly as transformers' causal-LM loss: over `num_items_in_batch` when the
-    Trainer counts it, for gradient accumulation and multi-process token averaging), and the same
-    per-token losses, summed per task, feed `loss_<task>` / `label_tokens_<task>` (supervised tokens) in the
-    logs (token-weighted over the logging window, summed over processes)."""
-    import torch.nn.functional as F
-    from transformers import Trainer
-
-    class TaskLossTrainer(Trainer):
-        def __init__(self, *args, task_names: list[str] = (), **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.task_names = list(task_names)
-            self._task_sums: torch.Tensor | None = None  # (2, num_tasks): loss sum, token count
-            self.loss_is_scaled_for_ga = None
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            task_ids = inputs.pop("task_ids", None)
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-            loss = self.language_model_loss(logits, labels, task_ids, num_items_in_batch, model.training)
-            if isinstance(outputs, dict):
-                outputs["loss"] = loss
-            return (loss, outputs) if return_outputs else loss
-
-        def language_model_loss(self, logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor | None,
-                                num_items_in_batch=None, training: bool = True) -> torch.Tensor:
-            """Next-token cross-entropy of logits (B, T, V) against labels (B, T) (-100: not supervised);
-            accumulates the per-task sums for the logs when `task_ids` (B, T) are given in training."""
-            targets = labels[:, 1:].to(logits.device)  # position t predicts label t+1
-            valid = targets != -100  # (B, T-1): supervised positions (assistant tokens)
-            # Cross-entropy in float32 on the supervised positions only: the LM head still runs on every
-            # position (its FLOPs are spent either way), but the float copy and log-softmax of (B, T, V)
-            # logits shrink to the labelled rows (the answer text, or an image's codes).
-            per_token = F.cross_entropy(logits[:, :-1][valid].float(), targets[valid], reduction="none")  # (N,)
-            if num_items_in_batch is not None:
-                loss = per_token.sum() / torch.as_tensor(num_items_in_batch, device=per_token.device)
-                if self.args.average_tokens_across_devices:
-                    loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
-                self.loss_is_scaled_for_ga = True
-            else:
-                loss = per_token.sum() / max(per_token.numel(), 1)
-                self.loss_is_scaled_for_ga = False
-            if task_ids is not None and self.task_names and training:
-                tasks = task_ids[:, 1:].to(per_token.device)[valid]  # (N,)
-                keep = tasks >= 0
-                sums = torch.zeros(2, len(self.task_names), dtype=torch.float64, device=per_token.device)
-                sums[0].index_add_(0, tasks[keep], per_token.detach()[keep].double())
-                sums[1].index_add_(0, tasks[keep], torch.ones_like(per_token[keep], dtype=torch.float64))
-                self._task_sums = sums if self._task_sums is None else self._task_sums + sums.to(self._task_sums.device)
-            return loss
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self.task_names:
-                sums = self._task_sums
-                if sums is None:
-                    sums = torch.zeros(2, len(self.task_names), dtype=torch.float64, device=self.args.device)
-                if self.args.world_size > 1:  # every process logs (Trainer gathers the loss the same way)
-                    import torch.distributed as dist
-
-                    sums = sums.to(self.args.device)
-                    dist.all_reduce(sums)
-                for index, name in enumerate(self.task_names):
-                    count = float(sums[1, index])
-                    if count > 0:
-                        logs[f"loss_{name}"] = float(sums[0, index]) / count
-                        logs[f"label_tokens_{name}"] = int(count)
-                self._task_sums = None
-            super().log(logs, start_time)
-
-    return TaskLossTrainer
-
-
-# ---------------------------------------------------------------------------------------- callbacks
-def _callbacks(metrics_file: Path, tokens_seen=None):
-    """(MetricsLogger, StopOnNonFiniteLoss). `tokens_seen(state)`: tokens trained on so far (default: the
-    Trainer's `num_input_tokens_seen`)."""
-    from transformers import TrainerCallback
-
-    tokens_seen = tokens_seen or (lambda state: state.num_input_tokens_seen)
-
-    class MetricsLogger(TrainerCallback):
-        """Appends {step, loss, loss_<task>, label_tokens_<task>, learning_rate, tokens_per_s} to metrics.jsonl at
-        every logged step (the per-task losses are token-weighted means over the logging window)."""
-
-        def __init__(self) -> None:
-            self.last_time, self.last_tokens = time.time(), 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.last_time, self.last_tokens = time.time(), tokens_seen(state)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs or not state.is_world_process_zero:
-                return
-            now, tokens = time.time(), tokens_seen(state)
-            record = {"step": state.global_step, "loss": float(logs["loss"]),
-                      **{k: v for k, v in logs.items() if k.startswith(("loss_", "label_tokens_", "tokenizer_"))},
-                      "learning_rate": float(logs.get("learning_rate", float("nan"))),
-                      "tokens_per_s": (tokens - self.last_tokens) / max(now - self.last_time, 1e-6)}
-            self.last_time, self.last_tokens = now, tokens
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    class StopOnNonFiniteLoss(TrainerCallback):
-        """A NaN/inf logged loss stops the run before anything else is saved; the last checkpoint
-        (written before the loss diverged) stays the one to resume from."""
-
-        def __init__(self) -> None:
-            self.bad: tuple[int, float] | None = None
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(loss):
-                self.bad = (state.global_step, loss)
-                control.should_training_stop = True
-                control.should_save = False
-            return control
-
-    return MetricsLogger(), StopOnNonFiniteLoss()
-
-
-# ---------------------------------------------------------------------------------------- align
-def freeze_all_but_new_rows(model) -> list[int]:
-    """Freeze the LLM except the rows of the input embedding (and of an untied LM head) that `mllm init`
-    added (`mllm.lora.new_token_ids`): those matrices keep requires_grad, and a gradient hook zeroes every
-    other row, so with no weight decay the optimizer (AdamW: zero gradient -> zero moments -> zero update)
-    leaves them bit-identical. Returns the trainable ids. The hook is on the parameter itself: single
-    process or DDP (torchrun); FSDP and DeepSpeed flatten parameters and would bypass it."""
-    from mllm.lora import new_token_ids
-
-    ids = new_token_ids(model)
-    llm = model.llm
-    llm.requires_grad_(False)
-    model.vision_tokenizer.requires_grad_(False)
-    if model.projector is not None:
-        model.projector.requires_grad_(False)
-    matrices = {id(m.weight): m.weight for m in (llm.get_input_embeddings(), llm.get_output_embeddings())
-                if m is not None}  # one entry for a tied head
-    for weight in matrices.values():
-        mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-        mask[[i for i in ids if i < weight.shape[0]]] = 1.0
-        weight.requires_grad_(True)
-        weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
-    return ids
-
-
-def training_arguments(cfg: LLMTrainConfig, out: Path, precision: str, device: str, **overrides):
-    """The recipe's `TrainingArguments` (shared by every LLM recipe, ETT included)."""
-    from transformers import TrainingArguments
-
-    values = {
-        "output_dir": str(out),
-        "per_device_train_batch_size": cfg.per_device_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "max_steps": cfg.max_steps,
-        "learning_rate": cfg.learning_rate,
-        "weight_decay": cfg.weight_decay,
-        "warmup_steps": cfg.warmup_steps,
-        "lr_scheduler_type": cfg.lr_scheduler,
-        "max_grad_norm": cfg.max_grad_norm,
-        "logging_steps": cfg.logging_steps,
-        "logging_nan_inf_filter": False,  # a NaN must reach the callback, not be averaged away
-        "save_steps": cfg.save_steps,
-        "save_total_limit": cfg.save_total_limit,
-        "seed": cfg.seed,
-        "data_seed": cfg.seed,
-        "bf16": precision == "bf16",
-        "use_cpu": device == "cpu",
-        "report_to": "none",
-        "remove_unused_columns": False,
-        "include_num_input_tokens_seen": True,
-        "dataloader_num_workers": 0,
-        # torchrun on CPU: gloo (set only when launched distributed; a lone process needs no backend)
-        "ddp_backend": "gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-    }
-    values.update(overrides)
-    return TrainingArguments(**values)
-
-
-def raise_if_stopped_on_nan(nan_guard, out: Path) -> None:
-    """After `trainer.train()`: a clear error naming the last good checkpoint when the NaN guard fired."""
-    if nan_guard.bad is None:
-        return
-    step, loss = nan_guard.bad
-    complete = complete_checkpoints(out)
-    last = complete[-1][1] if complete else None
-    raise RuntimeError(
-        f"loss became {loss} at step {step}; training stopped. "
-        + (f"The last good checkpoint is {last}: lower learning_rate and rerun with --resume."
-           if last else "No checkpoint was written before it: lower learning_rate and rerun.")
-    )
-
-
-def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every OUT/checkpoint-N holding trainer_state.json, oldest first. The Trainer writes
-    that file last, so a checkpoint cut short by a kill (SIGKILL, power loss) lacks it and is passed over."""
-    found = []
-    for folder in out.glob("checkpoint-*") if out.is_dir() else []:
-        suffix = folder.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and folder.is_dir() and (folder / "trainer_state.json").is_file():
-            found.append((int(suffix), folder))
-    return sorted(found)
-
-
-def resume_checkpoint(out: Path, resume: bool) -> str | None:
-    """The checkpoint `trainer.train` resumes from: the latest complete one under OUT when `resume`.
-
-    Resuming drops the lines of OUT/metrics.jsonl logged after that checkpoint (the killed run got further
-    than its last checkpoint; those steps are trained again), so the log reads as one uninterrupted run.
-    Without `resume`, an OUT that already holds checkpoints is refused rather than overwritten."""
-    checkpoints = complete_checkpoints(out)
-    partial = sorted(str(f) for f in out.glob("checkpoint-*") if f.is_dir()) if out.is_dir() else []
-    if not resume:
-        if checkpoints or partial:
-            raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
-                                  "or choose another --out (or delete them) to start over")
-        return None
-    for folder in sorted(set(partial) - {str(f) for _, f in checkpoints}):
-        print(f"skipping {folder}: incomplete (the run was killed while writing it)")
-    if not checkpoints:
-        print(f"no complete checkpoint under {out}; starting from scratch")
-        _truncate_metrics(out / METRICS_NAME, 0)
-        return None
-    step, folder = checkpoints[-1]
-    print(f"resuming from {folder}")
-    _truncate_metrics(out / METRICS_NAME, step)
-    return str(folder)
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-# ---------------------------------------------------------------------------------------- recipe
 def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
-    from transformers import set_seed
-
-    from mllm.lora import LoraSettings, add_lora
-    from mllm.model import UnifiedMLLM
-
     # --- setup
-    keep_freed_memory()  # ~15% more tokens/s on CPU (see mllm.runtime)
-    if not cfg.model:
-        raise ValueError("the LLM recipe needs `model` (a model folder from `mllm init` or an earlier stage)")
-    if cfg.ett is not None:
-        from training.train_ett import main as end_to_end
-
-        return end_to_end(cfg, resume)
     out = Path(cfg.out)
     final = out / (ADAPTER_DIR if cfg.lora is not None else MODEL_DIR)
-    if final.is_dir():  # written only when a run completes
-        print(f"already trained: {final} (delete it to retrain)")
+    started = components.start_run(cfg, final)
+    if started is None:
         return final
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(cfg.precision, device)
-    set_seed(cfg.seed)
+    device, precision = started
     if cfg.quantization == "4bit":
-        from mllm.lora import load_base_4bit
-
         model = load_base_4bit(cfg.model)  # frozen NF4 base, norms and head in fp32, gradient checkpointing
     else:
         model = UnifiedMLLM.from_pretrained(cfg.model, device="cpu", dtype="fp32")
     if model.config.embedding_mode != "learned":
         raise ValueError(
             f"{cfg.model} is a codebook-mode model (image embeddings projected from the tokenizer's codebooks); "
-            "train it with an `ett` section (`--recipe ett`, or `--set ett.train_tokenizer=false` for a frozen "
-            "tokenizer), or bake it first (`UnifiedMLLM.bake()` + save_pretrained)."
+            "train it with an ETT recipe (`--recipe shapes-ett` or `--recipe ett`, or a YAML with `recipe: ett`; "
+            "`--set ett.train_tokenizer=false` for a frozen tokenizer), or bake it first "
+            "(`UnifiedMLLM.bake()` + save_pretrained)."
         )
     model.vision_tokenizer.requires_grad_(False)
     tree = cfg.vqa_turns > 1 and cfg.vqa_branches and cfg.packing
-    attention = set_training_attention(model.llm, cfg.attn_implementation, tree)
-    # Without a KV cache: transformers builds the block-diagonal mask of a packed row from its
-    # position_ids only when no cache is passed (masking_utils), and training needs none anyway.
-    llm_config = model.llm.config
-    llm_config.use_cache = False
-    processor = model.processor
-    pools = load_task_pools(cfg.data, cfg.tasks, cfg.vqa_turns, cfg.seed)
-    drawn = draw_conversations(pools, cfg.tasks, processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed)
-    examples = tokenize_examples(processor, [messages for _, messages in drawn], cfg.max_length,
-                                 [tree and task == "vqa" for task, _ in drawn])
-    task_names = sorted(pools)
+    attention = components.set_training_attention(model.llm, cfg.attn_implementation, tree)
+    drawn, task_names = components.draw_mixture(cfg, model.processor)
+    examples = components.tokenize_examples(model.processor, [messages for _, messages in drawn], cfg.max_length,
+                                            [tree and task == "vqa" for task, _ in drawn])
     for example, (task, _) in zip(examples, drawn):
         example["task"] = task_names.index(task)
     if cfg.lora is not None:
-        add_lora(model, LoraSettings.from_dict(cfg.lora))
+        add_lora(model, cfg.lora)
     mode = ("QLoRA" if cfg.quantization else "LoRA") if cfg.lora is not None else "full"
     if cfg.lora is None and cfg.freeze_llm:
-        rows = freeze_all_but_new_rows(model)
+        rows = components.freeze_all_but_new_rows(model)
         mode = f"of which only the {len(rows)} new vocabulary rows move"
-    counts = {task: sum(1 for t, _ in drawn if t == task) for task in sorted(pools)}
     tokens = sum(len(example["input_ids"]) for example in examples)
     trainable = model.num_parameters(only_trainable=True) / 1e6
-    print(f"llm: {trainable:.2f}M trainable parameters ({mode}), "
-          f"{len(examples)} examples {counts}, {tokens} tokens, {precision} on {device}, {attention} attention")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "train_recipe.yaml")
+    print(f"llm: {trainable:.2f}M trainable parameters ({mode}), {len(examples)} examples "
+          f"{components.task_counts(drawn, task_names)}, {tokens} tokens, {precision} on {device}, "
+          f"{attention} attention")
+    components.write_recipe(cfg, out)
 
-    args = training_arguments(cfg, out, precision, device)
-    metrics_logger, nan_guard = _callbacks(out / METRICS_NAME)
-    trainer = _make_trainer_class()(
+    # --- train
+    collator = components.make_collator(cfg.packing, model.config.pad_token_id)
+    trainer = components.train(
+        components.TaskLossTrainer, cfg, out, resume, precision, device,
         model=model.llm,  # learned mode: the plain HF causal LM (or its peft wrapper) is the whole model
-        args=args,
         train_dataset=examples,
-        data_collator=TaskCollator(make_collator(cfg.packing, model.config.pad_token_id), cfg.packing),
-        callbacks=[metrics_logger, nan_guard],
+        data_collator=components.TaskCollator(collator, cfg.packing),
         task_names=task_names,
     )
 
-    # --- train
-    trainer.train(resume_from_checkpoint=resume_checkpoint(out, resume))
-    raise_if_stopped_on_nan(nan_guard, out)
-
     # --- save
     model.llm = trainer.model
-    llm_config.use_cache = True  # generation wants its KV cache back
-    restore_inference_attention(model.llm)
+    components.restore_inference_attention(model.llm)
     if cfg.lora is not None:
         model.llm.save_pretrained(final)  # adapter_config.json + adapter_model.safetensors
     else:
@@ -708,43 +93,4 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     return final
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.config import list_recipes
-
-    names = [name for name in list_recipes() if not name.startswith(("teacher-", "tokenizer-"))]
-    parser.add_argument("--recipe", required=True,
-                        help=f"recipe name ({', '.join(names)}) or YAML path; ett recipes tune the visual "
-                             "tokenizer end to end (codebook-mode models, image shards)")
-    parser.add_argument("--model", required=True, help="model folder to start from")
-    parser.add_argument("--data", required=True, help="training shards (raw or pre-tokenized; raw for ett)")
-    parser.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, adapter/ or model/)")
-    parser.add_argument("--max-steps", type=int, help="override the recipe's number of optimizer steps")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest complete OUT/checkpoint-N (needed to reuse an OUT with "
-                             "checkpoints)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override any recipe key, e.g. --set learning_rate=1e-4 lora=null tasks.chat=0.5")
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = [f"model={args.model}", f"data={args.data}", f"out={args.out}", *args.set]
-    cfg = load_config(LLMTrainConfig, args.recipe, overrides)
-    if args.max_steps is not None:
-        if args.max_steps <= 0:
-            raise SystemExit("mllm train: --max-steps must be positive")
-        # A shortened run keeps the recipe's shape: warmup shrinks with it (unless --set warmup_steps=...),
-        # so a 100-step run does not spend all of it warming up towards a peak it never reaches.
-        set_keys = {item.split("=", 1)[0].strip() for item in args.set}
-        if "warmup_steps" not in set_keys and args.max_steps < cfg.max_steps:
-            warmup = round(cfg.warmup_steps * args.max_steps / cfg.max_steps)
-            print(f"--max-steps {args.max_steps} (recipe: {cfg.max_steps}): warmup_steps {cfg.warmup_steps} -> {warmup}")
-            cfg.warmup_steps = warmup
-        cfg.max_steps = args.max_steps
-    main(cfg, resume=args.resume)
-    return 0
-
-
-if __name__ == "__main__":  # `accelerate launch -m training.train_llm ...` / `torchrun -m ...`
-    parser = argparse.ArgumentParser(prog="train_llm", description=__doc__)
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+__all__ = ["main"]

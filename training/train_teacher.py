@@ -7,25 +7,32 @@ images and their captions. The result is an ordinary CLIP checkpoint folder
 loads through exactly the code path a real CLIP/SigLIP folder takes.
 
     mllm train-teacher --data runs/demo/data/train --out runs/demo/teacher
+
+setup (captioned images in memory, a word-level tokenizer over the captions, a small CLIP) -> train
+(CLIP's contrastive loss on random batches, AdamW, cosine schedule) -> save (atomically: a killed run
+never leaves a folder that looks complete). It trains in minutes, so it keeps no checkpoints.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
+from mllm.data.arrays import to_pixel_values
 from mllm.runtime import autocast, resolve_device, resolve_precision
-from training.config import load_config, save_config
-from training.data import load_image_arrays, to_pixel_values
+from training.config import save_config
+from training.data import ImageRecipeConfig, load_images, trained_already
 
 TEACHER_MEAN = (0.5, 0.5, 0.5)
 TEACHER_STD = (0.5, 0.5, 0.5)
@@ -33,42 +40,37 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(ImageRecipeConfig):
+    """The teacher recipe (`mllm train-teacher`): a CLIP's two towers and its training settings."""
+
+    recipe_kind: ClassVar[str] = "teacher"
+
     data: str = ""  # shards with images and a `caption` field
-    out: str = ""
     image_size: int = 64
     patch_size: int = 8
+    # The vision tower (a ViT over (image_size / patch_size)^2 patches) and the text tower (a transformer over
+    # the caption's words); each MLP is 4x its hidden size wide.
     vision_hidden_size: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
     text_hidden_size: int = 128
     text_layers: int = 2
     text_heads: int = 4
-    projection_dim: int = 128
+    projection_dim: int = 128  # the shared embedding space of images and captions
     max_text_length: int = 48
-    batch_size: int = 128
+    batch_size: int = 128  # contrastive: every other caption of the batch is a negative
     max_steps: int = 400
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
     weight_decay: float = 0.05
-    seed: int = 0
-    precision: str = "auto"  # auto | bf16 | fp32
-    device: str = "auto"
     log_every: int = 50
-    max_images: int | None = None
 
     def validate(self) -> None:
-        if not self.data or not self.out:
-            raise ValueError("the teacher recipe needs `data` and `out`")
+        super().validate()
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
 
 
 def build_word_tokenizer(texts: list[str], max_length: int):
     """A word-level HF fast tokenizer over the caption vocabulary (lower-cased, <eos> appended)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     splitter = pre_tokenizers.Whitespace()
     words = sorted({word for text in texts for word, _ in splitter.pre_tokenize_str(text.lower())})
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -90,16 +92,15 @@ def build_word_tokenizer(texts: list[str], max_length: int):
     )
 
 
-def build_clip(cfg: TeacherConfig, tokenizer):
-    from transformers import CLIPConfig, CLIPModel
+def build_clip(cfg: TeacherConfig, tokenizer) -> CLIPModel:
+    def tower(hidden_size: int, layers: int, heads: int) -> dict:
+        return {"hidden_size": hidden_size, "intermediate_size": 4 * hidden_size, "num_hidden_layers": layers,
+                "num_attention_heads": heads}
 
     config = CLIPConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": cfg.text_hidden_size,
-            "intermediate_size": 4 * cfg.text_hidden_size,
-            "num_hidden_layers": cfg.text_layers,
-            "num_attention_heads": cfg.text_heads,
+            **tower(cfg.text_hidden_size, cfg.text_layers, cfg.text_heads),
             "max_position_embeddings": cfg.max_text_length,
             "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id,
@@ -108,10 +109,7 @@ def build_clip(cfg: TeacherConfig, tokenizer):
         vision_config={
             "image_size": cfg.image_size,
             "patch_size": cfg.patch_size,
-            "hidden_size": cfg.vision_hidden_size,
-            "intermediate_size": 4 * cfg.vision_hidden_size,
-            "num_hidden_layers": cfg.vision_layers,
-            "num_attention_heads": cfg.vision_heads,
+            **tower(cfg.vision_hidden_size, cfg.vision_layers, cfg.vision_heads),
         },
         projection_dim=cfg.projection_dim,
     )
@@ -138,20 +136,15 @@ def write_preprocessor_config(out: Path, image_size: int) -> None:
 
 
 def main(cfg: TeacherConfig) -> Path:
-    from transformers import get_cosine_schedule_with_warmup
-
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     out = Path(cfg.out)
-    if (out / "model.safetensors").is_file():
-        print(f"teacher already trained at {out} (delete the folder to retrain)")
+    if trained_already(out, "teacher"):
         return out
 
     # --- setup
-    data = load_image_arrays(cfg.data, cfg.image_size, text_field="caption", limit=cfg.max_images)
-    if data.stats.total_skipped:
-        print(f"skipped records: {data.stats.report()}")
+    data = load_images(cfg.data, cfg.image_size, cfg.max_images, text_field="caption")
     tokenizer = build_word_tokenizer(data.texts, cfg.max_text_length)
     encoded = tokenizer(data.texts, padding="max_length", truncation=True, max_length=cfg.max_text_length,
                         return_tensors="pt")
@@ -202,17 +195,5 @@ def main(cfg: TeacherConfig) -> Path:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="shards with images and captions (e.g. from `mllm data shapes`)")
-    parser.add_argument("--out", required=True, help="output folder: a CLIP checkpoint loadable with transformers")
-    parser.add_argument("--recipe", default="teacher-shapes", help="recipe name or YAML path (default: teacher-shapes)")
-    parser.add_argument("--max-steps", type=int, help="override the recipe's number of steps")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any recipe key")
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = [f"data={args.data}", f"out={args.out}", *args.set]
-    if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
-    main(load_config(TeacherConfig, args.recipe, overrides))
-    return 0
+__all__ = ["TEACHER_MEAN", "TEACHER_STD", "TeacherConfig", "build_clip", "build_word_tokenizer", "main",
+           "write_preprocessor_config"]

@@ -5,56 +5,53 @@
 
 setup (data in memory, model, optimizer, accelerate) -> train (bf16 autocast where supported,
 periodic checkpoints, exact resume) -> save (`save_pretrained` folder: config.json +
-model.safetensors). Launch with `accelerate launch -m training.train_tokenizer ...` or
-`torchrun --nproc_per_node N -m training.train_tokenizer ...` for several processes: each rank
+model.safetensors). Launch with `accelerate launch -m mllm.cli train-tokenizer ...` or
+`torchrun --nproc_per_node N -m mllm.cli train-tokenizer ...` for several processes: each rank
 draws its own slice of every global batch and accelerate averages the gradients.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
+from mllm.data.arrays import to_pixel_values
 from mllm.runtime import resolve_precision
+from tokenizer_vision import DualCodebookTokenizer, TokenizerConfig
 from training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
-from training.config import load_config, save_config
-from training.data import EpochSampler, load_image_arrays, rescale_round_trip, to_pixel_values
+from training.config import save_config
+from training.data import EpochSampler, ImageRecipeConfig, load_images, rescale_round_trip, trained_already
 
 
 @dataclass
-class TokenizerTrainConfig:
+class TokenizerTrainConfig(ImageRecipeConfig):
+    """The tokenizer recipe (`mllm train-tokenizer`): which tokenizer, and how it trains."""
+
+    recipe_kind: ClassVar[str] = "tokenizer"
+
     data: str = ""  # training shards (images); held-out scenes are for `mllm eval-tokenizer`
-    out: str = ""
     size: str = "shapes"  # named tokenizer size: tiny | shapes | base
     teacher: str | None = None  # local CLIP/SigLIP/ViT folder for the semantic branch
     quantizer: str = "dual"  # dual | pixel | semantic (ablations)
     tokenizer: dict[str, Any] = field(default_factory=dict)  # overrides of TokenizerConfig fields
-    batch_size: int = 32  # per process
     max_steps: int = 1300
     learning_rate: float = 2e-3
     min_learning_rate_ratio: float = 0.05  # cosine decays to this fraction of the peak
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
     grad_clip: float = 1.0
-    seed: int = 0
-    precision: str = "auto"  # auto | bf16 | fp32
-    device: str = "auto"
-    log_every: int = 25
     save_every: int = 500
     keep_checkpoints: int = 2
-    max_images: int | None = None
     # Share of each batch whose input image makes a round trip through another size (factors of the image
     # side; `training.data.rescale_round_trip`) while the targets stay the clean image: the encoder learns
     # to give pictures made at other sizes the codes of the clean one. 0: off.
@@ -62,8 +59,7 @@ class TokenizerTrainConfig:
     rescale_factors: list[float] = field(default_factory=lambda: [0.83, 1.17, 1.33, 1.33, 1.67, 2.0])
 
     def validate(self) -> None:
-        if not self.data or not self.out:
-            raise ValueError("the tokenizer recipe needs `data` and `out`")
+        super().validate()
         if self.quantizer not in ("dual", "pixel", "semantic"):
             raise ValueError(f"quantizer must be dual, pixel or semantic, got {self.quantizer!r}")
         if self.quantizer in ("dual", "semantic") and not self.teacher and self.size != "tiny":
@@ -79,9 +75,7 @@ class TokenizerTrainConfig:
             raise ValueError(f"rescale_factors must be positive numbers, got {self.rescale_factors}")
 
 
-def build_tokenizer(cfg: TokenizerTrainConfig):
-    from tokenizer_vision import DualCodebookTokenizer, TokenizerConfig
-
+def build_tokenizer(cfg: TokenizerTrainConfig) -> DualCodebookTokenizer:
     overrides = dict(cfg.tokenizer)
     overrides["quantizer_mode"] = cfg.quantizer
     if cfg.teacher:
@@ -108,13 +102,9 @@ def _psnr(reconstruction: torch.Tensor, target: torch.Tensor, std: float) -> flo
 
 
 def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
     # --- setup
     out = Path(cfg.out)
-    if (out / "model.safetensors").is_file():  # written only when a run completes
-        print(f"tokenizer already trained at {out} (delete the folder to retrain)")
+    if trained_already(out, "tokenizer"):
         return out
     probe_device = "cuda" if (cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
     precision = resolve_precision(cfg.precision, probe_device)
@@ -125,10 +115,7 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=probe_device == "cpu",
                               kwargs_handlers=[ddp_kwargs])
     config = model.config
-    data = load_image_arrays(cfg.data, config.image_size, limit=cfg.max_images,
-                             progress=accelerator.is_main_process)
-    if data.stats.total_skipped and accelerator.is_main_process:
-        print(f"skipped records: {data.stats.report()}")
+    data = load_images(cfg.data, config.image_size, cfg.max_images, progress=accelerator.is_main_process)
     trainable = model.generator_parameters()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     scheduler = _cosine_with_floor(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_learning_rate_ratio)
@@ -144,8 +131,6 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
     checkpoints = out / "checkpoints"
     start_step = 0
     if resume and (last := latest_checkpoint(checkpoints)) is not None:
-        from tokenizer_vision import DualCodebookTokenizer
-
         model.load_state_dict(DualCodebookTokenizer.from_pretrained(last / "model").state_dict())
         state = load_training_state(last, stateful)
         sampler.load_state(state["sampler"])
@@ -236,31 +221,4 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="image shards (e.g. from `mllm data shapes`)")
-    parser.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
-    parser.add_argument("--teacher", help="local CLIP/SigLIP/ViT folder for the semantic codebook")
-    parser.add_argument("--quantizer", choices=("dual", "pixel", "semantic"), help="codebook mode (default: dual)")
-    parser.add_argument("--recipe", default="tokenizer-shapes", help="recipe name or YAML path (default: tokenizer-shapes)")
-    parser.add_argument("--max-steps", type=int, help="override the recipe's number of steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under OUT/checkpoints")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override any recipe key, e.g. --set learning_rate=1e-3 tokenizer.codebook_size=512")
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = [f"data={args.data}", f"out={args.out}", *args.set]
-    if args.teacher:
-        overrides.append(f"teacher={args.teacher}")
-    if args.quantizer:
-        overrides.append(f"quantizer={args.quantizer}")
-    if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
-    main(load_config(TokenizerTrainConfig, args.recipe, overrides), resume=args.resume)
-    return 0
-
-
-if __name__ == "__main__":  # `torchrun -m training.train_tokenizer ...` / `accelerate launch -m ...`
-    parser = argparse.ArgumentParser(prog="train_tokenizer", description=__doc__)
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+__all__ = ["TokenizerTrainConfig", "build_tokenizer", "main"]

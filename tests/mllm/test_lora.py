@@ -11,6 +11,7 @@ import torch
 
 from mllm.lora import LoraSettings, add_lora, load_base_4bit, new_token_ids
 from mllm.model import UnifiedMLLM
+from tokenizer_vision.schema import from_dict
 
 STEPS = 5
 
@@ -89,8 +90,11 @@ def test_settings_validate():
         LoraSettings(r=0)
     with pytest.raises(ValueError, match="all-linear"):
         LoraSettings(target_modules="q_proj")
-    with pytest.raises(ValueError, match="unknown LoRA settings"):
-        LoraSettings.from_dict({"rank": 4})
+    # A recipe's `lora:` section is parsed by the schema, which refuses unknown keys and coerces types.
+    with pytest.raises(ValueError, match="unknown LoRA settings key 'rank'"):
+        from_dict(LoraSettings, {"rank": 4}, where="LoRA settings")
+    assert from_dict(LoraSettings, {"r": 8, "target_modules": "all-linear"}) == LoraSettings(
+        r=8, target_modules="all-linear")
 
 
 def test_new_token_ids_are_the_added_specials_and_image_ids(model_tiny_dir):

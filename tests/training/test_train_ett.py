@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
+from training.components import LLMTrainConfig
 from training.config import load_config
-from training.train_llm import LLMTrainConfig, main
+from training.train_ett import ETTTrainConfig, main
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +29,14 @@ def setup(tmp_path_factory):
             "held_out": held_out}
 
 
-def _config(setup, out, model="codebook", data="data", **overrides):
+def _config(setup, out, model="codebook", data="data", schema=ETTTrainConfig, **overrides):
     base = {"model": str(setup[model]), "data": str(setup[data]), "out": str(out),
             "tasks": {"caption": 1.0, "vqa": 1.0, "t2i": 0.5}, "num_samples": 16, "per_device_batch_size": 4,
             "max_steps": 6, "warmup_steps": 0, "logging_steps": 1, "save_steps": 3, "precision": "fp32",
-            "learning_rate": 3e-3, "max_length": 256, "ett": {"tokenizer_learning_rate": 3e-3}}
-    return load_config(LLMTrainConfig, {**base, **overrides})
+            "learning_rate": 3e-3, "max_length": 256}
+    if schema is ETTTrainConfig:
+        base["ett"] = {"tokenizer_learning_rate": 3e-3}
+    return load_config(schema, {**base, **overrides})
 
 
 def _tokenizer_state(folder):
@@ -134,10 +137,12 @@ def test_ett_refuses_learned_models_pretokenized_data_and_unknown_keys(setup, tm
         main(_config(setup, tmp_path / "a", model="learned"))
     with pytest.raises(ValueError, match="ETT needs image shards"):
         main(_config(setup, tmp_path / "b", data="codes"))
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="unknown config key 'ett.lambda' \\(known keys: ett.reconstruction_weight"):
         _config(setup, tmp_path / "c", ett={"lambda": 1.0})
     with pytest.raises(ValueError, match="ett"):
         _config(setup, tmp_path / "d", ett={}, quantization="4bit", lora={"r": 4})
     # and the LLM recipe points a codebook-mode model at ETT
-    with pytest.raises(ValueError, match="ett"):
-        main(_config(setup, tmp_path / "e", ett=None))
+    from training.train_llm import main as train_llm
+
+    with pytest.raises(ValueError, match="codebook-mode model.*ETT recipe"):
+        train_llm(_config(setup, tmp_path / "e", schema=LLMTrainConfig))

@@ -5,19 +5,19 @@ import math
 import pytest
 import torch
 
-from training.config import load_config
-from training.train_llm import (
+from training.components import (
     LLMTrainConfig,
     draw_conversations,
     examples_needed,
     load_task_pools,
-    main,
     make_collator,
     restore_inference_attention,
     set_training_attention,
     split_turns,
     tokenize_examples,
 )
+from training.config import load_config
+from training.train_llm import main
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,7 @@ def test_killed_run_resumes_exactly(tiny, tmp_path, monkeypatch):
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_path):
-    """`torchrun --nproc_per_node 2 -m training.train_llm` (gloo on CPU), 2 examples per process, logs the
+    """`torchrun --nproc_per_node 2 -m mllm.cli train` (gloo on CPU), 2 examples per process, logs the
     same per-step losses as one process with 4 examples per step: the sampler hands the two ranks the two
     halves of the one-process batch, and the loss is token-averaged across processes."""
     import os
@@ -329,7 +329,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_pa
     save_config(_config(tiny, tmp_path / "unused", max_steps=4, save_steps=2, per_device_batch_size=2), recipe)
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "training.train_llm", "--recipe", str(recipe), "--model", str(tiny[0]), "--data", str(tiny[1]),
+               "-m", "mllm.cli", "train", "--recipe", str(recipe), "--model", str(tiny[0]), "--data", str(tiny[1]),
                "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
@@ -397,14 +397,15 @@ def test_align_trains_only_the_new_vocabulary_rows(tiny, loaded, tmp_path):
 def test_max_steps_shortens_warmup_with_the_run_unless_it_is_set(monkeypatch, tmp_path):
     import argparse
 
+    import mllm.commands.train as command
     import training.train_llm as recipe
 
     seen = []
     monkeypatch.setattr(recipe, "main", lambda cfg, resume=False: seen.append(cfg))
     parser = argparse.ArgumentParser()
-    recipe.add_arguments(parser)
+    command.add_arguments(parser)
     base = ["--recipe", "shapes-pretrain", "--model", "m", "--data", "d", "--out", str(tmp_path)]
-    recipe.run(parser.parse_args([*base, "--max-steps", "200"]))  # the recipe: 2000 steps, 100 of warmup
-    recipe.run(parser.parse_args([*base, "--max-steps", "200", "--set", "warmup_steps=30"]))
-    recipe.run(parser.parse_args([*base, "--max-steps", "4000"]))
+    command.run(parser.parse_args([*base, "--max-steps", "200"]))  # the recipe: 2000 steps, 100 of warmup
+    command.run(parser.parse_args([*base, "--max-steps", "200", "--set", "warmup_steps=30"]))
+    command.run(parser.parse_args([*base, "--max-steps", "4000"]))
     assert [(c.max_steps, c.warmup_steps) for c in seen] == [(200, 10), (200, 30), (4000, 100)]

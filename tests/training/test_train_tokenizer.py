@@ -69,14 +69,14 @@ def test_killed_run_resumes_exactly(shards, tmp_path, monkeypatch):
 
 
 def test_two_processes_train_through_torchrun(shards, tmp_path):
-    """accelerate underneath: `torchrun --nproc_per_node 2 -m training.train_tokenizer` (gloo on CPU)."""
+    """accelerate underneath: `torchrun --nproc_per_node 2 -m mllm.cli train-tokenizer` (gloo on CPU)."""
     import os
     import subprocess
     import sys
 
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "training.train_tokenizer", "--data", str(shards), "--out", str(out), "--max-steps", "6",
+               "-m", "mllm.cli", "train-tokenizer", "--data", str(shards), "--out", str(out), "--max-steps", "6",
                "--set", "size=tiny", "batch_size=4", "log_every=3", "save_every=3", "precision=fp32", "device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, env=env)
