@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 
 from eval.suites.base import Item, ScoreContext, Suite
+from tokenizer_vision.schema import unknown_name
 
 
 def _registry() -> dict[str, tuple[str, object]]:
@@ -28,7 +29,7 @@ def suite_names() -> list[str]:
 def get_suite(name: str) -> Suite:
     registry = _registry()
     if name not in registry:
-        raise ValueError(f"unknown suite {name!r}; available: {', '.join(sorted(registry))}")
+        raise unknown_name("suite", name, registry)
     suite = registry[name][1]()
     suite.name = name
     return suite

@@ -19,6 +19,7 @@ returns {"metrics": {name: value}, "breakdown": {group: {value: {metric: value}}
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ class ScoreContext:
 
 
 class Suite:
+    """A benchmark (see the module docstring). A subclass sets only what differs from these defaults (an
+    "answer" suite that reads --data and answers in up to 32 new tokens), and its `primary_metric`."""
+
     name: str = ""
     kind: str = "answer"
     max_new_tokens: int = 32  # answer suites
@@ -69,18 +73,74 @@ class Suite:
 
     def save_images(self, out: Path, item: Item, images: list) -> list[str]:
         """Draw suites: save an item's images under OUT; returns their paths relative to OUT."""
-        folder = out / "images" / _safe(item.id)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for k, image in enumerate(images):
-            path = folder / f"{k:04d}.png"
-            image.save(path)
-            paths.append(str(path.relative_to(out)))
-        return paths
+        return save_pngs(images, out / "images" / _safe(item.id), out)
 
     def run(self, args, out: Path) -> dict[str, Any]:
         """Custom suites: evaluate and return the results dict."""
         raise NotImplementedError
+
+
+class DrawSuite(Suite):
+    """A draw suite whose images per prompt (seeds 0..n-1) `--option seeds=N` sets; a subclass gives its
+    default as the class attribute `images_per_prompt`."""
+
+    kind = "draw"
+
+    def __init__(self, images_per_prompt: int | None = None) -> None:
+        if images_per_prompt is not None:
+            self.images_per_prompt = images_per_prompt
+
+    def configure(self, options: dict[str, Any] | None) -> None:
+        """Apply `--option seeds=N` (images per prompt); call before drawing."""
+        self.images_per_prompt = int_option(options, "seeds", self.images_per_prompt)
+
+
+def int_option(options: dict[str, Any] | None, key: str, default: int, minimum: int = 1) -> int:
+    """An integer `--option key=value` (options arrive as strings), or `default` when absent."""
+    value = (options or {}).get(key)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--option {key}={value!r}: expected an integer") from None
+    if number < minimum:
+        raise ValueError(f"--option {key}={number}: must be at least {minimum}")
+    return number
+
+
+def save_pngs(images: list, folder: Path, out: Path) -> list[str]:
+    """Save `images` as folder/0000.png, 0001.png, ... (creating the folder); their paths relative to OUT."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, image in enumerate(images):
+        path = folder / f"{k:04d}.png"
+        image.save(path)
+        paths.append(str(path.relative_to(out)))
+    return paths
+
+
+def load_json(path: Path, suite: str, expected: str | None = None) -> Any:
+    """The content of a JSON file; bad JSON is a ValueError "<suite>: <path> is not valid JSON (...)", with
+    "; expected <expected>" after it when given (`suite` is what the suite's messages start with)."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        hint = f"; expected {expected}" if expected else ""
+        raise ValueError(f"{suite}: {path} is not valid JSON ({error}){hint}") from error
+
+
+def prediction_notes(predictions: dict[str, dict], ids: Iterable[str] | dict, missing: int = 0,
+                     what: str = "question id") -> list[str]:
+    """Score notes on coverage: `missing` of the `ids` scored have no prediction (counted wrong), and how
+    many predictions match none of the `ids` (ignored; `what` names an id in that note)."""
+    notes = []
+    if missing:
+        notes.append(f"{missing} of {len(ids)} questions have no prediction; counted wrong")
+    extra = len(set(predictions) - set(ids))
+    if extra:
+        notes.append(f"{extra} predictions do not match any {what} and were ignored")
+    return notes
 
 
 def read_jsonl_or_json(path: str | Path) -> list[dict]:
@@ -107,6 +167,22 @@ def jsonl_rows(path: Path):
             raise ValueError(f"{where}: not valid JSON ({error})") from None
 
 
+def jsonl_objects(path: Path, strings: tuple[str, ...], expected: str, empty: str,
+                  keys: tuple[str, ...] = ()) -> Iterator[tuple[str, dict]]:
+    """(where, row) for each row of a JSONL file, as `jsonl_rows`, where every row must be an object whose
+    `strings` fields are strings and that has the `keys`: else a ValueError "<where>: expected <expected>".
+    A file without rows is a ValueError with the message `empty`."""
+    found = False
+    for where, row in jsonl_rows(path):
+        valid = isinstance(row, dict) and all(isinstance(row.get(name), str) for name in strings)
+        if not valid or not all(key in row for key in keys):
+            raise ValueError(f"{where}: expected {expected}")
+        found = True
+        yield where, row
+    if not found:
+        raise ValueError(empty)
+
+
 def first_dir_holding(candidates: list[Path], file_name: str) -> Path:
     """The first of `candidates` that holds `file_name` (else the first candidate): where a benchmark's
     images live, found from one of them."""
@@ -116,8 +192,18 @@ def first_dir_holding(candidates: list[Path], file_name: str) -> Path:
     return candidates[0]
 
 
+def coco_image_dir(base: Path, first_image: str) -> Path:
+    """Where COCO images are (the folder holding `first_image`, else images/ under `base`): images/,
+    val2014/ or the folder itself, in `base` or one level up."""
+    here = [base / "images", base / "val2014", base]
+    above = [base.parent / "images", base.parent / "val2014", base.parent]
+    return first_dir_holding(here + above, first_image)
+
+
 def _safe(item_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item_id)) or "_"
 
 
-__all__ = ["KINDS", "Item", "ScoreContext", "Suite", "first_dir_holding", "jsonl_rows", "read_jsonl_or_json"]
+__all__ = ["KINDS", "DrawSuite", "Item", "ScoreContext", "Suite", "coco_image_dir", "first_dir_holding",
+           "int_option", "jsonl_objects", "jsonl_rows", "load_json", "prediction_notes", "read_jsonl_or_json",
+           "save_pngs"]

@@ -15,11 +15,10 @@ Score (eval.scoring.captions.caption_scores): CIDEr (primary) and BLEU-4 as pyco
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, first_dir_holding
+from eval.suites.base import Item, ScoreContext, Suite, coco_image_dir, load_json, prediction_notes
 
 PROMPT = "Describe the image."
 
@@ -44,25 +43,15 @@ def _find_annotations(data: str | None) -> Path:
                      "pass the one to evaluate as --data")
 
 
-def _image_dir(base: Path, first_image: str) -> Path:
-    """The folder among the usual places that holds `first_image` (else the first of them)."""
-    return first_dir_holding([base / "images", base / "val2014", base, base.parent / "images", base.parent / "val2014",
-                  base.parent], first_image)
-
-
 class COCOCaptionSuite(Suite):
     """COCO captioning; primary metric: CIDEr (x 100)."""
 
-    kind = "answer"
     max_new_tokens = 64
     primary_metric = "cider"
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         path = _find_annotations(data)
-        try:
-            content = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"coco-caption: {path} is not valid JSON ({error})") from error
+        content = load_json(path, "coco-caption")
         valid = isinstance(content, dict) and isinstance(content.get("annotations"), list)
         if not valid:
             raise ValueError(f"coco-caption: {path} is not a COCO captions file: expected {{'images': [...], "
@@ -87,7 +76,7 @@ class COCOCaptionSuite(Suite):
             seen.add(image_id)
             file_name = image.get("file_name") or f"COCO_val2014_{int(image_id):012d}.jpg"
             if image_dir is None:
-                image_dir = _image_dir(base, file_name)
+                image_dir = coco_image_dir(base, file_name)
             items.append(Item(id=image_id, prompt=PROMPT, image=str(image_dir / file_name),
                               meta={"references": references[image_id], "file_name": file_name}))
         if not items and limit != 0:
@@ -101,10 +90,7 @@ class COCOCaptionSuite(Suite):
         captions = {key: record.get("answer") for key, record in predictions.items()
                     if key in references and record.get("answer") is not None}
         result = caption_scores(captions, references)
-        notes = list(result["notes"])
-        extra = len(set(predictions) - set(references))
-        if extra:
-            notes.append(f"{extra} predictions do not match any image id and were ignored")
+        notes = list(result["notes"]) + prediction_notes(predictions, references, what="image id")
         metrics = {name: result[name] for name in ("cider", "bleu4", "meteor", "spice") if name in result}
         return {"metrics": metrics, "breakdown": {}, "count": len(items), "notes": notes}
 

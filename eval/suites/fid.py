@@ -42,8 +42,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, jsonl_rows
-from eval.suites.shapes_t2i import int_option, resolve_image_path
+from eval.suites.base import Item, ScoreContext, Suite, int_option, jsonl_objects
+from eval.suites.shapes_t2i import resolve_image_path
+from eval.suites.tokenizer import find_tokenizer_folder
 
 DEFAULT_SHAPES_ITEMS = 1000
 DEFAULT_BATCH_SIZE = 16
@@ -60,16 +61,8 @@ class FeatureSourceError(ValueError):
 
 def _teacher_folder(path: str | Path) -> Path:
     """A model folder (its vision_tokenizer/) or a tokenizer folder -> the tokenizer folder."""
-    from mllm.config import VISION_TOKENIZER_DIR
-
     path = Path(path)
-    if (path / VISION_TOKENIZER_DIR / "config.json").is_file():
-        return path / VISION_TOKENIZER_DIR
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    raise FeatureSourceError(
-        f"{path} is neither a model folder (with {VISION_TOKENIZER_DIR}/) nor a vision tokenizer folder"
-    )
+    return find_tokenizer_folder(path, lambda neither: FeatureSourceError(f"{path} is {neither}"))
 
 
 def _load_teacher(path: str | Path, device):
@@ -240,12 +233,9 @@ def _read_reference_file(path: str | Path) -> list[Item]:
     if not path.is_file():
         raise FileNotFoundError(f'--data {path}: not a file; fid takes a JSONL of {{"prompt", "image"}} rows')
     items = []
-    for where, row in jsonl_rows(path):
-        well_formed = (
-            isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("image"), str)
-        )
-        if not well_formed:
-            raise ValueError(f'{where}: expected an object with string "prompt" and "image" (a path)')
+    rows = jsonl_objects(path, ("prompt", "image"), 'an object with string "prompt" and "image" (a path)',
+                         f"--data {path}: no rows")
+    for where, row in rows:
         image = Path(row["image"])
         image = image if image.is_absolute() else path.parent / image
         if not image.is_file():
@@ -257,8 +247,6 @@ def _read_reference_file(path: str | Path) -> list[Item]:
                 meta={"reference": str(image), "source": "data"},
             )
         )
-    if not items:
-        raise ValueError(f"--data {path}: no rows")
     return items
 
 

@@ -27,11 +27,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite
-from eval.suites.shapes_t2i import int_option
+from eval.suites.base import DrawSuite, Item, ScoreContext, jsonl_objects, save_pngs
 
 METADATA_NAME = "evaluation_metadata.jsonl"
-DEFAULT_IMAGES_PER_PROMPT = 4
+DEFAULT_IMAGES_PER_PROMPT = 4  # GenEval's protocol
 
 
 def metadata_path(data: str | Path) -> Path:
@@ -50,36 +49,17 @@ def metadata_path(data: str | Path) -> Path:
 def read_metadata(data: str | Path) -> list[dict]:
     """The metadata objects in file order (blank lines skipped); each needs "prompt" and "tag"."""
     path = metadata_path(data)
-    records = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "tag" not in record:
-            raise ValueError(f'{path}:{line_number}: expected a JSON object with "prompt" and "tag"')
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no metadata lines")
-    return records
+    rows = jsonl_objects(path, ("prompt",), 'a JSON object with "prompt" and "tag"',
+                         f"{path}: no metadata lines", keys=("tag",))
+    return [record for _, record in rows]
 
 
-class GenEvalExportSuite(Suite):
+class GenEvalExportSuite(DrawSuite):
     """Draws GenEval prompts into GenEval's folder layout (see the module docstring)."""
 
-    kind = "draw"
-    needs_data = True
+    name = "geneval-export"
+    images_per_prompt = DEFAULT_IMAGES_PER_PROMPT
     primary_metric = "complete_prompts"
-
-    def __init__(self, images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT) -> None:
-        self.name = "geneval-export"
-        self.images_per_prompt = images_per_prompt
-
-    def configure(self, options: dict[str, Any] | None) -> None:
-        """Apply `--option seeds=N` (images per prompt); call before drawing."""
-        self.images_per_prompt = int_option(options, "seeds", self.images_per_prompt)
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         if not data:
@@ -105,12 +85,7 @@ class GenEvalExportSuite(Suite):
         samples = folder / "samples"
         samples.mkdir(parents=True, exist_ok=True)
         (folder / "metadata.jsonl").write_text(json.dumps(item.meta["metadata"]) + "\n")
-        paths = []
-        for k, image in enumerate(images):
-            path = samples / f"{k:04d}.png"
-            image.save(path)
-            paths.append(str(path.relative_to(out)))
-        return paths
+        return save_pngs(images, samples, out)
 
     def score(self, predictions: dict[str, dict], items: list[Item], context: ScoreContext) -> dict[str, Any]:
         if context.out is None:

@@ -13,11 +13,10 @@ breakdowns by the structural and semantic question types.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, first_dir_holding
+from eval.suites.base import Item, ScoreContext, Suite, first_dir_holding, load_json, prediction_notes
 
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 QUESTIONS_FILE = "testdev_balanced_questions.json"
@@ -53,16 +52,11 @@ def _image_dir(base: Path, first_image: str) -> Path:
 class GQASuite(Suite):
     """GQA test-dev balanced; primary metric: accuracy (%)."""
 
-    kind = "answer"
-    max_new_tokens = 32
     primary_metric = "accuracy"
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         path = _find_questions_file(data)
-        try:
-            questions = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"gqa: {path} is not valid JSON ({error}); expected {QUESTIONS_FILE}") from error
+        questions = load_json(path, "gqa", expected=QUESTIONS_FILE)
         if not isinstance(questions, dict) or not questions:
             raise ValueError(f"gqa: {path} should be a non-empty JSON object {{question_id: {{'imageId', "
                              "'question', 'answer', 'types'}}}} as in the official GQA release")
@@ -102,11 +96,7 @@ class GQASuite(Suite):
             "exact match after lowercasing, stripping and dropping a trailing period (as LLaVA's "
             "convert_gqa_for_eval.py + the official eval.py accuracy)"
         )]
-        if result["missing"]:
-            notes.append(f"{result['missing']} of {result['count']} questions have no prediction; counted wrong")
-        extra = len(set(predictions) - set(answers))
-        if extra:
-            notes.append(f"{extra} predictions do not match any question id and were ignored")
+        notes += prediction_notes(predictions, answers, result["missing"])
         return {"metrics": {"accuracy": result["accuracy"]}, "breakdown": result["breakdown"],
                 "count": result["count"], "notes": notes}
 

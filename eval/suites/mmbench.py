@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite
+from eval.suites.base import Item, ScoreContext, Suite, prediction_notes
 
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _REQUIRED = ("index", "question", "image", "A", "B")
@@ -105,8 +105,6 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 class MMBenchSuite(Suite):
     """MMBench (any language/split in the official TSV format); primary metric: accuracy (%)."""
 
-    kind = "answer"
-    max_new_tokens = 32
     primary_metric = "accuracy"
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
@@ -179,11 +177,8 @@ class MMBenchSuite(Suite):
                 choice = extract_choice(record["answer"], item.meta["options"])
                 unparsed += choice is None
             correct[item.id] = choice is not None and choice == item.meta.get("answer")
-        if missing:
-            notes.append(f"{missing} of {len(items)} questions have no prediction; counted wrong")
-        extra = len(set(predictions) - set(correct))
-        if extra:
-            notes.append(f"{extra} predictions do not match any question index and were ignored")
+        # `correct` has an entry per item: load_items rejects a repeated index
+        notes += prediction_notes(predictions, correct, missing, what="question index")
         plain = plain_accuracy(correct.values())
         metrics: dict[str, float] = {
             "accuracy": plain,

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, first_dir_holding, read_jsonl_or_json
+from eval.suites.base import Item, ScoreContext, Suite, coco_image_dir, prediction_notes, read_jsonl_or_json
 
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 _CATEGORY = re.compile(r"pope_([A-Za-z0-9]+)$")
@@ -55,17 +55,9 @@ def _read_file(path: Path, require_labels: bool) -> list[dict] | None:
     return records
 
 
-def _image_dir(base: Path, first_image: str) -> Path:
-    """The folder among the usual places that holds `first_image` (else the first of them)."""
-    return first_dir_holding([base / "images", base / "val2014", base, base.parent / "images", base.parent / "val2014",
-                  base.parent], first_image)
-
-
 class POPESuite(Suite):
     """POPE (adversarial / popular / random); primary metric: F1 (%) over all items."""
 
-    kind = "answer"
-    max_new_tokens = 32
     primary_metric = "f1"
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
@@ -116,7 +108,7 @@ class POPESuite(Suite):
                                  f"{record['category']!r}; each file's question ids must be unique")
             seen.add(item_id)
             if image_dir is None:
-                image_dir = _image_dir(base, str(record["image"]))
+                image_dir = coco_image_dir(base, str(record["image"]))
             items.append(Item(
                 id=item_id,
                 prompt=str(record["text"]) + PROMPT_SUFFIX,
@@ -137,11 +129,7 @@ class POPESuite(Suite):
             "answers parsed as in LLaVA's eval_pope.py: first sentence, 'no'/'not' as a word -> no, "
             "else yes (words compared lowercased)"
         )]
-        if result["missing"]:
-            notes.append(f"{result['missing']} of {len(items)} questions have no prediction; counted wrong")
-        extra = len(set(predictions) - set(labels))
-        if extra:
-            notes.append(f"{extra} predictions do not match any question id and were ignored")
+        notes += prediction_notes(predictions, labels, result["missing"])
         metrics = {name: value for name, value in result["metrics"].items() if name != "count"}
         return {"metrics": metrics, "breakdown": result["breakdown"], "count": len(items),
                 "notes": notes}

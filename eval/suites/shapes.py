@@ -49,7 +49,6 @@ def _normalise(text: str) -> str:
 
 
 class ShapesVQA(Suite):
-    kind = "answer"
     max_new_tokens = 8
     needs_data = False
     primary_metric = "accuracy"
@@ -79,7 +78,6 @@ class ShapesVQA(Suite):
 
 
 class ShapesCaption(Suite):
-    kind = "answer"
     max_new_tokens = 64
     needs_data = False
     primary_metric = "objects_right"

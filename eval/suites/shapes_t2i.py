@@ -49,7 +49,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, jsonl_rows
+from eval.suites.base import DrawSuite, Item, ScoreContext, jsonl_objects
 
 CATEGORIES = ("single_object", "size", "position", "two_objects", "full_scene")
 ITEMS_PER_SCENE_CATEGORY = 36
@@ -58,20 +58,6 @@ JUDGE_EXACT_FROM_PX = 40  # see mllm.data.judge: exact on clean renders from 40 
 # Held-out scenes searched for two-object scenes; make_scene draws 1-3 objects uniformly, so about a
 # third of them qualify and this bound is never reached for 36 items.
 _MAX_SCENES_SEARCHED = 10_000
-
-
-def int_option(options: dict[str, Any] | None, key: str, default: int, minimum: int = 1) -> int:
-    """An integer `--option key=value` (options arrive as strings), or `default` when absent."""
-    value = (options or {}).get(key)
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--option {key}={value!r}: expected an integer") from None
-    if number < minimum:
-        raise ValueError(f"--option {key}={number}: must be at least {minimum}")
-    return number
 
 
 def resolve_image_path(out: Path | str | None, path: str, item_id: str) -> Path:
@@ -160,10 +146,9 @@ def read_prompt_file(path: str | Path) -> list[Item]:
         )
     items: list[Item] = []
     seen: set[str] = set()
-    for where, row in jsonl_rows(path):
-        well_formed = isinstance(row, dict) and isinstance(row.get("prompt"), str)
-        if not well_formed:
-            raise ValueError(f'{where}: expected an object with a string "prompt" (and a "category")')
+    rows = jsonl_objects(path, ("prompt",), 'an object with a string "prompt" (and a "category")',
+                         f"--data {path}: no prompts found")
+    for where, row in rows:
         try:
             parse_prompt(row["prompt"])
         except ValueError as error:
@@ -178,25 +163,16 @@ def read_prompt_file(path: str | Path) -> list[Item]:
         seen.add(item_id)
         category = str(row.get("category") or "custom")
         items.append(Item(id=item_id, prompt=row["prompt"], meta={"category": category}))
-    if not items:
-        raise ValueError(f"--data {path}: no prompts found")
     return items
 
 
-class ShapesT2ISuite(Suite):
+class ShapesT2ISuite(DrawSuite):
     """Text-to-image accuracy on the shapes world (see the module docstring)."""
 
-    kind = "draw"
+    name = "shapes-t2i"
+    images_per_prompt = DEFAULT_IMAGES_PER_PROMPT
     needs_data = False
     primary_metric = "accuracy"
-
-    def __init__(self, images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT) -> None:
-        self.name = "shapes-t2i"
-        self.images_per_prompt = images_per_prompt
-
-    def configure(self, options: dict[str, Any] | None) -> None:
-        """Apply `--option seeds=N` (images per prompt); call before drawing."""
-        self.images_per_prompt = int_option(options, "seeds", self.images_per_prompt)
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         items = read_prompt_file(data) if data else builtin_items()

@@ -21,17 +21,18 @@ there (`--option precision=fp32`) win over the namespace's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite
-from eval.suites.shapes_t2i import int_option
+from eval.suites.base import Item, ScoreContext, Suite, int_option
 
 DEFAULT_BATCH_SIZE = 64
 
 
-def tokenizer_folder(path: str | Path) -> Path:
-    """A model folder (-> its vision_tokenizer/) or a tokenizer folder (-> itself)."""
+def find_tokenizer_folder(path: str | Path, error: Callable[[str], Exception]) -> Path:
+    """A model folder (-> its vision_tokenizer/) or a tokenizer folder (-> itself); else raises
+    `error("neither a model folder (with vision_tokenizer/) nor a vision tokenizer folder")`."""
     from mllm.config import VISION_TOKENIZER_DIR
 
     path = Path(path)
@@ -39,10 +40,14 @@ def tokenizer_folder(path: str | Path) -> Path:
         return path / VISION_TOKENIZER_DIR
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
-    raise FileNotFoundError(
-        f"--model {path}: neither a model folder (with {VISION_TOKENIZER_DIR}/) nor a vision tokenizer "
-        "folder (config.json + model.safetensors, from `mllm train-tokenizer`)"
-    )
+    raise error(f"neither a model folder (with {VISION_TOKENIZER_DIR}/) nor a vision tokenizer folder")
+
+
+def tokenizer_folder(path: str | Path) -> Path:
+    """A model folder (-> its vision_tokenizer/) or a tokenizer folder (-> itself)."""
+    path = Path(path)
+    return find_tokenizer_folder(path, lambda neither: FileNotFoundError(
+        f"--model {path}: {neither} (config.json + model.safetensors, from `mllm train-tokenizer`)"))
 
 
 def namespace_options(args) -> dict[str, str]:
@@ -63,7 +68,6 @@ class TokenizerSuite(Suite):
     """Vision-tokenizer metrics (see the module docstring)."""
 
     kind = "custom"
-    needs_data = True
     primary_metric = "psnr"
 
     def __init__(self) -> None:

@@ -28,12 +28,11 @@ Predictions: our JSONL `{"id", "answer"}`, or the official results file, a JSON 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, read_jsonl_or_json
+from eval.suites.base import Item, ScoreContext, Suite, load_json, read_jsonl_or_json
 
 INSTRUCTION = "\nAnswer the question using a single word or phrase."
 VIZWIZ_INSTRUCTION = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + INSTRUCTION
@@ -110,13 +109,6 @@ class _Folder:
                          "pass the file itself as --data, or a folder holding only one")
 
 
-def _load_json(path: Path, suite: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"suite {suite}: {path} is not valid JSON ({error})") from error
-
-
 def _answer_strings(answers: Any, where: str) -> list[str] | None:
     """Annotators' answers as strings: a list of strings (TextVQA) or of {"answer": ...} (VQAv2, VizWiz)."""
     if answers is None:
@@ -133,7 +125,6 @@ class VQASuite(Suite):
     None), "answer_type", "question_type", "images": [candidate file names], "meta": {...}}].
     """
 
-    kind = "answer"
     max_new_tokens = 16
     primary_metric = "accuracy"
     instruction = INSTRUCTION
@@ -223,11 +214,8 @@ class VQAv2(VQASuite):
         order: list[str] = []
         subtype = None
         if annotations_files:
-            path = folder.pick(annotations_files, "file with 'annotations' in its name", "vqav2")
-            content = _load_json(path, "vqav2")
-            if not isinstance(content, dict) or not isinstance(content.get("annotations"), list):
-                raise ValueError(f"suite vqav2: {path} has no 'annotations' list; expected the official VQA "
-                                 "annotations file (e.g. v2_mscoco_val2014_annotations.json)")
+            path, content = _official_file(folder, annotations_files, "annotations",
+                                           "v2_mscoco_val2014_annotations.json")
             annotations = {}
             for entry in content["annotations"]:
                 question_id = str(entry["question_id"])
@@ -236,11 +224,8 @@ class VQAv2(VQASuite):
             subtype = content.get("data_subtype")
         questions: dict[str, dict] | None = None
         if questions_files:
-            path = folder.pick(questions_files, "file with 'questions' in its name", "vqav2")
-            content = _load_json(path, "vqav2")
-            if not isinstance(content, dict) or not isinstance(content.get("questions"), list):
-                raise ValueError(f"suite vqav2: {path} has no 'questions' list; expected the official VQA "
-                                 "questions file (e.g. v2_OpenEnded_mscoco_val2014_questions.json)")
+            path, content = _official_file(folder, questions_files, "questions",
+                                           "v2_OpenEnded_mscoco_val2014_questions.json")
             questions = {str(entry["question_id"]): entry for entry in content["questions"]}
             order = [str(entry["question_id"]) for entry in content["questions"]]
             subtype = content.get("data_subtype") or subtype
@@ -266,6 +251,17 @@ class VQAv2(VQASuite):
                 "meta": {"question_id": source["question_id"], "image_id": image_id},
             })
         return records
+
+
+def _official_file(folder: _Folder, candidates: list[Path], key: str, example: str) -> tuple[Path, dict]:
+    """The VQA file among `candidates` (named with `key`) and its content, a dict holding a `key` list."""
+    path = folder.pick(candidates, f"file with '{key}' in its name", "vqav2")
+    content = load_json(path, "suite vqav2")
+    if not isinstance(content, dict) or not isinstance(content.get(key), list):
+        raise ValueError(  # noqa: TRY004 (kept a ValueError: a file of the wrong format is a bad --data)
+            f"suite vqav2: {path} has no '{key}' list; expected the official VQA {key} file (e.g. {example})"
+        )
+    return path, content
 
 
 def _coco_index(images: dict[str, str]) -> dict[int, str]:
@@ -301,7 +297,7 @@ class TextVQA(VQASuite):
         candidates = folder.named("textvqa", exclude=("ocr",)) or [
             path for path in folder.jsons if "ocr" not in path.name.lower()]
         path = folder.pick(candidates, "TextVQA JSON (TextVQA_0.5.1_val.json)", "textvqa")
-        content = _load_json(path, "textvqa")
+        content = load_json(path, "suite textvqa")
         if not isinstance(content, dict) or not isinstance(content.get("data"), list):
             raise TypeError(f"suite textvqa: {path} has no 'data' list; expected the official TextVQA file "
                              "(e.g. TextVQA_0.5.1_val.json)")
@@ -329,7 +325,7 @@ class VizWiz(VQASuite):
 
     def _records(self, folder: _Folder) -> list[dict[str, Any]]:
         path = folder.pick(folder.jsons, "VizWiz annotations JSON (val.json)", "vizwiz")
-        content = _load_json(path, "vizwiz")
+        content = load_json(path, "suite vizwiz")
         if not isinstance(content, list) or not all(isinstance(entry, dict) and "image" in entry
                                                     for entry in content):
             raise ValueError(f"suite vizwiz: {path} is not a list of {{'image', 'question', 'answers', ...}}; "

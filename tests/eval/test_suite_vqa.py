@@ -1,6 +1,5 @@
 """vqav2 / textvqa / vizwiz read tiny files in the official formats; scores are checked against hand figures."""
 
-import argparse
 import json
 import os
 
@@ -23,6 +22,13 @@ def write_json(path, content):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content))
     return path
+
+
+def check_items(items, ids, index, prompt, image):
+    """The items' ids, and item `index`'s prompt and image path."""
+    assert [item.id for item in items] == ids
+    assert items[index].prompt == prompt
+    assert items[index].image == str(image)
 
 
 def vqa_answers(strings):
@@ -150,8 +156,7 @@ def test_eval_score_end_to_end(tmp_path, capsys):
     predictions = write_json(tmp_path / "results.json", [
         {"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "two"},
         {"question_id": 3, "answer": "Red"}, {"question_id": 4, "answer": "yes"}])
-    results = score_file(argparse.Namespace(suite="vqav2", predictions=str(predictions),
-                                            data=str(tmp_path / "data"), option=[]))
+    results = score_file("vqav2", predictions, data=str(tmp_path / "data"))
     assert results["metrics"]["accuracy"] == pytest.approx(62.5)
     assert capsys.readouterr().out.strip().splitlines()[-1] == "accuracy 62.50"
 
@@ -174,9 +179,8 @@ def write_textvqa(folder):
 def test_textvqa_items_and_score(tmp_path):
     suite = SUITES["textvqa"]()
     items = suite.load_items(str(write_textvqa(tmp_path)))
-    assert [item.id for item in items] == ["34602", "34603", "34604"]
-    assert items[0].prompt == "what is the brand of this phone?" + PHRASE
-    assert items[0].image == str(tmp_path / "train_images" / "003a8ae2ef43b901.jpg")
+    check_items(items, ["34602", "34603", "34604"], 0, "what is the brand of this phone?" + PHRASE,
+                tmp_path / "train_images" / "003a8ae2ef43b901.jpg")
     assert isinstance(items[1].image, MissingImage)
     assert items[1].meta["answer_type"] == "all" and items[1].meta["answers"][0] == "coca cola"
     # the file itself works as --data too
@@ -214,10 +218,10 @@ def write_vizwiz(folder):
 def test_vizwiz_items_and_score(tmp_path):
     suite = SUITES["vizwiz"]()
     items = suite.load_items(str(write_vizwiz(tmp_path)))
-    assert [item.id for item in items] == ["VizWiz_val_00000000", "VizWiz_val_00000001", "VizWiz_val_00000002"]
-    assert items[1].prompt == "What color is this shirt?" + VIZWIZ_INSTRUCTION
+    check_items(items, ["VizWiz_val_00000000", "VizWiz_val_00000001", "VizWiz_val_00000002"], 1,
+                "What color is this shirt?" + VIZWIZ_INSTRUCTION,
+                tmp_path / "val" / "VizWiz_val_00000001.jpg")
     assert VIZWIZ_INSTRUCTION.endswith(PHRASE) and "'Unanswerable'" in VIZWIZ_INSTRUCTION
-    assert items[1].image == str(tmp_path / "val" / "VizWiz_val_00000001.jpg")
     assert isinstance(items[0].image, MissingImage)
     assert items[0].meta["answer_type"] == "unanswerable" and items[0].meta["answerable"] == 0
 
