@@ -9,7 +9,7 @@ the suite's prompt and decode greedily; "draw" suites draw `images_per_prompt` i
 0..n-1) and save them under OUT. Each finished batch is appended to OUT/predictions.jsonl at once (one
 `write` per line, O_APPEND), so a killed run loses at most the batch in flight: on restart the ids already
 in the file are skipped (a line cut short by the kill is dropped first), and every id ends up predicted
-exactly once. Launched with `torchrun --nproc_per_node N -m eval.runner ...` (or `accelerate launch`), each
+exactly once. Launched with `torchrun --nproc_per_node N -m mllm.cli eval ...` (or `accelerate launch`), each
 process takes every N-th item and appends to the same file; process 0 scores. The scores go to
 OUT/results.json and OUT/results.md, and the table is printed.
 
@@ -19,11 +19,10 @@ OUT/results.json and OUT/results.md, and the table is printed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,17 +130,39 @@ def _barrier(world: int) -> None:
 
 
 def parse_options(items: list[str]) -> dict[str, str]:
+    """`["seeds=3", "circular=true"]` -> `{"seeds": "3", "circular": "true"}` (values stay strings)."""
     options = {}
     for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"--option expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
+        key, separator, value = str(item).partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"--option expects KEY=VALUE, got {item!r}")
         options[key.strip()] = value
     return options
 
 
+@dataclass
+class EvalSettings:
+    """One `mllm eval` run: which model, which suite, where the data and the outputs are, and how to decode."""
+
+    suite: str
+    out: str | Path
+    model: str | Path | None = None  # a model folder (the tokenizer suite also takes a vision tokenizer folder)
+    data: str | None = None  # the benchmark's files; shapes suites render held-out scenes without it
+    batch_size: int = 16
+    limit: int | None = None  # only the first N items
+    adapter: str | None = None
+    max_new_tokens: int | None = None  # answer suites: overrides the suite's answer length
+    guidance_scale: float = DRAW_GUIDANCE_SCALE  # draw suites
+    temperature: float = DRAW_TEMPERATURE  # draw suites: of image codes (0: greedy)
+    top_k: int | None = None  # draw suites
+    seed: int = 0  # draw suites: seed of the first image per prompt
+    options: dict[str, str] = field(default_factory=dict)  # suite options (`--option KEY=VALUE`)
+    progress: bool = True
+
+
 # ---------------------------------------------------------------------------------------- mllm eval
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(args: EvalSettings) -> dict[str, Any]:
+    """Run `args.model` over a suite (resuming from OUT/predictions.jsonl), score, write OUT/results.*."""
     from tqdm.auto import tqdm
 
     from eval.suites import ScoreContext, get_suite
@@ -149,7 +170,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     suite = get_suite(args.suite)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = parse_options(args.option)
+    options = dict(args.options)
     suite.configure(options)
     started = time.time()
     if suite.kind == "custom":
@@ -158,12 +179,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         print(table)
         return results
     if args.data is None and suite.needs_data:
-        raise SystemExit(f"mllm eval: suite {args.suite} needs --data (its benchmark files)")
+        raise ValueError(f"suite {args.suite} needs --data (its benchmark files)")
     if args.model is None:
-        raise SystemExit("mllm eval: --model is required")
+        raise ValueError("--model is required (a model folder)")
     items = suite.load_items(args.data, args.limit)
     if suite.kind == "answer" and any(not item.prompt for item in items):
-        raise SystemExit(f"mllm eval: some {args.suite} items have no question text (is the questions file "
+        raise ValueError(f"some {args.suite} items have no question text (is the questions file "
                          f"missing from {args.data}?); a model needs them, `mllm eval-score` does not")
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
@@ -185,7 +206,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         device = "cuda" if _cuda() else "cpu"
         model = mllm.load(args.model, adapter=args.adapter, device=device)
         bar = tqdm(total=len(todo), desc=f"{args.suite} [{rank}]" if world > 1 else args.suite,
-                   disable=rank != 0 or args.no_progress, unit="item")
+                   disable=rank != 0 or not args.progress, unit="item")
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             append_predictions(predictions_path, _predict(suite, model, batch, out, args))
@@ -230,89 +251,32 @@ def _predict(suite, model, batch, out: Path, args) -> list[dict]:
     raise ValueError(f"suite kind {suite.kind!r} has no predictions")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from eval.suites import suite_names
-    from mllm.commands._common import non_negative_float
-
-    parser.add_argument("--model", help="model folder (`mllm init` / `mllm train` / `mllm merge` output)")
-    parser.add_argument("--suite", required=True, help=f"one of: {', '.join(suite_names())}")
-    parser.add_argument("--data", help="the benchmark's files in their official format (shapes suites: optional "
-                                       "test shards; default: held-out scenes rendered on the fly)")
-    parser.add_argument("--out", required=True, help="output folder: predictions.jsonl, results.json, results.md")
-    parser.add_argument("--batch-size", type=_positive, default=16, help="items per generation batch (default 16)")
-    parser.add_argument("--limit", type=_positive, help="only the first N items")
-    parser.add_argument("--adapter", help="a peft adapter folder to load onto the model")
-    parser.add_argument("--max-new-tokens", type=_positive, help="override the suite's answer length")
-    parser.add_argument("--guidance-scale", type=float, default=DRAW_GUIDANCE_SCALE,
-                        help=f"draw suites: CFG scale (default {DRAW_GUIDANCE_SCALE})")
-    parser.add_argument("--temperature", type=non_negative_float, default=DRAW_TEMPERATURE,
-                        help=f"draw suites: sampling temperature of image codes (0: greedy; default {DRAW_TEMPERATURE})")
-    parser.add_argument("--top-k", type=_positive, help="draw suites: sample image codes from the k likeliest only")
-    parser.add_argument("--seed", type=int, default=0, help="draw suites: seed of the first image per prompt")
-    parser.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="suite options, e.g. circular=true (mmbench), clip=DIR (fid)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    evaluate(args)
-    return 0
-
-
 # ---------------------------------------------------------------------------------------- mllm eval-score
-def score_file(args: argparse.Namespace) -> dict[str, Any]:
+def score_file(suite_name: str, predictions: str | Path, data: str | None = None,
+               options: dict[str, str] | None = None) -> dict[str, Any]:
+    """Score a predictions file with a suite's official rules, without a model; prints the table."""
     from eval.suites import ScoreContext, get_suite
 
-    suite = get_suite(args.suite)
+    suite = get_suite(suite_name)
     if suite.kind == "custom":
-        raise SystemExit(f"mllm eval-score: suite {args.suite} has no predictions file; run `mllm eval`")
-    if args.data is None and suite.needs_data:
-        raise SystemExit(f"mllm eval-score: suite {args.suite} needs --data (the benchmark's annotation files)")
-    path = Path(args.predictions)
+        raise ValueError(f"suite {suite_name} has no predictions file; run `mllm eval`")
+    if data is None and suite.needs_data:
+        raise ValueError(f"suite {suite_name} needs --data (the benchmark's annotation files)")
+    path = Path(predictions)
     if not path.is_file():
-        raise SystemExit(f"mllm eval-score: no predictions file {path}")
-    options = parse_options(args.option)
+        raise FileNotFoundError(f"no predictions file {path}")
+    options = dict(options or {})
     suite.configure(options)
-    items = suite.load_items(args.data, None)
-    predictions: dict[str, dict] = {}
+    items = suite.load_items(data, None)
+    records: dict[str, dict] = {}
     for record in suite.read_predictions(path):
-        predictions.setdefault(str(record["id"]), record)
+        records.setdefault(str(record["id"]), record)
     known = {item.id for item in items}
-    unknown = len(set(predictions) - known)
-    results = suite.score({k: v for k, v in predictions.items() if k in known}, items,
-                          ScoreContext(out=path.parent, data=args.data, options=options))
+    unknown = len(set(records) - known)
+    results = suite.score({k: v for k, v in records.items() if k in known}, items,
+                          ScoreContext(out=path.parent, data=data, options=options))
     if unknown:
         results.setdefault("notes", []).append(f"{unknown} predictions have ids not in the data; ignored")
-    print(format_table(args.suite, results))
+    print(format_table(suite_name, results))
     print(primary_line(suite, results))
     return results
-
-
-def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    from eval.suites import suite_names
-
-    parser.add_argument("--suite", required=True, help=f"one of: {', '.join(suite_names())}")
-    parser.add_argument("--predictions", required=True,
-                        help="predictions: JSONL of {id, answer} (or the suite's official results format)")
-    parser.add_argument("--data", help="the benchmark's annotation files (e.g. a folder with the VQAv2 questions "
-                                       "and annotations JSON)")
-    parser.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE", help="suite options")
-
-
-def run_score(args: argparse.Namespace) -> int:
-    score_file(args)
-    return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-if __name__ == "__main__":  # torchrun --nproc_per_node N -m eval.runner --model ... --suite ... --out ...
-    parser = argparse.ArgumentParser(prog="eval.runner", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))

@@ -11,9 +11,7 @@ reported only when the data are shapes-world scenes (their JSON carries a `scene
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -34,8 +32,8 @@ def evaluate_tokenizer(tokenizer, data: str, batch_size: int = 64, limit: int | 
     """Encode and decode every image of `data`; return the metrics as a flat dict."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+    from mllm.data.arrays import load_image_arrays, to_pixel_values
     from mllm.data.judge import parse_image
-    from training.data import load_image_arrays, to_pixel_values
 
     device = next(tokenizer.parameters()).device
     precision = resolve_precision(precision, device)
@@ -129,26 +127,18 @@ def save_examples(examples, path: Path) -> None:
     sheet.save(path)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (from `mllm train-tokenizer`)")
-    parser.add_argument("--data", required=True, help="held-out image shards")
-    parser.add_argument("--out", help="folder for results.json and examples.png (default: TOKENIZER/eval)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--limit", type=int, help="evaluate at most this many images")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-
-
-def run(args: argparse.Namespace) -> int:
+def report_tokenizer(tokenizer_dir: str | Path, data: str, out: str | Path | None = None, batch_size: int = 64,
+                     limit: int | None = None, device: str = "auto", precision: str = "auto") -> dict:
+    """`mllm eval-tokenizer`: the metrics of a tokenizer folder on held-out shards, written to
+    OUT/results.json with OUT/examples.png (OUT defaults to TOKENIZER/eval); prints the table."""
     from tokenizer_vision import DualCodebookTokenizer
 
-    device = resolve_device(args.device)
-    tokenizer = DualCodebookTokenizer.from_pretrained(args.tokenizer, device=device)
-    results = evaluate_tokenizer(tokenizer, args.data, args.batch_size, args.limit, args.precision)
-    out = Path(args.out) if args.out else Path(args.tokenizer) / "eval"
+    tokenizer = DualCodebookTokenizer.from_pretrained(tokenizer_dir, device=resolve_device(device))
+    results = evaluate_tokenizer(tokenizer, data, batch_size, limit, precision)
+    out = Path(out) if out else Path(tokenizer_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     save_examples(results.pop("_examples"), out / "examples.png")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
     print(f"wrote {out / 'results.json'} and {out / 'examples.png'}")
-    return 0 if math.isfinite(results["psnr"]) else 1
+    return results

@@ -6,7 +6,14 @@
 `load` imports torch and transformers on first use, so `import mllm` (and `mllm --help`) stays light.
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by peft when installed) tries, on CPUs with AVX-512 BF16, to fetch an optional 4-bit
+# kernel from the Hugging Face Hub and warns when it cannot; it then uses its own CPU kernel, which is what
+# runs here anyway (nothing is ever downloaded). The warning would otherwise open every `train` and `merge`.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def load(model_dir, adapter=None, device=None, dtype=None):

@@ -1,10 +1,14 @@
 """The single `mllm` command.
 
-Each subcommand names the module that implements it; the module is imported only when that
-subcommand runs, so `mllm --help` stays instant (no torch/transformers import). A module
-exposes `add_arguments(parser)` and `run(args) -> int`.
+Every subcommand is a module of `mllm/commands/` exposing `add_arguments(parser)` and `run(args) -> int`:
+a thin adapter that parses options and calls one library function. The module is imported only when
+that subcommand runs, so `mllm --help` stays instant (no torch/transformers import).
 
-Subcommands are listed here as their features land; nothing is listed that does not work.
+A user error (a wrong path, name, value or file format) is raised by the library as a ValueError or a
+file error; this dispatcher prints it as one line, `mllm <command>: error: ...`, and exits with 2.
+Any other exception is a bug and keeps its traceback. The command sits above every layer of the
+project (tokenizer_vision <- mllm <- training, eval, serve <- demo): its modules import those layers
+lazily, inside `run`, and nothing imports them. Several processes: `torchrun ... -m mllm.cli train ...`.
 """
 
 from __future__ import annotations
@@ -14,34 +18,32 @@ import importlib
 import os
 import sys
 
-# name -> (module implementing it, one-line help). The modules of training/eval/serve are named
-# by string and imported lazily: the CLI is the one place that dispatches to the recipes.
+# name -> (module implementing it, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("mllm.data.cli", "make the shapes world as shards or LLaVA JSON; convert LLaVA JSON to shards"),
-    "pretokenize": ("mllm.data.pretokenize", "replace the images of shards by their vision-tokenizer codes"),
-    "train-teacher": ("training.train_teacher", "train a tiny CLIP teacher for the tokenizer's semantic branch"),
-    "train-tokenizer": ("training.train_tokenizer", "train the dual-codebook visual tokenizer"),
-    "eval-tokenizer": ("eval.tokenizer_metrics", "PSNR, SSIM, codebook use, semantic cosine, judge agreement"),
-    "init": ("mllm.init", "base LLM (+ vision tokenizer) -> unified model folder"),
+    "data": ("mllm.commands.data", "make the shapes world as shards or LLaVA JSON; convert LLaVA JSON to shards"),
+    "pretokenize": ("mllm.commands.pretokenize", "replace the images of shards by their vision-tokenizer codes"),
+    "train-teacher": ("mllm.commands.train_teacher", "train a tiny CLIP teacher for the tokenizer's semantic branch"),
+    "train-tokenizer": ("mllm.commands.train_tokenizer", "train the dual-codebook visual tokenizer"),
+    "eval-tokenizer": ("mllm.commands.eval_tokenizer", "PSNR, SSIM, codebook use, semantic cosine, judge agreement"),
+    "init": ("mllm.commands.init", "base LLM (+ vision tokenizer) -> unified model folder"),
     "caption": ("mllm.commands.caption", "describe image(s) with a model folder"),
     "ask": ("mllm.commands.ask", "answer a question about an image with a model folder"),
     "draw": ("mllm.commands.draw", "draw image(s) from a text prompt with a model folder"),
-    "train": ("training.train_llm", "train the unified model with a staged recipe (align, pretrain, sft, ett; LoRA, QLoRA or full)"),
-    "merge": ("mllm.merge", "base model folder + LoRA adapter -> full model folder"),
+    "train": ("mllm.commands.train", "train the unified model with a staged recipe (align, pretrain, sft, ett; LoRA, QLoRA or full)"),
+    "merge": ("mllm.commands.merge", "base model folder + LoRA adapter -> full model folder"),
     "chat": ("mllm.commands.chat", "chat with a model in the terminal (/image PATH, /draw PROMPT, /reset, /quit)"),
-    "serve": ("serve.cli", "OpenAI-compatible HTTP server (chat completions with images, image generation) + web chat"),
-    "demo": ("mllm.demo", "the whole pipeline on the shapes world: data, tokenizer, model, evaluation, report"),
-    "eval": ("eval.runner", "run a model over an evaluation suite (VQA, captioning, generation); resumable"),
-    "eval-score": ("eval.score", "score a predictions file with a suite's official rules, without a model"),
+    "serve": ("mllm.commands.serve", "OpenAI-compatible HTTP server (chat completions with images, image generation) + web chat"),
+    "demo": ("mllm.commands.demo", "the whole pipeline on the shapes world: data, tokenizer, model, evaluation, report"),
+    "eval": ("mllm.commands.eval", "run a model over an evaluation suite (VQA, captioning, generation); resumable"),
+    "eval-score": ("mllm.commands.eval_score", "score a predictions file with a suite's official rules, without a model"),
 }
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts and sizes: a clear message instead of a crash further down."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+class CommandParser(argparse.ArgumentParser):
+    """argparse with the dispatcher's error style: one line naming the option, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _top_level_help() -> str:
@@ -70,17 +72,44 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = argv[0]
     if name not in COMMANDS:
-        print(f"mllm: unknown command {name!r}\n\n{_top_level_help()}", file=sys.stderr)
+        from tokenizer_vision.schema import closest
+
+        suggestion = closest(name, COMMANDS)
+        hint = f" (did you mean {suggestion}?)" if suggestion else " (run `mllm --help` for the list)"
+        print(f"mllm: error: unknown command {name!r}{hint}", file=sys.stderr)
         return 2
     module_name, summary = COMMANDS[name]
     # transformers' per-load "Loading weights" bars are noise in a one-shot command; our own
     # progress bars (tqdm) are unaffected.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"mllm {name}", description=summary)
+    parser = CommandParser(prog=f"mllm {name}", description=summary)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except USER_ERRORS as error:
+        # The library raises ValueError (a bad value, named with the valid choices) or a file error
+        # for what the user can fix; everything else is a bug and keeps its traceback.
+        if os.environ.get("MLLM_TRACEBACK"):
+            raise
+        print(f"mllm {name}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mllm {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+# What a user can fix: wrong values, names, paths and file formats. Set MLLM_TRACEBACK=1 to see where
+# one was raised.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text
 
 
 if __name__ == "__main__":

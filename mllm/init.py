@@ -29,17 +29,17 @@ new row at the mean.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mllm.config import EMBEDDING_MODES, LLM_SIZES
+from mllm.config import EMBEDDING_MODES, IMAGE_INITS, LLM_SIZES
 from mllm.model import CodebookProjector, UnifiedMLLM, codebook_feature_size, codebook_features
 from tokenizer_vision import DualCodebookTokenizer
 from tokenizer_vision.config import TOKENIZER_SIZES
+from tokenizer_vision.schema import closest
 
 
 def _load_vision_tokenizer(vision_tokenizer: str | Path | DualCodebookTokenizer) -> DualCodebookTokenizer:
@@ -50,9 +50,11 @@ def _load_vision_tokenizer(vision_tokenizer: str | Path | DualCodebookTokenizer)
         return DualCodebookTokenizer.from_name(str(vision_tokenizer)).eval()
     path = Path(vision_tokenizer)
     if not path.is_dir():
+        suggestion = closest(str(vision_tokenizer), TOKENIZER_SIZES)
+        hint = f"; did you mean {suggestion}?" if suggestion else " (train one with `mllm train-tokenizer`)"
         raise ValueError(
             f"--vision-tokenizer {vision_tokenizer!r} is neither a saved tokenizer folder nor one of the "
-            f"named sizes {sorted(TOKENIZER_SIZES)}"
+            f"named sizes {sorted(TOKENIZER_SIZES)}{hint}"
         )
     return DualCodebookTokenizer.from_pretrained(path)
 
@@ -119,7 +121,12 @@ def _extend_base_llm(path: Path, vision_tokenizer, embedding: str):
     from mllm.processor import MultimodalProcessor
 
     if not (path / "config.json").is_file():
-        raise ValueError(f"--llm {path} is neither a named size {sorted(LLM_SIZES)} nor a HF model folder (no config.json)")
+        suggestion = closest(str(path), LLM_SIZES)
+        hint = f"; did you mean {suggestion}?" if suggestion else ""
+        where = "has no config.json" if path.is_dir() else "does not exist"
+        raise ValueError(
+            f"--llm {path} is neither a named size {sorted(LLM_SIZES)} nor a HF model folder ({where}){hint}"
+        )
     text_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     # dtype="auto": the base's own dtype (a 7B base stays bf16 instead of doubling in float32).
     llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
@@ -153,9 +160,6 @@ def _extend_base_llm(path: Path, vision_tokenizer, embedding: str):
     llm.config.pad_token_id = config.pad_token_id
     llm.config.get_text_config().pad_token_id = config.pad_token_id
     return llm, processor, config, reference_rows
-
-
-IMAGE_INITS = ("codebook", "mean")
 
 
 @torch.no_grad()
@@ -242,65 +246,18 @@ def init_model(
     return model.save_pretrained(out, bake=False)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--llm", required=True,
-        help=f"a named size {sorted(LLM_SIZES)} (a fresh Llama-architecture LM with a sentencepiece tokenizer "
-        "trained on --text-corpus) or a local Hugging Face causal LM folder (Llama, Qwen2, Mistral, Gemma, "
-        "GPT-NeoX, ...; loaded offline, never with remote code)",
-    )
-    parser.add_argument(
-        "--vision-tokenizer", required=True,
-        help="a folder written by `mllm train-tokenizer`, or a named size "
-        f"{sorted(TOKENIZER_SIZES)} for a fresh RANDOMLY INITIALISED tokenizer (tests and smoke runs only)",
-    )
-    parser.add_argument("--out", required=True, help="the model folder to write")
-    parser.add_argument(
-        "--embedding", choices=EMBEDDING_MODES, default="learned",
-        help="image input embeddings: ordinary trainable rows ('learned'), or projected from the tokenizer's "
-        "codebooks ('codebook', for end-to-end tuning; baked into rows when saved later). Default: learned",
-    )
-    parser.add_argument(
-        "--text-corpus", default=None,
-        help="named --llm only: a text file, one training string per line, for the text tokenizer "
-        "(default: captions, questions and prompts of the shapes world)",
-    )
-    parser.add_argument("--projector-hidden-size", type=int, default=None,
-                        help="codebook mode: hidden width of the projector MLP (default: the LLM's hidden size)")
-    parser.add_argument(
-        "--image-init", choices=IMAGE_INITS, default="codebook",
-        help="how the image-id rows start: a projection of the tokenizer's codebooks, so codes that look alike "
-        "start alike ('codebook', default), or the mean of the existing rows ('mean')",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random initialisation (default 0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = init_model(
-        args.llm,
-        args.vision_tokenizer,
-        args.out,
-        embedding=args.embedding,
-        text_corpus=args.text_corpus,
-        seed=args.seed,
-        projector_hidden_size=args.projector_hidden_size,
-        overwrite=args.overwrite,
-        image_init=args.image_init,
-    )
+def describe_model(out: Path) -> str:
+    """What `mllm init` prints about the folder it wrote."""
     model = UnifiedMLLM.from_pretrained(out)
     config = model.config
-    print(f"wrote {out}")
-    print(
+    return (
+        f"wrote {out}\n"
         f"  llm: {type(model.llm).__name__}, {model.num_parameters() / 1e6:.2f}M parameters, "
-        f"context {model.context_length}, {config.embedding_mode} image embeddings"
-    )
-    print(
+        f"context {model.context_length}, {config.embedding_mode} image embeddings\n"
         f"  vocabulary: {config.image_offset} text ids, {config.codebook_size} image ids from {config.image_offset}, "
         f"{config.vocab_size} rows; images are {config.grid_size[0]}x{config.grid_size[1]} codes of "
         f"{config.image_size}px"
     )
-    return 0
 
 
-__all__ = ["IMAGE_INITS", "add_arguments", "init_model", "run"]
+__all__ = ["IMAGE_INITS", "describe_model", "init_model"]

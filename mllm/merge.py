@@ -4,18 +4,17 @@
 
 peft's `merge_and_unload` folds the LoRA deltas into the projection weights and the trainable-token
 rows (the added special tokens and image ids, `mllm.lora`) into the embedding matrix and the LM head, so
-the written llm/ is a plain HF causal LM again (DESIGN.md, principle 1) that needs neither peft nor the
+the written llm/ is a plain HF causal LM again (any engine that serves its architecture can load it) that needs neither peft nor the
 adapter. A codebook-mode base is written baked, as `UnifiedMLLM.save_pretrained` does by default.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
-CONFIG_NAME = "mllm_config.json"  # mllm.config.CONFIG_NAME, repeated to keep `--help` free of imports
+from mllm.config import CONFIG_NAME
+
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
@@ -57,33 +56,4 @@ def merge_adapter(
     return model.save_pretrained(out)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--base", required=True, type=Path, help="the model folder the adapter was trained on"
-    )
-    parser.add_argument(
-        "--adapter",
-        required=True,
-        type=Path,
-        help="peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors)",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="the full model folder to write")
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "bf16", "fp16", "fp32"),
-        default="auto",
-        help="dtype of the merged weights (default: auto, the base's own)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype)
-    except ValueError as error:
-        print(f"mllm merge: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} (base {args.base} + adapter {args.adapter}, merged)")
-    return 0
-
-
-__all__ = ["add_arguments", "merge_adapter", "run"]
+__all__ = ["merge_adapter"]

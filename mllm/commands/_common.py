@@ -1,12 +1,12 @@
-"""Options and checks shared by `mllm caption | ask | draw`."""
+"""Options and checks shared by the `mllm` subcommands."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-CONFIG_NAME = "mllm_config.json"  # mllm.config.CONFIG_NAME, repeated to keep `--help` free of imports
+from mllm.commands.types import non_negative_float, positive_int, unit_float
+from mllm.config import CONFIG_NAME, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,57 +47,61 @@ def add_text_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens:
     parser.add_argument("--top-p", type=unit_float, default=None, help="nucleus sampling mass")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def add_draw_sampling_arguments(parser: argparse.ArgumentParser, guidance_flag: str = "--guidance-scale",
+                                temperature_flag: str = "--temperature") -> None:
+    """Classifier-free guidance scale and image-code temperature, with the defaults every entry point shares."""
+    parser.add_argument(
+        guidance_flag,
+        type=float,
+        default=DRAW_GUIDANCE_SCALE,
+        help=f"classifier-free guidance scale of drawn images; 1 turns guidance off (default: {DRAW_GUIDANCE_SCALE})",
+    )
+    parser.add_argument(
+        temperature_flag,
+        type=non_negative_float,
+        default=DRAW_TEMPERATURE,
+        help=f"sampling temperature of drawn images' codes; 0 is greedy (default: {DRAW_TEMPERATURE})",
+    )
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--overwrite and --no-progress of the commands that write shards."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace shards left in --out by an earlier run instead of failing",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def unit_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def error(command: str, message: str) -> int:
-    print(f"mllm {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def check_model_folder(model_dir: Path) -> str | None:
-    """A message when `model_dir` is not a model folder, else None (checked before loading anything)."""
+def check_model_folder(model_dir: Path) -> None:
+    """Refuse what is not a model folder before anything loads."""
     if not model_dir.exists():
-        return f"model folder {model_dir} does not exist"
+        raise FileNotFoundError(f"model folder {model_dir} does not exist")
     if not model_dir.is_dir():
-        return f"--model {model_dir} is not a folder"
+        raise NotADirectoryError(f"--model {model_dir} is not a folder")
     if not (model_dir / CONFIG_NAME).is_file():
-        return f"{model_dir} is not a model folder: {CONFIG_NAME} is missing (make one with `mllm init`)"
-    return None
+        raise ValueError(f"{model_dir} is not a model folder: {CONFIG_NAME} is missing (make one with `mllm init`)")
 
 
-def read_images(paths: list[str]):
-    """Open and validate every image first, so a bad path fails before the model loads.
-    Returns (images, None) or (None, error message)."""
+def read_images(paths: list[str]) -> list:
+    """Open and validate every image first, so a bad path fails before the model loads."""
     from tokenizer_vision import load_image
 
     images = []
     for path in paths:
         if not Path(path).is_file():
-            return None, f"image {path} does not exist"
+            raise FileNotFoundError(f"image {path} does not exist")
         try:
             images.append(load_image(path))
         except ValueError as exn:
-            return None, f"cannot read image: {exn}"
-    return images, None
+            raise ValueError(f"cannot read image: {exn}") from None
+    return images
+
+
+def check_text(text: str, what: str) -> None:
+    if not text.strip():
+        raise ValueError(f"the {what} is empty")
 
 
 def load_model(args: argparse.Namespace):

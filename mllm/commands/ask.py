@@ -8,7 +8,7 @@ from mllm.commands._common import (
     add_model_arguments,
     add_text_sampling_arguments,
     check_model_folder,
-    error,
+    check_text,
     load_model,
     read_images,
     text_sampling,
@@ -23,18 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    problem = check_model_folder(args.model)
-    if problem:
-        return error("ask", problem)
-    if not args.question.strip():
-        return error("ask", "the question is empty")
-    images, problem = read_images([args.image])
-    if problem:
-        return error("ask", problem)
-    try:
-        model = load_model(args)
-        answer = model.answer(images[0], args.question, **text_sampling(args))
-    except ValueError as exn:
-        return error("ask", str(exn))
-    print(answer)
+    check_model_folder(args.model)
+    check_text(args.question, "question")
+    images = read_images([args.image])
+    model = load_model(args)
+    print(model.answer(images[0], args.question, **text_sampling(args)))
     return 0

@@ -11,7 +11,6 @@ from mllm.commands._common import (
     add_model_arguments,
     add_text_sampling_arguments,
     check_model_folder,
-    error,
     load_model,
     read_images,
     text_sampling,
@@ -25,17 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    problem = check_model_folder(args.model)
-    if problem:
-        return error("caption", problem)
-    images, problem = read_images(args.images)
-    if problem:
-        return error("caption", problem)
-    try:
-        model = load_model(args)
-        captions = model.caption(images, **text_sampling(args))
-    except ValueError as exn:
-        return error("caption", str(exn))
+    check_model_folder(args.model)
+    images = read_images(args.images)
+    model = load_model(args)
+    captions = model.caption(images, **text_sampling(args))
     for path, caption in zip(args.images, captions):
         print(f"{path}: {caption}" if len(args.images) > 1 else caption)
     return 0

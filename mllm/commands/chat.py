@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mllm.commands._common import (
+    add_draw_sampling_arguments,
     add_model_arguments,
     add_text_sampling_arguments,
     check_model_folder,
-    error,
     load_model,
-    non_negative_float,
 )
-from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.config import DRAW_TEMPERATURE
 
 Message = dict[str, Any]
 
@@ -49,18 +48,7 @@ anything else is sent as your message (//text sends a line that starts with /)""
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_text_sampling_arguments(parser, max_new_tokens=256)
-    parser.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=DRAW_GUIDANCE_SCALE,
-        help=f"classifier-free guidance scale of drawn images; 1 turns guidance off (default: {DRAW_GUIDANCE_SCALE})",
-    )
-    parser.add_argument(
-        "--image-temperature",
-        type=non_negative_float,
-        default=DRAW_TEMPERATURE,
-        help=f"sampling temperature of drawn images' codes; 0 is greedy (default: {DRAW_TEMPERATURE})",
-    )
+    add_draw_sampling_arguments(parser, temperature_flag="--image-temperature")
     parser.add_argument(
         "--save-dir",
         type=Path,
@@ -394,15 +382,10 @@ def converse(session: ChatSession, lines: Iterator[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    problem = check_model_folder(args.model)
-    if problem:
-        return error("chat", problem)
+    check_model_folder(args.model)
     if args.save_dir.exists() and not args.save_dir.is_dir():
-        return error("chat", f"--save-dir {args.save_dir} is not a folder")
-    try:
-        model = load_model(args)
-    except ValueError as exn:
-        return error("chat", str(exn))
+        raise NotADirectoryError(f"--save-dir {args.save_dir} is not a folder")
+    model = load_model(args)
     session = ChatSession(model, args)
     if sys.stdin.isatty():
         session.note(f"mllm chat: {model!r}\n/help lists the commands; /quit or Ctrl-D leaves")

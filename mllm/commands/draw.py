@@ -9,16 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mllm.commands._common import (
-    add_model_arguments,
-    check_model_folder,
-    error,
-    load_model,
-    non_negative_float,
-    positive_int,
-    unit_float,
-)
-from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.commands import _common as common
+from mllm.commands.types import positive_int, unit_float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,21 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, type=Path, help="output image file (.png unless another suffix)"
     )
     parser.add_argument("--n", type=positive_int, default=1, help="images to draw (default: 1)")
-    parser.add_argument(
-        "--guidance",
-        type=float,
-        default=DRAW_GUIDANCE_SCALE,
-        help=f"classifier-free guidance scale; 1 turns guidance off (default: {DRAW_GUIDANCE_SCALE})",
-    )
-    parser.add_argument(
-        "--temperature",
-        type=non_negative_float,
-        default=DRAW_TEMPERATURE,
-        help=f"sampling temperature of the image codes; 0 is greedy (default: {DRAW_TEMPERATURE})",
-    )
+    common.add_draw_sampling_arguments(parser, guidance_flag="--guidance", temperature_flag="--temperature")
     parser.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codes")
     parser.add_argument("--top-p", type=unit_float, default=None, help="nucleus sampling mass")
-    add_model_arguments(parser)
+    common.add_model_arguments(parser)
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -53,32 +34,19 @@ def output_paths(out: Path, n: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    problem = check_model_folder(args.model)
-    if problem:
-        return error("draw", problem)
-    if not args.prompt.strip():
-        return error("draw", "the prompt is empty")
+    common.check_model_folder(args.model)
+    common.check_text(args.prompt, "prompt")
     paths = output_paths(args.out, args.n)
     if paths[0].parent.exists() and not paths[0].parent.is_dir():
-        return error("draw", f"{paths[0].parent} is not a folder")
-    try:
-        model = load_model(args)
-        images = model.draw(
-            args.prompt,
-            n=args.n,
-            guidance_scale=args.guidance,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-    except ValueError as exn:
-        return error("draw", str(exn))
+        raise NotADirectoryError(f"{paths[0].parent} is not a folder")
+    model = common.load_model(args)
+    images = model.draw(args.prompt, n=args.n, guidance_scale=args.guidance, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths):
         try:
             image.save(path)
         except (OSError, ValueError) as exn:
-            return error("draw", f"cannot write {path}: {exn}")
+            raise ValueError(f"cannot write {path}: {exn}") from None
         print(path)
     return 0

@@ -5,9 +5,9 @@
 
 Every record of `--data` is written to `--out` with the SAME `{key}.json` and, in place of its image,
 `{key}.codes.npy`: the tokenizer's code grid (h, w), int16 when the codebook fits (K <= 32767), else
-int32 (DESIGN.md, "Data"). Records without an image (text-only chats) are copied as they are. Bad
-records (corrupt image, invalid JSON, already pre-tokenized, JSON holding a `key` / `image` /
-`codes` field) are skipped and counted, as every reader does
+int32 (to keep shards small; readers widen codes to int64). Records without an image (text-only
+chats) are copied as they are. Bad records (corrupt image, invalid JSON, already pre-tokenized, JSON
+holding a `key` / `image` / `codes` field) are skipped and counted, as every reader does
 (`mllm.data.shards`). `--out/pretokenize.json` records the tokenizer's codebook size, grid and image
 size, the source, and the counts, so a training run can check its shards match its tokenizer.
 
@@ -17,102 +17,63 @@ built with another.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-from mllm.cli import positive_int
 
 INFO_NAME = "pretokenize.json"
 SHARD_PREFIX = "shard"
 RESERVED_FIELDS = frozenset({"key", "image", "codes"})
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", required=True, type=Path, help="source shards: a directory of *.tar, or a pattern"
-    )
-    parser.add_argument(
-        "--vision-tokenizer", required=True, type=Path, help="a tokenizer folder (save_pretrained output)"
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=64, help="images per tokenizer call (default: 64)"
-    )
-    parser.add_argument(
-        "--maxcount", type=positive_int, default=1000, help="records per shard (default: 1000)"
-    )
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument(
-        "--precision", choices=("auto", "bf16", "fp32"), default="auto",
-        help="encoder precision: auto = bf16 autocast where supported (default: auto)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace shards left in --out by an earlier run instead of failing",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _error(message: str) -> int:
-    print(f"mllm pretokenize: error: {message}", file=sys.stderr)
-    return 2
-
-
-def run(args: argparse.Namespace) -> int:
-    out: Path = args.out
+def pretokenize(data: str | Path, vision_tokenizer: str | Path, out: str | Path, batch_size: int = 64,
+                maxcount: int = 1000, device: str = "auto", precision: str = "auto", overwrite: bool = False,
+                progress: bool = True) -> dict[str, Any]:
+    """`mllm pretokenize`: shards with images -> shards with code grids (`{key}.codes.npy`), plus
+    OUT/pretokenize.json (returned) saying what was written, by which tokenizer, and what was skipped."""
+    data, out = Path(data), Path(out)
     if out.exists() and not out.is_dir():
-        return _error(f"--out {out} exists and is not a directory")
-    if args.data.is_dir() and out.exists() and out.resolve() == args.data.resolve():
-        return _error("--out must differ from --data")
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if data.is_dir() and out.exists() and out.resolve() == data.resolve():
+        raise ValueError("--out must differ from --data")
     existing = sorted(out.glob("*.tar")) if out.is_dir() else []
-    if existing and not args.overwrite:
-        return _error(
+    if existing and not overwrite:
+        raise FileExistsError(
             f"--out {out} already holds {len(existing)} shards (e.g. {existing[0].name}); "
             "pass --overwrite to replace them"
         )
     foreign = [path for path in existing if not _is_our_shard(path.name)]
     if foreign:  # --overwrite removes only our own shards; a reader of --out would mix in the rest
-        return _error(
-            f"--out {out} holds .tar files pretokenize did not write (e.g. {foreign[0].name}); remove them"
-        )
+        raise ValueError(f"--out {out} holds .tar files pretokenize did not write (e.g. {foreign[0].name}); remove them")
 
     from mllm.data.shards import DataStats, read_records, resolve_urls, write_shards
     from mllm.runtime import resolve_device, resolve_precision
     from tokenizer_vision.model import DualCodebookTokenizer
 
     try:
-        urls = resolve_urls(args.data)
+        urls = resolve_urls(data)
     except (FileNotFoundError, ValueError) as exn:
-        return _error(f"--data: {exn}")
-    device = resolve_device(args.device)
-    try:
-        precision = resolve_precision(args.precision, device)
-        tokenizer = DualCodebookTokenizer.from_pretrained(args.vision_tokenizer, device=device)
-    except ValueError as exn:
-        return _error(str(exn))
+        raise type(exn)(f"--data: {exn}") from None
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    tokenizer = DualCodebookTokenizer.from_pretrained(vision_tokenizer, device=device)
     tokenizer.eval()
 
     stats = DataStats()
     records = read_records(urls, stats=stats, split=False)  # one process reads every shard
     counts = {"records_written": 0, "images_encoded": 0, "records_without_image": 0}
-    encoded = pretokenize_records(records, tokenizer, args.batch_size, device, precision, stats, counts)
+    encoded = pretokenize_records(records, tokenizer, batch_size, device, precision, stats, counts)
     try:
-        shards = write_shards(
-            encoded, out, prefix=SHARD_PREFIX, maxcount=args.maxcount, progress=not args.no_progress,
-            overwrite=args.overwrite,
-        )  # fmt: skip
+        shards = write_shards(encoded, out, prefix=SHARD_PREFIX, maxcount=maxcount, progress=progress,
+                              overwrite=overwrite)
     except FileExistsError as exn:
-        return _error(f"{exn}; pass --overwrite to replace them")
+        raise FileExistsError(f"{exn}; pass --overwrite to replace them") from None
 
     info = {
         "source": [os.path.abspath(url) if os.path.exists(url) else url for url in urls],
-        "vision_tokenizer": os.path.abspath(args.vision_tokenizer),
+        "vision_tokenizer": os.path.abspath(vision_tokenizer),
         "codebook_size": int(tokenizer.codebook_size),
         "grid_size": list(tokenizer.grid_size),
         "image_size": int(tokenizer.image_size),
@@ -131,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(stats.report())
     print(f"details: {out / INFO_NAME}")
-    return 0
+    return info
 
 
 def _is_our_shard(name: str) -> bool:
@@ -203,13 +164,3 @@ def pretokenize_records(
             yield from flush()
             images = 0
     yield from flush()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mllm pretokenize", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,9 +19,14 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from mllm.data.llava import write_llava
+from mllm.data.samples import caption_qa_chat
+from mllm.data.shards import write_shards
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -321,3 +326,30 @@ def iter_samples(
     """The first `n` samples of a split: make_sample(scene_seed(split, i, base_seed), size, resized_share)."""
     for index in range(n):
         yield make_sample(scene_seed(split, index, base_seed), size, resized_share)
+
+
+def write_shapes_data(out: str | Path, n: int, seed: int = 0, size: int = DEFAULT_IMAGE_SIZE, split: str = "train",
+                      resized_share: float = 0.0, format: str = "wds", maxcount: int = 1000,
+                      overwrite: bool = False, progress: bool = True) -> Path:
+    """`mllm data shapes`: the first `n` scenes of a split written as webdataset shards (format "wds":
+    {key}.png + {key}.json with caption, qa, prompt and scene; OUT/index.json lists them) or as LLaVA JSON
+    (format "llava": OUT/llava.json + OUT/images/, one multi-turn chat per scene). Returns what it wrote
+    (the index or the JSON file). Same arguments, same bytes."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if size < MIN_IMAGE_SIZE:
+        raise ValueError(f"--size must be at least {MIN_IMAGE_SIZE} pixels, got {size}")
+    if not 0.0 <= resized_share <= 1.0:
+        raise ValueError(f"--resized-share must be between 0 and 1, got {resized_share}")
+    if format not in ("wds", "llava"):
+        raise ValueError(f"--format must be wds or llava, got {format!r}")
+    scenes = iter_samples(n, split=split, base_seed=seed, size=size, resized_share=resized_share)
+    if format == "llava":
+        chats = (caption_qa_chat(s["key"], s["image"], s["caption"], s["qa"]) for s in scenes)
+        return write_llava(chats, out, progress=progress)
+    try:
+        write_shards(scenes, out, maxcount=maxcount, progress=progress, overwrite=overwrite)
+    except FileExistsError as error:
+        raise FileExistsError(f"{error}; pass --overwrite to replace them") from None
+    return out / "index.json"

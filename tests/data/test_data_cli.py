@@ -1,18 +1,15 @@
-import argparse
 import json
 
 import pytest
 import webdataset as wds
 
 from mllm.cli import main as mllm_main
-from mllm.data.cli import add_arguments, run
 from mllm.data.shapes import iter_samples
 
 
 def data(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="mllm data")
-    add_arguments(parser)
-    return run(parser.parse_args(list(argv)))
+    """`mllm data ARGV` through the dispatcher: user errors come back as exit code 2 and one line."""
+    return mllm_main(["data", *argv])
 
 
 def test_shapes_writes_shards_plain_webdataset_reads(tmp_path, capsys):
@@ -50,8 +47,11 @@ def test_shapes_resized_share(tmp_path, capsys):
     assert 0 < sum("rendered_size" in r["json"] for r in records) < 40
     assert all(("prompt" in r["json"]) == ("rendered_size" not in r["json"]) for r in records)
     assert all(r["png"].tobytes() == s["image"].tobytes() for r, s in zip(records, expected))
-    assert data("shapes", "--n", "2", "--out", str(out), "--resized-share", "2", "--overwrite") == 2
-    assert "--resized-share must be between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        data("shapes", "--n", "2", "--out", str(out), "--resized-share", "2", "--overwrite")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("mllm data shapes: error: argument --resized-share: must be in [0, 1], got 2 "
+                                       "(see `mllm data shapes --help`)\n")
 
 
 def test_shapes_llava_format(tmp_path, capsys):

@@ -1,4 +1,3 @@
-import argparse
 import io
 import json
 import shutil
@@ -54,19 +53,12 @@ def source_dir(tmp_path_factory, shapes):
     return out
 
 
-def pretokenize_args(source, tokenizer_dir, out, **overrides):
-    args = argparse.Namespace(
-        data=source, vision_tokenizer=tokenizer_dir, out=out, batch_size=4, maxcount=3, device="cpu",
-        precision="fp32", overwrite=False, no_progress=True,
-    )  # fmt: skip
-    vars(args).update(overrides)
-    return args
-
-
 @pytest.fixture(scope="module")
 def pretokenized(tmp_path_factory, source_dir, tokenizer_dir):
     out = tmp_path_factory.mktemp("pretokenized")
-    assert pretokenize.run(pretokenize_args(source_dir, tokenizer_dir, out)) == 0
+    info = pretokenize.pretokenize(source_dir, tokenizer_dir, out, batch_size=4, maxcount=3, device="cpu",
+                                   precision="fp32", progress=False)
+    assert info["records_written"] > 0
     return out
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval.tokenizer_metrics import add_arguments, evaluate_tokenizer, run
+from eval.tokenizer_metrics import evaluate_tokenizer
+from mllm.cli import main as mllm_main
 from mllm.data.shapes import iter_samples
 from mllm.data.shards import write_shards
 
@@ -19,8 +20,8 @@ def shards(tmp_path_factory):
 
 
 def test_metrics_match_a_direct_computation(shards):
+    from mllm.data.arrays import load_image_arrays, to_pixel_values
     from tokenizer_vision import DualCodebookTokenizer
-    from training.data import load_image_arrays, to_pixel_values
 
     torch.manual_seed(0)
     tokenizer = DualCodebookTokenizer.from_name("tiny").eval()
@@ -43,16 +44,11 @@ def test_metrics_match_a_direct_computation(shards):
 
 
 def test_cli_writes_results_and_examples(shards, tmp_path, capsys):
-    import argparse
-
     from tokenizer_vision import DualCodebookTokenizer
 
     DualCodebookTokenizer.from_name("tiny").save_pretrained(tmp_path / "tok")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--tokenizer", str(tmp_path / "tok"), "--data", str(shards), "--out",
-                              str(tmp_path / "eval"), "--precision", "fp32", "--device", "cpu"])
-    assert run(args) == 0
+    assert mllm_main(["eval-tokenizer", "--tokenizer", str(tmp_path / "tok"), "--data", str(shards), "--out",
+                      str(tmp_path / "eval"), "--precision", "fp32", "--device", "cpu"]) == 0
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["images"] == 20 and "psnr" in results
     assert (tmp_path / "eval" / "examples.png").is_file()

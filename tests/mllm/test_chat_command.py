@@ -138,10 +138,12 @@ def test_end_of_input_exits_cleanly_and_bad_options_fail_early(model_dir, tmp_pa
 
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
-    assert chat.run(parse(["--model", str(model_dir), "--save-dir", str(not_a_folder)])) == 2
-    assert "is not a folder" in capsys.readouterr().err
-    assert chat.run(parse(["--model", str(tmp_path / "nowhere")])) == 2
-    assert "does not exist" in capsys.readouterr().err
+    from mllm.cli import main as mllm_main
+
+    assert mllm_main(["chat", "--model", str(model_dir), "--save-dir", str(not_a_folder)]) == 2
+    assert capsys.readouterr().err == f"mllm chat: error: --save-dir {not_a_folder} is not a folder\n"
+    assert mllm_main(["chat", "--model", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"mllm chat: error: model folder {tmp_path / 'nowhere'} does not exist\n"
 
 
 # ---------------------------------------------------------------------------- the pieces

@@ -246,10 +246,8 @@ def test_generate_text_cuts_at_stop_strings(tiny):
     assert cut == full[: full.find(words[0])].strip() and words[0] not in cut
 
 
-def test_chat_draws_an_image_after_boi(tiny, monkeypatch):
-    """<|boi|> (made the likeliest token) starts an image of exactly h*w image ids closed by <|eoi|>;
-    then text continues (here "red", the likeliest once <|boi|> is no longer allowed)."""
-    config = tiny.config
+def spy_text_generation(monkeypatch) -> list[list[int]]:
+    """The prompt ids of every text generation call `chat` makes, in order."""
     text_calls = []
     real_generate_ids = generation._generate_ids
 
@@ -258,6 +256,14 @@ def test_chat_draws_an_image_after_boi(tiny, monkeypatch):
         return real_generate_ids(model, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(generation, "_generate_ids", spy)
+    return text_calls
+
+
+def test_chat_draws_an_image_after_boi(tiny, monkeypatch):
+    """<|boi|> (made the likeliest token) starts an image of exactly h*w image ids closed by <|eoi|>;
+    then text continues (here "red", the likeliest once <|boi|> is no longer allowed)."""
+    config = tiny.config
+    text_calls = spy_text_generation(monkeypatch)
     red = tiny.processor.text_tokenizer.encode("red", add_special_tokens=False)[0]
     with biased_head(tiny, {config.boi_token_id: 200.0, red: 100.0}):
         reply = chat(
@@ -283,14 +289,7 @@ def test_chat_continues_from_a_reply_prefix_ending_in_boi(tiny, monkeypatch):
     config = tiny.config
     blue = tiny.processor.text_tokenizer.encode("blue", add_special_tokens=False)
     prefix = [*blue, config.boi_token_id]
-    text_calls = []
-    real_generate_ids = generation._generate_ids
-
-    def spy(model, input_ids, *args, **kwargs):
-        text_calls.append(input_ids[0].tolist())
-        return real_generate_ids(model, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(generation, "_generate_ids", spy)
+    text_calls = spy_text_generation(monkeypatch)
     reply = chat(tiny, [{"role": "user", "content": "Draw: a blue square"}], max_new_tokens=len(prefix) + 3,
                  max_images=1, seed=0, reply_prefix=prefix)
     assert len(reply["images"]) == 1 and reply["text"].startswith("blue")

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mllm.cli import main as mllm_main
 from mllm.config import MLLMConfig, padded_vocab_size
-from mllm.init import add_arguments, init_model, run
+from mllm.init import init_model
 from mllm.model import UnifiedMLLM
 
 
 def _run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mllm init")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return mllm_main(["init", *argv])
 
 
 def test_cli_writes_the_model_folder_layout(tmp_path, capsys):

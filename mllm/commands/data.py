@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-from mllm.cli import positive_int
+from mllm.commands._common import add_output_arguments
+from mllm.commands.types import positive_int, share
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--seed", type=int, default=0, help="base seed of the scenes (default: 0)")
     shapes.add_argument("--size", type=positive_int, default=64, help="image side in pixels (default: 64)")
     shapes.add_argument(
-        "--resized-share", type=float, default=0.0, metavar="P",
+        "--resized-share", type=share, default=0.0, metavar="P",
         help="share of scenes rendered at another size (40-256 px, half of them 64) and resized to --size "
         "the way a model's image processor resizes its input, so a model trained at --size also reads "
         "scenes of other sizes; those scenes get no drawing prompt (default: 0)",
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument(
         "--maxcount", type=positive_int, default=1000, help="records per shard, wds only (default: 1000)"
     )
-    _add_common(shapes)
+    add_output_arguments(shapes)
 
     convert = commands.add_parser(
         "convert-llava",
@@ -73,16 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument(
         "--maxcount", type=positive_int, default=1000, help="records per shard (default: 1000)"
     )
-    _add_common(convert)
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace shards left in --out by an earlier run instead of failing",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_output_arguments(convert)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,45 +81,18 @@ def run(args: argparse.Namespace) -> int:
     return commands[args.data_command](args)
 
 
-def _error(message: str) -> int:
-    print(f"mllm data: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _check_out_dir(out: Path) -> str | None:
-    if out.exists() and not out.is_dir():
-        return f"--out {out} exists and is not a directory"
-    return None
-
-
 def _run_shapes(args: argparse.Namespace) -> int:
-    from mllm.data.llava import write_llava
-    from mllm.data.samples import caption_qa_chat
-    from mllm.data.shapes import MIN_IMAGE_SIZE, iter_samples
-    from mllm.data.shards import write_shards
+    from mllm.data.shapes import write_shapes_data
 
-    if problem := _check_out_dir(args.out):
-        return _error(problem)
-    if args.size < MIN_IMAGE_SIZE:
-        return _error(f"--size must be at least {MIN_IMAGE_SIZE} pixels, got {args.size}")
-    if not 0.0 <= args.resized_share <= 1.0:
-        return _error(f"--resized-share must be between 0 and 1, got {args.resized_share}")
-    scenes = iter_samples(
-        args.n, split=args.split, base_seed=args.seed, size=args.size, resized_share=args.resized_share
-    )
+    written = write_shapes_data(
+        args.out, args.n, seed=args.seed, size=args.size, split=args.split, resized_share=args.resized_share,
+        format=args.format, maxcount=args.maxcount, overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
     if args.format == "llava":
-        chats = (caption_qa_chat(s["key"], s["image"], s["caption"], s["qa"]) for s in scenes)
-        json_path = write_llava(chats, args.out, progress=not args.no_progress)
-        print(f"wrote {args.n} records to {json_path} and {args.n} images to {args.out / 'images'}")
-        print(f"to shard them: mllm data convert-llava --json {json_path} --image-root {args.out} --out DIR")
-        return 0
-    try:
-        shards = write_shards(
-            scenes, args.out, maxcount=args.maxcount, progress=not args.no_progress, overwrite=args.overwrite
-        )
-    except FileExistsError as exn:
-        return _error(f"{exn}; pass --overwrite to replace them")
-    _print_shards(shards, args.out)
+        print(f"wrote {args.n} records to {written} and {args.n} images to {args.out / 'images'}")
+        print(f"to shard them: mllm data convert-llava --json {written} --image-root {args.out} --out DIR")
+    else:
+        _print_shards(args.out)
     return 0
 
 
@@ -137,43 +101,26 @@ def _run_convert_llava(args: argparse.Namespace) -> int:
     from mllm.data.shards import DataStats
 
     if not args.json.is_file():
-        return _error(f"--json {args.json} does not exist or is not a file")
+        raise FileNotFoundError(f"--json {args.json} does not exist or is not a file")
     if not args.image_root.is_dir():
-        return _error(f"--image-root {args.image_root} does not exist or is not a directory")
-    if problem := _check_out_dir(args.out):
-        return _error(problem)
+        raise NotADirectoryError(f"--image-root {args.image_root} does not exist or is not a directory")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a directory")
     stats = DataStats()
     try:
-        shards = convert_llava(
-            args.json,
-            args.image_root,
-            args.out,
-            maxcount=args.maxcount,
-            stats=stats,
-            progress=not args.no_progress,
-            overwrite=args.overwrite,
-        )
+        convert_llava(args.json, args.image_root, args.out, maxcount=args.maxcount, stats=stats,
+                      progress=not args.no_progress, overwrite=args.overwrite)
     except FileExistsError as exn:
-        return _error(f"{exn}; pass --overwrite to replace them")
+        raise FileExistsError(f"{exn}; pass --overwrite to replace them") from None
     except LlavaFormatError as exn:
-        return _error(f"cannot read --json as LLaVA JSON: {exn}")
-    _print_shards(shards, args.out)
+        raise ValueError(f"cannot read --json as LLaVA JSON: {exn}") from None
+    _print_shards(args.out)
     print(stats.report())
     return 0
 
 
-def _print_shards(shards: list[str], out: Path) -> None:
+def _print_shards(out: Path) -> None:
     index = json.loads((out / "index.json").read_text())
-    print(f"wrote {index['total']} records in {len(shards)} shards to {out} (index: {out / 'index.json'})")
+    print(f"wrote {index['total']} records in {len(index['shards'])} shards to {out} (index: {out / 'index.json'})")
     for entry in index["shards"]:
         print(f"  {os.path.join(out, entry['file'])}  {entry['count']} records")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mllm data", description="Make and convert data sets.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

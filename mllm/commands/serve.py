@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from mllm.commands.types import non_negative_float, positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mllm.commands._common import non_negative_float, positive_int
-
     parser.add_argument("--model", required=True, help="model folder (`mllm init` / `mllm train` / `mllm merge`)")
     parser.add_argument("--adapter", help="a peft adapter folder to load onto the model")
     parser.add_argument("--host", default="127.0.0.1",
@@ -49,5 +49,3 @@ def run(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
-
-__all__ = ["add_arguments", "run"]
