@@ -1,40 +1,50 @@
-"""`mllm demo`: every stage on tiny sizes, resuming after an interrupted stage, and the report."""
+"""The demo pipeline: every stage on tiny sizes, resuming after an interrupted stage, and the report."""
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from mllm import demo
+import demo
+from training import recipes
 
 
-def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch):
-    import mllm.cli
+def _stages_run(output: str) -> list[str]:
+    """Names of the stages a run executed (not skipped), from its `== [i/n] name: ...` lines."""
+    names = []
+    for line in output.splitlines():
+        if line.startswith("== [") and not line.split("]", 1)[1].split(":", 1)[1].startswith(" done"):
+            names.append(line.split("]", 1)[1].split(":", 1)[0].strip())
+    return names
 
+
+def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     plan = demo.PLANS["tiny"]
-    real_main, calls = mllm.cli.main, []
+    real_run_recipe = recipes.run_recipe
 
-    def interrupted(argv):
-        calls.append(argv[0] if argv[0] != "train" else argv[argv.index("--recipe") + 1])
-        if argv[0] == "train" and "shapes-sft" in argv:
+    def interrupted(recipe, *args, **kwargs):
+        if recipe == "shapes-sft":
             raise KeyboardInterrupt  # killed during the sft stage
-        return real_main(argv)
+        return real_run_recipe(recipe, *args, **kwargs)
 
-    monkeypatch.setattr(mllm.cli, "main", interrupted)
+    monkeypatch.setattr(recipes, "run_recipe", interrupted)
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(out, plan)
     assert (out / "pretrain" / "model" / "mllm_config.json").is_file() and not (out / "model").exists()
     timings = json.loads((out / "stages.json").read_text())
     assert "pretrain" in timings and "sft" not in timings
+    first = _stages_run(capsys.readouterr().out)
+    assert first[0] == "data" and first[-1] == "sft"
 
-    calls.clear()
-    monkeypatch.setattr(mllm.cli, "main", real_main)
-    monkeypatch.setattr(mllm.cli, "main", lambda argv: calls.append(argv[0]) or real_main(argv))
+    monkeypatch.setattr(recipes, "run_recipe", real_run_recipe)
     report = demo.run_demo(out, plan)
     # The rerun starts at the interrupted stage: nothing before it runs again.
-    assert calls == ["train", "merge", "eval", "eval", "eval", "eval"]
-    for name, marker, _ in demo.stages(out, plan):
-        assert marker.is_file(), name
+    assert _stages_run(capsys.readouterr().out) == [
+        "sft", "merge", "eval shapes-vqa", "eval shapes-caption", "eval shapes-t2i", "eval shapes-vqa-other-size"]
+    for stage in demo.stages(out, plan):
+        assert stage.marker.is_file(), stage.name
     # The tokenizer trained on exact renders, the LLM on the mixed set (some scenes rendered at other
     # sizes and resized), whose codes the pretrain stage read.
     import webdataset as wds
@@ -52,6 +62,8 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
     assert other["data"].endswith(f"test-{plan.other_size}px") and other["count"] == plan.vqa_items
     text = (out / "report.md").read_text()
     assert f"rendered at {plan.other_size} px" in text
+    # the report says how to rerun every stage by hand
+    assert "mllm train --recipe shapes-sft" in text and "mllm eval --model" in text
     for _, _, minimum, label in demo.BARS:
         assert label in text and f">= {minimum:.0f}%" in text
     from PIL import Image
@@ -70,7 +82,7 @@ def test_minutes_scale_the_training_stages():
     assert demo.scaled(demo.PLANS["tiny"], 0.01).pretrain_steps == 1
     assert demo.scaled(demo.PLANS["tiny"], 0.01).sft_steps == 1
     # without sft the pretrain model is the demo's model, and no sft/merge stage runs
-    names = [name for name, _, _ in demo.stages(demo.Path("out"), base)]
+    names = [stage.name for stage in demo.stages(Path("out"), base)]
     assert "sft" not in names and "merge" not in names and "model" in names
 
 
@@ -78,8 +90,8 @@ def test_tiny_ablations_run_both_comparisons_and_write_the_table(tmp_path):
     out = tmp_path / "demo"
     plan = demo.PLANS["tiny"]
     table = demo.run_ablations(out, plan)
-    for name, marker, _ in [*demo.stages(out, plan), *demo.ablation_stages(out, plan)]:
-        assert marker.is_file(), name
+    for stage in [*demo.stages(out, plan), *demo.ablation_stages(out, plan)]:
+        assert stage.marker.is_file(), stage.name
     from tokenizer_vision import DualCodebookTokenizer
 
     assert DualCodebookTokenizer.from_pretrained(out / "ablations/pixel/tokenizer").config.quantizer_mode == "pixel"
@@ -104,6 +116,6 @@ def test_tiny_ablations_run_both_comparisons_and_write_the_table(tmp_path):
 def test_shapes_demo_end_to_end_at_a_small_budget(tmp_path):
     """The real shapes plan with every training stage cut to a few percent (about 5 minutes on 2 cores)."""
     plan = demo.scaled(demo.PLANS["shapes"], 1.0)
-    plan = demo.replace(plan, train_scenes=2000, test_scenes=100, vqa_items=100, caption_items=20, t2i_prompts=10)
+    plan = replace(plan, train_scenes=2000, test_scenes=100, vqa_items=100, caption_items=20, t2i_prompts=10)
     demo.run_demo(tmp_path / "demo", plan)
     assert (tmp_path / "demo" / "report.png").is_file()

@@ -1,0 +1,250 @@
+"""The demo's stages: data -> teacher -> tokenizer -> init -> pretokenize -> training -> evaluation.
+
+Each stage calls one library function (the same one its `mllm` command calls; the equivalent command
+line is printed and kept in the report so any stage can be rerun by hand) and writes under DIR. A stage
+whose marker file exists is complete and skipped; training stages resume from their last checkpoint; so
+a killed demo continues where it stopped when the same `mllm demo` command runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from demo.plans import OTHER_SIZE_VQA, Plan, model_dir
+from demo.report import ablation_table, write_report
+from eval import runner
+from eval.runner import EvalSettings
+from mllm import init as model_init
+from mllm import merge
+from mllm.data import pretokenize, shapes
+from training import recipes
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    marker: Path  # the file whose presence marks the stage complete
+    command: str  # the equivalent `mllm` command line (printed, and reproducible by hand)
+    action: Callable[[], Any]
+
+
+def llm_data(out: Path, plan: Plan) -> Path:
+    """The LLM's training scenes: data/train-mixed (exact and resized renders) or, without resizing, data/train."""
+    return out / "data" / ("train-mixed" if plan.resized_share > 0 else "train")
+
+
+def other_size_test(out: Path, plan: Plan) -> Path:
+    return out / "data" / f"test-{plan.other_size}px"
+
+
+def _sets(overrides: tuple[str, ...] | list[str]) -> str:
+    return f" --set {' '.join(overrides)}" if overrides else ""
+
+
+# ---------------------------------------------------------------------------------------- stage builders
+def _data(name: str, out: Path, n: int, size: int, split: str = "train", resized_share: float = 0.0) -> Stage:
+    share = f" --resized-share {resized_share}" if resized_share else ""
+    command = f"mllm data shapes --out {out} --n {n} --size {size} --split {split}{share} --overwrite"
+    return Stage(name, out / "index.json", command,
+                 lambda: shapes.write_shapes_data(out, n, size=size, split=split, resized_share=resized_share,
+                                                  overwrite=True))
+
+
+def _train(name: str, marker: Path, command: str, recipe: str, overrides: list[str], max_steps: int,
+           resume: bool = True) -> Stage:
+    """A training stage: `recipe` with `key=value` overrides, `max_steps` steps, resuming by default."""
+    return Stage(name, marker, f"mllm {command} --recipe {recipe} --max-steps {max_steps}"
+                 f"{' --resume' if resume else ''}{_sets(overrides)}",
+                 lambda: recipes.run_recipe(recipe, overrides, resume=resume, max_steps=max_steps))
+
+
+def _init(name: str, plan: Plan, tokenizer: Path, out: Path, embedding: str = "learned") -> Stage:
+    def action() -> None:
+        model_init.init_model(plan.llm, str(tokenizer), str(out), embedding=embedding, overwrite=True)
+        print(model_init.describe_model(out))
+
+    return Stage(name, out / "mllm_config.json",
+                 f"mllm init --llm {plan.llm} --vision-tokenizer {tokenizer} --out {out} --embedding {embedding} "
+                 "--overwrite", action)
+
+
+def _eval(name: str, suite: str, model: Path, out: Path, data: Path | None = None, limit: int | None = None,
+          options: dict[str, str] | None = None) -> Stage:
+    settings = EvalSettings(suite=suite, out=str(out), model=str(model), data=None if data is None else str(data),
+                            limit=limit, options=dict(options or {}))
+    command = (f"mllm eval --model {model} --suite {suite} --out {out}"
+               + (f" --data {data}" if data is not None else "") + (f" --limit {limit}" if limit else "")
+               + (f" --option {' '.join(f'{k}={v}' for k, v in settings.options.items())}" if options else ""))
+    return Stage(name, out / "results.json", command, lambda: runner.evaluate(settings))
+
+
+def _copy_model(name: str, source: Path, target: Path) -> Stage:
+    """Copy a finished model folder to `target` through a temp folder, so a killed copy leaves no half
+    folder that looks complete."""
+
+    def copy() -> None:
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        print(f"copied {source} -> {target}")
+
+    return Stage(name, target / "mllm_config.json", f"cp -r {source} {target}", copy)
+
+
+def _model_chain(prefix: str, root: Path, out: Path, plan: Plan, codes: Path, tokenizer_overrides: list[str]) -> list[Stage]:
+    """tokenizer -> its metrics -> init -> pretokenize -> shapes-pretrain, under `root` (stage names prefixed)."""
+    data, test = out / "data" / "train", out / "data" / "test"
+    tokenizer = root / "tokenizer"
+    source = llm_data(out, plan)
+    return [
+        _train(f"{prefix}tokenizer", tokenizer / "model.safetensors", "train-tokenizer", "tokenizer-shapes",
+               [f"data={data}", f"out={tokenizer}", *plan.tokenizer_overrides, *tokenizer_overrides],
+               plan.tokenizer_steps),
+        _eval(f"{prefix}tokenizer metrics", "tokenizer", tokenizer, root / "eval" / "tokenizer", data=test),
+        _init(f"{prefix}init", plan, tokenizer, root / "init"),
+        Stage(f"{prefix}pretokenize", codes / "index.json",
+              f"mllm pretokenize --data {source} --vision-tokenizer {tokenizer} --out {codes}",
+              lambda: pretokenize.pretokenize(source, tokenizer, codes)),
+        _train(f"{prefix}pretrain", root / "pretrain" / "model" / "mllm_config.json", "train", "shapes-pretrain",
+               [f"model={root / 'init'}", f"data={codes}", f"out={root / 'pretrain'}", *plan.llm_overrides],
+               plan.pretrain_steps),
+    ]
+
+
+def _evals(prefix: str, model: Path, root: Path, out: Path, plan: Plan, suites: tuple[str, ...]) -> list[Stage]:
+    """One stage per evaluation suite of `model`, results under root/eval/<suite>."""
+    test = out / "data" / "test"
+    evals = {
+        "shapes-vqa": lambda name, folder: _eval(name, "shapes-vqa", model, folder, test, plan.vqa_items),
+        "shapes-caption": lambda name, folder: _eval(name, "shapes-caption", model, folder, test, plan.caption_items),
+        "shapes-t2i": lambda name, folder: _eval(name, "shapes-t2i", model, folder, limit=plan.t2i_prompts,
+                                                 options={"seeds": str(plan.t2i_seeds)}),
+    }
+    if plan.other_size:  # the VQA questions again, on the same scenes rendered at the other size
+        evals[OTHER_SIZE_VQA] = lambda name, folder: _eval(name, "shapes-vqa", model, folder,
+                                                           other_size_test(out, plan), plan.vqa_items)
+    return [evals[suite](f"{prefix}eval {suite}", root / "eval" / suite) for suite in suites if suite in evals]
+
+
+def stages(out: Path, plan: Plan) -> list[Stage]:
+    """The demo's stages, in order."""
+    data, test, codes = out / "data" / "train", out / "data" / "test", out / "data" / "train-codes"
+    pretrained = out / "pretrain" / "model"
+    if plan.sft_steps:
+        model = [
+            _train("sft", out / "sft" / "adapter" / "adapter_config.json", "train", "shapes-sft",
+                   [f"model={pretrained}", f"data={codes}", f"out={out / 'sft'}", *plan.llm_overrides],
+                   plan.sft_steps),
+            Stage("merge", out / "model" / "mllm_config.json",
+                  f"mllm merge --base {pretrained} --adapter {out / 'sft' / 'adapter'} --out {out / 'model'}",
+                  lambda: merge.merge_adapter(pretrained, out / "sft" / "adapter", out / "model", dtype="auto")),
+        ]
+    else:
+        model = [_copy_model("model", pretrained, out / "model")]
+    mixed = ([_data("mixed data", llm_data(out, plan), plan.train_scenes, plan.image_size,
+                    resized_share=plan.resized_share)] if plan.resized_share > 0 else [])
+    other_test = ([_data("test data, other size", other_size_test(out, plan), plan.test_scenes, plan.other_size,
+                         split="test")] if plan.other_size else [])
+    teacher = out / "teacher"
+    return [
+        _data("data", data, plan.train_scenes, plan.image_size),
+        *mixed,
+        _data("test data", test, plan.test_scenes, plan.image_size, split="test"),
+        *other_test,
+        _train("teacher", teacher / "model.safetensors", "train-teacher", "teacher-shapes",
+               [f"data={data}", f"out={teacher}", *plan.teacher_overrides], plan.teacher_steps, resume=False),
+        *_model_chain("", out, out, plan, codes, [f"teacher={teacher}"]),
+        *model,
+        *_evals("", model_dir(out, plan), out, out, plan,
+                ("shapes-vqa", "shapes-caption", "shapes-t2i", OTHER_SIZE_VQA)),
+    ]
+
+
+def ablation_stages(out: Path, plan: Plan) -> list[Stage]:
+    """The paper claims in miniature, after the demo (reusing its data, teacher and dual tokenizer):
+
+    (a) TokenFlow: a pixel-only tokenizer (one codebook, the same K and code grid, the same steps) and a
+        model trained on its codes with the demo's recipe and steps, against the demo's dual-codebook model.
+    (b) ETT: from one codebook-mode init of the dual tokenizer, `shapes-ett` for `ett_steps` with the
+        tokenizer tuned end to end, and the same with it frozen (`ett.train_tokenizer=false`).
+    """
+    data, test = out / "data" / "train", out / "data" / "test"
+    ab = out / "ablations"
+    pixel, init = ab / "pixel", ab / "codebook-init"
+
+    def ett(name: str, folder: Path, overrides: tuple[str, ...] = ()) -> Stage:
+        return _train(name, folder / "model" / "mllm_config.json", "train", "shapes-ett",
+                      [f"model={init}", f"data={data}", f"out={folder}", *overrides, *plan.llm_overrides],
+                      plan.ett_steps)
+
+    return [
+        *_model_chain("pixel-only ", pixel, out, plan, pixel / "train-codes", ["quantizer=pixel"]),
+        *_evals("pixel-only ", pixel / "pretrain" / "model", pixel, out, plan, ("shapes-vqa", "shapes-t2i")),
+        _init("codebook-mode init", plan, out / "tokenizer", init, embedding="codebook"),
+        ett("ETT", ab / "ett"),
+        ett("frozen tokenizer", ab / "frozen", ("ett.train_tokenizer=false",)),
+        *_evals("ETT ", ab / "ett" / "model", ab / "ett", out, plan, ("shapes-vqa", "shapes-caption")),
+        _eval("ETT tokenizer metrics", "tokenizer", ab / "ett" / "model" / "vision_tokenizer",
+              ab / "ett" / "eval" / "tokenizer", data=test),
+        *_evals("frozen ", ab / "frozen" / "model", ab / "frozen", out, plan, ("shapes-vqa", "shapes-caption")),
+    ]
+
+
+# ---------------------------------------------------------------------------------------- running
+def run_stages(out: Path, todo: list[Stage]) -> dict[str, float]:
+    """Run the stages whose marker file is missing, in order; wall times go to DIR/stages.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    timings_file = out / "stages.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    for index, stage in enumerate(todo, 1):
+        if stage.marker.is_file():
+            print(f"== [{index}/{len(todo)}] {stage.name}: done ({stage.marker.relative_to(out)})", flush=True)
+            continue
+        print(f"== [{index}/{len(todo)}] {stage.name}: {stage.command}", flush=True)
+        stage_start = time.time()
+        stage.action()
+        if not stage.marker.is_file():
+            raise RuntimeError(f"stage {stage.name!r} finished without writing {stage.marker}")
+        timings[stage.name] = round(time.time() - stage_start, 1)
+        timings_file.write_text(json.dumps(timings, indent=2) + "\n")
+    return timings
+
+
+def run_demo(out: Path, plan: Plan) -> dict[str, Any]:
+    started = time.time()
+    todo = stages(out, plan)
+    timings = run_stages(out, todo)
+    report = write_report(out, plan, timings, {stage.name: stage.command for stage in todo})
+    print(f"\ndemo finished in {time.time() - started:.0f} s (this run); report: {out / 'report.md'}\n")
+    print(report["table"])
+    print(f"chat with it:   mllm chat --model {model_dir(out, plan)}")
+    print(f"serve it:       mllm serve --model {model_dir(out, plan)}   (web chat at http://127.0.0.1:8000/)")
+    return report
+
+
+def run_ablations(out: Path, plan: Plan) -> str:
+    """The demo (if not complete), then the ablation stages; writes DIR/ablations.md and returns its table."""
+    run_demo(out, plan)
+    started = time.time()
+    todo = ablation_stages(out, plan)
+    timings = run_stages(out, todo)
+    table = ablation_table(out, plan)
+    ablation_seconds = sum(timings.get(stage.name, 0.0) for stage in todo)
+    text = (f"# Ablations ({plan.llm} model)\n\n{table}\n\nAblation stages: {ablation_seconds / 60:.1f} minutes "
+            f"of wall time on top of the demo (stage times in stages.json).\n")
+    (out / "ablations.md").write_text(text)
+    print(f"\nablations finished in {time.time() - started:.0f} s (this run); {out / 'ablations.md'}\n")
+    print(table)
+    return table
+
+
+__all__ = ["Stage", "ablation_stages", "llm_data", "other_size_test", "run_ablations", "run_demo", "run_stages",
+           "stages"]

@@ -1,0 +1,102 @@
+"""What the demo trains and evaluates: the quality bars and the named plans.
+
+The shapes plan renders 48 px scenes: with 8 px codes the 3x3 cells of 16 px are 2x2 codes each, so every
+object lands on the code grid the same way in every cell (36 codes an image instead of 64 at 64 px, and
+far fewer distinct patches to learn). Scenes of other sizes are resized on the way in. It trains the
+unified model in one full fine-tune on captions, VQA (several questions per image) and drawing; the LoRA
+sft stage + merge run instead of a plain copy when a plan gives sft steps (the tiny plan does, to keep
+that path tested). How the plan's numbers were chosen is in docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+# The quality bars of the demo (held-out scenes): (results folder, metric, minimum, label).
+BARS = (
+    ("eval/shapes-vqa", "accuracy", 90.0, "VQA accuracy (shapes-vqa)"),
+    ("eval/shapes-caption", "objects_right", 70.0, "caption: every object's colour, shape and position right"),
+    ("eval/shapes-t2i", "accuracy_single_object", 80.0, "drawing 'a {colour} {shape}' judged correct"),
+    ("eval/shapes-t2i", "accuracy_position", 60.0, "drawing '... at the <position>' judged correct"),
+    ("eval/tokenizer", "judge_agreement", 95.0, "tokenizer: judge agreement original vs reconstruction"),
+)
+
+OTHER_SIZE_VQA = "shapes-vqa-other-size"  # shapes-vqa on data/test-<other_size>px, results in eval/<this name>
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the demo trains and evaluates; `minutes` is the wall time (2 CPU cores) the plan is sized for."""
+
+    llm: str = "shapes"  # a named size of `mllm init --llm`
+    tokenizer: str = "shapes"  # a named tokenizer size
+    image_size: int = 48
+    train_scenes: int = 20000
+    # Share of the LLM's training scenes rendered at other sizes and resized to image_size (`mllm data
+    # shapes --resized-share`; the LLM then trains on data/train-mixed, the teacher and the tokenizer on
+    # the exact renders of data/train). Off in the shapes plan: the tokenizer's rescale_share below
+    # teaches reading resized scenes without taking training steps from the 48 px renders.
+    resized_share: float = 0.0
+    other_size: int = 64  # the VQA suite also runs on the test scenes rendered at this size (0: not)
+    test_scenes: int = 1000
+    teacher_steps: int = 250
+    tokenizer_steps: int = 1000
+    pretrain_steps: int = 2000
+    sft_steps: int = 0  # 0: no sft stage; the pretrain model is the demo's model
+    ett_steps: int = 1000  # `--ablations`: each of the two shapes-ett runs (tokenizer tuned / frozen)
+    vqa_items: int = 1000
+    caption_items: int = 300
+    t2i_prompts: int = 162
+    t2i_seeds: int = 6  # drawings a prompt: fewer make the drawing figures noisy
+    minutes: float = 20.0
+    teacher_overrides: tuple[str, ...] = ("image_size=48",)
+    # rescale_share: half of each tokenizer batch goes in after a round trip through another size, against
+    # the clean image as the target, so the codes of a resized scene match the codes of a native render.
+    tokenizer_overrides: tuple[str, ...] = ("tokenizer.image_size=48", "rescale_share=0.5")
+    llm_overrides: tuple[str, ...] = ()
+
+
+PLANS = {
+    "shapes": Plan(),
+    # A plumbing check, not a model: every stage for real, on tiny models and a few scenes (about a minute
+    # on 2 cores). Its quality figures are meaningless.
+    "tiny": Plan(llm="tiny", tokenizer="tiny", image_size=32, train_scenes=96, test_scenes=12, teacher_steps=4,
+                 resized_share=0.5, tokenizer_steps=4, pretrain_steps=4, sft_steps=3, ett_steps=2, vqa_items=12,
+                 caption_items=6, t2i_prompts=5, t2i_seeds=1, minutes=1.0,
+                 teacher_overrides=("image_size=32", "vision_hidden_size=32", "vision_layers=1", "vision_heads=2",
+                                    "text_hidden_size=32", "text_layers=1", "text_heads=2", "projection_dim=32",
+                                    "batch_size=16", "warmup_steps=1", "log_every=1"),
+                 tokenizer_overrides=("size=tiny", "batch_size=8", "warmup_steps=1", "log_every=1", "save_every=2"),
+                 llm_overrides=("per_device_batch_size=4", "logging_steps=1", "save_steps=2", "max_length=256")),
+}
+
+
+def model_dir(out: Path, plan: Plan) -> Path:
+    """The demo's trained model folder: the merged sft model, or a copy of the pretrain model without sft."""
+    return out / "model"
+
+
+def get_plan(name: str) -> Plan:
+    if name not in PLANS:
+        from tokenizer_vision.schema import unknown_name
+
+        raise unknown_name("demo size", name, PLANS)
+    return PLANS[name]
+
+
+def scaled(plan: Plan, minutes: float | None) -> Plan:
+    """The plan with its training steps scaled by minutes / plan.minutes (at least 1 step each)."""
+    if minutes is None or minutes == plan.minutes:
+        return plan
+    if not minutes > 0:
+        raise ValueError(f"--minutes must be > 0, got {minutes}")
+    factor = minutes / plan.minutes
+    return replace(plan, teacher_steps=max(1, round(plan.teacher_steps * factor)),
+                   tokenizer_steps=max(1, round(plan.tokenizer_steps * factor)),
+                   pretrain_steps=max(1, round(plan.pretrain_steps * factor)),
+                   sft_steps=plan.sft_steps and max(1, round(plan.sft_steps * factor)),
+                   ett_steps=max(1, round(plan.ett_steps * factor)), minutes=minutes)
+
+
+__all__ = ["BARS", "OTHER_SIZE_VQA", "PLANS", "Plan", "get_plan", "model_dir", "scaled"]
