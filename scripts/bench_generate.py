@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from mllm.perf import median
+from perf import median
 
 PROMPTS = [
     "a red circle at the top left",

@@ -14,8 +14,8 @@ import argparse
 import json
 
 import torch
+from perf import count_flops, measure_matmul_peak, median, time_call
 
-from mllm.perf import count_flops, measure_matmul_peak, median, time_call
 from mllm.runtime import autocast, resolve_precision
 
 

@@ -1,4 +1,4 @@
-"""Measurement helpers for the benchmark scripts: matmul peak, FLOP counts, timing."""
+"""Measurement helpers shared by the benchmark scripts in this folder: matmul peak, FLOP counts, timing."""
 
 from __future__ import annotations
 
