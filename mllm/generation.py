@@ -1,4 +1,4 @@
-"""Text and image generation for a `UnifiedMLLM` (DESIGN.md, "Generation").
+"""Text and image generation for a `UnifiedMLLM`.
 
     generate_text(model, conversations)            -> ["answer", ...]          transformers generate()
     generate_images(model, ["a red circle"], n=2)  -> [[codes (h, w), codes]]  constrained, batched CFG

@@ -3,7 +3,7 @@
     text + images --MultimodalProcessor--> input_ids (B, T)   (image code k -> id image_offset + k)
     input_ids --embed_ids--> (B, T, H) --llm--> logits (B, T, V)
 
-The LLM stays an ordinary `transformers` causal LM (DESIGN.md, principle 1): in `learned` mode the
+The LLM stays an ordinary `transformers` causal LM: in `learned` mode the
 image ids are plain rows of its embedding matrix and `forward` is exactly the HF path
 (`llm(input_ids=...)`). In `codebook` mode (ETT) the input embedding of image code k is
 `projector(concat(sem_codebook[k], pix_codebook[k]))`, so the LLM loss reaches the projector and the

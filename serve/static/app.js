@@ -106,6 +106,22 @@
     return el;
   }
 
+  // A small inline note ("…" while typing, "drawing…" while an image is made).
+  function note(className, text) {
+    const span = document.createElement("span");
+    span.className = className;
+    span.textContent = text;
+    return span;
+  }
+
+  // An assistant bubble that shows `placeholder` until the reply arrives.
+  function pendingBubble(placeholder) {
+    const out = bubble("assistant pending");
+    out.appendChild(placeholder);
+    scrollDown();
+    return out;
+  }
+
   function image(src, alt) {
     const img = document.createElement("img");
     img.src = src;
@@ -130,10 +146,7 @@
       const partial = rest.search(PARTIAL_IMAGE_MD);
       if (partial >= 0) {
         appendText(el, rest.slice(0, partial));
-        const placeholder = document.createElement("span");
-        placeholder.className = "drawing";
-        placeholder.textContent = "drawing…";
-        el.appendChild(placeholder);
+        el.appendChild(note("drawing", "drawing…"));
         rest = "";
       }
     }
@@ -292,12 +305,7 @@
     const message = userMessage(text, images);
     renderUser(text, images);
     conversation.push(message);
-    const out = bubble("assistant pending");
-    const dots = document.createElement("span");
-    dots.className = "typing";
-    dots.textContent = "…";
-    out.appendChild(dots);
-    scrollDown();
+    const out = pendingBubble(note("typing", "…"));
     const stream = els.stream.checked;
     const body = {
       model: modelId || "default",
@@ -349,12 +357,7 @@
   // ------------------------------------------------------------------ draw
   async function draw(text, turn) {
     renderUser(text, []);
-    const out = bubble("assistant pending");
-    const note = document.createElement("span");
-    note.className = "drawing";
-    note.textContent = "drawing…";
-    out.appendChild(note);
-    scrollDown();
+    const out = pendingBubble(note("drawing", "drawing…"));
     let reply;
     try {
       const response = await fetch("/v1/images/generations", {
