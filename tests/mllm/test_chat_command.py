@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mllm.commands import chat
+from mllm import terminal_chat as chat
+from mllm.commands import chat as chat_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +51,7 @@ def image_files(tmp_path_factory):
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    chat.add_arguments(parser)
+    chat_command.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -58,8 +59,10 @@ def session_for(model, model_dir, tmp_path, *extra: str) -> tuple[chat.ChatSessi
     args = parse(
         ["--model", str(model_dir), "--save-dir", str(tmp_path / "out"), "--max-new-tokens", "8", *extra]
     )
+    options = chat.ChatOptions(**{key: value for key, value in vars(args).items()
+                                  if key not in ("model", "adapter", "device", "dtype")})
     out, err = io.StringIO(), io.StringIO()
-    return chat.ChatSession(model, args, out=out, err=err, stamp="test"), out, err
+    return chat.ChatSession(model, options, out=out, err=err, stamp="test"), out, err
 
 
 def assistant_lines(text: str) -> list[str]:
@@ -129,7 +132,7 @@ def test_scripted_session_through_stdin(model_dir, image_files, tmp_path):
 def test_end_of_input_exits_cleanly_and_bad_options_fail_early(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))  # no /quit: the end of input leaves
     assert (
-        chat.run(
+        chat_command.run(
             parse(["--model", str(model_dir), "--save-dir", str(tmp_path / "o"), "--max-new-tokens", "4"])
         )
         == 0
