@@ -56,12 +56,15 @@ def _data(name: str, out: Path, n: int, size: int, split: str = "train", resized
                                                   overwrite=True))
 
 
-def _train(name: str, marker: Path, command: str, recipe: str, overrides: list[str], max_steps: int,
-           resume: bool = True) -> Stage:
-    """A training stage: `recipe` with `key=value` overrides, `max_steps` steps, resuming by default."""
-    return Stage(name, marker, f"mllm {command} --recipe {recipe} --max-steps {max_steps}"
+def _train(name: str, marker: Path, command: str, recipe: str, paths: dict[str, Path | str], max_steps: int,
+           overrides: tuple[str, ...] = (), resume: bool = True) -> Stage:
+    """A training stage: `recipe` with the command's path options (`--data D` is the override `data=D`),
+    `key=value` overrides, `max_steps` steps, resuming by default."""
+    options = " ".join(f"--{key} {value}" for key, value in paths.items())
+    settings = [f"{key}={value}" for key, value in paths.items()] + list(overrides)
+    return Stage(name, marker, f"mllm {command} --recipe {recipe} {options} --max-steps {max_steps}"
                  f"{' --resume' if resume else ''}{_sets(overrides)}",
-                 lambda: recipes.run_recipe(recipe, overrides, resume=resume, max_steps=max_steps))
+                 lambda: recipes.run_recipe(recipe, settings, resume=resume, max_steps=max_steps))
 
 
 def _init(name: str, plan: Plan, tokenizer: Path, out: Path, embedding: str = "learned") -> Stage:
@@ -99,23 +102,23 @@ def _copy_model(name: str, source: Path, target: Path) -> Stage:
     return Stage(name, target / "mllm_config.json", f"cp -r {source} {target}", copy)
 
 
-def _model_chain(prefix: str, root: Path, out: Path, plan: Plan, codes: Path, tokenizer_overrides: list[str]) -> list[Stage]:
+def _model_chain(prefix: str, root: Path, out: Path, plan: Plan, codes: Path,
+                 tokenizer_options: dict[str, Path | str]) -> list[Stage]:
     """tokenizer -> its metrics -> init -> pretokenize -> shapes-pretrain, under `root` (stage names prefixed)."""
     data, test = out / "data" / "train", out / "data" / "test"
     tokenizer = root / "tokenizer"
     source = llm_data(out, plan)
     return [
         _train(f"{prefix}tokenizer", tokenizer / "model.safetensors", "train-tokenizer", "tokenizer-shapes",
-               [f"data={data}", f"out={tokenizer}", *plan.tokenizer_overrides, *tokenizer_overrides],
-               plan.tokenizer_steps),
+               {"data": data, "out": tokenizer, **tokenizer_options}, plan.tokenizer_steps, plan.tokenizer_overrides),
         _eval(f"{prefix}tokenizer metrics", "tokenizer", tokenizer, root / "eval" / "tokenizer", data=test),
         _init(f"{prefix}init", plan, tokenizer, root / "init"),
         Stage(f"{prefix}pretokenize", codes / "index.json",
               f"mllm pretokenize --data {source} --vision-tokenizer {tokenizer} --out {codes}",
               lambda: pretokenize.pretokenize(source, tokenizer, codes)),
         _train(f"{prefix}pretrain", root / "pretrain" / "model" / "mllm_config.json", "train", "shapes-pretrain",
-               [f"model={root / 'init'}", f"data={codes}", f"out={root / 'pretrain'}", *plan.llm_overrides],
-               plan.pretrain_steps),
+               {"model": root / "init", "data": codes, "out": root / "pretrain"}, plan.pretrain_steps,
+               plan.llm_overrides),
     ]
 
 
@@ -141,8 +144,7 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
     if plan.sft_steps:
         model = [
             _train("sft", out / "sft" / "adapter" / "adapter_config.json", "train", "shapes-sft",
-                   [f"model={pretrained}", f"data={codes}", f"out={out / 'sft'}", *plan.llm_overrides],
-                   plan.sft_steps),
+                   {"model": pretrained, "data": codes, "out": out / "sft"}, plan.sft_steps, plan.llm_overrides),
             Stage("merge", out / "model" / "mllm_config.json",
                   f"mllm merge --base {pretrained} --adapter {out / 'sft' / 'adapter'} --out {out / 'model'}",
                   lambda: merge.merge_adapter(pretrained, out / "sft" / "adapter", out / "model", dtype="auto")),
@@ -160,8 +162,8 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
         _data("test data", test, plan.test_scenes, plan.image_size, split="test"),
         *other_test,
         _train("teacher", teacher / "model.safetensors", "train-teacher", "teacher-shapes",
-               [f"data={data}", f"out={teacher}", *plan.teacher_overrides], plan.teacher_steps, resume=False),
-        *_model_chain("", out, out, plan, codes, [f"teacher={teacher}"]),
+               {"data": data, "out": teacher}, plan.teacher_steps, plan.teacher_overrides, resume=False),
+        *_model_chain("", out, out, plan, codes, {"teacher": teacher}),
         *model,
         *_evals("", model_dir(out, plan), out, out, plan,
                 ("shapes-vqa", "shapes-caption", "shapes-t2i", OTHER_SIZE_VQA)),
@@ -182,11 +184,10 @@ def ablation_stages(out: Path, plan: Plan) -> list[Stage]:
 
     def ett(name: str, folder: Path, overrides: tuple[str, ...] = ()) -> Stage:
         return _train(name, folder / "model" / "mllm_config.json", "train", "shapes-ett",
-                      [f"model={init}", f"data={data}", f"out={folder}", *overrides, *plan.llm_overrides],
-                      plan.ett_steps)
+                      {"model": init, "data": data, "out": folder}, plan.ett_steps, (*overrides, *plan.llm_overrides))
 
     return [
-        *_model_chain("pixel-only ", pixel, out, plan, pixel / "train-codes", ["quantizer=pixel"]),
+        *_model_chain("pixel-only ", pixel, out, plan, pixel / "train-codes", {"quantizer": "pixel"}),
         *_evals("pixel-only ", pixel / "pretrain" / "model", pixel, out, plan, ("shapes-vqa", "shapes-t2i")),
         _init("codebook-mode init", plan, out / "tokenizer", init, embedding="codebook"),
         ett("ETT", ab / "ett"),
