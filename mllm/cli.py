@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 # name -> (module implementing it, one-line help).
@@ -43,6 +44,14 @@ class CommandParser(argparse.ArgumentParser):
     """argparse with the dispatcher's error style: one line naming the option, no usage block."""
 
     def error(self, message: str):
+        invalid = re.match(r"argument (\S+): invalid choice: '(.*)' \(choose from (.*)\)$", message)
+        if invalid:  # argparse lists the choices; add the closest one, as every other unknown name gets
+            from tokenizer_vision.schema import closest
+
+            option, value, choices = invalid.groups()
+            suggestion = closest(value, re.findall(r"'([^']*)'", choices))
+            if suggestion:
+                message = f"argument {option}: invalid choice {value!r}; did you mean {suggestion}? (choose from {choices})"
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
