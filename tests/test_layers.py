@@ -84,9 +84,9 @@ def test_the_walk_sees_lazy_and_string_imports():
     assert "demo" in GRAPH["mllm.commands.demo"] or "demo.pipeline" in GRAPH["mllm.commands.demo"]
 
 
-def test_no_upward_or_sideways_import():
+def _problems(graph: dict[str, dict[str, int]]) -> list[str]:
     problems = []
-    for module, imported in GRAPH.items():
+    for module, imported in graph.items():
         for target, line in imported.items():
             if _is_command(target) and not _is_command(module):
                 problems.append(f"{module}:{line} imports the command line ({target})")
@@ -96,7 +96,26 @@ def test_no_upward_or_sideways_import():
             same_package = target.split(".")[0] == module.split(".")[0]
             if not same_package and _layer(target) >= _layer(module):
                 problems.append(f"{module}:{line} imports {target} (layer {_layer(target)} >= {_layer(module)})")
+    return problems
+
+
+def test_no_upward_or_sideways_import():
+    problems = _problems(GRAPH)
     assert not problems, "\n".join(problems)
+
+
+def test_the_rule_catches_upward_sideways_and_command_imports(tmp_path):
+    source = tmp_path / "fake.py"
+    source.write_text("import importlib\n\ndef f():\n    from training.recipes import run_recipe\n"
+                      "    importlib.import_module('serve.app')\n    import mllm.commands.demo\n")
+    graph = {"mllm.vocab": _imports("mllm.vocab", source), "eval.runner": {"training.recipes": 1},
+             "demo.pipeline": {"training.recipes": 1, "eval.runner": 2}}
+    problems = _problems(graph)
+    assert any("mllm.vocab:4 imports training.recipes" in p for p in problems)
+    assert any("mllm.vocab:5 imports serve.app" in p for p in problems)
+    assert any("imports the command line (mllm.commands.demo)" in p for p in problems)
+    assert any(p.startswith("eval.runner:1 imports training.recipes") for p in problems)
+    assert not any(p.startswith("demo.pipeline") for p in problems)
 
 
 def test_no_import_cycle_between_modules():
