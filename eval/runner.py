@@ -171,6 +171,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(args.options)
+    suite.check_options(options)
     suite.configure(options)
     started = time.time()
     if suite.kind == "custom":
@@ -258,6 +259,7 @@ def score_file(suite_name: str, predictions: str | Path, data: str | None = None
     from eval.suites import ScoreContext, get_suite
 
     suite = get_suite(suite_name)
+    suite.check_options(options or {})
     if suite.kind == "custom":
         raise ValueError(f"suite {suite_name} has no predictions file; run `mllm eval`")
     if data is None and suite.needs_data:

@@ -50,7 +50,10 @@ def check_keys(data: dict[str, Any], known: Iterable[str], where: str, prefix: s
         return
     key = unknown[0]
     suggestion = closest(key, known)
-    hint = f"did you mean {prefix}{suggestion}?" if suggestion else f"known keys: {', '.join(prefix + k for k in known)}"
+    if suggestion:
+        hint = f"did you mean {prefix}{suggestion}?"
+    else:
+        hint = f"known keys: {', '.join(prefix + k for k in known)}" if known else "it takes none"
     more = f" (and {len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""
     raise ValueError(f"unknown {where} key {prefix + str(key)!r}{more} ({hint})")
 

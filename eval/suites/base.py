@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenizer_vision.schema import check_keys
+
 KINDS = ("answer", "draw", "custom")
 
 
@@ -56,9 +58,14 @@ class Suite:
     max_new_tokens: int = 32  # answer suites
     images_per_prompt: int = 1  # draw suites
     needs_data: bool = True  # False: the suite builds its own items when --data is omitted (shapes suites)
+    option_names: tuple[str, ...] = ()  # the `--option KEY=VALUE` keys the suite reads; others are refused
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse an `--option` key the suite does not read (a typo would otherwise be silently ignored)."""
+        check_keys(options, self.option_names, f"{self.name} option")
 
     def configure(self, options: dict[str, str]) -> None:
-        """Apply `--option KEY=VALUE` settings (strings) before items are read; unknown keys are ignored."""
+        """Apply `--option KEY=VALUE` settings (strings) before items are read."""
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         """The suite's items in a fixed order (the first `limit` when given)."""
@@ -85,6 +92,7 @@ class DrawSuite(Suite):
     default as the class attribute `images_per_prompt`."""
 
     kind = "draw"
+    option_names = ("seeds",)
 
     def __init__(self, images_per_prompt: int | None = None) -> None:
         if images_per_prompt is not None:

@@ -257,6 +257,7 @@ class FIDSuite(Suite):
     images_per_prompt = 1
     needs_data = False
     primary_metric = "fid"  # lower is better
+    option_names = ("inception", "features", "teacher", "clip", "batch_size", "device")
 
     def __init__(self) -> None:
         self.name = "fid"

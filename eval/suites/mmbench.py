@@ -106,6 +106,7 @@ class MMBenchSuite(Suite):
     """MMBench (any language/split in the official TSV format); primary metric: accuracy (%)."""
 
     primary_metric = "accuracy"
+    option_names = ("circular",)
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         path = _find_tsv(data)

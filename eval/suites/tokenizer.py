@@ -69,6 +69,7 @@ class TokenizerSuite(Suite):
 
     kind = "custom"
     primary_metric = "psnr"
+    option_names = ("batch_size", "device", "precision")
 
     def __init__(self) -> None:
         self.name = "tokenizer"

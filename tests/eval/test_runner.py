@@ -36,6 +36,13 @@ def test_registry_finds_suites_by_name():
         get_suite("nope")
 
 
+def test_a_misspelled_suite_option_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match="unknown shapes-t2i option key 'seed' \\(did you mean seeds\\?\\)"):
+        runner.evaluate(_args(tmp_path / "no-model", tmp_path / "out", suite="shapes-t2i", options={"seed": "3"}))
+    with pytest.raises(ValueError, match="unknown shapes-vqa option key 'seeds' \\(it takes none\\)"):
+        runner.score_file("shapes-vqa", tmp_path / "none.jsonl", options={"seeds": "3"})
+
+
 def test_interrupted_run_resumes_with_every_id_once(model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real_predict, calls = runner._predict, []
