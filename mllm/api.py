@@ -9,7 +9,9 @@
 
 Lists go in as one batch: `caption([img1, img2])` -> [str, str], `answer([img1, img2], [q1, q2])`
 -> [str, str], `draw([p1, p2], n=3)` -> [[PIL x3], [PIL x3]]. Images may be PIL images, paths or
-bytes (anything the processor accepts). All generation goes through `mllm.generation`.
+bytes (anything the processor accepts); images go in as image parts, and text is always text (a
+`<|image|>` typed in a question or a message is not a placeholder). All generation goes through
+`mllm.generation`; a chat reply's `max_new_tokens` counts the images it draws.
 """
 
 from __future__ import annotations
@@ -113,6 +115,10 @@ class MLLM:
 
         Options are those of `mllm.generation.chat` (max_new_tokens, temperature, top_k, top_p, stop,
         seed, guidance_scale, image_temperature, image_top_k, image_top_p, max_images).
+        `max_new_tokens` (256) bounds the whole reply: its text and each image it draws (h*w + 2 tokens:
+        <|boi|>, the codes, <|eoi|>); an image that would not fit the budget or the context is not
+        started. Message text is read as text: a special token's string typed in it (`<|end|>`,
+        `<|image|>`, ...) is ordinary text, never a turn marker or an image.
         """
         from mllm.generation import chat
 

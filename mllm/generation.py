@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 from transformers.generation.logits_process import (
+    LogitsProcessor,
     SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -106,6 +107,8 @@ def generate_images(
     `processor.unconditional_draw_conversation()`. Image j of prompt i is sampled with seed
     `seeds[i] + j`, where `seeds` is `seed` per prompt (a list) or the same int for every prompt;
     seed None draws one from torch's global RNG (so `torch.manual_seed` makes it reproducible).
+    A prompt that leaves no room in the context for its image (h*w + 2 tokens: <|boi|>, the codes,
+    <|eoi|>) is a ValueError before anything is sampled.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if n < 1:
@@ -116,6 +119,7 @@ def generate_images(
     with _generation_mode(model):
         processor = model.processor
         prefixes = _draw_prefixes(model, [processor.draw_conversation(p) for p in prompts])
+        _check_image_room(model, prompts, prefixes)
         unconditional = None
         if guidance_scale != 1.0:
             unconditional = _draw_prefixes(model, [processor.unconditional_draw_conversation()])[0]
@@ -211,35 +215,48 @@ def chat(
 
     Text is generated until the end of turn or `<|boi|>`. After `<|boi|>` an image is generated
     (constrained; CFG against the unconditional draw prompt when guidance_scale != 1), `<|eoi|>`
-    is appended and text generation continues, until the end of turn, a `stop` string,
-    `max_new_tokens` text tokens or the context length. At most `max_images` images per turn.
+    is appended and text generation continues, until the end of turn, a `stop` string, the token
+    budget or the context length. At most `max_images` images per turn.
+
+    `max_new_tokens` is the budget of the whole reply: its text tokens AND each drawn image's h*w + 2
+    tokens (`<|boi|>`, the codes, `<|eoi|>`), as a server's usage counts them. An image is only started
+    when it fits both the budget and the context: `<|boi|>` is suppressed wherever the image would not
+    fit (the reply goes on with text), so a reply never fails half-way for lack of room.
     `reply_prefix`: ids the reply already has (e.g. text a server streamed, ending in `<|boi|>`): the turn
-    continues from them instead of starting over, so its text begins with theirs.
+    continues from them instead of starting over, so its text begins with theirs; they count towards
+    the budget. A prefix that ends in `<|boi|>` has its image drawn first, if it fits; if not, that
+    `<|boi|>` is dropped and the reply goes on with text. A prompt (with the prefix) over the context
+    length is a ValueError before anything is generated.
     """
     config = model.config
     boi, eoi = config.boi_token_id, config.eoi_token_id
+    per_image = config.image_tokens_per_image + 2
     stop_strings = _stop_list(stop)
     with _generation_mode(model), _seeded(seed, model.device):
         # Image seeds come from the (seeded) global RNG, so one chat seed fixes text and images.
         prompt = _encode_prompts(model, [conversation])["input_ids"][0]
         generated: list[int] = [int(i) for i in reply_prefix or ()]
+        if len(prompt) + len(generated) > model.context_length:
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) and the reply prefix ({len(generated)} tokens) exceed "
+                f"the context length {model.context_length}"
+            )
+        limit = min(model.context_length, len(prompt) + max_new_tokens)  # the reply ends by this length
         image_codes: list[torch.Tensor] = []
-        text_budget = max_new_tokens - len(generated)
-        room = model.context_length - len(prompt) - len(generated)
-        draw_next = bool(generated) and generated[-1] == boi and room > config.image_tokens_per_image + 1
-        while text_budget > 0 or draw_next:
-            if draw_next:  # the prefix ends in <|boi|>: draw first
-                draw_next = False
-                new = [boi]
-            else:
-                new = _next_text(model, prompt, generated, text_budget, len(image_codes) < max_images, temperature,
-                                 top_k, top_p, stop_strings)
-                if new is None:
+        draw = bool(generated) and generated[-1] == boi
+        if draw and len(prompt) + len(generated) - 1 + per_image > limit:
+            generated.pop()  # the prefix's image does not fit: it is not started
+            draw = False
+        while True:
+            if not draw:
+                if len(prompt) + len(generated) >= limit:
                     break
+                new = _next_text(model, prompt, generated, limit, len(image_codes) < max_images, temperature,
+                                 top_k, top_p, stop_strings)
                 generated += new
-                text_budget -= len(new)
-            if not new or new[-1] != boi:
-                break
+                if not new or new[-1] != boi:
+                    break
+            draw = False
             unconditional = None
             if guidance_scale != 1.0:
                 unconditional = _draw_prefixes(model, [model.processor.unconditional_draw_conversation()])[0]
@@ -263,19 +280,49 @@ def chat(
 
 
 # ---------------------------------------------------------------------------- helpers
-def _next_text(model, prompt: torch.Tensor, generated: list[int], budget: int, may_draw: bool, temperature,
-               top_k, top_p, stop_strings: list[str]) -> list[int] | None:
-    """chat(): the next stretch of reply text after prompt + generated, up to the end of turn or <|boi|>
-    (when another image fits and is allowed); None when the context is full."""
+def _next_text(model, prompt: torch.Tensor, generated: list[int], limit: int, may_draw: bool, temperature,
+               top_k, top_p, stop_strings: list[str]) -> list[int]:
+    """chat(): the next stretch of reply text after prompt + generated, up to the end of turn, the
+    `limit` (total length) or `<|boi|>`. `<|boi|>` is allowed (when `may_draw`) only where its image
+    (h*w + 2 tokens) still fits under `limit`."""
     config = model.config
     ids = torch.tensor([prompt.tolist() + generated], device=model.device)
-    room = model.context_length - ids.shape[1]
-    if room <= 0:
-        return None
-    can_draw = may_draw and room > config.image_tokens_per_image + 2
+    last_start = limit - (config.image_tokens_per_image + 2)  # the longest sequence an image may follow
+    can_draw = may_draw and ids.shape[1] <= last_start
     eot, boi = config.end_of_turn_token_id, config.boi_token_id
-    return _generate_ids(model, ids, torch.ones_like(ids), min(budget, room), temperature, top_k, top_p, stop_strings,
-                         stop_ids=[eot, boi] if can_draw else [eot], allow_boi=can_draw)[0]
+    return _generate_ids(model, ids, torch.ones_like(ids), limit - ids.shape[1], temperature, top_k, top_p,
+                         stop_strings, stop_ids=[eot, boi] if can_draw else [eot], allow_boi=can_draw,
+                         logits_processors=[_ImageRoom(boi, last_start)] if can_draw else None)[0]
+
+
+class _ImageRoom(LogitsProcessor):
+    """Suppresses `<|boi|>` once the sequence is longer than `last_start`: an image started later would
+    not fit (the context or the reply's token budget)."""
+
+    def __init__(self, boi_token_id: int, last_start: int) -> None:
+        self.boi_token_id, self.last_start = boi_token_id, last_start
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] <= self.last_start:
+            return scores
+        scores = scores.clone()
+        scores[:, self.boi_token_id] = -float("inf")
+        return scores
+
+
+def _check_image_room(model, prompts: Sequence[str], prefixes: Sequence[torch.Tensor]) -> None:
+    """Each draw prefix (ending in <|boi|>) + h*w codes + <|eoi|> must fit the context."""
+    height, width = model.config.grid_size
+    per_image = height * width + 2
+    for prompt, prefix in zip(prompts, prefixes):
+        needed = len(prefix) - 1 + per_image
+        if needed > model.context_length:
+            shown = prompt if len(prompt) <= 60 else prompt[:60] + "..."
+            raise ValueError(
+                f"the draw prompt {shown!r} takes {len(prefix) - 1} tokens and its image {per_image} more "
+                f"(<|boi|>, {height}x{width} codes, <|eoi|>): {needed} tokens, over the context length "
+                f"{model.context_length}"
+            )
 
 
 def _as_conversation_list(conversations) -> list[Conversation]:
@@ -291,8 +338,14 @@ def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
 
 
 def _encode_prompts(model, conversations: list[Conversation]) -> dict[str, torch.Tensor]:
+    """Generation prompts -> left-padded `input_ids` and `attention_mask` on the device (no labels: a
+    prompt needs none, and finding reply spans would cost more than rendering)."""
     batch = model.processor(
-        conversations, add_generation_prompt=True, padding_side="left", max_length=model.context_length
+        conversations,
+        add_generation_prompt=True,
+        padding_side="left",
+        max_length=model.context_length,
+        return_labels=False,
     )
     length = batch["input_ids"].shape[1]
     if length >= model.context_length:
@@ -322,13 +375,14 @@ def _generate_ids(
     allow_boi,
     streamer=None,
     stopping_criteria=None,
+    logits_processors=None,
 ) -> list[list[int]]:
     """`model.llm.generate()` for text: image ids (and <|boi|> unless allowed) suppressed.
 
     Returns the new ids of each row up to and including the first stop id. `streamer` (a transformers
     BaseStreamer: `put` gets the prompt, then each step's (B,) new ids) and `stopping_criteria` (a
     StoppingCriteriaList, e.g. per-row budgets or cancellation) are passed to `generate` (the server's
-    engine uses them).
+    engine uses them); `logits_processors` are applied after the suppression.
     """
     config = model.config
     vocab_rows = model.llm.get_output_embeddings().weight.shape[0]
@@ -353,7 +407,7 @@ def _generate_ids(
         attention_mask=attention_mask,
         generation_config=generation_config,
         logits_processor=LogitsProcessorList(
-            [SuppressTokensLogitsProcessor(suppressed, device=input_ids.device)]
+            [SuppressTokensLogitsProcessor(suppressed, device=input_ids.device), *(logits_processors or ())]
         ),
         tokenizer=model.processor.text_tokenizer,  # read by the stop-string criterion only
         streamer=streamer,

@@ -5,12 +5,23 @@ The pipeline of `MultimodalProcessor.__call__`, for a batch of conversations:
 1. Flatten each message's content parts into one string (text parts as they are, each image part as the
    `<|image|>` placeholder, parts joined by "\\n") and collect the images in placeholder order. Strings are
    what every chat template accepts, so a base model's own template (Qwen2, Llama, ...) works unchanged.
+   Message text is data, never control: a reserved string typed in a text part (any special token of the
+   text tokenizer: `<|end|>`, an assistant header, `<|boi|>`, `<|image|>`, bos / eos ...) is swapped for a
+   unique marker while the template renders, and restored afterwards with its position recorded, so that
+   step 3 tokenizes it as ordinary text. Text without reserved strings takes exactly the path it always
+   took. `image_placeholders_in_text=True` (trusted callers only) keeps a typed `<|image|>` a placeholder.
 2. Render the chat template once per conversation (one batched `apply_chat_template` call) and find each
-   assistant turn's character span by rendering prefixes: turn i's reply starts where
-   `render(messages[:i], add_generation_prompt=True)` ends and stops right after the next end-of-turn
-   token, so the template's text after it (e.g. ChatML's "\\n") is not supervised.
+   assistant turn's character span: turn i's reply starts where `render(messages[:i],
+   add_generation_prompt=True)` ends and stops right after the next end-of-turn token, so the template's
+   text after it (e.g. ChatML's "\\n") is not supervised. Rendering every such prefix costs O(turns^2), so
+   a conversation with more than two assistant turns renders once more with each reply swapped for a
+   marker instead (the reply starts where its marker is) and checks that against the prefix renders of
+   its first and last reply: linear, and the same spans (the prefix renders decide wherever they differ).
+   Generation prompts need no spans (`return_labels=False`): one render.
 3. Tokenize all rendered strings in ONE batched call; a token is supervised when its first character
-   lies in an assistant span (offset mapping; no per-token Python loop).
+   lies in an assistant span (offset mapping; no per-token Python loop). Where a reserved string typed in
+   a message became a special id, the text between the template's own special tokens around it is
+   tokenized again as plain text (`split_special_tokens=True`).
 4. Encode every image of the batch in ONE `vision_tokenizer.encode` call (precomputed codes skip it) and
    expand each `<|image|>` id into `<|boi|>` + h*w image ids + `<|eoi|>` (`ImageVocabulary.image_ids`):
    each sequence is cut at its placeholders and the pieces, text ids and image ids in turn, are joined
@@ -22,8 +33,12 @@ The pipeline of `MultimodalProcessor.__call__`, for a batch of conversations:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
+import re
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +54,7 @@ from mllm.config import (
     padded_vocab_size,
 )
 from mllm.text_tokenizer import prepare_text_tokenizer
-from mllm.vocab import ImageVocabulary
+from mllm.vocab import ImageVocabulary, reserved_strings, special_token_ids
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -51,6 +66,9 @@ IGNORE_INDEX = -100  # labels the loss skips (PyTorch's cross_entropy default)
 PART_SEPARATOR = "\n"  # between the content parts of one message (DEFAULT_CHAT_TEMPLATE does the same)
 # tokenizer.model_max_length of a tokenizer that never set one is ~1e30; anything this large means "unset".
 _UNSET_LENGTH = 10**8
+# A conversation with more assistant turns than this finds its reply spans from one marked rendering
+# instead of one prefix rendering per turn (see `_reply_starts`).
+_PREFIX_RENDERS = 2
 
 
 class _FromImages:
@@ -102,6 +120,14 @@ class MultimodalProcessor:
         self._stop_ids = torch.tensor(
             sorted({config.end_of_turn_token_id} | ({text_tokenizer.eos_token_id} - {None}))
         )
+        # Reserved strings: typed in message text they are tokenized as plain text (see the module doc).
+        reserved = reserved_strings(text_tokenizer)
+        self._special_ids = special_token_ids(text_tokenizer)
+        self._added_ids = frozenset(text_tokenizer.added_tokens_decoder) | self._special_ids
+        self._reserved_patterns = {
+            allow: _alternation([r for r in reserved if not (allow and r == IMAGE_TOKEN)])
+            for allow in (False, True)
+        }
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -196,6 +222,9 @@ class MultimodalProcessor:
         max_length: int | None = None,
         truncation: bool = False,
         images: Sequence[Any] | None = None,
+        *,
+        image_placeholders_in_text: bool = False,
+        return_labels: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One conversation (a list of messages) or a batch of them -> padded LongTensors (B, T).
 
@@ -203,9 +232,15 @@ class MultimodalProcessor:
         tokens: reply text, the end-of-turn token, and images the assistant draws, <|boi|> codes <|eoi|>).
         Image parts: `{"type": "image", "image": PIL | path | bytes | data URL | base64}` (also "url" or
         "path" keys), `{"type": "image_url", "image_url": {"url": ...}}`, precomputed codes
-        `{"type": "image", "codes": (h, w)}`, or a bare `{"type": "image"}` / a `<|image|>` typed in text,
-        which take the next image of `images` (a flat list in conversation order, or one list per
-        conversation). `add_generation_prompt=True` appends the assistant header for generation.
+        `{"type": "image", "codes": (h, w)}`, or a bare `{"type": "image"}`, which takes the next image of
+        `images` (a flat list in conversation order, or one list per conversation).
+        `add_generation_prompt=True` appends the assistant header for generation.
+
+        Message text is tokenized as text: a special token's string typed in it (`<|end|>`, `<|boi|>`,
+        `<|image|>`, ...) becomes ordinary text tokens, never the special id, so client text cannot forge
+        a turn or an image. `image_placeholders_in_text=True` (trusted input only) makes a `<|image|>`
+        typed in text a placeholder that takes the next image of `images`, like a bare image part.
+        `return_labels=False` (generation) skips the label spans and returns no `labels`.
         A sequence longer than `max_length` (default: the context length) raises ValueError unless
         `truncation=True`: generation prompts lose their start, training sequences their end (never
         half an image).
@@ -213,11 +248,17 @@ class MultimodalProcessor:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         batch = _as_batch(conversations)
-        flattened = [self._flatten(conversation) for conversation in batch]
-        self._bind_images(flattened, images)
+        escapes = _Escapes(self._reserved_patterns[bool(image_placeholders_in_text)])
+        flattened = [self._flatten(c, escapes, image_placeholders_in_text) for c in batch]
+        self._bind_images(flattened, images, image_placeholders_in_text)
 
-        full, spans = self._render_with_spans([messages for messages, _ in flattened], add_generation_prompt)
-        token_ids, supervised = self._tokenize(full, spans)
+        messages = [messages for messages, _ in flattened]
+        if return_labels:
+            full, spans = self._render_with_spans(messages, add_generation_prompt)
+        else:
+            full, spans = self._apply_template(messages, add_generation_prompt), [[] for _ in messages]
+        full, spans, typed = escapes.restore(full, spans)
+        token_ids, supervised = self._tokenize(full, spans, typed)
 
         # Check placeholder counts before the (expensive) vision tokenizer runs.
         placeholder_counts = [int((ids == self.config.image_token_id).sum()) for ids in token_ids]
@@ -237,11 +278,17 @@ class MultimodalProcessor:
             if limit is not None and len(ids) > limit:
                 ids, sup = self._truncate(ids, sup, image_starts, limit, truncation, add_generation_prompt)
             sequences.append((ids, sup))
-        return self._pad(sequences, padding_side)
+        padded = self._pad(sequences, padding_side)
+        if not return_labels:
+            del padded["labels"]
+        return padded
 
     def render(self, conversation, add_generation_prompt: bool = False) -> str:
-        """The chat template applied to one conversation, images as <|image|> (nothing is decoded)."""
-        messages, _ = self._flatten(_as_batch(conversation)[0])
+        """The chat template applied to one conversation, images as <|image|> (nothing is decoded).
+
+        Message text is rendered as it is: the string does not show which reserved strings in it
+        `__call__` tokenizes as plain text."""
+        messages, _ = self._flatten(_as_batch(conversation)[0], _Escapes(None), True)
         return self._apply_template([messages], add_generation_prompt)[0]
 
     def draw_conversation(self, prompt: str) -> list[dict[str, Any]]:
@@ -305,9 +352,13 @@ class MultimodalProcessor:
         }
 
     # ------------------------------------------------------------------ internals
-    def _flatten(self, conversation) -> tuple[list[dict[str, str]], list[Any]]:
+    def _flatten(
+        self, conversation, escapes: _Escapes, image_placeholders_in_text: bool
+    ) -> tuple[list[dict[str, str]], list[Any]]:
         """Messages with string content (<|image|> for images) and the image sources in placeholder order.
 
+        Reserved strings in text parts are swapped for `escapes`' markers (a typed <|image|> is kept, and
+        counts as a placeholder, only with `image_placeholders_in_text`).
         A source is ("codes", tensor), ("image", anything `load_image` takes) or _FromImages."""
         messages, sources = [], []
         if not isinstance(conversation, (list, tuple)) or not conversation:
@@ -329,8 +380,9 @@ class MultimodalProcessor:
                     text = part.get("text")
                     if not isinstance(text, str):
                         raise ValueError(f"a text part needs a string 'text', got {_short(part)}")
-                    sources += [_FromImages] * text.count(IMAGE_TOKEN)  # placeholders typed in the text
-                    texts.append(text)
+                    if image_placeholders_in_text:
+                        sources += [_FromImages] * text.count(IMAGE_TOKEN)  # placeholders typed in the text
+                    texts.append(escapes.escape(text))
                 elif kind in ("image", "image_url"):
                     sources.append(_image_source(part))
                     texts.append(IMAGE_TOKEN)
@@ -343,8 +395,11 @@ class MultimodalProcessor:
         return messages, sources
 
     @staticmethod
-    def _bind_images(flattened: list[tuple[list, list]], images: Sequence[Any] | None) -> None:
-        """Give each placeholder without its own image (typed <|image|>, bare image part) one of `images`."""
+    def _bind_images(
+        flattened: list[tuple[list, list]], images: Sequence[Any] | None, image_placeholders_in_text: bool
+    ) -> None:
+        """Give each placeholder without its own image (bare image part, typed <|image|> when allowed) one
+        of `images`."""
         wanted = [sum(source is _FromImages for source in sources) for _, sources in flattened]
         if images is None:
             images = []
@@ -366,9 +421,13 @@ class MultimodalProcessor:
         else:
             queue = list(images)
             if sum(wanted) != len(queue):
+                kinds = f"{IMAGE_TOKEN} in text or bare image parts" if image_placeholders_in_text else (
+                    f"bare image parts; a {IMAGE_TOKEN} typed in text is text unless "
+                    "image_placeholders_in_text=True"
+                )
                 raise ValueError(
                     f"the conversation has {sum(wanted)} image placeholders without an image "
-                    f"({IMAGE_TOKEN} in text or bare image parts) but {len(queue)} images were given"
+                    f"({kinds}) but {len(queue)} images were given"
                 )
         position = 0
         for _, sources in flattened:
@@ -389,55 +448,102 @@ class MultimodalProcessor:
     ) -> tuple[list[str], list[list[tuple[int, int]]]]:
         """Render each conversation; return the strings and each one's assistant reply spans (char ranges).
 
-        Prefix rendering, which works for any template: the reply of assistant message i starts where
-        render(messages[:i], add_generation_prompt=True) ends, provided that render is a prefix of the
-        whole one, and ends with the first end-of-turn token after it. Two batched template calls (the
-        conversations, then every prompt prefix). A template that is not prefix-consistent (one that
-        rewrites earlier turns) falls back to finding the reply's own text.
+        The reply of assistant message i starts where render(messages[:i], add_generation_prompt=True)
+        ends, provided that render is a prefix of the whole one (`_reply_starts`), and ends with the first
+        end-of-turn token after it. A template that is not prefix-consistent (one that rewrites earlier
+        turns), or a conversation that opens with the assistant, falls back to finding the reply's own text.
         """
         full = self._apply_template(batch, add_generation_prompt)
-        jobs, prompts = [], []  # jobs: (conversation, message index, index into prompts or None)
-        for b, messages in enumerate(batch):
-            for i, message in enumerate(messages):
-                if message["role"] == "assistant":
-                    jobs.append((b, i, len(prompts) if i > 0 else None))
-                    if i > 0:
-                        prompts.append(messages[:i])
-        prompt_texts = self._apply_template(prompts, True)
-
-        spans: list[list[tuple[int, int]]] = [[] for _ in batch]
-        cursors = [0] * len(batch)
+        replies = [[i for i, m in enumerate(messages) if m["role"] == "assistant"] for messages in batch]
+        starts = self._reply_starts(batch, full, replies, add_generation_prompt)
+        spans: list[list[tuple[int, int]]] = []
         eot = self.end_of_turn_token
-        for b, i, prompt_index in jobs:
-            text = full[b]
-            close = -1
-            if prompt_index is not None:
-                start = len(prompt_texts[prompt_index])
-                if start >= cursors[b] and text.startswith(prompt_texts[prompt_index]):
+        for text, messages, indices, known in zip(full, batch, replies, starts):
+            found, cursor = [], 0
+            for i in indices:
+                start, close = known.get(i), -1
+                if start is not None and start >= cursor:
                     close = text.find(eot, start)
-            if close >= 0:
-                end = close + len(eot)
-            else:
-                start, end = _find_reply(text, batch[b][i]["content"], eot, cursors[b], i)
-            spans[b].append((start, end))
-            cursors[b] = end
+                if close >= 0:
+                    end = close + len(eot)
+                else:
+                    start, end = _find_reply(text, messages[i]["content"], eot, cursor, i)
+                found.append((start, end))
+                cursor = end
+            spans.append(found)
         return full, spans
 
+    def _reply_starts(
+        self, batch: list[list[dict]], full: list[str], replies: list[list[int]], add_generation_prompt: bool
+    ) -> list[dict[int, int | None]]:
+        """Per conversation, {i: where the reply of assistant message i (i > 0) starts in the rendering}:
+        len(render(messages[:i], add_generation_prompt=True)) when that is a prefix of the rendering,
+        else None.
+
+        Rendering every prefix costs O(n^2) in the number of messages n. A conversation with more than
+        `_PREFIX_RENDERS` such replies is rendered once more with each of their contents swapped for a
+        unique marker: where a marker stands is where that reply's text starts. That is taken when the
+        markers put back give the rendering exactly and the prefix renders of the first and the last
+        reply agree with it; otherwise (a template that writes something between the header and the
+        reply, or treats turns unevenly) every prefix is rendered. Batched template calls throughout.
+        """
+        wanted = [[i for i in indices if i > 0] for indices in replies]
+        starts: list[dict[int, int | None]] = [{} for _ in batch]
+        marked = [b for b, indices in enumerate(wanted) if len(indices) > _PREFIX_RENDERS]
+        located: dict[int, dict[int, int]] = {}
+        if marked:
+            nonce = secrets.token_hex(8)
+            rendered = self._apply_template(
+                [_mark_replies(batch[b], wanted[b], nonce) for b in marked], add_generation_prompt
+            )
+            for b, text in zip(marked, rendered):
+                positions = _marked_reply_starts(text, batch[b], wanted[b], nonce, full[b])
+                if positions is not None:
+                    located[b] = positions
+
+        def checked(b: int) -> list[int]:  # the prefixes rendered for conversation b
+            return sorted({wanted[b][0], wanted[b][-1]}) if b in located else wanted[b]
+
+        self._prefix_starts(batch, full, starts, [(b, i) for b in range(len(batch)) for i in checked(b)])
+        rest = []
+        for b, positions in located.items():
+            if all(starts[b][i] == positions[i] for i in checked(b)):
+                starts[b] = positions
+            else:
+                rest += [(b, i) for i in wanted[b] if i not in starts[b]]
+        self._prefix_starts(batch, full, starts, rest)
+        return starts
+
+    def _prefix_starts(self, batch, full, starts, jobs: list[tuple[int, int]]) -> None:
+        """starts[b][i] for each (b, i) of `jobs` from the prefix renderings (one batched call)."""
+        prompts = self._apply_template([batch[b][:i] for b, i in jobs], True)
+        for (b, i), prompt in zip(jobs, prompts):
+            starts[b][i] = len(prompt) if full[b].startswith(prompt) else None
+
     def _tokenize(
-        self, texts: list[str], spans: list[list[tuple[int, int]]]
+        self, texts: list[str], spans: list[list[tuple[int, int]]], typed: list[list[tuple[int, int]]]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """All rendered strings in one batched call -> ids (T,) and supervised masks (T,) per sequence."""
+        """All rendered strings in one batched call -> ids (T,) and supervised masks (T,) per sequence.
+
+        `typed`: per string, the character ranges of reserved strings typed in message text; tokens there
+        must not be special ids (`_plain_text_runs`)."""
         tokenizer = self.text_tokenizer
-        need_offsets = any(spans)
+        need_offsets = any(spans) or any(typed)
         if need_offsets and not getattr(tokenizer, "is_fast", False):
-            return self._tokenize_segments(texts, spans)
+            return self._tokenize_segments(texts, spans, typed)
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=need_offsets)
+        rows = [
+            (list(ids), list(encoded["offset_mapping"][index]) if need_offsets else None)
+            for index, ids in enumerate(encoded["input_ids"])
+        ]
+        if any(typed):
+            rows = self._plain_text_runs(texts, rows, typed)
         token_ids, supervised = [], []
-        for index, text_spans in enumerate(spans):
-            ids = torch.tensor(encoded["input_ids"][index], dtype=torch.long)
+        for (row_ids, row_offsets), text_spans in zip(rows, spans):
+            ids = torch.tensor(row_ids, dtype=torch.long)
             mask = torch.zeros(len(ids), dtype=torch.bool)
             if text_spans:
-                offsets = torch.tensor(encoded["offset_mapping"][index], dtype=torch.long).reshape(-1, 2)
+                offsets = torch.tensor(row_offsets, dtype=torch.long).reshape(-1, 2)
                 starts = offsets[:, 0]  # (T,) first character of each token
                 bounds = torch.tensor(text_spans, dtype=torch.long)  # (S, 2)
                 mask = ((starts[:, None] >= bounds[:, 0]) & (starts[:, None] < bounds[:, 1])).any(dim=1)
@@ -445,21 +551,78 @@ class MultimodalProcessor:
             supervised.append(mask)
         return token_ids, supervised
 
-    def _tokenize_segments(self, texts, spans):
-        """Tokenizers without offset mappings: cut at the span boundaries, tokenize the pieces (batched)."""
-        pieces, owners = [], []
-        for index, (text, text_spans) in enumerate(zip(texts, spans)):
-            position = 0
-            for start, end in text_spans:
-                pieces += [(text[position:start], False), (text[start:end], True)]
-                owners += [index, index]
-                position = end
-            pieces.append((text[position:], False))
-            owners.append(index)
-        encoded = self.text_tokenizer([piece for piece, _ in pieces], add_special_tokens=False)["input_ids"]
+    def _plain_text_runs(self, texts, rows, typed):
+        """Re-tokenize, as plain text, each stretch of text that holds a special id typed in a message.
+
+        The tokenizer cuts a string at its added tokens and tokenizes the text between them piece by
+        piece. A special token whose characters lie in a `typed` range was typed in a message: the text
+        from the template's added token before it to the one after it (all of it message text, or
+        template text joined to it) is tokenized again as ONE piece with `split_special_tokens=True`,
+        so it reads exactly as it would have without the typed string being special. Every other piece
+        keeps its ids. One batched call for all such pieces.
+        """
+        jobs = []  # (row, first token, end token, first char, end char)
+        for row, (text, (ids, offsets), ranges) in enumerate(zip(texts, rows, typed)):
+            if not ranges:
+                continue
+            range_starts = [a for a, _ in ranges]
+
+            def inside(position: int, ranges=ranges, range_starts=range_starts) -> bool:
+                k = bisect.bisect_right(range_starts, position) - 1
+                return k >= 0 and position < ranges[k][1]
+
+            previous, has_typed = -1, False  # previous: the index of the last boundary token
+            for j in range(len(ids) + 1):
+                boundary = j == len(ids)
+                if not boundary and ids[j] in self._added_ids:
+                    if ids[j] in self._special_ids and inside(offsets[j][0]):
+                        has_typed = True
+                    else:
+                        boundary = True
+                if boundary:
+                    if has_typed:
+                        first = offsets[previous][1] if previous >= 0 else 0
+                        last = offsets[j][0] if j < len(ids) else len(text)
+                        jobs.append((row, previous + 1, j, first, last))
+                    previous, has_typed = j, False
+        if not jobs:
+            return rows
+        encoded = self.text_tokenizer(
+            [texts[row][first:last] for row, _, _, first, last in jobs],
+            add_special_tokens=False,
+            split_special_tokens=True,
+            return_offsets_mapping=True,
+        )
+        rows = [(list(ids), list(offsets)) for ids, offsets in rows]
+        for index in reversed(range(len(jobs))):  # last piece first: earlier token indices stay valid
+            row, begin, end, first, _ = jobs[index]
+            ids, offsets = rows[row]
+            ids[begin:end] = encoded["input_ids"][index]
+            offsets[begin:end] = [(a + first, b + first) for a, b in encoded["offset_mapping"][index]]
+        return rows
+
+    def _tokenize_segments(self, texts, spans, typed):
+        """Tokenizers without offset mappings: cut at the span boundaries and around typed reserved strings,
+        tokenize the pieces (batched; the typed strings as plain text)."""
+        pieces, owners = [], []  # pieces: (text, is_reply, plain)
+        for index, (text, text_spans, ranges) in enumerate(zip(texts, spans, typed)):
+            cuts = sorted({0, len(text)} | {c for pair in [*text_spans, *ranges] for c in pair})
+            for first, last in itertools.pairwise(cuts):
+                is_reply = any(a <= first < b for a, b in text_spans)
+                plain = any(a <= first < b for a, b in ranges)
+                pieces.append((text[first:last], is_reply, plain))
+                owners.append(index)
+        encoded: list[list[int]] = [[] for _ in pieces]
+        for plain in (False, True):
+            chosen = [k for k, piece in enumerate(pieces) if piece[2] == plain]
+            if chosen:
+                options = {"split_special_tokens": True} if plain else {}
+                ids = self.text_tokenizer([pieces[k][0] for k in chosen], add_special_tokens=False, **options)
+                for k, piece_ids in zip(chosen, ids["input_ids"]):
+                    encoded[k] = piece_ids
         ids = [[] for _ in texts]
         masks = [[] for _ in texts]
-        for owner, (_, is_reply), piece_ids in zip(owners, pieces, encoded):
+        for owner, (_, is_reply, _), piece_ids in zip(owners, pieces, encoded):
             ids[owner] += piece_ids
             masks[owner] += [is_reply] * len(piece_ids)
         return (
@@ -598,3 +761,104 @@ def _find_reply(text: str, content: str, eot: str, cursor: int, index: int) -> t
         f"cannot find assistant message {index} in the rendered chat template (its prefixes do not render "
         "consistently and its text does not appear verbatim), so its labels cannot be masked"
     )
+
+
+def _alternation(strings: Sequence[str]) -> re.Pattern | None:
+    """A regex matching any of `strings` (given longest first: the tokenizer's leftmost-longest match)."""
+    return re.compile("|".join(re.escape(s) for s in strings)) if strings else None
+
+
+class _Escapes:
+    """Reserved strings typed in message text <-> unique markers, for one processor call.
+
+    `escape` swaps each reserved string of a text for a marker the template copies like any text (private
+    use characters around a random nonce and a number); `restore` puts the strings back into the rendered
+    strings and returns where they are, so that tokenization keeps them plain text."""
+
+    def __init__(self, pattern: re.Pattern | None) -> None:
+        self.pattern = pattern
+        self.originals: list[str] = []
+        self.nonce = secrets.token_hex(8)
+        self.marker = re.compile("\ue000" + self.nonce + r"(\d+)\ue001")
+
+    def escape(self, text: str) -> str:
+        if self.pattern is None:
+            return text
+        return self.pattern.sub(self._swap, text)
+
+    def _swap(self, match: re.Match) -> str:
+        self.originals.append(match.group())
+        return f"\ue000{self.nonce}{len(self.originals) - 1}\ue001"
+
+    def restore(
+        self, texts: list[str], spans: list[list[tuple[int, int]]]
+    ) -> tuple[list[str], list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:
+        """Rendered strings with markers -> (the strings with the reserved strings back, the spans moved
+        to match, per string the character ranges of the restored reserved strings)."""
+        typed: list[list[tuple[int, int]]] = [[] for _ in texts]
+        if not self.originals:
+            return texts, spans, typed
+        restored_texts, restored_spans = [], []
+        for text, text_spans, ranges in zip(texts, spans, typed):
+            pieces, ends, shifts, position, shift = [], [], [], 0, 0
+            for match in self.marker.finditer(text):
+                if int(match.group(1)) >= len(self.originals):
+                    continue  # not one of ours (no text can guess the nonce; checked all the same)
+                original = self.originals[int(match.group(1))]
+                pieces.append(text[position : match.start()])
+                pieces.append(original)
+                ranges.append((match.start() + shift, match.start() + shift + len(original)))
+                shift += len(original) - (match.end() - match.start())
+                ends.append(match.end())
+                shifts.append(shift)
+                position = match.end()
+            if not ranges:
+                restored_texts.append(text)
+                restored_spans.append(text_spans)
+                continue
+            pieces.append(text[position:])
+            restored_texts.append("".join(pieces))
+
+            def moved(at: int, ends=ends, shifts=shifts) -> int:  # span ends never fall inside a marker
+                k = bisect.bisect_right(ends, at) - 1
+                return at + (shifts[k] if k >= 0 else 0)
+
+            restored_spans.append([(moved(a), moved(b)) for a, b in text_spans])
+        return restored_texts, restored_spans, typed
+
+
+def _reply_marker(nonce: str, index: int) -> str:
+    return f"\ue002{nonce}{index}\ue003"
+
+
+def _mark_replies(messages: list[dict], indices: list[int], nonce: str) -> list[dict]:
+    """The messages with the content of each assistant message in `indices` swapped for its marker."""
+    chosen = set(indices)
+    return [
+        {**message, "content": _reply_marker(nonce, i)} if i in chosen else message
+        for i, message in enumerate(messages)
+    ]
+
+
+def _marked_reply_starts(
+    marked: str, messages: list[dict], indices: list[int], nonce: str, full: str
+) -> dict[int, int] | None:
+    """Where each marked reply's text starts in `full` (the unmarked rendering), or None unless every
+    marker appears once, in order, and putting the replies back in their place gives `full` exactly."""
+    pattern = re.compile("\ue002" + nonce + r"(\d+)\ue003")
+    pieces, positions, position, length = [], {}, 0, 0
+    expected = iter(indices)
+    for match in pattern.finditer(marked):
+        index = int(match.group(1))
+        if index != next(expected, None):
+            return None
+        content = messages[index]["content"]
+        pieces += [marked[position : match.start()], content]
+        length += match.start() - position
+        positions[index] = length
+        length += len(content)
+        position = match.end()
+    if len(positions) != len(indices):
+        return None
+    pieces.append(marked[position:])
+    return positions if "".join(pieces) == full else None

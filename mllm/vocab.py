@@ -93,3 +93,22 @@ def add_image_special_tokens(text_tokenizer) -> dict[str, int]:
     if missing:
         text_tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     return {t: text_tokenizer.convert_tokens_to_ids(t) for t in tokens}
+
+
+def reserved_strings(text_tokenizer) -> tuple[str, ...]:
+    """The strings a text tokenizer turns into special ids: its special added tokens (the chat template's
+    markers, <|boi|> <|eoi|> <|image|>, bos / eos / pad / unk), longest first.
+
+    Typed in a message they would forge control ids (a fake end of turn, an image that is not one), so
+    the processor tokenizes message text with these strings as ordinary text (`MultimodalProcessor`).
+    """
+    found = {token.content for token in text_tokenizer.added_tokens_decoder.values() if token.special}
+    found.update(text_tokenizer.all_special_tokens)
+    return tuple(sorted((s for s in found if s), key=lambda s: (-len(s), s)))
+
+
+def special_token_ids(text_tokenizer) -> frozenset[int]:
+    """The ids of the strings `reserved_strings` lists."""
+    ids = {token_id for token_id, token in text_tokenizer.added_tokens_decoder.items() if token.special}
+    ids.update(text_tokenizer.all_special_ids)
+    return frozenset(int(i) for i in ids)

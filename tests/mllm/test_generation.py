@@ -265,9 +265,11 @@ def test_chat_draws_an_image_after_boi(tiny, monkeypatch):
     config = tiny.config
     text_calls = spy_text_generation(monkeypatch)
     red = tiny.processor.text_tokenizer.encode("red", add_special_tokens=False)[0]
+    per_image = config.image_tokens_per_image + 2  # the image is charged to the budget: 4 text tokens remain
     with biased_head(tiny, {config.boi_token_id: 200.0, red: 100.0}):
         reply = chat(
-            tiny, [{"role": "user", "content": "Draw: a red circle"}], max_new_tokens=4, max_images=1, seed=0
+            tiny, [{"role": "user", "content": "Draw: a red circle"}], max_new_tokens=per_image + 4,
+            max_images=1, seed=0,
         )
     assert len(reply["images"]) == 1
     assert reply["images"][0].size == (config.image_size, config.image_size)
@@ -290,8 +292,9 @@ def test_chat_continues_from_a_reply_prefix_ending_in_boi(tiny, monkeypatch):
     blue = tiny.processor.text_tokenizer.encode("blue", add_special_tokens=False)
     prefix = [*blue, config.boi_token_id]
     text_calls = spy_text_generation(monkeypatch)
-    reply = chat(tiny, [{"role": "user", "content": "Draw: a blue square"}], max_new_tokens=len(prefix) + 3,
-                 max_images=1, seed=0, reply_prefix=prefix)
+    rest_of_image = config.image_tokens_per_image + 1  # the codes and <|eoi|> (the prefix has the <|boi|>)
+    reply = chat(tiny, [{"role": "user", "content": "Draw: a blue square"}],
+                 max_new_tokens=len(prefix) + rest_of_image + 3, max_images=1, seed=0, reply_prefix=prefix)
     assert len(reply["images"]) == 1 and reply["text"].startswith("blue")
     # the only text call comes after the image: prompt + prefix + h*w codes + <|eoi|>
     assert len(text_calls) == 1
@@ -302,6 +305,96 @@ def test_chat_continues_from_a_reply_prefix_ending_in_boi(tiny, monkeypatch):
 def test_chat_without_boi_returns_text_only(tiny):
     reply = chat(tiny, [{"role": "user", "content": "Hello"}], max_new_tokens=6, temperature=1.0, seed=0)
     assert reply["images"] == [] and isinstance(reply["text"], str)
+
+
+@contextlib.contextmanager
+def scripted_text(model, token_id: int, count: int):
+    """Text generation writes `token_id` for the first `count` tokens of the reply, then asks for an image
+    (<|boi|> likeliest) wherever <|boi|> is allowed (a forward hook on the LLM: image codes are unaffected,
+    the image loop runs the decoder and the head's image rows on their own)."""
+    boi, start = model.config.boi_token_id, {}
+
+    def hook(module, args, kwargs, output):
+        cache = getattr(output, "cache", None)  # transformers 5 (past_key_values before)
+        cache = cache if cache is not None else output.past_key_values
+        length = cache.get_seq_length()  # the sequence so far: the token predicted comes next
+        start.setdefault("prompt", length)
+        output.logits[:, -1, token_id if length - start["prompt"] < count else boi] += 1e4
+        return output
+
+    handle = model.llm.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _context_length(monkeypatch, length: int) -> None:
+    from mllm.model import UnifiedMLLM
+
+    monkeypatch.setattr(UnifiedMLLM, "context_length", property(lambda self: length))
+
+
+def test_chat_never_starts_an_image_that_does_not_fit_the_context(tiny, monkeypatch):
+    """Text, then <|boi|> near the end of the context: the image used to be checked only once the text was
+    there, and the reply failed (a 400 after all the generation) when it no longer fitted."""
+    config = tiny.config
+    per_image = config.image_tokens_per_image + 2
+    conversation = [{"role": "user", "content": "Draw: a red circle"}]
+    prompt = len(generation._encode_prompts(tiny, [conversation])["input_ids"][0])
+    red = tiny.processor.text_tokenizer.encode("red", add_special_tokens=False)[0]
+    _context_length(monkeypatch, prompt + 3 + per_image)  # 3 text tokens and the image: just fits
+    with scripted_text(tiny, red, 3):
+        reply = chat(tiny, conversation, max_images=2, seed=0)
+    assert len(reply["images"]) == 1 and reply["text"].startswith("red")
+    _context_length(monkeypatch, prompt + 2 + per_image)  # one token short: not started, text goes on
+    with scripted_text(tiny, red, 3):
+        reply = chat(tiny, conversation, max_images=2, seed=0)
+    assert reply["images"] == [] and reply["text"].startswith("red")
+    # a prompt and reply prefix over the context: refused before anything is generated
+    with pytest.raises(ValueError, match="exceed the context length"):
+        chat(tiny, conversation, reply_prefix=[red] * (per_image + 3))
+
+
+def test_chat_charges_drawn_images_to_max_new_tokens(tiny, monkeypatch):
+    """max_new_tokens bounds the whole reply, images included (h*w + 2 tokens each); an image that does
+    not fit the budget is not started. (Images used to come on top: up to 4 of them.)"""
+    config = tiny.config
+    per_image = config.image_tokens_per_image + 2
+    conversation = [{"role": "user", "content": "Draw: a red circle"}]
+    replies = []
+    real_finish = generation._finish_text
+    monkeypatch.setattr(generation, "_finish_text", lambda m, ids, stop: replies.append(list(ids)) or
+                        real_finish(m, ids, stop))
+    with biased_head(tiny, {config.boi_token_id: 200.0}):
+        cases = ((per_image - 1, 0), (per_image, 1), (2 * per_image + 1, 2), (10 * per_image, 4))
+        for budget, drawn in cases:
+            reply = chat(tiny, conversation, max_new_tokens=budget, max_images=4, seed=0)
+            assert len(reply["images"]) == drawn, budget
+            assert len(replies[-1]) <= budget
+            assert len(tiny.vocab.find_images(replies[-1])) == drawn
+    # a reply prefix's image counts too: one that does not fit is dropped, the reply goes on with text
+    blue = tiny.processor.text_tokenizer.encode("blue", add_special_tokens=False)
+    prefix = [*blue, config.boi_token_id]
+    reply = chat(tiny, conversation, max_new_tokens=len(prefix) + 5, reply_prefix=prefix, max_images=1,
+                 seed=0)
+    assert reply["images"] == [] and reply["text"].startswith("blue")
+    assert config.boi_token_id not in replies[-1] and len(replies[-1]) <= len(prefix) + 5
+
+
+def test_generate_images_checks_room_before_sampling(tiny, monkeypatch):
+    config = tiny.config
+    per_image = config.image_tokens_per_image + 2
+    prompt = len(generation._draw_prefixes(tiny, [tiny.processor.draw_conversation("a red circle")])[0]) - 1
+    _context_length(monkeypatch, prompt + per_image - 1)
+    sampled = []
+    real_sample = generation.sample_image_codes
+    monkeypatch.setattr(generation, "sample_image_codes", lambda *a: sampled.append(a) or real_sample(*a))
+    with pytest.raises(ValueError, match=rf"'a red circle' takes {prompt} tokens .* over the context length"):
+        generate_images(tiny, "a red circle", n=8, seed=0)
+    assert sampled == []  # refused before the image loop
+    _context_length(monkeypatch, prompt + per_image)  # exactly enough
+    assert len(generate_images(tiny, "a red circle", n=8, seed=0)[0]) == 8
 
 
 @contextlib.contextmanager
