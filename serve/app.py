@@ -14,9 +14,22 @@ data-URL images (`![image 1](data:image/png;base64,...)`, which any client can s
 `message.model_extra["images"]`). Sent back in a later turn, such markdown images are read as images.
 `usage.prompt_tokens` and `completion_tokens` count image tokens (h*w codes + 2 per image).
 
+No single request can stall the server: the event loop only moves bytes. Parsing a body, fetching,
+checking and decoding images, resizing and PNG-encoding drawn images and serialising answers run in
+small thread pools (parsing in its own, image work in `cpu_threads`, remote fetches in `fetch_threads`),
+and a request is admitted to the engine's bounded queue (429 when full) before its images are decoded. A chat request
+goes: body (413 above the limit, 408 when it does not arrive within `Limits.body_timeout_s`) -> JSON
+and schema (`serve.protocol`) -> remote images fetched -> image headers checked (pixels per image and
+per request) -> admission -> images decoded and shrunk -> the engine.
+
 Every bad request is answered with a 4xx and an OpenAI error body `{"error": {"message", "type",
 "param", "code"}}` (serve.protocol); a full queue is a 429; with an API key, a missing or wrong
-`Authorization: Bearer` is a 401. A client that disconnects cancels its generation.
+`Authorization: Bearer` is a 401 (compared in constant time). A 500 never carries an exception's text
+(the server's log has it). Served on loopback (`host`, the default), only loopback `Host` names are
+answered (localhost, 127.0.0.1, [::1], any port, plus `allowed_hosts`), so a web page cannot reach the
+server through DNS rebinding; request bodies must be JSON (`Content-Type: application/json`, else 415),
+so a web page cannot post a form or plain text to it. A client that disconnects cancels its generation,
+and nothing is logged for it.
 """
 
 from __future__ import annotations
@@ -25,21 +38,49 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
+import hmac
 import io
+import json
+import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from serve.engine import Cancelled, ChatJob, Engine, ImageJob, QueueFull
-from serve.protocol import APIError, Limits, parse_chat_request, parse_image_request, parse_json_body
+from serve.engine import Cancelled, ChatJob, Engine, ImageJob, QueueFull, Reservation
+from serve.protocol import (
+    APIError,
+    ChatRequest,
+    ImageRef,
+    ImageRequest,
+    Limits,
+    check_image_headers,
+    decode_image,
+    effective_temperature,
+    fetch_remote_images,
+    parse_image_request,
+    parse_json_body,
+    read_chat_request,
+)
+from serve.server import is_loopback_host
 
 STATIC_DIR = Path(__file__).parent / "static"
 POLL_S = 0.01
+LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
+logger = logging.getLogger("serve")
+
+
+class ClientGone(Exception):
+    """The client disconnected: there is no one to answer, and nothing worth logging."""
 
 
 def generation_config_temperature(model) -> float:
@@ -55,8 +96,13 @@ def generation_config_temperature(model) -> float:
 def create_app(model_dir: str | None = None, *, model=None, adapter: str | None = None, api_key: str | None = None,
                limits: Limits | None = None, max_batch: int = 8, batch_window_s: float = 0.02,
                queue_size: int = 64, default_max_tokens: int = 256, device: str | None = None,
-               model_name: str | None = None) -> FastAPI:
-    """The app for a model folder (or an already loaded `mllm.MLLM` as `model`)."""
+               model_name: str | None = None, host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
+               cpu_threads: int = 2, fetch_threads: int = 4) -> FastAPI:
+    """The app for a model folder (or an already loaded `mllm.MLLM` as `model`).
+
+    `host` is the address the server binds to: on a loopback address only loopback `Host` names (and
+    `allowed_hosts`) are answered. `cpu_threads` bounds the threads that decode and encode images and
+    parse bodies; `fetch_threads` those that fetch remote images."""
     if model is None:
         if model_dir is None:
             raise ValueError("create_app needs model_dir or model")
@@ -64,26 +110,51 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
 
         model = mllm.load(model_dir, adapter=adapter, device=device)
     limits = limits or Limits()
-    if limits.default_temperature is None:
-        limits = dataclasses.replace(limits, default_temperature=generation_config_temperature(model))
+    default_temperature = limits.default_temperature
+    if default_temperature is None:
+        default_temperature = generation_config_temperature(model)
+    limits = dataclasses.replace(limits, default_temperature=effective_temperature(default_temperature))
     name = model_name or (Path(model_dir).name if model_dir else "mllm")
     engine = Engine(model, max_batch=max_batch, batch_window_s=batch_window_s, queue_size=queue_size,
                     default_max_tokens=default_max_tokens)
+    # Bodies are parsed apart from image work, so a small request never waits behind a large image's encoding.
+    parse_pool = ThreadPoolExecutor(2, thread_name_prefix="mllm-parse")
+    image_pool = ThreadPoolExecutor(cpu_threads, thread_name_prefix="mllm-image")
+    fetch_pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="mllm-fetch")
+    pools = (parse_pool, image_pool, fetch_pool)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         engine.close()
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="mllm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine, app.state.limits, app.state.model_name = engine, limits, name
-    tokens_per_image = model.model.config.image_tokens_per_image + 2
+    hosts = None
+    if is_loopback_host(host):
+        hosts = frozenset(LOOPBACK_HOST_NAMES) | {_host_name(h) for h in allowed_hosts}
+    app.add_middleware(_RequestGuard, allowed_hosts=hosts)
     # The processor's own resize + crop, applied as soon as an image is decoded: a queued request then
     # holds S x S pixels per image, not the client's full-size upload (memory stays bounded).
     shrink = model.model.vision_tokenizer.processor.resize_and_crop
 
+    async def parse(function: Callable, *args):
+        """`function(*args)` in the parsing threads: never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(parse_pool, functools.partial(function, *args))
+
+    async def cpu(function: Callable, *args):
+        """`function(*args)` in the image threads (decode, resize, encode): never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(image_pool, functools.partial(function, *args))
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, error: ClientGone) -> Response:
+        return Response(status_code=499)  # never sent: the client is gone
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -93,15 +164,16 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse({"error": {"message": f"internal error: {type(error).__name__}: {error}",
-                                       "type": "server_error", "param": None, "code": None}}, status_code=500)
+        # The traceback goes to the server's log (Starlette re-raises it to uvicorn); the client gets no detail.
+        return JSONResponse(_INTERNAL_ERROR, status_code=500)
 
     def authorize(request: Request) -> None:
         if api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != api_key:
+        valid = hmac.compare_digest(token.strip().encode(), api_key.encode())
+        if scheme.lower() != "bearer" or not valid:
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            type="invalid_request_error", code="invalid_api_key")
 
@@ -117,44 +189,40 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        payload = parse_json_body(await _read_body(request, limits), limits)
-        # Image decoding (and a remote fetch, when allowed) blocks: off the event loop.
-        chat = await asyncio.to_thread(_parse_chat, payload, limits, shrink)
-        job = ChatJob(messages=chat.messages, max_tokens=chat.max_tokens, temperature=chat.temperature,
-                      top_p=chat.top_p, seed=chat.seed, stop=chat.stop, n=chat.n, guidance_scale=chat.guidance_scale)
+        body = await _read_body(request, limits)
+        chat = await parse(_read_chat, body, limits)
+        if any(ref.remote for ref in chat.image_refs):
+            await asyncio.get_running_loop().run_in_executor(
+                fetch_pool, fetch_remote_images, chat.image_refs, limits)
+        if chat.image_refs:
+            await parse(check_image_headers, chat.image_refs, limits)  # pixels judged from headers, not decoded
         created, completion_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        if chat.stream:
-            return await _stream(request, engine, job, chat, name, created, completion_id, tokens_per_image)
-        _submit(engine, job)
+        with _reserve(engine) as slot:  # admitted before any image is decoded
+            await _decode_images(chat, limits, shrink, cpu)
+            job = ChatJob(messages=chat.messages, max_tokens=chat.max_tokens, temperature=chat.temperature,
+                          top_p=chat.top_p, seed=chat.seed, stop=chat.stop, n=chat.n,
+                          guidance_scale=chat.guidance_scale)
+            if chat.stream:
+                return await _stream(request, slot, job, chat, name, created, completion_id, cpu)
+            slot.submit(job)
         await _wait(request, job)
         _raise_job_error(job)
-        choices, completion_tokens = [], 0
-        for index, choice in enumerate(job.result):
-            message: dict[str, Any] = {"role": "assistant", "content": _content(choice)}
-            if choice["images"]:
-                message["images"] = [{"b64_json": _png_b64(image)} for image in choice["images"]]
-            choices.append({"index": index, "message": message, "finish_reason": choice["finish_reason"],
-                            "logprobs": None})
-            completion_tokens += choice["completion_tokens"]
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": name,
-                "choices": choices, "usage": _usage(job.prompt_tokens, completion_tokens)}
+        drawn = any(choice["images"] for choice in job.result)
+        payload = await (cpu if drawn else parse)(_chat_completion_body, job, completion_id, created, name)
+        return Response(payload, media_type="application/json")
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
         authorize(request)
-        spec = parse_image_request(parse_json_body(await _read_body(request, limits), limits), limits)
+        body = await _read_body(request, limits)
+        spec = await parse(_read_image_request, body, limits)
         job = ImageJob(prompt=spec.prompt, n=spec.n, guidance_scale=spec.guidance_scale, seed=spec.seed)
-        _submit(engine, job)
+        with _reserve(engine) as slot:
+            slot.submit(job)
         await _wait(request, job)
         _raise_job_error(job)
-        images = job.result
-        if spec.size is not None:
-            from PIL import Image
-
-            images = [image if image.size == spec.size else image.resize(spec.size, Image.Resampling.LANCZOS)
-                      for image in images]
-        return {"created": int(time.time()),
-                "data": [{"b64_json": _png_b64(image), "revised_prompt": spec.prompt} for image in images]}
+        payload = await cpu(_images_body, job.result, spec)  # resize + PNG + base64 + JSON, off the loop
+        return Response(payload, media_type="application/json")
 
     @app.get("/")
     async def index():
@@ -173,48 +241,133 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
     return app
 
 
+# ---------------------------------------------------------------------------------------- guard
+_INTERNAL_ERROR = {"error": {"message": "internal server error: the request could not be completed",
+                             "type": "server_error", "param": None, "code": None}}
+_BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def _host_name(host: str) -> str:
+    """A Host header (or an allowed name) -> the lower-case name without port or trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.split(":", 1)[0].rstrip(".")
+
+
+def _is_json(content_type: str | None) -> bool:
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/")
+                                                and media_type.endswith("+json"))
+
+
+class _RequestGuard:
+    """ASGI middleware, before any route: on loopback, only loopback Host names (400 "invalid_host"),
+    so a page on another origin cannot reach the server by rebinding its DNS name to 127.0.0.1; request
+    bodies only as JSON (415), so a page cannot send one without a CORS preflight (forms, text/plain)."""
+
+    def __init__(self, app, allowed_hosts: frozenset[str] | None) -> None:
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host = headers.get("host")
+            if self.allowed_hosts is not None and host is not None and _host_name(host) not in self.allowed_hosts:
+                shown = host if len(host) <= 100 else host[:100] + "..."
+                error = APIError(400, f"this server answers only on this machine (Host {shown!r} refused; "
+                                      "use localhost, 127.0.0.1 or [::1], or start it with --allowed-host)",
+                                 code="invalid_host")
+                await JSONResponse(error.body(), status_code=400)(scope, receive, send)
+                return
+            if scope["method"] in _BODY_METHODS and not _is_json(headers.get("content-type")):
+                shown = (headers.get("content-type") or "none")[:100]
+                error = APIError(415, f"request bodies must be JSON (Content-Type: application/json), got "
+                                      f"{shown!r}", code="unsupported_media_type")
+                await JSONResponse(error.body(), status_code=415)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------- helpers
-def _parse_chat(payload, limits: Limits, shrink):
-    chat = parse_chat_request(payload, limits)
+def _read_chat(body: bytes, limits: Limits) -> ChatRequest:
+    return read_chat_request(parse_json_body(body, limits), limits)
+
+
+def _read_image_request(body: bytes, limits: Limits) -> ImageRequest:
+    return parse_image_request(parse_json_body(body, limits), limits)
+
+
+def _decode_shrunk(ref: ImageRef, limits: Limits, shrink) -> tuple[Any, int]:
+    image = decode_image(ref, limits)
+    pixels = image.width * image.height
+    return shrink(image), pixels
+
+
+async def _decode_images(chat: ChatRequest, limits: Limits, shrink, cpu) -> None:
+    """Each image decoded (and at once shrunk to the tokenizer's size) in the thread pool, one after the
+    other; the decoded pixels are summed again, in case a header could not be read beforehand."""
+    images, total = {}, 0
+    for ref in chat.image_refs:
+        image, pixels = await cpu(_decode_shrunk, ref, limits, shrink)
+        total += pixels
+        if total > limits.max_request_pixels:
+            raise APIError(413, f"the images of this request hold more than {limits.max_request_pixels} pixels "
+                                "in all; send fewer or smaller images", param=ref.param, code="too_many_pixels")
+        images[id(ref)] = image
     for message in chat.messages:
         for part in message["content"]:
-            if part.get("type") == "image":
-                part["image"] = shrink(part["image"])
-    return chat
+            if part["type"] == "image":
+                part["image"] = images[id(part["image"])]
 
 
 async def _read_body(request: Request, limits: Limits) -> bytes:
-    """The body, refused with a 413 as soon as it exceeds the limit (never read whole first)."""
+    """The body, refused with a 413 as soon as it exceeds the limit (never read whole first; the server
+    discards the rest, so the client still reads the answer), and with a 408 (closing the connection)
+    when it has not arrived within `limits.body_timeout_s`."""
     declared = request.headers.get("content-length", "")
     too_big = APIError(413, f"request body over {limits.max_body_bytes} bytes", param=None,
                        code="request_too_large")
     if declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
 
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
 
-def _submit(engine: Engine, job) -> None:
     try:
-        engine.submit(job)
+        return await asyncio.wait_for(read(), timeout=limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                       code="request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+
+
+@contextlib.contextmanager
+def _reserve(engine: Engine):
+    try:
+        slot = engine.reserve()
     except QueueFull as error:
         raise APIError(429, str(error), type="rate_limit_error", code="queue_full") from None
+    with slot:
+        yield slot
 
 
 async def _wait(request: Request, job) -> None:
-    """Until the job is done; a disconnected client cancels it."""
+    """Until the job is done; a disconnected client cancels it (ClientGone: nothing is answered)."""
     checks = 0
     while not job.done.is_set():
         await asyncio.sleep(POLL_S)
         checks += 1
         if checks % 10 == 0 and await request.is_disconnected():
             job.cancel()
-            return
+            raise ClientGone()
 
 
 def _raise_job_error(job) -> None:
@@ -227,7 +380,8 @@ def _raise_job_error(job) -> None:
         message = str(error)
         code = "context_length_exceeded" if "context length" in message or "limit is" in message else None
         raise APIError(400, message, code=code)
-    raise error
+    logger.error("generation failed", exc_info=error)
+    raise APIError(500, _INTERNAL_ERROR["error"]["message"], type="server_error")
 
 
 def _png_b64(image) -> str:
@@ -236,9 +390,13 @@ def _png_b64(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _content(choice: dict) -> str:
-    parts = [choice["text"]] if choice["text"] else []
-    parts += [f"![image {k + 1}](data:image/png;base64,{_png_b64(image)})" for k, image in enumerate(choice["images"])]
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _content(text: str, encoded: list[str]) -> str:
+    parts = [text] if text else []
+    parts += [f"![image {k + 1}](data:image/png;base64,{b64})" for k, b64 in enumerate(encoded)]
     return "\n\n".join(parts)
 
 
@@ -247,24 +405,47 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _stream(request: Request, engine: Engine, job: ChatJob, chat, name: str, created: int,
-                  completion_id: str, tokens_per_image: int):
+def _chat_completion_body(job: ChatJob, completion_id: str, created: int, name: str) -> bytes:
+    choices, completion_tokens = [], 0
+    for index, choice in enumerate(job.result or []):
+        encoded = [_png_b64(image) for image in choice["images"]]
+        message: dict[str, Any] = {"role": "assistant", "content": _content(choice["text"], encoded)}
+        if encoded:
+            message["images"] = [{"b64_json": b64} for b64 in encoded]
+        choices.append({"index": index, "message": message, "finish_reason": choice["finish_reason"],
+                        "logprobs": None})
+        completion_tokens += choice["completion_tokens"]
+    return _json_bytes({"id": completion_id, "object": "chat.completion", "created": created, "model": name,
+                        "choices": choices, "usage": _usage(job.prompt_tokens, completion_tokens)})
+
+
+def _images_body(images: list, spec: ImageRequest) -> bytes:
+    data = []
+    for image in images:
+        if spec.size is not None and image.size != spec.size:
+            from PIL import Image
+
+            image = image.resize(spec.size, Image.Resampling.LANCZOS)
+        data.append({"b64_json": _png_b64(image), "revised_prompt": spec.prompt})
+    return _json_bytes({"created": int(time.time()), "data": data})
+
+
+async def _stream(request: Request, slot: Reservation, job: ChatJob, chat: ChatRequest, name: str, created: int,
+                  completion_id: str, cpu):
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
     job.on_delta = lambda choice, text: loop.call_soon_threadsafe(deltas.put_nowait, (choice, text))
-    _submit(engine, job)
+    slot.submit(job)
     # Hold the response until the job produced something or failed: a bad prompt (e.g. over the context
     # length) is still a proper 4xx, not an error inside a 200 stream.
     while deltas.empty() and not job.done.is_set():
         await asyncio.sleep(POLL_S)
         if await request.is_disconnected():
             job.cancel()
-            return Response(status_code=499)
+            raise ClientGone()
     _raise_job_error(job)
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        import json
-
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": choices}
         if usage is not None or chat.include_usage:
@@ -284,17 +465,20 @@ async def _stream(request: Request, engine: Engine, job: ChatJob, chat, name: st
                     continue
                 yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
             if job.error is not None:
-                import json
-
-                message = str(job.error) or type(job.error).__name__
-                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+                if isinstance(job.error, ValueError):
+                    error = {"message": str(job.error) or "invalid request", "type": "invalid_request_error",
+                             "param": None, "code": None}
+                else:
+                    logger.error("generation failed", exc_info=job.error)
+                    error = _INTERNAL_ERROR["error"]
+                yield f"data: {json.dumps({'error': error})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             completion_tokens = 0
             for index, choice in enumerate(job.result):
                 completion_tokens += choice["completion_tokens"]
                 if choice["images"]:
-                    encoded = [_png_b64(image) for image in choice["images"]]
+                    encoded = await cpu(lambda images: [_png_b64(image) for image in images], choice["images"])
                     markdown = "".join(f"\n\n![image {k + 1}](data:image/png;base64,{b64})"
                                        for k, b64 in enumerate(encoded))
                     yield chunk([{"index": index, "delta": {"content": markdown,
@@ -312,4 +496,4 @@ async def _stream(request: Request, engine: Engine, job: ChatJob, chat, name: st
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-__all__ = ["create_app"]
+__all__ = ["ClientGone", "create_app", "generation_config_temperature"]

@@ -14,26 +14,36 @@ rows), and runs what it collected in as few forward passes as the jobs allow:
 - image jobs with the same guidance scale share one `generate_images` call (one row per image, seeded
   per image), whatever their prompts and counts.
 
-The queue is bounded (`queue_size`): a full queue refuses new jobs (`QueueFull`, HTTP 429). A job can
-be cancelled at any time (`job.cancel()`, e.g. when its client disconnects): a waiting job is dropped, a
-running row stops at the next token. `stats` counts requests, batches and the largest batch.
+Admission is bounded (`queue_size`): a request takes a slot (`reserve()`) before the server does any
+costly work for it (decoding its images), and gives it back when the worker takes its job; with every slot
+taken, new requests are refused (`QueueFull`, HTTP 429). A job can be cancelled at any time (`job.cancel()`,
+e.g. when its client disconnects): a waiting job is dropped, a running row stops at the next token. `stats`
+counts requests, batches and the largest batch.
+
+Seeds never touch the global RNG for long: a seeded chat job runs inside `torch.random.fork_rng` (the
+global state is restored afterwards, so later unseeded requests do not become predictable), and image jobs
+seed one `torch.Generator` per image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mllm.config import DRAW_GUIDANCE_SCALE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Self
 
 
 class QueueFull(Exception):
@@ -81,12 +91,40 @@ class ImageJob:
         self.cancelled.set()
 
 
+class Reservation:
+    """A slot in the engine's bounded admission, held from `Engine.reserve()` until the job is queued
+    (`submit`, after which the worker gives the slot back when it takes the job) or the request gives up
+    (`release`, or leaving the `with` block without submitting)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine, self._held = engine, True
+
+    def submit(self, job: ChatJob | ImageJob) -> None:
+        if not self._held:
+            raise RuntimeError("this reservation was used or released already")
+        self._held = False  # the queued job holds the slot now
+        self._engine._put(job)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._engine._slots.release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
 class Engine:
     def __init__(self, model, max_batch: int = 8, batch_window_s: float = 0.02, queue_size: int = 64,
                  default_max_tokens: int = 256) -> None:
         self.model = model  # mllm.api.MLLM
         self.max_batch, self.batch_window_s, self.default_max_tokens = max_batch, batch_window_s, default_max_tokens
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._slots = threading.BoundedSemaphore(queue_size)  # admitted requests not yet taken by the worker
+        self._queue: queue.Queue = queue.Queue()  # bounded by the slots
         self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "max_batch": 0, "batch_sizes": Counter(),
                                       "cancelled": 0, "errors": 0}
         self._stop = threading.Event()
@@ -94,11 +132,18 @@ class Engine:
         self._thread.start()
 
     # ------------------------------------------------------------------ client side
+    def reserve(self) -> Reservation:
+        """A slot for one request, or QueueFull when `queue_size` requests are admitted and not yet running."""
+        if not self._slots.acquire(blocking=False):
+            raise QueueFull(f"the server is busy ({self.queue_size} requests waiting); retry later")
+        return Reservation(self)
+
     def submit(self, job: ChatJob | ImageJob) -> None:
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"the server is busy ({self._queue.maxsize} requests waiting); retry later") from None
+        """Reserve a slot and queue `job` (QueueFull when none is free)."""
+        self.reserve().submit(job)
+
+    def _put(self, job: ChatJob | ImageJob) -> None:
+        self._queue.put_nowait(job)
         self.stats["requests"] += 1
 
     @property
@@ -122,6 +167,7 @@ class Engine:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+            self._slots.release()
             jobs = [first]
             deadline = time.monotonic() + self.batch_window_s
             while sum(_rows(job) for job in jobs) < self.max_batch:
@@ -132,6 +178,7 @@ class Engine:
                     jobs.append(self._queue.get(timeout=remaining))
                 except queue.Empty:
                     break
+                self._slots.release()
             live = []
             for job in jobs:
                 if job.cancelled.is_set():
@@ -203,38 +250,39 @@ class Engine:
         for (job, _), length in zip(rows, lengths):
             job.prompt_tokens = int(length)
         first = jobs[0]
-        streamer = _RowStreamer(model, [job.on_delta for job, _ in rows], [choice for _, choice in rows], first.stop)
-        limits = _RowLimits(budgets, [job.cancelled for job, _ in rows], batch["input_ids"].shape[1])
-        if first.seed is not None:
-            torch.manual_seed(first.seed)  # a seeded job runs alone (see _groups)
-        new_ids = _generate_ids(model, batch["input_ids"], batch["attention_mask"], max(budgets), first.temperature,
-                                None, first.top_p, first.stop, stop_ids=[config.end_of_turn_token_id,
-                                                                          config.boi_token_id],
-                                allow_boi=True, streamer=streamer, stopping_criteria=StoppingCriteriaList([limits]))
-        results: dict[int, list] = {id(job): [None] * job.n for job in jobs}
-        for row, ((job, choice), ids, budget) in enumerate(zip(rows, new_ids, budgets)):
-            if job.cancelled.is_set():
-                results[id(job)][choice] = None
-                continue
-            if ids and ids[-1] == config.boi_token_id:  # the model starts drawing: finish this row alone
-                # continues from the row's own ids, so the reply begins with the text already streamed
-                reply = chat(model, job.messages, max_new_tokens=budget, temperature=job.temperature,
-                             top_p=job.top_p, stop=job.stop or None, seed=job.seed,
-                             guidance_scale=job.guidance_scale, reply_prefix=ids)
-                images = reply["images"]
-                text = reply["text"]
-                tokens = len(ids) + len(images) * (config.image_tokens_per_image + 2)
-                finish = "stop"
-                streamed = streamer.text(row)
-                if job.on_delta is not None and text.startswith(streamed) and len(text) > len(streamed):
-                    job.on_delta(choice, text[len(streamed):])
-            else:
-                text, images, tokens = _finish_text(model, ids, job.stop), [], len(ids)
-                finished = bool(ids) and ids[-1] == config.end_of_turn_token_id
-                stopped = any(s in model.processor.decode_text(ids) for s in job.stop)
-                finish = "stop" if finished or stopped else "length"
-            results[id(job)][choice] = {"text": text, "images": images, "finish_reason": finish,
-                                        "completion_tokens": tokens}
+        # A seeded job runs alone (see _groups), in a scope that restores the global RNG before its job is
+        # marked done.
+        with _scoped_seed(first.seed, model.device):
+            streamer = _RowStreamer(model, [job.on_delta for job, _ in rows], [choice for _, choice in rows], first.stop)
+            limits = _RowLimits(budgets, [job.cancelled for job, _ in rows], batch["input_ids"].shape[1])
+            new_ids = _generate_ids(model, batch["input_ids"], batch["attention_mask"], max(budgets), first.temperature,
+                                    None, first.top_p, first.stop, stop_ids=[config.end_of_turn_token_id,
+                                                                              config.boi_token_id],
+                                    allow_boi=True, streamer=streamer, stopping_criteria=StoppingCriteriaList([limits]))
+            results: dict[int, list] = {id(job): [None] * job.n for job in jobs}
+            for row, ((job, choice), ids, budget) in enumerate(zip(rows, new_ids, budgets)):
+                if job.cancelled.is_set():
+                    results[id(job)][choice] = None
+                    continue
+                if ids and ids[-1] == config.boi_token_id:  # the model starts drawing: finish this row alone
+                    # continues from the row's own ids, so the reply begins with the text already streamed
+                    reply = chat(model, job.messages, max_new_tokens=budget, temperature=job.temperature,
+                                 top_p=job.top_p, stop=job.stop or None, seed=job.seed,
+                                 guidance_scale=job.guidance_scale, reply_prefix=ids)
+                    images = reply["images"]
+                    text = reply["text"]
+                    tokens = len(ids) + len(images) * (config.image_tokens_per_image + 2)
+                    finish = "stop"
+                    streamed = streamer.text(row)
+                    if job.on_delta is not None and text.startswith(streamed) and len(text) > len(streamed):
+                        job.on_delta(choice, text[len(streamed):])
+                else:
+                    text, images, tokens = _finish_text(model, ids, job.stop), [], len(ids)
+                    finished = bool(ids) and ids[-1] == config.end_of_turn_token_id
+                    stopped = any(s in model.processor.decode_text(ids) for s in job.stop)
+                    finish = "stop" if finished or stopped else "length"
+                results[id(job)][choice] = {"text": text, "images": images, "finish_reason": finish,
+                                            "completion_tokens": tokens}
         for job in jobs:
             if job.cancelled.is_set():
                 self.stats["cancelled"] += 1
@@ -242,6 +290,21 @@ class Engine:
             else:
                 job.result = results[id(job)]
             job.done.set()
+
+
+@contextlib.contextmanager
+def _scoped_seed(seed: int | None, device) -> Iterator[None]:
+    """Seed torch's global RNG (CPU and the model's GPU) inside the block and restore its state after:
+    `generate` samples from the global RNG, and a request's seed must not decide what later requests get."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def _rows(job) -> int:
@@ -356,4 +419,4 @@ def _byte_token_ids(tokenizer) -> frozenset[int]:
                      if len(token) == 6 and token.startswith("<0x") and token.endswith(">"))
 
 
-__all__ = ["Cancelled", "ChatJob", "Engine", "ImageJob", "QueueFull"]
+__all__ = ["Cancelled", "ChatJob", "Engine", "ImageJob", "QueueFull", "Reservation"]

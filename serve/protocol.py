@@ -1,19 +1,24 @@
 """Request parsing and validation for the OpenAI-compatible server.
 
-Everything a client sends passes through this module before it reaches the model. Each function
-either returns a clean, typed request or raises `APIError`, which the app turns into a 4xx response
-with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`. Bad input never escapes as
-another exception (a 500) and never makes the server do unbounded work:
+Everything a client sends passes through this module before it reaches the model. The request schema
+is declared as pydantic models, one per endpoint (`ChatCompletionRequest`, `ImageGenerationRequest`):
+types and ranges are field constraints, cross-field rules and the server's configurable caps
+(`Limits`, passed as the validation context) are validators. Every refusal is an `APIError`, which the
+app turns into a 4xx with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`; bad
+input never escapes as another exception (a 500) and never makes the server do unbounded work:
 
 - the body is refused (413) above `Limits.max_body_bytes` before it is parsed;
-- `parse_chat_request` checks every field's type and range, the number of images and the amount of
-  text *before* decoding any image;
+- the schema, the number of messages, stop strings, images and the amount of text are checked before
+  any image is looked at (`read_chat_request`);
 - an image's encoded size is checked before its base64 is decoded, and its pixel count is read from
-  the header and checked before its pixels are decoded (decompression bombs cost nothing).
+  its header before any pixel is decoded, per image and summed over the request
+  (`check_image_headers`, then `tokenizer_vision.load_image` checks each image again as it decodes).
 
 Status codes: 413 for "too large" (body, image bytes, image pixels), 400 for everything else,
 including too many images and too much text (code "context_length_exceeded", as OpenAI does).
-`param` names the offending field in OpenAI's dotted style, e.g. "messages[1].content[0].image_url".
+`param` names the offending field in OpenAI's dotted style, e.g. "messages[1].content[0].image_url";
+`code` is "invalid_type", "invalid_value", "missing_required_parameter", "unsupported_parameter",
+"unsupported_value" or a specific one ("too_many_images", "image_too_large", ...).
 
 Field policy for chat completions: fields we honour are validated; harmless OpenAI fields we do not
 use (user, frequency_penalty, presence_penalty, metadata, store, ...) and unknown fields are ignored;
@@ -21,18 +26,51 @@ fields that would change what the client gets back and that we cannot honour (no
 functions, tool_choice other than "none"/"auto", logprobs, top_logprobs, response_format other than
 text, audio output, non-empty logit_bias, web_search_options) are refused with a 400 naming them.
 
-PIL (through `tokenizer_vision.load_image`, the project's one image decoder) and httpx are imported
-inside the functions that need them, so importing this module is cheap.
+Remote images (`--allow-remote-images`) are fetched by `fetch_image`: only http(s), the host resolved
+first and every address checked (`is_public_address`: no private, loopback, link-local, reserved,
+multicast or unspecified address, IPv4 embedded in IPv6 included), the connection made to the checked
+address, redirects followed by hand (at most 5, each hop checked the same way), 10 s and
+`max_image_bytes` at most. Every failure is the same 400 "could not fetch the image URL", so the
+server cannot be used to probe which hosts or ports answer.
+
+PIL (through `tokenizer_vision.load_image`, the project's one image decoder) is imported inside the
+functions that need it; the image header check (`check_image_headers`) reads PNG, GIF, WEBP and JPEG
+headers itself, without PIL.
 """
 
 from __future__ import annotations
 
-import math
+import base64
+import binascii
+import dataclasses
+import http.client
+import ipaddress
+import logging
 import re
+import socket
+import ssl
+import struct
 import time
-from collections.abc import Callable
+import urllib.parse
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Union, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from mllm.config import DRAW_GUIDANCE_SCALE
 
@@ -41,20 +79,32 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "APIError",
+    "ChatCompletionRequest",
     "ChatRequest",
+    "ImageGenerationRequest",
+    "ImageRef",
     "ImageRequest",
     "Limits",
+    "check_image_headers",
+    "decode_image",
     "decode_image_url",
+    "fetch_image",
+    "fetch_remote_images",
+    "is_public_address",
     "parse_chat_request",
     "parse_image_request",
     "parse_json_body",
+    "read_chat_request",
     "split_markdown_images",
 ]
+
+logger = logging.getLogger("serve")
 
 
 # ------------------------------------------------------------------------------------------- errors
 class APIError(Exception):
-    """An error the client caused: `status` (4xx) and OpenAI's error body via `body()`."""
+    """An error the client caused: `status` (4xx) and OpenAI's error body via `body()`; `headers` are
+    sent with the response (e.g. `Connection: close`)."""
 
     def __init__(
         self,
@@ -63,6 +113,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",  # OpenAI's field name (shadows the builtin here only)
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = int(status)
@@ -70,6 +121,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -81,22 +133,58 @@ class APIError(Exception):
 # ------------------------------------------------------------------------------------------- limits
 @dataclass
 class Limits:
-    """Server-side caps on what one request may ask for (the server's command line sets them)."""
+    """Server-side caps on what one request may ask for (`mllm serve`'s flags set them)."""
 
     max_body_bytes: int = 32 * 2**20
+    body_timeout_s: float = 60.0  # the whole body must arrive within this (408 otherwise)
     max_image_bytes: int = 16 * 2**20  # decoded (not base64) bytes of one image
-    max_image_pixels: int = 4096 * 4096  # width * height, checked from the header before decoding
+    max_image_pixels: int = 4096 * 4096  # width * height of one image, read from its header
+    max_request_pixels: int = 2 * 4096 * 4096  # summed over the images of a request, from their headers
     max_images: int = 8  # images per request, over all messages (markdown images included)
+    max_messages: int = 256  # messages per chat request
+    max_content_parts: int = 2048  # content parts over all messages (text parts cost validation time too)
+    max_prompt_chars: int = 200_000  # total text characters of a request (cheap guard before tokenizing)
+    max_stop: int = 4  # stop strings per request (OpenAI's rule)
+    max_stop_chars: int = 128  # characters per stop string
     max_tokens: int = 2048  # the largest max_tokens / max_completion_tokens accepted
     max_n: int = 8
-    max_prompt_chars: int = 200_000  # total text characters of a request (cheap guard before tokenizing)
+    max_output_pixels: int = 2048 * 2048  # images/generations: width * height * n (PNG-encoding 4 MP takes ~2 s)
     allow_remote_images: bool = False  # fetch http(s):// image URLs (off: only data: URLs)
     # The temperature of a chat request that gives none; None: 1, OpenAI's default (`create_app` sets it from
     # the model's generation config).
     default_temperature: float | None = None
 
 
+# A positive temperature below this samples from a distribution that is greedy in all but name, and
+# 1 / temperature overflows for tiny ones (1e-300 -> inf -> NaN probabilities): it is decoded greedily.
+GREEDY_BELOW = 1e-5
+
+
+def effective_temperature(value: float) -> float:
+    """`value`, or 0 (greedy) for a positive temperature below `GREEDY_BELOW`."""
+    return 0.0 if value < GREEDY_BELOW else float(value)
+
+
 # ----------------------------------------------------------------------------------------- requests
+@dataclass(eq=False)
+class ImageRef:
+    """An image of a request before decoding: its URL, the `param` it came from, and the bytes fetched
+    for a remote URL (`fetch_remote_images`)."""
+
+    url: str
+    param: str
+    data: bytes | None = None
+
+    @property
+    def source(self) -> str | bytes:
+        """What `load_image` decodes: the fetched bytes, or the data URL."""
+        return self.data if self.data is not None else self.url
+
+    @property
+    def remote(self) -> bool:
+        return _scheme(self.url) in ("http", "https")
+
+
 @dataclass
 class ChatRequest:
     """A validated /v1/chat/completions request.
@@ -104,7 +192,8 @@ class ChatRequest:
     `messages` are in the processor's format: {"role": "system" | "user" | "assistant", "content":
     [{"type": "text", "text": str} | {"type": "image", "image": PIL.Image (RGB)}]}; "developer" is
     mapped to "system", string content to one text part, markdown data-URL images in user/assistant
-    text to image parts, and an assistant's null content to an empty list.
+    text to image parts, and an assistant's null content to an empty list. Before the images are
+    decoded (`read_chat_request`) an image part holds its `ImageRef`; `image_refs` lists them in order.
     """
 
     messages: list[dict]
@@ -119,6 +208,7 @@ class ChatRequest:
     include_usage: bool = False  # stream_options.include_usage
     guidance_scale: float = DRAW_GUIDANCE_SCALE  # extra field: CFG scale for images drawn inside the chat
     image_count: int = 0
+    image_refs: list[ImageRef] = field(default_factory=list, compare=False, repr=False)
 
 
 @dataclass
@@ -180,10 +270,7 @@ def _json_loads(text: str) -> Any:
     return json.loads(text, parse_constant=refuse_constant)
 
 
-# ------------------------------------------------------------------------------------- field checks
-_MISSING = object()
-
-
+# ------------------------------------------------------------------------- validation -> APIError
 def _describe(value: Any) -> str:
     """A short, safe description of a client value for error messages (never a huge repr)."""
     if value is None:
@@ -204,180 +291,266 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _refusal(code: str, text: str, param: str | None = None) -> PydanticCustomError:
+    """A validator's refusal: `code` becomes the error code, `text` the message ("{param}" in it is
+    replaced by the full param), `param` a path relative to where the validator runs (None: there)."""
+    return PydanticCustomError(code, "{text}", {"text": text, "param": param})
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _limits(info: ValidationInfo) -> Limits:
+    context = info.context or {}
+    return context.get("limits") or Limits()
 
 
-def _invalid_type(param: str, expected: str, value: Any) -> APIError:
-    return APIError(
-        400, f"'{param}' must be {expected}, got {_describe(value)}", param=param, code="invalid_type"
-    )
+def _param(loc: tuple, relative: str | None = None) -> str | None:
+    """A pydantic error location (+ a relative path) -> OpenAI's dotted param: messages[0].content."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    if relative:
+        out += relative if relative.startswith("[") or not out else f".{relative}"
+    return out or None
 
 
-def _invalid_value(param: str, expected: str, value: Any) -> APIError:
-    return APIError(
-        400, f"'{param}' must be {expected}, got {_describe(value)}", param=param, code="invalid_value"
-    )
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "a boolean",
+    "string_type": "a string",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+_BOUND_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def _get_checked(
-    payload: dict,
-    key: str,
-    default: Any,
-    expected: str,
-    is_type: Callable[[Any], bool],
-    in_range: Callable[[Any], bool] | None = None,
-) -> Any:
-    """payload[key], or `default` when absent or null; a 400 naming `expected` when the value is not of
-    the type (`is_type`) or, given `in_range`, not in range."""
-    value = payload.get(key)
-    if value is None:
-        return default
-    if not is_type(value):
-        raise _invalid_type(key, expected, value)
-    if in_range is not None and not in_range(value):
-        raise _invalid_value(key, expected, value)
-    return value
-
-
-def _get_int(payload: dict, key: str, low: int, high: int, default: int | None) -> int | None:
-    expected = f"an integer between {low} and {high}"
-    return _get_checked(payload, key, default, expected, _is_int, lambda value: low <= value <= high)
-
-
-def _get_number(
-    payload: dict, key: str, low: float, high: float, default: float | None, low_open: bool = False
-) -> float | None:
-    expected = f"a number {'>' if low_open else '>='} {low:g} and <= {high:g}"
-
-    def in_range(value: float) -> bool:
-        return math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-
-    value = _get_checked(payload, key, default, expected, _is_number, in_range)
-    return None if value is None else float(value)
-
-
-def _get_bool(payload: dict, key: str, default: bool) -> bool:
-    return _get_checked(payload, key, default, "a boolean", lambda value: isinstance(value, bool))
-
-
-def _get_str(payload: dict, key: str) -> str | None:
-    return _get_checked(payload, key, None, "a string", lambda value: isinstance(value, str))
-
-
-def _get_seed(payload: dict) -> int | None:
-    """An int64 (what torch's generators take; the engine adds the image index to it)."""
-    value = payload.get("seed")
-    if value is None:
-        return None
-    if not _is_int(value):
-        raise _invalid_type("seed", "an integer", value)
-    if not -(2**63) <= value < 2**63:
-        raise _invalid_value("seed", "a 64-bit signed integer", value)
-    return value
-
-
-def _get_guidance_scale(payload: dict) -> float:
-    value = _get_number(payload, "guidance_scale", 0.0, 100.0, DRAW_GUIDANCE_SCALE)
-    assert value is not None
-    return value
-
-
-def _unsupported(param: str, message: str) -> APIError:
-    return APIError(400, message, param=param, code="unsupported_parameter")
-
-
-# --------------------------------------------------------------------------------------------- chat
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_MAX_STOP = 4  # OpenAI's rule
-
-
-def _refuse_unsupported_chat_fields(payload: dict) -> None:
-    """400 for OpenAI fields whose meaning we cannot honour; harmless ones are left alone."""
-    for key in ("tools", "functions"):
-        value = payload.get(key)
-        if value is None or value == []:
+def _expected(schema: type[BaseModel], loc: tuple, values: dict) -> str | None:
+    """What the field at `loc` must be, from its description (or, for a list item, the item model's
+    `expected`), with {limit} placeholders filled from `values`."""
+    node: Any = schema
+    text = getattr(schema, "expected", None) if not loc else None
+    for part in loc:
+        model = _model_of(node)
+        if isinstance(part, int):
+            node = _item_of(node)
+            item_info = _annotated_info(node)
+            item_model = _model_of(node)
+            text = (item_info.description if item_info is not None else None) or (
+                getattr(item_model, "expected", None) if item_model is not None else None
+            )
             continue
-        if not isinstance(value, list):
-            raise _invalid_type(key, "an array", value)
-        raise _unsupported(key, f"'{key}' is not supported: this server does not do function/tool calling")
-    for key, allowed in (("tool_choice", ("none", "auto")), ("function_call", ("none", "auto"))):
-        value = payload.get(key)
-        if value is not None and value not in allowed:
-            raise _unsupported(
-                key, f"'{key}' is not supported: this server does not do function/tool calling; omit it"
-            )
-    logprobs = payload.get("logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise _invalid_type("logprobs", "a boolean", logprobs)
-    if logprobs:
-        raise _unsupported(
-            "logprobs", "'logprobs' is not supported by this server; omit it or set it to false"
-        )
-    top_logprobs = payload.get("top_logprobs")
-    if top_logprobs is not None and top_logprobs != 0:
-        raise _unsupported("top_logprobs", "'top_logprobs' is not supported by this server; omit it")
-    response_format = payload.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, dict):
-            raise _invalid_type("response_format", 'an object such as {"type": "text"}', response_format)
-        if response_format.get("type", "text") != "text":
-            raise APIError(
-                400,
-                f"response_format {_describe(response_format.get('type'))} is not supported: this server "
-                'only produces free text ({"type": "text"}); omit response_format',
-                param="response_format",
-                code="unsupported_value",
-            )
-    if payload.get("audio") is not None:
-        raise _unsupported("audio", "audio output is not supported by this server; omit 'audio'")
-    modalities = payload.get("modalities")
-    if modalities is not None:
-        if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
-            raise _invalid_type("modalities", "an array of strings", modalities)
-        if "audio" in modalities:
-            raise APIError(
-                400,
-                'audio output is not supported by this server; use modalities ["text"]',
-                param="modalities",
-                code="unsupported_value",
-            )
-    logit_bias = payload.get("logit_bias")
-    if logit_bias is not None:
-        if not isinstance(logit_bias, dict):
-            raise _invalid_type("logit_bias", "an object", logit_bias)
-        if logit_bias:
-            raise _unsupported("logit_bias", "'logit_bias' is not supported by this server; omit it")
-    if payload.get("web_search_options") is not None:
-        raise _unsupported("web_search_options", "web search is not supported by this server; omit it")
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        text, node = info.description, info.annotation
+    if text is None:
+        return None
+    return re.sub(r"\{(\w+)\}", lambda m: str(values.get(m.group(1), m.group(0))), text)
 
 
-def _get_stop(payload: dict) -> list[str]:
-    value = payload.get("stop")
-    if value is None:
-        return []
-    expected = f"a string or an array of at most {_MAX_STOP} strings"
-    if isinstance(value, str):
-        value = [value]
-    elif not isinstance(value, list):
-        raise _invalid_type("stop", expected, value)
-    if len(value) > _MAX_STOP:
-        raise APIError(
-            400,
-            f"'stop' may hold at most {_MAX_STOP} sequences, got {len(value)}",
-            param="stop",
-            code="invalid_value",
-        )
-    for index, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _invalid_type(f"stop[{index}]", "a string", item)
-        if not item:
-            raise _invalid_value(f"stop[{index}]", "a non-empty string", item)
-    return list(value)
+def _strip(annotation: Any) -> Any:
+    """Optional[X] / Annotated[X, ...] -> X."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin is Union or type(annotation).__name__ == "UnionType":
+            members = [a for a in get_args(annotation) if a is not type(None)]
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
+        else:
+            return annotation
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    annotation = _strip(annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _item_of(annotation: Any) -> Any:
+    annotation = _strip(annotation)
+    args = get_args(annotation)
+    return args[0] if get_origin(annotation) is list and args else None
+
+
+def _annotated_info(annotation: Any) -> FieldInfo | None:
+    while get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) != 1:
+            return None
+        annotation = members[0]
+    if get_origin(annotation) is Annotated:
+        return next((m for m in get_args(annotation)[1:] if isinstance(m, FieldInfo)), None)
+    return None
+
+
+def _validate(schema: type[BaseModel], payload: Any, limits: Limits) -> Any:
+    """`schema.model_validate(payload)` with `limits` as the context; the first error -> APIError."""
+    try:
+        return schema.model_validate(payload, context={"limits": limits})
+    except ValidationError as error:
+        raise _api_error(schema, error.errors(include_url=False)[0], limits) from None
+
+
+def _api_error(schema: type[BaseModel], error: dict, limits: Limits) -> APIError:
+    kind, loc, context = error["type"], tuple(error["loc"]), error.get("ctx") or {}
+    if "text" in context and "param" in context:  # a validator's own refusal (`_refusal`)
+        param = _param(loc, context["param"])
+        return APIError(400, context["text"].replace("{param}", param or ""), param=param, code=kind)
+    param = _param(loc)
+    if kind == "missing":
+        return APIError(400, f"'{param}' is required", param=param, code="missing_required_parameter")
+    expected = _expected(schema, loc, dataclasses.asdict(limits))
+    if expected is None:
+        if kind in _TYPE_WORDS:
+            expected = _TYPE_WORDS[kind]
+        elif kind in _BOUND_WORDS:
+            bound = next(iter(context.values()), "")
+            expected = f"{_BOUND_WORDS[kind]} {bound}"
+        else:
+            expected = error["msg"][0].lower() + error["msg"][1:]
+    code = "invalid_type" if kind in _TYPE_WORDS else "invalid_value"
+    got = _describe(error.get("input"))
+    if param is None:
+        return APIError(400, f"the request body must be {expected}, got {got}", code=code)
+    return APIError(400, f"'{param}' must be {expected}, got {got}", param=param, code=code)
+
+
+# --------------------------------------------------------------------------------------- the schema
+class _Schema(BaseModel):
+    """Unknown fields are ignored (as OpenAI's API does for forward compatibility)."""
+
+    model_config = ConfigDict(extra="ignore")
+    expected: ClassVar[str] = "an object"
+
+
+Temperature = Annotated[StrictFloat, Field(ge=0, le=2, allow_inf_nan=False)]
+TopP = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]
+GuidanceScale = Annotated[StrictFloat, Field(ge=0, le=100, allow_inf_nan=False)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]  # int64: what torch's generators take
+StopString = Annotated[StrictStr, Field(min_length=1, description="a non-empty string")]
+
+
+def _at_most(value: int | None, cap: int, expected: str) -> int | None:
+    if value is not None and value > cap:
+        raise _refusal("invalid_value", f"'{{param}}' must be {expected}, got {_describe(value)}")
+    return value
+
+
+class ImageURL(_Schema):
+    expected: ClassVar[str] = 'an object {"url": "data:image/png;base64,..."}'
+
+    url: StrictStr = Field(description="a string (a data: URL)")
+    detail: Any = None
+
+
+class ContentPart(_Schema):
+    """{"type": "text", "text"}, {"type": "image_url", "image_url": {"url"} or "<url>"}, or an earlier
+    assistant turn's {"type": "refusal", "refusal"}; which fields a type needs is `ChatMessage`'s rule."""
+
+    expected: ClassVar[str] = 'an object such as {"type": "text", "text": "..."}'
+
+    type: StrictStr = Field(description='a string ("text" or "image_url")')
+    text: StrictStr | None = Field(None, description="a string")
+    refusal: StrictStr | None = Field(None, description="a string")
+    image_url: ImageURL | None = Field(None, description='an object {"url": "data:image/png;base64,..."}')
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("image_url"), str):
+            return {**data, "image_url": {"url": data["image_url"]}}
+        return data
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ChatMessage(_Schema):
+    """A message: role system, developer (= system), user or assistant; content a string, null
+    (assistant only) or a non-empty array of content parts; no images in system messages."""
+
+    expected: ClassVar[str] = 'an object {"role": ..., "content": ...}'
+
+    role: StrictStr = Field(description="one of 'system', 'developer', 'user', 'assistant'")
+    content: list[ContentPart] | None = Field(None, description="a string or an array of content parts")
+    tool_calls: Any = None
+    function_call: Any = None
+    _text_content: bool = PrivateAttr(False)  # the client sent a string (errors then name "content")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _string_content(cls, data: Any, handler) -> ChatMessage:
+        text = isinstance(data, dict) and isinstance(data.get("content"), str)
+        if text:
+            data = {**data, "content": [{"type": "text", "text": data["content"]}]}
+        message = handler(data)
+        message._text_content = text
+        return message
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in _ROLES:
+            extra = " (tool and function messages are not supported)" if role in ("tool", "function") else ""
+            raise _refusal(
+                "invalid_value",
+                f"'{{param}}' must be one of 'system', 'developer', 'user', 'assistant', got "
+                f"{_describe(role)}{extra}",
+            )
+        return role
+
+    @model_validator(mode="after")
+    def _content_rules(self) -> ChatMessage:
+        for key in ("tool_calls", "function_call"):
+            if getattr(self, key):
+                raise _refusal(
+                    "unsupported_parameter",
+                    f"'{key}' in messages is not supported: this server does no tool calling",
+                    key,
+                )
+        assistant = self.role == "assistant"
+        if "content" not in self.model_fields_set and not assistant:
+            raise _refusal("missing_required_parameter", "'{param}' is required", "content")
+        if self.content is None:
+            if not assistant:
+                raise _refusal(
+                    "invalid_type", "'{param}' must be a string or an array of content parts, got null", "content"
+                )
+            return self
+        if not self.content:
+            raise _refusal(
+                "invalid_value", "'{param}' must be a non-empty array of content parts, got an array", "content"
+            )
+        for index, part in enumerate(self.content):
+            where = f"content[{index}]"
+            if part.type == "text":
+                if part.text is None:
+                    raise _refusal("invalid_type", "'{param}' must be a string, got null", f"{where}.text")
+            elif part.type == "refusal" and assistant:
+                if part.refusal is None:
+                    raise _refusal("invalid_type", "'{param}' must be a string, got null", f"{where}.refusal")
+            elif part.type == "image_url":
+                if _ROLES[self.role] == "system":
+                    raise _refusal(
+                        "invalid_value", "system messages may only contain text; put images in a user message", where
+                    )
+                if part.image_url is None:
+                    raise _refusal(
+                        "invalid_type",
+                        '\'{param}\' must be an object {"url": "data:image/png;base64,..."}, got null',
+                        f"{where}.image_url",
+                    )
+            else:
+                raise _refusal(
+                    "invalid_value",
+                    f"content part type {_describe(part.type)} is not supported; use 'text' or 'image_url' parts",
+                    f"{where}.type",
+                )
+        return self
 
 
 @dataclass
@@ -389,289 +562,429 @@ class _Part:
     param: str
 
 
-def _text_parts(text: str, param: str, split_images: bool) -> list[_Part]:
-    if not split_images:
-        return [_Part("text", text, param)]
-    parts = []
-    for piece in split_markdown_images(text):
-        if piece["type"] == "text":
-            parts.append(_Part("text", piece["text"], param))
-        else:
-            parts.append(_Part("image", piece["image_url"]["url"], param))
-    return parts
+class StreamOptions(_Schema):
+    expected: ClassVar[str] = 'an object such as {"include_usage": true}'
+
+    include_usage: StrictBool | None = Field(None, description="a boolean")
 
 
-def _parse_content_part(part: Any, param: str, role: str) -> list[_Part]:
-    if not isinstance(part, dict):
-        raise _invalid_type(param, 'an object such as {"type": "text", "text": "..."}', part)
-    kind = part.get("type")
-    split_images = role in ("user", "assistant")
-    if kind == "text":
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise _invalid_type(f"{param}.text", "a string", text)
-        return _text_parts(text, f"{param}.text", split_images)
-    if kind == "refusal" and role == "assistant":  # an earlier assistant refusal, echoed back: plain text
-        text = part.get("refusal")
-        if not isinstance(text, str):
-            raise _invalid_type(f"{param}.refusal", "a string", text)
-        return [_Part("text", text, f"{param}.refusal")]
-    if kind == "image_url":
-        if role == "system":
-            raise APIError(
-                400,
-                "system messages may only contain text; put images in a user message",
-                param=param,
-                code="invalid_value",
-            )
-        image_url = part.get("image_url")
-        if isinstance(image_url, str):
-            return [_Part("image", image_url, f"{param}.image_url")]
-        if not isinstance(image_url, dict):
-            raise _invalid_type(
-                f"{param}.image_url", 'an object {"url": "data:image/png;base64,..."}', image_url
-            )
-        url = image_url.get("url")
-        if not isinstance(url, str):
-            raise _invalid_type(f"{param}.image_url.url", "a string (a data: URL)", url)
-        return [_Part("image", url, f"{param}.image_url")]
-    if not isinstance(kind, str):
-        raise _invalid_type(f"{param}.type", 'a string ("text" or "image_url")', kind)
-    raise APIError(
-        400,
-        f"content part type {_describe(kind)} is not supported; use 'text' or 'image_url' parts",
-        param=f"{param}.type",
-        code="invalid_value",
+class ChatCompletionRequest(_Schema):
+    """POST /v1/chat/completions. Caps that the server configures (`Limits`) are checked by validators
+    reading the validation context; `messages` comes last, so a bad scalar field is reported first."""
+
+    expected: ClassVar[str] = "a JSON object"
+
+    # fields that would change the answer and that this server cannot honour
+    tools: list[Any] | None = Field(None, description="an array")
+    functions: list[Any] | None = Field(None, description="an array")
+    tool_choice: Any = None
+    function_call: Any = None
+    logprobs: StrictBool | None = Field(None, description="a boolean")
+    top_logprobs: Any = None
+    response_format: dict[str, Any] | None = Field(None, description='an object such as {"type": "text"}')
+    audio: Any = None
+    modalities: list[StrictStr] | None = Field(None, description="an array of strings")
+    logit_bias: dict[str, Any] | None = Field(None, description="an object")
+    web_search_options: Any = None
+    # honoured
+    model: StrictStr | None = Field(None, description="a string")
+    temperature: Temperature | None = Field(None, description="a number >= 0 and <= 2")
+    top_p: TopP | None = Field(None, description="a number > 0 and <= 1")
+    n: PositiveInt | None = Field(None, description="an integer between 1 and {max_n}")
+    max_tokens: PositiveInt | None = Field(None, description="an integer between 1 and {max_tokens}")
+    max_completion_tokens: PositiveInt | None = Field(None, description="an integer between 1 and {max_tokens}")
+    seed: Seed | None = Field(None, description="a 64-bit signed integer")
+    stop: list[StopString] | None = Field(
+        None, description="a string or an array of at most {max_stop} strings"
     )
+    stream: StrictBool | None = Field(None, description="a boolean")
+    stream_options: StreamOptions | None = Field(None, description='an object such as {"include_usage": true}')
+    guidance_scale: GuidanceScale | None = Field(None, description="a number >= 0 and <= 100")
+    messages: list[ChatMessage] = Field(min_length=1, description="a non-empty array of messages")
+
+    _parts: list[tuple[str, list[_Part]]] = PrivateAttr(default_factory=list)
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list | None, info: ValidationInfo) -> list | None:
+        if value:
+            raise _refusal(
+                "unsupported_parameter",
+                f"'{info.field_name}' is not supported: this server does not do function/tool calling",
+            )
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value not in ("none", "auto"):
+            raise _refusal(
+                "unsupported_parameter",
+                f"'{info.field_name}' is not supported: this server does not do function/tool calling; omit it",
+            )
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise _refusal(
+                "unsupported_parameter", "'logprobs' is not supported by this server; omit it or set it to false"
+            )
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, value: Any) -> Any:
+        if value is not None and value != 0:
+            raise _refusal("unsupported_parameter", "'top_logprobs' is not supported by this server; omit it")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict | None) -> dict | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise _refusal(
+                "unsupported_value",
+                f"response_format {_describe(value.get('type'))} is not supported: this server only produces "
+                'free text ({"type": "text"}); omit response_format',
+            )
+        return value
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio(cls, value: Any) -> Any:
+        if value is not None:
+            raise _refusal("unsupported_parameter", "audio output is not supported by this server; omit 'audio'")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _no_audio_modality(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and "audio" in value:
+            raise _refusal(
+                "unsupported_value", 'audio output is not supported by this server; use modalities ["text"]'
+            )
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        if value:
+            raise _refusal("unsupported_parameter", "'logit_bias' is not supported by this server; omit it")
+        return value
+
+    @field_validator("web_search_options")
+    @classmethod
+    def _no_web_search(cls, value: Any) -> Any:
+        if value is not None:
+            raise _refusal("unsupported_parameter", "web search is not supported by this server; omit it")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_is_greedy(cls, value: float | None) -> float | None:
+        return None if value is None else effective_temperature(value)
+
+    @field_validator("n")
+    @classmethod
+    def _n_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
+        cap = _limits(info).max_n
+        return _at_most(value, cap, f"an integer between 1 and {cap}")
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _tokens_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
+        cap = _limits(info).max_tokens
+        return _at_most(value, cap, f"an integer between 1 and {cap}")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        cap = _limits(info).max_stop
+        if isinstance(value, list) and len(value) > cap:
+            raise _refusal("invalid_value", f"'{{param}}' may hold at most {cap} sequences, got {len(value)}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_length(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        cap = _limits(info).max_stop_chars
+        for index, item in enumerate(value or []):
+            if len(item) > cap:
+                raise _refusal(
+                    "invalid_value",
+                    f"'{{param}}' has {len(item)} characters; this server accepts stop strings of at most {cap}",
+                    f"[{index}]",
+                )
+        return value
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _message_count(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            raise _refusal("missing_required_parameter", "'{param}' is required")
+        limits = _limits(info)
+        if not isinstance(value, list):
+            return value
+        if len(value) > limits.max_messages:  # refused before any message is validated
+            raise _refusal(
+                "too_many_messages",
+                f"this request has {len(value)} messages; this server accepts at most {limits.max_messages} per "
+                "request",
+            )
+        parts = sum(len(m["content"]) for m in value if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > limits.max_content_parts:
+            raise _refusal(
+                "too_many_content_parts",
+                f"this request has {parts} content parts; this server accepts at most {limits.max_content_parts} "
+                "per request",
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _images_and_text(self, info: ValidationInfo) -> ChatCompletionRequest:
+        """Markdown images split out, then images and text counted: all before any image is touched."""
+        limits = _limits(info)
+        self._parts = [_message_parts(message, index) for index, message in enumerate(self.messages)]
+        images = sum(1 for _, parts in self._parts for part in parts if part.kind == "image")
+        if images > limits.max_images:
+            raise _refusal(
+                "too_many_images",
+                f"this request has {images} images; this server accepts at most {limits.max_images} per "
+                "request (markdown images in message text count too)",
+                "messages",
+            )
+        chars = sum(len(part.value) for _, parts in self._parts for part in parts if part.kind == "text")
+        if chars > limits.max_prompt_chars:
+            raise _refusal(
+                "context_length_exceeded",
+                f"the messages hold {chars} characters of text, more than this server's limit of "
+                f"{limits.max_prompt_chars}; shorten the conversation",
+                "messages",
+            )
+        return self
 
 
-def _parse_message(message: Any, index: int) -> tuple[str, list[_Part]]:
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise _invalid_type(param, 'an object {"role": ..., "content": ...}', message)
-    role = message.get("role")
-    if not isinstance(role, str) or role not in _ROLES:
-        if role is None:
-            raise APIError(
-                400, f"'{param}.role' is required", param=f"{param}.role", code="missing_required_parameter"
-            )
-        extra = " (tool and function messages are not supported)" if role in ("tool", "function") else ""
-        raise APIError(
-            400,
-            f"'{param}.role' must be one of 'system', 'developer', 'user', 'assistant', got "
-            f"{_describe(role)}{extra}",
-            param=f"{param}.role",
-            code="invalid_value",
-        )
-    role = _ROLES[role]
-    for key in ("tool_calls", "function_call"):
-        if message.get(key):
-            raise _unsupported(
-                f"{param}.{key}", f"'{key}' in messages is not supported: this server does no tool calling"
-            )
-    if "content" not in message and role != "assistant":
-        raise APIError(
-            400, f"'{param}.content' is required", param=f"{param}.content", code="missing_required_parameter"
-        )
-    content = message.get("content")
-    split_images = role in ("user", "assistant")
-    if content is None:
-        if role != "assistant":
-            raise _invalid_type(f"{param}.content", "a string or an array of content parts", content)
-        return role, []
-    if isinstance(content, str):
-        return role, _text_parts(content, f"{param}.content", split_images)
-    if not isinstance(content, list):
-        raise _invalid_type(f"{param}.content", "a string or an array of content parts", content)
-    if not content:
-        raise _invalid_value(f"{param}.content", "a non-empty array of content parts", content)
+def _message_parts(message: ChatMessage, index: int) -> tuple[str, list[_Part]]:
+    """A validated message -> (processor role, parts), markdown data-URL images in user and assistant
+    text split out as image parts."""
+    role = _ROLES[message.role]
+    split = role in ("user", "assistant")
+    base = f"messages[{index}].content"
     parts: list[_Part] = []
-    for part_index, part in enumerate(content):
-        parts.extend(_parse_content_part(part, f"{param}.content[{part_index}]", role))
+    for number, part in enumerate(message.content or []):
+        param = base if message._text_content else f"{base}[{number}]"
+        if part.type == "image_url":
+            assert part.image_url is not None
+            parts.append(_Part("image", part.image_url.url, f"{param}.image_url"))
+        elif part.type == "refusal":
+            parts.append(_Part("text", part.refusal or "", f"{param}.refusal"))
+        else:
+            text = part.text or ""
+            text_param = param if message._text_content else f"{param}.text"
+            if not split:
+                parts.append(_Part("text", text, text_param))
+                continue
+            for piece in split_markdown_images(text):
+                if piece["type"] == "text":
+                    parts.append(_Part("text", piece["text"], text_param))
+                else:
+                    parts.append(_Part("image", piece["image_url"]["url"], text_param))
     return role, parts
 
 
-def parse_chat_request(payload: Any, limits: Limits) -> ChatRequest:
-    """A parsed /v1/chat/completions body -> ChatRequest, or APIError.
+class ImageGenerationRequest(_Schema):
+    """POST /v1/images/generations. `quality`, `style`, `user` and unknown fields are ignored."""
 
-    Rules (violations: 400 unless noted, `param` naming the field):
-    - `messages`: a non-empty array of {"role", "content"}; roles system, developer (= system), user,
-      assistant; content a string, null (assistant only) or a non-empty array of
-      {"type": "text", "text": str} and {"type": "image_url", "image_url": {"url": str, "detail"?}}
-      (or "image_url": "<url>") parts; no images in system messages. Markdown data-URL images in
-      user/assistant text (`![alt](data:image/png;base64,...)`, as this server returns drawn images)
-      become image parts.
+    expected: ClassVar[str] = "a JSON object"
+
+    prompt: StrictStr = Field(description="a non-empty string")
+    n: PositiveInt | None = Field(None, description="an integer between 1 and {max_n}")
+    size: StrictStr | None = None  # "WxH" or "auto"; checked by `_size_form`
+    response_format: StrictStr | None = Field(None, description="'b64_json'")
+    guidance_scale: GuidanceScale | None = Field(None, description="a number >= 0 and <= 100")
+    seed: Seed | None = Field(None, description="a 64-bit signed integer")
+    model: StrictStr | None = Field(None, description="a string")
+    stream: StrictBool | None = Field(None, description="a boolean")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise _refusal("invalid_value", f"'{{param}}' must be a non-empty string, got {_describe(value)}")
+        cap = _limits(info).max_prompt_chars
+        if len(value) > cap:
+            raise _refusal(
+                "context_length_exceeded",
+                f"'prompt' has {len(value)} characters, more than this server's limit of {cap}; shorten it",
+            )
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _n_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
+        cap = _limits(info).max_n
+        return _at_most(value, cap, f"an integer between 1 and {cap}")
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size_form(cls, value: Any) -> Any:
+        if value is not None and value != "auto" and _parse_size(value) is None:
+            code = "invalid_value" if isinstance(value, str) else "invalid_type"
+            raise _refusal(code, f"'{{param}}' must be {_SIZE_EXPECTED}, got {_describe(value)}")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _b64_only(cls, value: str | None) -> str | None:
+        if value == "url":
+            raise _refusal(
+                "unsupported_value",
+                "response_format 'url' is not supported: this server does not host image files; use "
+                "response_format 'b64_json' (the default)",
+            )
+        if value is not None and value != "b64_json":
+            raise _refusal("invalid_value", f"'{{param}}' must be 'b64_json', got {_describe(value)}")
+        return value
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool | None) -> bool | None:
+        if value:
+            raise _refusal("unsupported_parameter", "streaming image generation is not supported; omit 'stream'")
+        return value
+
+    @model_validator(mode="after")
+    def _output_pixels(self, info: ValidationInfo) -> ImageGenerationRequest:
+        size = self.dimensions
+        if size is not None:
+            cap = _limits(info).max_output_pixels
+            pixels = size[0] * size[1] * (self.n or 1)
+            if pixels > cap:
+                raise _refusal(
+                    "invalid_value",
+                    f"'size' x 'n' asks for {pixels} pixels; this server draws at most {cap} pixels per "
+                    "request; ask for fewer or smaller images",
+                    "size",
+                )
+        return self
+
+    @property
+    def dimensions(self) -> tuple[int, int] | None:
+        """`size` as (width, height); None for "auto" or none."""
+        return None if self.size in (None, "auto") else _parse_size(self.size)
+
+
+_MAX_SIDE = 4096
+_SIZE_RE = re.compile(r"\s*(\d{1,6})\s*[xX\u00d7]\s*(\d{1,6})\s*")
+_SIZE_EXPECTED = f'"WIDTHxHEIGHT" with sides 1..{_MAX_SIDE} (e.g. "512x512"), or "auto"'
+
+
+def _parse_size(value: Any) -> tuple[int, int] | None:
+    match = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    width, height = int(match.group(1)), int(match.group(2))
+    return (width, height) if 1 <= width <= _MAX_SIDE and 1 <= height <= _MAX_SIDE else None
+
+
+# --------------------------------------------------------------------------------------------- chat
+def read_chat_request(payload: Any, limits: Limits) -> ChatRequest:
+    """A parsed /v1/chat/completions body -> ChatRequest whose image parts hold `ImageRef`s (nothing
+    fetched or decoded yet), or APIError (400).
+
+    Rules (`param` names the field):
+    - `messages`: a non-empty array of at most `limits.max_messages` {"role", "content"} (and at most
+      `limits.max_content_parts` content parts in all); roles system,
+      developer (= system), user, assistant; content a string, null (assistant only) or a non-empty
+      array of {"type": "text", "text": str} and {"type": "image_url", "image_url": {"url": str,
+      "detail"?}} (or "image_url": "<url>") parts; no images in system messages. Markdown data-URL
+      images in user/assistant text (`![alt](data:image/png;base64,...)`, as this server returns drawn
+      images) become image parts.
     - at most `limits.max_images` images in all (param "messages"), at most `limits.max_prompt_chars`
-      characters of text (code "context_length_exceeded"); both checked before any image is decoded.
-    - images: see `decode_image_url` (413 for too many bytes or pixels).
-    - `temperature` a number in [0, 2] (default `limits.default_temperature`); `top_p` in (0, 1]; `n` an integer in
-      [1, max_n]; `max_completion_tokens` (preferred) / `max_tokens` an integer in [1, max_tokens];
-      `seed` an integer (int64); `stop` a string or up to 4 non-empty strings; `stream` a boolean;
+      characters of text (code "context_length_exceeded").
+    - image URLs: data: URLs (base64), or http(s) when `limits.allow_remote_images`; others refused.
+    - `temperature` a number in [0, 2] (default `limits.default_temperature`; below `GREEDY_BELOW`:
+      greedy); `top_p` in (0, 1]; `n` an integer in [1, max_n]; `max_completion_tokens` (preferred) /
+      `max_tokens` an integer in [1, max_tokens]; `seed` an integer (int64); `stop` a string or up to
+      `max_stop` non-empty strings of at most `max_stop_chars` characters; `stream` a boolean;
       `stream_options.include_usage` a boolean; `guidance_scale` (extra) a number in [0, 100],
       default DRAW_GUIDANCE_SCALE; `model` a string. Booleans are not numbers.
     - unsupported fields that change the answer's meaning (tools, logprobs, response_format other
       than text, ...) are refused; harmless and unknown fields are ignored.
     """
-    if not isinstance(payload, dict):
-        raise APIError(
-            400, f"the request body must be a JSON object, got {_describe(payload)}", code="invalid_type"
-        )
-
-    _refuse_unsupported_chat_fields(payload)
-    model = _get_str(payload, "model")
-    default_temperature = 1.0 if limits.default_temperature is None else limits.default_temperature
-    temperature = _get_number(payload, "temperature", 0.0, 2.0, default_temperature)
-    top_p = _get_number(payload, "top_p", 0.0, 1.0, None, low_open=True)
-    n = _get_int(payload, "n", 1, limits.max_n, 1)
-    max_tokens = _get_int(payload, "max_tokens", 1, limits.max_tokens, None)
-    max_completion_tokens = _get_int(payload, "max_completion_tokens", 1, limits.max_tokens, None)
-    if max_completion_tokens is not None:
-        max_tokens = max_completion_tokens
-    seed = _get_seed(payload)
-    stop = _get_stop(payload)
-    stream = _get_bool(payload, "stream", False)
-    include_usage = False
-    stream_options = payload.get("stream_options")
-    if stream_options is not None:
-        if not isinstance(stream_options, dict):
-            raise _invalid_type("stream_options", 'an object such as {"include_usage": true}', stream_options)
-        value = stream_options.get("include_usage")
-        if value is not None and not isinstance(value, bool):
-            raise _invalid_type("stream_options.include_usage", "a boolean", value)
-        include_usage = bool(value)
-    guidance_scale = _get_guidance_scale(payload)
-
-    messages = payload.get("messages", _MISSING)
-    if messages is _MISSING or messages is None:
-        raise APIError(400, "'messages' is required", param="messages", code="missing_required_parameter")
-    if not isinstance(messages, list):
-        raise _invalid_type("messages", "an array of messages", messages)
-    if not messages:
-        raise _invalid_value("messages", "a non-empty array of messages", messages)
-
-    # Structure first, counting images and text, so nothing expensive runs for a request we refuse.
-    parsed = [_parse_message(message, index) for index, message in enumerate(messages)]
-    image_count = sum(1 for _, parts in parsed for part in parts if part.kind == "image")
-    if image_count > limits.max_images:
-        raise APIError(
-            400,
-            f"this request has {image_count} images; this server accepts at most {limits.max_images} per "
-            "request (markdown images in message text count too)",
-            param="messages",
-            code="too_many_images",
-        )
-    chars = sum(len(part.value) for _, parts in parsed for part in parts if part.kind == "text")
-    if chars > limits.max_prompt_chars:
-        raise APIError(
-            400,
-            f"the messages hold {chars} characters of text, more than this server's limit of "
-            f"{limits.max_prompt_chars}; shorten the conversation",
-            param="messages",
-            code="context_length_exceeded",
-        )
-
-    out_messages = []
-    for role, parts in parsed:
+    request: ChatCompletionRequest = _validate(ChatCompletionRequest, payload, limits)
+    refs: list[ImageRef] = []
+    messages = []
+    for role, parts in request._parts:
         content: list[dict] = []
         for part in parts:
             if part.kind == "text":
                 content.append({"type": "text", "text": part.value})
             else:
-                content.append({"type": "image", "image": decode_image_url(part.value, limits, part.param)})
-        out_messages.append({"role": role, "content": content})
-
-    assert temperature is not None
+                _check_image_url(part.value, limits, part.param)
+                refs.append(ImageRef(part.value.strip(), part.param))
+                content.append({"type": "image", "image": refs[-1]})
+        messages.append({"role": role, "content": content})
+    default_temperature = 1.0 if limits.default_temperature is None else limits.default_temperature
+    temperature = request.temperature if request.temperature is not None else default_temperature
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     return ChatRequest(
-        messages=out_messages,
-        model=model,
+        messages=messages,
+        model=request.model,
         max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop=stop,
-        n=n if n is not None else 1,
-        stream=stream,
-        include_usage=include_usage,
-        guidance_scale=guidance_scale,
-        image_count=image_count,
+        temperature=effective_temperature(float(temperature)),
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=list(request.stop or []),
+        n=request.n if request.n is not None else 1,
+        stream=bool(request.stream),
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        guidance_scale=request.guidance_scale if request.guidance_scale is not None else DRAW_GUIDANCE_SCALE,
+        image_count=len(refs),
+        image_refs=refs,
     )
 
 
+def parse_chat_request(payload: Any, limits: Limits) -> ChatRequest:
+    """A parsed /v1/chat/completions body -> ChatRequest with decoded RGB images, or APIError: the
+    checks of `read_chat_request`, then remote images fetched (`fetch_remote_images`), every image's
+    header checked (`check_image_headers`) and only then the images decoded (`decode_image`)."""
+    request = read_chat_request(payload, limits)
+    fetch_remote_images(request.image_refs, limits)
+    check_image_headers(request.image_refs, limits)
+    images = {id(ref): decode_image(ref, limits) for ref in request.image_refs}
+    for message in request.messages:
+        for part in message["content"]:
+            if part["type"] == "image":
+                part["image"] = images[id(part["image"])]
+    return request
+
+
 # ------------------------------------------------------------------------------- images/generations
-_MAX_SIDE = 4096
-_SIZE_RE = re.compile(r"\s*(\d{1,6})\s*[xX\u00d7]\s*(\d{1,6})\s*")
-
-
 def parse_image_request(payload: Any, limits: Limits) -> ImageRequest:
     """A parsed /v1/images/generations body -> ImageRequest, or APIError (400).
 
     `prompt` a non-empty string of at most `limits.max_prompt_chars` characters (code
     "context_length_exceeded" beyond); `n` an integer in [1, max_n] (default 1); `size` "WxH" with
-    sides 1..4096, or "auto"/absent (None: the model's native size); `response_format` "b64_json"
-    (default) - "url" is refused, since this server stores no files; `guidance_scale` (extra) a number
-    in [0, 100], default DRAW_GUIDANCE_SCALE; `seed` an integer; `model` a string. `quality`, `style`, `user` and unknown
+    sides 1..4096, or "auto"/absent (None: the model's native size), and width * height * n at most
+    `limits.max_output_pixels`; `response_format` "b64_json" (default) - "url" is refused, since this
+    server stores no files; `guidance_scale` (extra) a number in [0, 100], default
+    DRAW_GUIDANCE_SCALE; `seed` an integer; `model` a string. `quality`, `style`, `user` and unknown
     fields are ignored; `stream: true` is refused.
     """
-    if not isinstance(payload, dict):
-        raise APIError(
-            400, f"the request body must be a JSON object, got {_describe(payload)}", code="invalid_type"
-        )
-    prompt = payload.get("prompt")
-    if prompt is None:
-        raise APIError(400, "'prompt' is required", param="prompt", code="missing_required_parameter")
-    if not isinstance(prompt, str):
-        raise _invalid_type("prompt", "a string", prompt)
-    if not prompt.strip():
-        raise _invalid_value("prompt", "a non-empty string", prompt)
-    if len(prompt) > limits.max_prompt_chars:
-        raise APIError(
-            400,
-            f"'prompt' has {len(prompt)} characters, more than this server's limit of "
-            f"{limits.max_prompt_chars}; shorten it",
-            param="prompt",
-            code="context_length_exceeded",
-        )
-    n = _get_int(payload, "n", 1, limits.max_n, 1)
-
-    size = payload.get("size")
-    parsed_size: tuple[int, int] | None = None
-    if size is not None and size != "auto":
-        expected = f'"WIDTHxHEIGHT" with sides 1..{_MAX_SIDE} (e.g. "512x512"), or "auto"'
-        if not isinstance(size, str):
-            raise _invalid_type("size", expected, size)
-        match = _SIZE_RE.fullmatch(size)
-        if match is None:
-            raise _invalid_value("size", expected, size)
-        width, height = int(match.group(1)), int(match.group(2))
-        if not (1 <= width <= _MAX_SIDE and 1 <= height <= _MAX_SIDE):
-            raise _invalid_value("size", expected, size)
-        parsed_size = (width, height)
-
-    response_format = payload.get("response_format")
-    if response_format is None:
-        response_format = "b64_json"
-    elif response_format == "url":
-        raise APIError(
-            400,
-            "response_format 'url' is not supported: this server does not host image files; use "
-            "response_format 'b64_json' (the default)",
-            param="response_format",
-            code="unsupported_value",
-        )
-    elif response_format != "b64_json":
-        raise _invalid_value("response_format", "'b64_json'", response_format)
-
-    if _get_bool(payload, "stream", False):
-        raise _unsupported("stream", "streaming image generation is not supported; omit 'stream'")
-
+    request: ImageGenerationRequest = _validate(ImageGenerationRequest, payload, limits)
     return ImageRequest(
-        prompt=prompt,
-        n=n if n is not None else 1,
-        size=parsed_size,
-        response_format=response_format,
-        guidance_scale=_get_guidance_scale(payload),
-        seed=_get_seed(payload),
-        model=_get_str(payload, "model"),
+        prompt=request.prompt,
+        n=request.n if request.n is not None else 1,
+        size=request.dimensions,
+        response_format=request.response_format or "b64_json",
+        guidance_scale=request.guidance_scale if request.guidance_scale is not None else DRAW_GUIDANCE_SCALE,
+        seed=request.seed,
+        model=request.model,
     )
 
 
@@ -727,6 +1040,7 @@ def split_markdown_images(text: str) -> list[dict]:
 # --------------------------------------------------------------------------------------- image URLs
 _IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # the formats this server decodes
 _FETCH_TIMEOUT_S = 10.0
+_MAX_REDIRECTS = 5
 _MAX_URL_CHARS = 8192  # for remote URLs; data: URLs are bounded by the body limit
 # `load_image`'s refusal reasons -> (status, error code, what the client can do about it).
 _IMAGE_REFUSALS = {
@@ -737,37 +1051,23 @@ _IMAGE_REFUSALS = {
 }
 
 
-def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
-    """An image URL from a request -> an RGB PIL image, or APIError with `param`.
-
-    - `data:<media type>;base64,<payload>`: a data URL without ";base64" -> 400 "invalid_image_url".
-    - `http(s)://...`: 400 unless `limits.allow_remote_images`; then fetched with a 10 s timeout and a
-      streamed cap of `max_image_bytes` (413 above it); fetch errors and HTTP errors -> 400.
-    - any other scheme (file:// and bare paths included) -> 400.
-    Decoding and every check on the image are `tokenizer_vision.load_image`'s, with formats PNG, JPEG,
-    WEBP and GIF (the data URL's declared media type too), `max_bytes=limits.max_image_bytes` (judged
-    from the base64 length, before decoding) and `max_pixels=limits.max_image_pixels` (read from the
-    header, before any pixel is decoded). Its refusals become: too many bytes or pixels, or a
-    decompression bomb -> 413 "image_too_large"; another media type or format -> 400
-    "invalid_image_format"; a malformed data URL -> 400 "invalid_image_url"; bad base64, no data, not
-    an image, truncated or corrupt data -> 400 "invalid_image". GIF and animated WEBP: the first
-    frame; EXIF orientation applied, transparency composited over white (as in training).
-    """
-    from tokenizer_vision.image_processing import ImageError, load_image
-
-    if not isinstance(url, str):
-        raise _invalid_type(param, "a string (a data: URL)", url)
+def _scheme(url: str) -> str:
     url = url.strip()
-    scheme = url[: url.find(":")].lower() if ":" in url[:16] else ""
+    return url[: url.find(":")].lower() if ":" in url[:16] else ""
+
+
+def _check_image_url(url: str, limits: Limits, param: str) -> None:
+    """The URL's form, before anything is fetched or decoded: a base64 data: URL, or an http(s) URL when
+    remote images are allowed."""
+    scheme = _scheme(url)
     if scheme == "data":
-        if _percent_encoded(url):
+        if _percent_encoded(url.strip()):
             raise APIError(
                 400,
                 "data URLs must be base64-encoded (data:image/png;base64,<data>)",
                 param=param,
                 code="invalid_image_url",
             )
-        source: str | bytes = url
     elif scheme in ("http", "https"):
         if not limits.allow_remote_images:
             raise APIError(
@@ -777,7 +1077,10 @@ def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
                 param=param,
                 code="remote_images_disabled",
             )
-        source = _fetch(url, limits, param)
+        if len(url) > _MAX_URL_CHARS:
+            raise APIError(
+                400, f"image URL longer than {_MAX_URL_CHARS} characters", param=param, code="invalid_image_url"
+            )
     else:
         raise APIError(
             400,
@@ -786,13 +1089,45 @@ def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
             param=param,
             code="invalid_image_url",
         )
+
+
+def decode_image_url(url: str, limits: Limits, param: str) -> Image.Image:
+    """An image URL from a request -> an RGB PIL image, or APIError with `param`.
+
+    - `data:<media type>;base64,<payload>`: a data URL without ";base64" -> 400 "invalid_image_url".
+    - `http(s)://...`: 400 unless `limits.allow_remote_images`; then fetched by `fetch_image`
+      (public addresses only, 10 s, `max_image_bytes`; every failure the same 400 "image_fetch_failed").
+    - any other scheme (file:// and bare paths included) -> 400.
+    Then the header is checked (`check_image_headers`) and the image decoded (`decode_image`).
+    """
+    if not isinstance(url, str):
+        raise APIError(400, f"'{param}' must be a string (a data: URL), got {_describe(url)}", param=param,
+                       code="invalid_type")
+    _check_image_url(url, limits, param)
+    ref = ImageRef(url.strip(), param)
+    fetch_remote_images([ref], limits)
+    check_image_headers([ref], limits)
+    return decode_image(ref, limits)
+
+
+def decode_image(ref: ImageRef, limits: Limits) -> Image.Image:
+    """Decode one image with `tokenizer_vision.load_image`: formats PNG, JPEG, WEBP and GIF (the data
+    URL's declared media type too), `max_bytes=limits.max_image_bytes` (judged from the base64 length,
+    before decoding) and `max_pixels=limits.max_image_pixels` (read from the header, before any pixel is
+    decoded). Its refusals become: too many bytes or pixels, or a decompression bomb -> 413
+    "image_too_large"; another media type or format -> 400 "invalid_image_format"; a malformed data URL
+    -> 400 "invalid_image_url"; bad base64, no data, not an image, truncated or corrupt data -> 400
+    "invalid_image". GIF and animated WEBP: the first frame; EXIF orientation applied, transparency
+    composited over white (as in training)."""
+    from tokenizer_vision.image_processing import ImageError, load_image
+
     try:
         return load_image(
-            source, limits.max_image_pixels, max_bytes=limits.max_image_bytes, formats=_IMAGE_FORMATS
+            ref.source, limits.max_image_pixels, max_bytes=limits.max_image_bytes, formats=_IMAGE_FORMATS
         )
     except ImageError as error:
         status, code, hint = _IMAGE_REFUSALS[error.reason]
-        raise APIError(status, f"{error}; {hint}", param=param, code=code) from None
+        raise APIError(status, f"{error}; {hint}", param=ref.param, code=code) from None
 
 
 def _percent_encoded(url: str) -> bool:
@@ -801,64 +1136,254 @@ def _percent_encoded(url: str) -> bool:
     return comma >= 0 and "base64" not in (item.strip().lower() for item in url[5:comma].split(";")[1:])
 
 
-def _image_too_large(size: int, limits: Limits, param: str) -> APIError:
-    return APIError(
-        413,
-        f"image is {size} bytes, above this server's limit of {limits.max_image_bytes} bytes; send a smaller "
-        "image",
-        param=param,
-        code="image_too_large",
+# ------------------------------------------------------------------------------- image header check
+def check_image_headers(refs: list[ImageRef], limits: Limits) -> None:
+    """Every image's width x height from its header (no pixel decoded): 413 "image_too_large" for one
+    above `max_image_pixels` (or alone above `max_request_pixels`), 413 "too_many_pixels" once the sum
+    over the request passes `max_request_pixels`. An image whose header cannot be read is left to
+    `decode_image`, which refuses it or checks it as it decodes."""
+    total = 0
+    for ref in refs:
+        if isinstance(ref.source, str):
+            payload = "".join(ref.source.partition(",")[2].split()).rstrip("=")
+            if len(payload) * 3 // 4 > limits.max_image_bytes:  # judged from the base64 length alone
+                raise APIError(
+                    413,
+                    f"the image is about {len(payload) * 3 // 4} bytes once decoded, above this server's limit "
+                    f"of {limits.max_image_bytes} bytes; send a smaller image",
+                    param=ref.param,
+                    code="image_too_large",
+                )
+        size = _header_size(ref.source)
+        if size is None:
+            continue
+        pixels = size[0] * size[1]
+        cap = min(limits.max_image_pixels, limits.max_request_pixels)
+        if pixels > cap:
+            raise APIError(
+                413,
+                f"the image is {size[0]}x{size[1]} = {pixels} pixels, above this server's limit of {cap}; "
+                "send a smaller image",
+                param=ref.param,
+                code="image_too_large",
+            )
+        total += pixels
+        if total > limits.max_request_pixels:
+            raise APIError(
+                413,
+                f"the images of this request hold more than {limits.max_request_pixels} pixels in all "
+                f"(this one brings them to {total}); send fewer or smaller images",
+                param=ref.param,
+                code="too_many_pixels",
+            )
+
+
+_HEADER_BASE64_CHARS = 1 << 16  # what is decoded first to find a header (JPEG may need more)
+
+
+def _header_size(source: str | bytes) -> tuple[int, int] | None:
+    if isinstance(source, bytes):
+        return _dimensions(source)
+    _, comma, payload = source.partition(",")
+    if not comma:
+        return None
+    payload = "".join(payload.split())
+    for chars in (_HEADER_BASE64_CHARS, len(payload)):
+        data = _lenient_b64(payload[: chars - chars % 4])
+        size = _dimensions(data) if data else None
+        if size is not None or chars >= len(payload):
+            return size
+    return None
+
+
+def _lenient_b64(text: str) -> bytes | None:
+    text = text.translate(str.maketrans("-_", "+/")).rstrip("=")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, GIF, WEBP or JPEG header, as PIL reports them; None when unknown."""
+    try:
+        if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", data[6:10])
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            chunk = data[12:16]
+            if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+                width, height = struct.unpack("<HH", data[26:30])
+                return width & 0x3FFF, height & 0x3FFF
+            if chunk == b"VP8L" and data[20] == 0x2F:
+                bits = int.from_bytes(data[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8X":
+                return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+            return None
+        if data.startswith(b"\xff\xd8"):
+            return _jpeg_dimensions(data)
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # no length
+            position += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
+            return None
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker in _JPEG_FRAMES:
+            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
+            return width, height
+        position += 2 + length
+    return None
+
+
+# ---------------------------------------------------------------------------------- remote fetching
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_FETCH_FAILED = "could not fetch the image URL; send the image as a data: URL instead"
+
+
+def is_public_address(address: str) -> bool:
+    """Whether a resolved address may be fetched from: a globally routable unicast address, not private,
+    loopback, link-local, shared, reserved, multicast or unspecified; an IPv4 address embedded in IPv6
+    (mapped, 6to4, Teredo, NAT64) is judged as itself."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public_address(str(embedded))
+    return ip.is_global and not (
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
+        or ip.is_unspecified
     )
 
 
-def _fetch(url: str, limits: Limits, param: str) -> bytes:
-    """GET an image with a 10 s budget and a streamed size cap."""
-    import httpx
+class _FetchError(Exception):
+    """Why a fetch failed, for the server's log; the client gets the one generic message."""
 
-    if len(url) > _MAX_URL_CHARS:
-        raise APIError(
-            400, f"image URL longer than {_MAX_URL_CHARS} characters", param=param, code="invalid_image_url"
-        )
+
+def fetch_remote_images(refs: list[ImageRef], limits: Limits) -> None:
+    """Fetch every remote image (`fetch_image`) into its `ImageRef.data`."""
+    for ref in refs:
+        if ref.remote and ref.data is None:
+            ref.data = fetch_image(ref.url.strip(), limits, ref.param)
+
+
+def fetch_image(url: str, limits: Limits, param: str) -> bytes:
+    """GET an http(s) image safely: each hop's host resolved and every address checked with
+    `is_public_address`, the connection made to that checked address (so a second DNS answer cannot
+    point elsewhere), redirects (at most 5) followed by hand and checked the same way, 10 s in all, at
+    most `max_image_bytes` (413 above). Any other failure - a refused address, DNS, connection, TLS,
+    an HTTP status, a timeout - is the same 400 "image_fetch_failed" (logged with its reason)."""
     deadline = time.monotonic() + _FETCH_TIMEOUT_S
-    shown = url if len(url) <= 100 else url[:100] + "..."
     try:
-        with (
-            httpx.Client(timeout=_FETCH_TIMEOUT_S, follow_redirects=True, max_redirects=5) as client,
-            client.stream("GET", url, headers={"Accept": "image/*"}) as response,
-        ):
-            if response.status_code >= 400:
-                raise APIError(
-                    400,
-                    f"could not fetch image {shown}: HTTP {response.status_code}",
-                    param=param,
-                    code="image_fetch_failed",
-                )
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limits.max_image_bytes:
-                raise _image_too_large(int(declared), limits, param)
-            chunks, total = [], 0
-            for chunk in response.iter_bytes():
-                total += len(chunk)
-                if total > limits.max_image_bytes:
-                    raise _image_too_large(total, limits, param)
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise httpx.TimeoutException("took longer than the time budget")
-            return b"".join(chunks)
+        for _ in range(_MAX_REDIRECTS + 1):
+            status, location, body = _get(url, deadline, limits, param)
+            if location is None:
+                if status != 200:
+                    raise _FetchError(f"HTTP {status}")
+                return body
+            url = urllib.parse.urljoin(url, location)
+        raise _FetchError("too many redirects")
     except APIError:
         raise
-    except httpx.TimeoutException:
-        raise APIError(
-            400,
-            f"could not fetch image {shown}: timed out after {_FETCH_TIMEOUT_S:g} s; send a data: URL "
-            "instead",
-            param=param,
-            code="image_fetch_failed",
-        ) from None
-    except (httpx.HTTPError, httpx.InvalidURL, ValueError, OSError) as error:
-        raise APIError(
-            400,
-            f"could not fetch image {shown}: {type(error).__name__}: {error}; send a data: URL instead",
-            param=param,
-            code="image_fetch_failed",
-        ) from None
+    except (_FetchError, OSError, http.client.HTTPException, ValueError, UnicodeError) as error:
+        logger.info("image fetch of %.200s refused or failed: %s: %s", url, type(error).__name__, error)
+        raise APIError(400, _FETCH_FAILED, param=param, code="image_fetch_failed") from None
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """An HTTP(S) connection to an address checked beforehand; TLS verifies the certificate against the
+    URL's host name."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float, tls: ssl.SSLContext | None) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address, self._tls = address, tls
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host) if self._tls else sock
+
+
+def _get(url: str, deadline: float, limits: Limits, param: str) -> tuple[int, str | None, bytes]:
+    """One GET: (status, redirect location or None, body of a 200)."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise _FetchError("not a plain http(s) URL")
+    host = parts.hostname
+    port = parts.port or (443 if scheme == "https" else 80)
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    refused = [address for address in addresses if not is_public_address(address)]
+    if not addresses or refused:
+        raise _FetchError(f"{host} resolves to a non-public address {refused[:1]}")
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _FetchError("timed out")
+    tls = ssl.create_default_context() if scheme == "https" else None
+    connection = _PinnedConnection(host, port, addresses[0], remaining, tls)
+    try:
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        connection.request("GET", target, headers={"Accept": "image/*", "Accept-Encoding": "identity",
+                                                   "User-Agent": "mllm-serve", "Connection": "close"})
+        response = connection.getresponse()
+        if response.status in (301, 302, 303, 307, 308):
+            location = response.getheader("Location")
+            if not location:
+                raise _FetchError(f"HTTP {response.status} without a Location")
+            return response.status, location, b""
+        if response.status != 200:
+            return response.status, None, b""
+        declared = response.getheader("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_image_bytes:
+            raise _image_too_large(int(declared), limits, param)
+        chunks, total = [], 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _FetchError("timed out")
+            if connection.sock is not None:
+                connection.sock.settimeout(remaining)
+            chunk = response.read(1 << 16)
+            if not chunk:
+                return 200, None, b"".join(chunks)
+            total += len(chunk)
+            if total > limits.max_image_bytes:
+                raise _image_too_large(total, limits, param)
+            chunks.append(chunk)
+    finally:
+        connection.close()
+
+
+def _image_too_large(size: int, limits: Limits, param: str) -> APIError:
+    return APIError(
+        413,
+        f"image is over {limits.max_image_bytes} bytes ({size} at least), above this server's limit; send a "
+        "smaller image",
+        param=param,
+        code="image_too_large",
+    )

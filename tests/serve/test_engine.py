@@ -1,6 +1,6 @@
 import pytest
 
-from serve.engine import Cancelled, ChatJob, Engine, ImageJob, _groups
+from serve.engine import Cancelled, ChatJob, Engine, ImageJob, QueueFull, _groups
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,36 @@ def test_streamed_text_equals_the_final_text_across_byte_fallback_runs(model):
     expected = model.processor.decode_text(ids).strip()
     assert "".join(deltas) == expected and len(deltas) >= 3  # all of it, in pieces
     assert "\ufffd" in expected and "é" in expected
+
+
+def test_admission_is_bounded_by_reservations(model):
+    engine = Engine(model, queue_size=2, batch_window_s=0.0)
+    try:
+        first, second = engine.reserve(), engine.reserve()
+        with pytest.raises(QueueFull):
+            engine.reserve()  # every slot taken, though nothing is queued yet (images still decoding)
+        first.release()
+        with engine.reserve():
+            pass  # given back when the block ends without a job
+        job = _chat("hello")
+        second.submit(job)
+        _wait(job)
+        assert job.error is None and [engine.reserve(), engine.reserve()]  # the worker gave the slot back
+    finally:
+        engine.close()
+
+
+def test_a_seeded_job_leaves_the_global_rng_as_it_was(model):
+    import torch
+
+    engine = Engine(model, batch_window_s=0.0)
+    try:
+        state = torch.get_rng_state()
+        seeded = [_chat("hello", temperature=1.0, seed=5, max_tokens=8) for _ in range(2)]
+        for job in seeded:
+            engine.submit(job)
+        _wait(*seeded)
+        assert seeded[0].result[0]["text"] == seeded[1].result[0]["text"]
+        assert torch.equal(torch.get_rng_state(), state)
+    finally:
+        engine.close()

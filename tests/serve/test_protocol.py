@@ -640,7 +640,11 @@ def image_server(monkeypatch):
     server.server_close()
 
 
-def test_remote_images_when_allowed(image_server):
+def test_remote_images_when_allowed(image_server, monkeypatch):
+    import serve.protocol
+
+    # The loopback test server stands in for a public host (loopback itself is refused: see test_hardening).
+    monkeypatch.setattr(serve.protocol, "is_public_address", lambda address: address == "127.0.0.1")
     limits = Limits(allow_remote_images=True)
     image = decode_image_url(f"{image_server}/cat.png", limits, "p")
     assert image.size == (5, 3) and image.mode == "RGB"
