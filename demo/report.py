@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from demo.plans import BARS, OTHER_SIZE_VQA, Plan, model_dir
+from mllm.io import read_jsonl
 
 
 def ablation_table(out: Path, plan: Plan) -> str:
@@ -157,14 +158,13 @@ def _predictions(folder: Path) -> dict[str, dict]:
     path = folder / "predictions.jsonl"
     if not path.is_file():
         return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {str(r["id"]): r for r in records}
+    return {str(r["id"]): r for r in read_jsonl(path)}
 
 
 def _losses(path: Path) -> list[float]:
     if not path.is_file():
         return []
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+    return [record["loss"] for record in read_jsonl(path) if "loss" in record]
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from mllm.config import (
     VISION_TOKENIZER_DIR,
     MLLMConfig,
 )
+from mllm.io import recover_dir, write_dir
 from mllm.runtime import resolve_device
 from mllm.vocab import ImageVocabulary
 from tokenizer_vision import DualCodebookTokenizer
@@ -151,29 +150,18 @@ def _is_peft_model(module: nn.Module) -> bool:
 
 
 def _write_atomically(target: Path, write) -> None:
-    """Call `write(tmp)` on a hidden sibling folder, then rename it to `target`.
+    """Call `write(tmp)` on a hidden sibling folder, then swap it in for `target` (`mllm.io.write_dir`).
 
-    A save killed midway leaves at most the hidden temp folder (or the previous, complete `target`),
-    never a half-written folder under the target's name.
+    A save killed midway leaves the previous, complete `target` (restored from its hidden `.old` copy by
+    the next save, or by `mllm.io.recover_dir`) or the new one, never a half-written folder under the
+    target's name; every file is fsynced before the rename.
     """
     target = Path(target)
+    recover_dir(target)
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / CONFIG_NAME).is_file())):
         # Replacing a folder throws away everything in it: only ever an earlier model folder.
         raise FileExistsError(f"{target} exists and is not a model folder ({CONFIG_NAME} missing); not replacing it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / target.name)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_dir(target, write)
 
 
 class UnifiedMLLM(nn.Module):

@@ -3,8 +3,11 @@
 A checkpoint is a folder: the model in safetensors (through the model's own
 `save_pretrained`), optimizer and scheduler state dicts saved with `torch.save` and read back
 with `weights_only=True` (plain tensors and numbers only), RNG states as tensors, and a JSON
-file with the step and the data position. It is written to a temporary folder and renamed, so
-a run killed mid-save never leaves a checkpoint that looks complete.
+file with the step and the data position. It is saved with `mllm.io.write_dir`: written to a hidden
+temporary folder, fsynced, and renamed into place (a checkpoint it replaces is moved aside first and
+deleted only once the new one is in), so a run killed mid-save never leaves a checkpoint that looks
+complete, and never loses the one it was replacing. Before resuming, the main process recovers what
+such a kill left behind with `mllm.io.recover_leftovers(parent)`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from mllm.io import write_dir
 
 STATE_FILE = "trainer_state.json"
 
@@ -57,16 +62,15 @@ def save_checkpoint(
     JSON-serialisable (step, data position, ...).
     """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(tmp / "model")
-    blob = {name: obj.state_dict() for name, obj in stateful.items()}
-    blob["rng"] = rng_state()
-    torch.save(blob, tmp / "training_state.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+
+    def write(tmp: Path) -> None:
+        save_model(tmp / "model")
+        blob = {name: obj.state_dict() for name, obj in stateful.items()}
+        blob["rng"] = rng_state()
+        torch.save(blob, tmp / "training_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    write_dir(folder, write)
     _prune(folder.parent, keep)
     return folder
 
@@ -74,6 +78,7 @@ def save_checkpoint(
 def _prune(parent: Path, keep: int) -> None:
     checkpoints = sorted(list_checkpoints(parent), key=lambda p: int(p.name.split("-")[-1]))
     for old in checkpoints[:-keep]:
+        (old / STATE_FILE).unlink(missing_ok=True)  # first: a deletion cut short never looks complete
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -85,6 +90,7 @@ def list_checkpoints(parent: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(parent: str | Path) -> Path | None:
+    """The newest complete checkpoint under `parent`."""
     checkpoints = list_checkpoints(parent)
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
 

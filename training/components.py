@@ -40,9 +40,15 @@ from mllm.attention import register as register_packed_eager
 from mllm.data.arrays import check_data_path
 from mllm.data.samples import TASKS, Sample
 from mllm.data.shards import DataStats, read_records, record_samples
+from mllm.io import fsync_path, fsync_tree, recover_dir, rewrite_jsonl, write_dir
 from mllm.lora import LoraSettings, new_token_ids
 from mllm.runtime import keep_freed_memory, resolve_precision
 from training.config import save_config
+
+try:  # transformers 5: the Trainer's checkpoint rotation, called after each save (see TaskLossTrainer)
+    from transformers.trainer_utils import rotate_checkpoints as _rotate_checkpoints
+except ImportError:  # pragma: no cover - other versions rotate inside _save_checkpoint, before the fsync
+    _rotate_checkpoints = None
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
@@ -403,6 +409,28 @@ class TaskLossTrainer(Trainer):
         self.task_sums: torch.Tensor | None = None  # (2, num_tasks): loss sum, token count since the last log
         self.loss_is_scaled_for_ga = None
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint (trainer_state.json written last marks it complete), made durable (every file
+        and the folder fsynced) before older checkpoints are rotated away, so a power loss never leaves only a
+        checkpoint that is not on disk yet."""
+        limit = self.args.save_total_limit
+        if _rotate_checkpoints is not None:
+            self.args.save_total_limit = None  # rotated below, once the new checkpoint is durable
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if not self.args.should_save:
+            return
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        if folder.is_dir():
+            fsync_tree(folder)
+            fsync_path(run_dir)
+        if _rotate_checkpoints is not None:
+            _rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         task_ids = inputs.pop("task_ids", None)
@@ -535,6 +563,8 @@ def start_run(cfg: LLMTrainConfig, final: Path) -> tuple[str, str] | None:
     keep_freed_memory()  # ~15% more tokens/s on CPU (see mllm.runtime)
     if not cfg.model:
         raise ValueError("the LLM recipe needs `model` (a model folder from `mllm init` or an earlier stage)")
+    if int(os.environ.get("RANK", "0")) == 0:  # one process cleans up; the others only look
+        recover_dir(final)  # a final save cut short by a kill: its previous copy back, its partial copy gone
     if final.is_dir():
         print(f"already trained: {final} (delete it to retrain)")
         return None
@@ -548,6 +578,12 @@ def write_recipe(cfg, out: Path) -> None:
     """OUT/train_recipe.yaml: the config the run trains with (`--recipe OUT/train_recipe.yaml` reruns it)."""
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / RECIPE_NAME)
+
+
+def save_adapter(llm, folder: Path) -> Path:
+    """A peft model's adapter (adapter_config.json + adapter_model.safetensors) written atomically to `folder`
+    (`mllm.io.write_dir`: beside it, fsynced, renamed into place)."""
+    return write_dir(folder, llm.save_pretrained)
 
 
 def freeze_all_but_new_rows(model) -> list[int]:
@@ -604,14 +640,23 @@ def training_arguments(cfg: LLMTrainConfig, out: Path, precision: str, device: s
 
 
 def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every OUT/checkpoint-N holding trainer_state.json, oldest first. The Trainer writes
-    that file last, so a checkpoint cut short by a kill (SIGKILL, power loss) lacks it and is passed over."""
+    """(step, folder) of every OUT/checkpoint-N holding a readable trainer_state.json, oldest first. The Trainer
+    writes that file last, so a checkpoint cut short by a kill (SIGKILL, power loss) lacks it, or holds it
+    cut short, and is passed over."""
     found = []
     for folder in out.glob("checkpoint-*") if out.is_dir() else []:
         suffix = folder.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and folder.is_dir() and (folder / "trainer_state.json").is_file():
+        if suffix.isdigit() and folder.is_dir() and _readable_json(folder / "trainer_state.json"):
             found.append((int(suffix), folder))
     return sorted(found)
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def resume_checkpoint(out: Path, resume: bool) -> str | None:
@@ -640,12 +685,14 @@ def resume_checkpoint(out: Path, resume: bool) -> str | None:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the lines of a metrics.jsonl up to `last_step`."""
+    """Keep the lines of a metrics.jsonl up to `last_step` (rewritten atomically). A line that does not parse,
+    such as a last line the kill cut short, is dropped with a note instead of stopping the resume."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    dropped = rewrite_jsonl(path, lambda record: record.get("step", 0) <= last_step)
+    if dropped:
+        print(f"dropped {len(dropped)} unreadable line(s) of {path} (line {', '.join(map(str, dropped))}: "
+              "a write cut short by the kill)")
 
 
 __all__ = [
@@ -673,6 +720,7 @@ __all__ = [
     "raise_if_stopped_on_nan",
     "restore_inference_attention",
     "resume_checkpoint",
+    "save_adapter",
     "set_training_attention",
     "split_turns",
     "start_run",

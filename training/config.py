@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mllm.io import write_file
 from tokenizer_vision.schema import from_dict, unknown_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -119,5 +120,4 @@ def save_config(config: Any, path: str | Path) -> None:
     kind = getattr(config, "recipe_kind", None)
     if kind is not None:
         data = {RECIPE_KEY: kind, **data}
-    with open(path, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
+    write_file(path, yaml.safe_dump(data, sort_keys=False))  # atomically: a kill never leaves half a recipe

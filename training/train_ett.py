@@ -267,7 +267,7 @@ def main(cfg: ETTTrainConfig, resume: bool = False) -> Path:
     components.write_recipe(cfg, out)
 
     # --- train
-    components.train(
+    trainer = components.train(
         ETTTrainer, cfg, out, resume, precision, device,
         arguments={"include_num_input_tokens_seen": False},  # counted by ETTTrainer: tokenizing is in forward
         model=EndToEndModel(model, settings, cfg.packing, cfg.max_length or model.context_length),
@@ -282,11 +282,14 @@ def main(cfg: ETTTrainConfig, resume: bool = False) -> Path:
     model.eval()
     model.vision_tokenizer.eval()
     components.restore_inference_attention(model.llm)
+    save = trainer.is_world_process_zero()  # the main process writes, each folder atomically
     if cfg.lora is not None:
-        model.llm.save_pretrained(out / ADAPTER_DIR)
+        if save:
+            components.save_adapter(model.llm, out / ADAPTER_DIR)
         model.merge_adapter()
-    model.save_pretrained(final, bake=settings.bake)
-    print(f"saved {final}")
+    if save:
+        model.save_pretrained(final, bake=settings.bake)  # last: OUT/model marks a finished run
+        print(f"saved {final}")
     return final
 
 

@@ -82,14 +82,16 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
         task_names=task_names,
     )
 
-    # --- save
+    # --- save (atomically, by the main process: a kill never leaves a half-written `final`, which marks a
+    # finished run)
     model.llm = trainer.model
     components.restore_inference_attention(model.llm)
-    if cfg.lora is not None:
-        model.llm.save_pretrained(final)  # adapter_config.json + adapter_model.safetensors
-    else:
-        model.save_pretrained(final)
-    print(f"saved {final}")
+    if trainer.is_world_process_zero():
+        if cfg.lora is not None:
+            components.save_adapter(model.llm, final)  # adapter_config.json + adapter_model.safetensors
+        else:
+            model.save_pretrained(final)
+        print(f"saved {final}")
     return final
 
 

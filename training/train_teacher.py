@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from mllm.data.arrays import to_pixel_values
+from mllm.io import recover_dir, write_dir
 from mllm.runtime import autocast, resolve_device, resolve_precision
 from training.config import save_config
 from training.data import ImageRecipeConfig, load_images, trained_already
@@ -140,6 +140,7 @@ def main(cfg: TeacherConfig) -> Path:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     out = Path(cfg.out)
+    recover_dir(out)  # a save cut short by a kill: the folder it was replacing back, its partial copy gone
     if trained_already(out, "teacher"):
         return out
 
@@ -181,16 +182,15 @@ def main(cfg: TeacherConfig) -> Path:
             bar.set_postfix(loss=f"{loss.item():.3f}", i2t_acc=f"{accuracy.item():.2f}")
     print(f"trained {cfg.max_steps} steps in {time.time() - start:.0f}s")
 
-    # --- save atomically: a killed run never leaves a folder that looks complete
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.eval().to("cpu").save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_preprocessor_config(tmp, cfg.image_size)
-    save_config(cfg, tmp / "teacher_recipe.yaml")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    # --- save atomically (mllm.io.write_dir): a killed run never leaves a folder that looks complete, and a
+    # folder it replaces goes only once the new one is in place
+    def write(tmp: Path) -> None:
+        model.eval().to("cpu").save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_preprocessor_config(tmp, cfg.image_size)
+        save_config(cfg, tmp / "teacher_recipe.yaml")
+
+    write_dir(out, write)
     print(f"teacher saved to {out}")
     return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from mllm.data.arrays import to_pixel_values
+from mllm.io import TMP_SUFFIX, aside, fsync_path, fsync_tree, recover_leftovers, rewrite_jsonl
 from mllm.runtime import resolve_precision
 from tokenizer_vision import DualCodebookTokenizer, TokenizerConfig
+from tokenizer_vision.model import WEIGHTS_NAME
 from training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from training.config import save_config
 from training.data import EpochSampler, ImageRecipeConfig, load_images, rescale_round_trip, trained_already
@@ -101,9 +104,34 @@ def _psnr(reconstruction: torch.Tensor, target: torch.Tensor, std: float) -> flo
     return 10.0 * math.log10(1.0 / max(mse, 1e-10))
 
 
+def save_final(tokenizer: DualCodebookTokenizer, out: Path) -> None:
+    """`tokenizer.save_pretrained` into OUT, which also holds the run's checkpoints and log, durably and without
+    a moment where OUT looks trained but is not: the files are written to OUT/.final.tmp and fsynced, then
+    renamed into OUT one by one, model.safetensors (the mark of a finished run, `trained_already`) last."""
+    tmp = _final_staging(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    fsync_tree(tmp)
+    for item in sorted(tmp.iterdir(), key=lambda path: path.name == WEIGHTS_NAME):
+        os.replace(item, out / item.name)
+    fsync_path(out)
+    tmp.rmdir()
+
+
+def _final_staging(out: Path) -> Path:
+    return aside(out / "final", TMP_SUFFIX)
+
+
+def recover_final(out: Path) -> None:
+    """Remove what a final save killed midway left in OUT/.final.tmp (OUT looks trained only if it finished)."""
+    shutil.rmtree(_final_staging(out), ignore_errors=True)
+
+
 def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
     # --- setup
     out = Path(cfg.out)
+    if int(os.environ.get("RANK", "0")) == 0:  # one process cleans up; the others only look
+        recover_final(out)
     if trained_already(out, "tokenizer"):
         return out
     probe_device = "cuda" if (cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
@@ -129,6 +157,9 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
     sampler = EpochSampler(len(data.images), cfg.batch_size, cfg.seed, accelerator.process_index,
                            accelerator.num_processes)
     checkpoints = out / "checkpoints"
+    if accelerator.is_main_process:
+        recover_leftovers(checkpoints)  # a checkpoint save cut short by a kill: undo it before reading or saving
+    accelerator.wait_for_everyone()
     start_step = 0
     if resume and (last := latest_checkpoint(checkpoints)) is not None:
         model.load_state_dict(DualCodebookTokenizer.from_pretrained(last / "model").state_dict())
@@ -137,6 +168,10 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
         start_step = int(state["step"])
         if accelerator.is_main_process:
             print(f"resuming from {last} at step {start_step}")
+            metrics = out / "metrics.jsonl"
+            # A last line cut short by the kill: dropped, or the resumed run's first line would run into it.
+            if metrics.is_file() and (dropped := rewrite_jsonl(metrics)):
+                print(f"dropped {len(dropped)} unreadable line(s) of {metrics} (a write cut short by the kill)")
     elif resume and accelerator.is_main_process:
         print(f"no checkpoint under {checkpoints}; starting from scratch")
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -210,12 +245,7 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
 
     # --- save
     if accelerator.is_main_process:
-        tmp = out / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp)
-        for item in tmp.iterdir():
-            item.replace(out / item.name)
-        tmp.rmdir()
+        save_final(unwrapped, out)
         print(f"tokenizer saved to {out} ({time.time() - started:.0f}s of training)")
     accelerator.wait_for_everyone()
     return out

@@ -18,6 +18,10 @@ and counted in a `DataStats`:
     malformed_conversation `conversations` missing or empty, a turn without from/value, an empty turn
     image_token_mismatch   the number of `<image>` tokens differs from the number of images
     missing_image          the image file does not exist or cannot be read
+    image_outside_root     the image path leads outside the image root (absolute, `..`, or through a
+                           symlink; checked after resolving symlinks), so it is never read
+    not_regular_file       the image path is a FIFO, device, socket or folder (never read: a FIFO would
+                           block the reader forever)
     corrupt_image / image_too_large   as for shards (`mllm.data.shards.decode_image`)
 
 The whole JSON file is loaded at once (as LLaVA's own loader does); a file that is not a JSON
@@ -37,6 +41,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +60,7 @@ from mllm.data.shards import (
     decode_image,
     write_shards,
 )
+from mllm.io import write_file
 
 logger = logging.getLogger(__name__)
 
@@ -157,13 +163,53 @@ def _check_record(index: int, entry: Any, image_root: Path, max_image_pixels: in
         )
     data = ext = image = None
     if image_path is not None:
-        try:
-            data = (image_root / image_path).read_bytes()
-        except OSError as exn:
-            raise SkipSample("missing_image", f"{image_root / image_path}: {exn.strerror or exn}") from exn
+        data = read_image_file(image_root, image_path)
         image = decode_image(data, max_image_pixels)
         ext = os.path.splitext(image_path)[1][1:].lower()
     return _LlavaRecord(record_key(index, entry.get("id")), entry.get("id"), messages, data, ext, image)
+
+
+def read_image_file(image_root: str | os.PathLike, image_path: str) -> bytes:
+    """The bytes of `image_path` (relative to `image_root`), read only if it is a regular file inside the root.
+
+    Raises SkipSample: "image_outside_root" for a path that, after resolving `..` and symlinks, lies outside
+    the root (an absolute path, `../../secret.png`, a symlink out), "not_regular_file" for a FIFO, device,
+    socket or folder (opened without blocking and checked before reading, so a FIFO never hangs the reader),
+    "missing_image" for a file that does not exist or cannot be read.
+    """
+    root = os.path.realpath(image_root)
+    try:
+        resolved = os.path.realpath(os.path.join(root, image_path))
+    except (OSError, ValueError) as exn:  # e.g. a NUL byte in the path
+        raise SkipSample("malformed_record", f"image path {image_path!r}: {exn}"[:200]) from exn
+    try:
+        inside = os.path.commonpath([root, resolved]) == root
+    except ValueError:  # another drive (Windows)
+        inside = False
+    if not inside:
+        raise SkipSample("image_outside_root", f"{image_path!r} resolves to {resolved}, outside {root}"[:300])
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    )
+    try:
+        fd = os.open(resolved, flags)
+    except OSError as exn:
+        reason = (
+            "not_regular_file"
+            if os.path.lexists(resolved) and not os.path.isfile(resolved)
+            else "missing_image"
+        )
+        raise SkipSample(reason, f"{resolved}: {exn.strerror or exn}") from exn
+    try:
+        # Checked on the opened file, so nothing can be swapped in between the check and the read.
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SkipSample("not_regular_file", f"{resolved} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exn:
+        raise SkipSample("missing_image", f"{resolved}: {exn.strerror or exn}") from exn
+    finally:
+        os.close(fd)
 
 
 def read_llava(
@@ -255,5 +301,5 @@ def write_llava(samples: Iterable[Sample], out_dir: str | os.PathLike, progress:
         ]
         records.append(record)
     json_path = out / LLAVA_JSON_NAME
-    json_path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    write_file(json_path, json.dumps(records, indent=1) + "\n")  # last, atomically: it lists the images
     return json_path

@@ -6,10 +6,12 @@
 Every record of `--data` is written to `--out` with the SAME `{key}.json` and, in place of its image,
 `{key}.codes.npy`: the tokenizer's code grid (h, w), int16 when the codebook fits (K <= 32767), else
 int32 (to keep shards small; readers widen codes to int64). Records without an image (text-only
-chats) are copied as they are. Bad records (corrupt image, invalid JSON, already pre-tokenized, JSON
-holding a `key` / `image` / `codes` field) are skipped and counted, as every reader does
-(`mllm.data.shards`). `--out/pretokenize.json` records the tokenizer's codebook size, grid and image
-size, the source, and the counts, so a training run can check its shards match its tokenizer.
+chats) are copied as they are. Bad records (corrupt image, invalid JSON, a bad member name or a
+non-regular member, already pre-tokenized, JSON holding a `key` / `image` / `codes` field) are skipped
+and counted, as every reader does (`mllm.data.shards`). Nothing partial is left in `--out`: the shards
+appear there only once all are written (`write_shards`), and an error midway removes what was written.
+`--out/pretokenize.json` records the tokenizer's codebook size, grid and image size, the source, and
+the counts, so a training run can check its shards match its tokenizer.
 
 Codes depend on the tokenizer's weights: shards made with one tokenizer are meaningless to a model
 built with another.
@@ -49,6 +51,7 @@ def pretokenize(data: str | Path, vision_tokenizer: str | Path, out: str | Path,
         raise ValueError(f"--out {out} holds .tar files pretokenize did not write (e.g. {foreign[0].name}); remove them")
 
     from mllm.data.shards import DataStats, read_records, resolve_urls, write_shards
+    from mllm.io import write_file
     from mllm.runtime import resolve_device, resolve_precision
     from tokenizer_vision.model import DualCodebookTokenizer
 
@@ -83,7 +86,7 @@ def pretokenize(data: str | Path, vision_tokenizer: str | Path, out: str | Path,
         **counts,
         "skipped": dict(sorted(stats.skipped.items())),
     }
-    (out / INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
+    write_file(out / INFO_NAME, json.dumps(info, indent=1) + "\n")
 
     print(
         f"wrote {counts['records_written']} records ({counts['images_encoded']} images as "

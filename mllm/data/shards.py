@@ -27,6 +27,9 @@ summary is logged (logging.warning) when an iteration ends:
     unreadable_shard   a shard that cannot be opened                      (counted once per shard)
     corrupt_tar        a truncated or otherwise unreadable tar stream     (counted once per shard)
     duplicate_member   a key with two members of the same extension       (counted once per shard)
+    bad_member_name    a member not named `{key}.{extension}` with a key `write_shards` accepts: no
+                       extension, `..` or an absolute path, odd characters (counted per member)
+    non_regular_member a symlink, hard link, device or FIFO member (never followed; counted per member)
     incomplete_record  the record being read when a shard broke off: it may lack members
     missing_json       a record without its .json
     invalid_json       .json that does not parse, or is not an object
@@ -49,6 +52,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tarfile
 import zlib
 from collections import Counter
@@ -65,6 +69,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mllm.data.samples import TASKS, Sample, caption_sample, chat_sample, t2i_sample, vqa_sample
+from mllm.io import TMP_SUFFIX, aside, fsync_path, fsync_tree, write_file
 from tokenizer_vision.image_processing import ImageError, load_image
 
 logger = logging.getLogger(__name__)
@@ -80,6 +85,8 @@ CODES_EXTENSION = "codes.npy"  # the member `{key}.codes.npy` of a pre-tokenized
 # Webdataset splits a member name into key and extension at the first dot of its base name and
 # treats `__name__` members as metadata, so keys we write must avoid both.
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_/-]*")
+_EXTENSION_PATTERN = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, which it skips
 
 
 class SkipSample(Exception):
@@ -150,6 +157,10 @@ def write_shards(
     in JSON form (see `mllm.data.samples`). Also writes `{out_dir}/index.json` with each shard's
     record count. Existing shards with the same prefix are an error unless `overwrite`, because a
     reader given the directory would otherwise mix them with the new ones.
+
+    Nothing partial is left behind: shards are written to a hidden staging folder in `out_dir`, fsynced,
+    and moved into place (replacing the existing ones) only once every record is written; on an error
+    the staging folder is removed and `out_dir` keeps what it held. `index.json` is written last.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,22 +169,40 @@ def write_shards(
         raise FileExistsError(
             f"{out} already holds {len(existing)} '{prefix}-*.tar' shards (e.g. {existing[0].name})"
         )
+    # Shards are written to a hidden staging folder, fsynced, and moved into `out` only once every record is
+    # written: an error (or a kill) midway never leaves a partial shard under a shard's name, and shards being
+    # replaced stay until the new ones are complete.
+    staging = aside(out / prefix, TMP_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
+    staging.mkdir()
+    try:
+        # ShardWriter fills the pattern with `%`, so a literal `%` in the path must be doubled.
+        pattern = str(staging / f"{prefix}-").replace("%", "%%") + "%06d.tar"
+        # A fixed member mtime makes the shards byte-for-byte reproducible: same data, same checksum.
+        with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=0) as writer:
+            counts = {writer.fname: 0}  # ShardWriter opens the first shard at once, even for no records
+            for sample in tqdm(samples, desc=f"writing {out}", unit=" records", disable=not progress):
+                writer.write(_tar_record(sample))
+                counts[writer.fname] = counts.get(writer.fname, 0) + 1
+        fsync_tree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    (out / "index.json").unlink(missing_ok=True)  # stale from here until the new one is written
     for path in existing:
         path.unlink()
-    # ShardWriter fills the pattern with `%`, so a literal `%` in the path must be doubled.
-    pattern = str(out / f"{prefix}-").replace("%", "%%") + "%06d.tar"
-    # A fixed member mtime makes the shards byte-for-byte reproducible: same data, same checksum.
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=0) as writer:
-        counts = {writer.fname: 0}  # ShardWriter opens the first shard at once, even for no records
-        for sample in tqdm(samples, desc=f"writing {out}", unit=" records", disable=not progress):
-            writer.write(_tar_record(sample))
-            counts[writer.fname] = counts.get(writer.fname, 0) + 1
+    shards = []
+    for path in counts:
+        shards.append(str(out / os.path.basename(path)))
+        os.replace(path, shards[-1])
+    fsync_path(out)
+    shutil.rmtree(staging)
     index = {
         "shards": [{"file": os.path.basename(path), "count": count} for path, count in counts.items()],
         "total": sum(counts.values()),
     }
-    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-    return list(counts)
+    write_file(out / "index.json", json.dumps(index, indent=1) + "\n")
+    return shards
 
 
 def _tar_record(sample: dict[str, Any]) -> dict[str, Any]:
@@ -426,8 +455,8 @@ def _tar_error_reason(exn: Exception) -> str:
 def _read_shards(shards: Iterable[dict[str, str]], stats: DataStats) -> Iterator[dict[str, Any]]:
     """{"url"} per shard -> raw webdataset records {"__key__", "__url__", extension: bytes}.
 
-    webdataset reads the tars, one `tarfile_samples` call per shard: across shards its
-    group_by_keys keeps its current record open when an error swallows the end-of-shard marker,
+    Each shard is read on its own (`_tar_members`, which also skips and counts bad members, then
+    webdataset's group_by_keys): across shards group_by_keys keeps its current record open when an error swallows the end-of-shard marker,
     so a shard that breaks off mid-record would lend its partial record members of the next
     shard's first one. Per shard, the last record is held back until the shard ends cleanly;
     after a read error it is dropped, as it may be missing members.
@@ -435,7 +464,8 @@ def _read_shards(shards: Iterable[dict[str, str]], stats: DataStats) -> Iterator
     for shard in shards:
         handler = _ShardErrors()
         pending = None
-        for record in wds.tarfile_samples([dict(shard)], handler=handler):
+        members = _tar_members(shard, handler, stats)
+        for record in wds.tariterators.group_by_keys(members, handler=handler):
             if pending is not None:
                 yield pending
             pending = record
@@ -446,6 +476,66 @@ def _read_shards(shards: Iterable[dict[str, str]], stats: DataStats) -> Iterator
             stats.skip("incomplete_record", f"{shard['url']}: {pending['__key__']}")
         elif pending is not None:
             yield pending
+
+
+def member_name_ok(name: str) -> bool:
+    """`{key}.{extension}` with a key `write_shards` accepts (`_KEY_PATTERN`: no `..`, not absolute, no odd
+    characters) and an extension of letters, digits, `_`, `-` and dots."""
+    key, extension = wds.tariterators.base_plus_ext(name)
+    return (
+        key is not None
+        and _KEY_PATTERN.fullmatch(key) is not None
+        and _EXTENSION_PATTERN.fullmatch(extension) is not None
+    )
+
+
+def _tar_members(shard: dict[str, str], handler: _ShardErrors, stats: DataStats) -> Iterator[dict[str, Any]]:
+    """One shard's members {"fname", "data", "__url__"}, as webdataset's url_opener + tar_file_expander yield
+    them (read errors go to `handler`), except that members webdataset would pass over silently or take as they
+    are are skipped and counted: `non_regular_member` (a symlink, hard link, device or FIFO entry; folders are
+    just skipped) and `bad_member_name` (not `member_name_ok`: no extension, a path that climbs out (`..`) or
+    is absolute, an odd key). webdataset's own metadata members (`__...__`) are skipped as it skips them."""
+    for source in wds.tariterators.url_opener([dict(shard)], handler=handler):
+        url = source["url"]
+        # Errors as webdataset handles them: one in a member goes to the handler and reading goes on; one in
+        # the tar stream itself (truncated, not a tar) ends the shard.
+        try:
+            with tarfile.open(fileobj=source["stream"], mode="r|*") as stream:
+                for info in stream:
+                    stream.members = []  # streaming: keep no member list
+                    try:
+                        name = info.name
+                        if info.isdir() or _META_MEMBER.match(name):
+                            continue
+                        if not info.isreg():
+                            stats.skip("non_regular_member", f"{url}: {name!r} ({_member_kind(info)})"[:300])
+                        elif not member_name_ok(name):
+                            stats.skip("bad_member_name", f"{url}: {name!r}"[:300])
+                        else:
+                            data = stream.extractfile(info).read()
+                            yield {"fname": name, "data": data, "__url__": url}
+                    except Exception as exn:  # noqa: BLE001 - recorded by the handler, counted by reason
+                        if handler(exn):
+                            continue
+                        break
+        except Exception as exn:  # noqa: BLE001 - recorded by the handler, counted by reason
+            if not handler(exn):
+                break
+        finally:
+            close = getattr(source.get("stream"), "close", None)
+            if close is not None:
+                close()
+
+
+def _member_kind(info: tarfile.TarInfo) -> str:
+    kinds = {
+        "issym": "symlink",
+        "islnk": "hard link",
+        "ischr": "character device",
+        "isblk": "block device",
+        "isfifo": "FIFO",
+    }
+    return next((kind for test, kind in kinds.items() if getattr(info, test)()), "special file")
 
 
 def _decode_records(

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -150,3 +151,72 @@ def test_read_llava_rejects_a_file_that_is_not_a_list(tmp_path):
     (tmp_path / "data.json").write_text('[{"id": 1,')
     with pytest.raises(LlavaFormatError, match="not valid JSON"):
         list(read_llava(tmp_path / "data.json", tmp_path))
+
+
+TURN = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Blue."}]
+
+
+def _llava_file(path, images):
+    path.write_text(
+        json.dumps([{"id": f"r{i}", "image": image, "conversations": TURN} for i, image in enumerate(images)])
+    )
+    return path
+
+
+def test_image_paths_that_lead_outside_the_root_are_never_read(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (8, 8), "blue").save(root / "sub" / "ok.png")
+    Image.new("RGB", (8, 8), "red").save(outside / "secret.png")
+    os.symlink(outside / "secret.png", root / "leak.png")  # a symlink out of the root
+    os.symlink(outside, root / "door")  # a folder symlink out of the root
+    os.symlink(root / "sub" / "ok.png", root / "alias.png")  # a symlink that stays inside: fine
+    images = [
+        "sub/ok.png",
+        "../outside/secret.png",
+        "sub/../../outside/secret.png",
+        str(outside / "secret.png"),
+        "leak.png",
+        "door/secret.png",
+        "alias.png",
+        "sub/../sub/ok.png",
+        "bad\x00name.png",
+    ]
+    data = _llava_file(tmp_path / "data.json", images)
+    stats = DataStats()
+    samples = list(read_llava(data, root, stats=stats))
+    assert [s.key for s in samples] == ["000000000_r0", "000000006_r6", "000000007_r7"]
+    assert all(s.images[0].getpixel((0, 0)) == (0, 0, 255) for s in samples)  # never the red secret
+    assert stats.skipped == {"image_outside_root": 5, "malformed_record": 1}
+    assert "secret.png" in stats.examples["image_outside_root"]
+
+    convert_stats = DataStats()
+    convert_llava(data, root, tmp_path / "shards", stats=convert_stats, progress=False)
+    assert convert_stats.skipped == stats.skipped
+    assert len(list(read_samples(tmp_path / "shards"))) == 3
+
+
+def test_a_fifo_or_a_folder_as_image_is_skipped_without_blocking(tmp_path):
+    import threading
+
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer forever
+    (tmp_path / "folder.png").mkdir()
+    data = _llava_file(tmp_path / "data.json", ["pipe.png", "folder.png", "ok.png"])
+    stats, result = DataStats(), {}
+
+    def convert():
+        result["shards"] = convert_llava(data, tmp_path, tmp_path / "shards", stats=stats, progress=False)
+
+    worker = threading.Thread(target=convert, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    try:
+        assert not worker.is_alive(), "the converter blocks on the FIFO"
+    finally:
+        if worker.is_alive():  # release the blocked open() so the thread can end
+            os.close(os.open(tmp_path / "pipe.png", os.O_WRONLY | os.O_NONBLOCK))
+            worker.join(timeout=20)
+    assert stats.skipped == {"not_regular_file": 2}
+    assert [s.key for s in read_samples(tmp_path / "shards")] == ["000000002_r2/chat"]

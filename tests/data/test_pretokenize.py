@@ -174,3 +174,40 @@ def test_cli_refuses_a_non_empty_output_unless_overwrite(
         expected = tokenizer.encode([s["image"] for s in shapes])
     records = {r["key"]: r for r in read_records(out)}
     assert torch.equal(torch.stack([records[s["key"]]["codes"] for s in shapes]), expected)
+
+
+def test_bad_member_names_are_skipped_and_counted_not_a_traceback(tmp_path, shapes, tokenizer_dir):
+    source = tmp_path / "source"
+    write_shards(shapes[:2], source, progress=False)
+    with tarfile.open(source / "shard-000000.tar") as tar:
+        png = tar.extractfile(f"{shapes[0]['key']}.png").read()
+    meta = json.dumps({"caption": "a red square"}).encode()
+    _tar(source / "shard-000001.tar", [
+        ("../evil.json", meta), ("../evil.png", png),  # would become a member outside --out
+        ("noextension", meta),
+        ("weird key.json", meta), ("weird key.png", png),
+        ("fine.json", meta), ("fine.png", png),
+    ])  # fmt: skip
+    out = tmp_path / "out"
+    info = pretokenize.pretokenize(source, tokenizer_dir, out, batch_size=4, device="cpu", precision="fp32",
+                                   progress=False)  # fmt: skip
+    assert info["records_written"] == 3 and info["skipped"] == {"bad_member_name": 5}
+    assert sorted(r["key"] for r in read_records(out)) == sorted([s["key"] for s in shapes[:2]] + ["fine"])
+
+
+def test_an_error_midway_leaves_no_partial_output(tmp_path, source_dir, tokenizer_dir, monkeypatch):
+    out = tmp_path / "out"
+    real_encode = DualCodebookTokenizer.encode
+    calls = []
+
+    def encode_then_fail(self, images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real_encode(self, images)
+
+    monkeypatch.setattr(DualCodebookTokenizer, "encode", encode_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pretokenize.pretokenize(source_dir, tokenizer_dir, out, batch_size=2, maxcount=1, device="cpu",
+                                precision="fp32", progress=False)  # fmt: skip
+    assert list(out.iterdir()) == []  # the shards of the first batch were never moved in

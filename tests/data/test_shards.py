@@ -212,3 +212,88 @@ def test_processes_split_shards_unless_told_not_to(shard_dir, shapes, monkeypatc
     assert rank1 == [s["key"] for s in shapes[8:16]]  # every 2nd shard from the 2nd: shard-000001
     everything = [r["key"] for r in read_records(shard_dir, split=False)]
     assert everything == [s["key"] for s in shapes]
+
+
+def _special(tar_path, members):
+    """Append members of any type: (name, type, data or link target)."""
+    with tarfile.open(tar_path, "a") as tar:
+        for name, kind, payload in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = payload
+                tar.addfile(info)
+            elif kind == tarfile.DIRTYPE:
+                info.mode = 0o755
+                tar.addfile(info)
+            elif kind == tarfile.REGTYPE:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            else:
+                tar.addfile(info)
+
+
+def test_bad_member_names_and_non_regular_members_are_skipped_and_counted(tmp_path, shapes):
+    image = png_bytes(shapes[0]["image"])
+    meta = json.dumps({"caption": "a caption"}).encode()
+    _tar(
+        tmp_path / "a-0.tar",
+        [
+            ("good.json", meta), ("good.png", image),
+            ("README", b"no extension"),  # webdataset would pass over it silently
+            ("../evil.json", meta), ("../evil.png", image),  # climbs out of the shard
+            ("/abs/olute.json", meta),
+            ("weird key!.json", meta),
+            ("sub/../up.json", meta),
+            ("__meta__", b"{}"),  # webdataset's own metadata: skipped, not counted
+            ("nested/ok.json", meta), ("nested/ok.png", image),
+        ],
+    )  # fmt: skip
+    _special(
+        tmp_path / "a-0.tar",
+        [
+            ("folder", tarfile.DIRTYPE, None),  # structure, not data: skipped silently
+            ("link.png", tarfile.SYMTYPE, "/etc/passwd"),
+            ("hard.json", tarfile.LNKTYPE, "good.json"),
+            ("pipe.json", tarfile.FIFOTYPE, None),
+            ("device.png", tarfile.CHRTYPE, None),
+            ("last.json", tarfile.REGTYPE, meta),
+        ],
+    )
+    pipeline = read_records(tmp_path)
+    records = list(pipeline)
+    assert [r["key"] for r in records] == ["good", "nested/ok", "last"]
+    assert pipeline.stats.skipped == {"bad_member_name": 6, "non_regular_member": 4}
+    assert "README" in pipeline.stats.examples["bad_member_name"]
+
+
+def _records_then_fail(records, fail_after):
+    for index, record in enumerate(records):
+        if index == fail_after:
+            raise RuntimeError("the source broke off")
+        yield record
+
+
+def test_write_shards_leaves_nothing_partial_behind(tmp_path, shapes):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="broke off"):
+        write_shards(_records_then_fail(shapes, 3), out, maxcount=2, progress=False)
+    assert list(out.iterdir()) == []  # no shard, no index, no staging folder
+    with pytest.raises(ValueError, match="record key"):
+        write_shards([shapes[0], {"key": "../evil", "caption": "x"}], out, progress=False)
+    assert list(out.iterdir()) == []
+
+    # Shards being replaced stay as they were until the new ones are complete.
+    write_shards(shapes[:3], out, maxcount=2, progress=False)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(RuntimeError, match="broke off"):
+        write_shards(_records_then_fail(shapes[3:6], 1), out, maxcount=2, overwrite=True, progress=False)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    shards = write_shards(shapes[3:6], out, maxcount=2, overwrite=True, progress=False)
+    assert sorted(path.name for path in out.iterdir()) == [
+        "index.json",
+        "shard-000000.tar",
+        "shard-000001.tar",
+    ]
+    assert shards == [str(out / "shard-000000.tar"), str(out / "shard-000001.tar")]
+    assert [r["key"] for r in read_records(out)] == [s["key"] for s in shapes[3:6]]

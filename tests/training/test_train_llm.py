@@ -409,3 +409,67 @@ def test_max_steps_shortens_warmup_with_the_run_unless_it_is_set(monkeypatch, tm
     command.run(parser.parse_args([*base, "--max-steps", "200", "--set", "warmup_steps=30"]))
     command.run(parser.parse_args([*base, "--max-steps", "4000"]))
     assert [(c.max_steps, c.warmup_steps) for c in seen] == [(200, 10), (200, 30), (4000, 100)]
+
+
+def test_a_kill_in_the_final_adapter_save_never_leaves_a_torn_adapter(tiny, tmp_path, monkeypatch, kill):
+    """The adapter is written aside and renamed into place: a kill midway leaves no OUT/adapter (which would
+    read as a finished run), and --resume writes the adapter of the uninterrupted run."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    lora = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "save_total_limit": 1}
+    straight = main(_config(tiny, tmp_path / "straight", **lora))
+    # The Trainer still rotates checkpoints (after making the new one durable).
+    assert [p.name for p in (tmp_path / "straight").glob("checkpoint-*")] == ["checkpoint-6"]
+
+    real_save = PeftModel.save_pretrained
+    killer = kill(0)  # counts filesystem steps, never fires on its own
+
+    def die_mid_save(self, directory, *args, **kwargs):
+        real_save(self, directory, *args, **kwargs)
+        if not Path(directory).name.startswith("checkpoint-"):  # the final save, not a checkpoint's
+            weights = Path(directory) / "adapter_model.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # caught mid-write
+            killer.die()  # and nothing after it runs (no cleanup)
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", die_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        main(_config(tiny, tmp_path / "killed", **lora))
+    monkeypatch.setattr(PeftModel, "save_pretrained", real_save)
+    killer.disarm()
+    assert not (tmp_path / "killed" / "adapter").exists()
+
+    resumed = main(_config(tiny, tmp_path / "killed", **lora), resume=True)
+    expected, got = _weights(straight), _weights(resumed)
+    assert expected and expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")) == []
+
+
+def test_resume_after_a_torn_metrics_line(tiny, tmp_path, monkeypatch):
+    """A kill while a metrics line is being appended leaves it torn: --resume drops it (as it drops every line
+    after the checkpoint) instead of failing on it, and the log reads as the uninterrupted run's."""
+    from transformers.trainer_callback import CallbackHandler
+
+    main(_config(tiny, tmp_path / "straight"))
+    real_on_save = CallbackHandler.on_save
+
+    def save_then_die(self, args, state, control):
+        control = real_on_save(self, args, state, control)
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+        return control
+
+    monkeypatch.setattr(CallbackHandler, "on_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(_config(tiny, tmp_path / "resumed"))
+    monkeypatch.setattr(CallbackHandler, "on_save", real_on_save)
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 4, "loss": 5.1, "learn')  # the kill cut this line short
+    main(_config(tiny, tmp_path / "resumed"), resume=True)
+
+    def drop_speed(records):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+    assert drop_speed(_records(tmp_path / "resumed")) == drop_speed(_records(tmp_path / "straight"))

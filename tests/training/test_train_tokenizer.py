@@ -112,3 +112,23 @@ def test_rescale_training_keeps_the_clean_images_as_targets(shards, tmp_path):
     assert metrics[-1]["loss"] < 0.7 * metrics[0]["loss"] and metrics[-1]["psnr"] > metrics[0]["psnr"]
     with pytest.raises(ValueError, match="rescale_share"):
         _config(shards, tmp_path / "bad", rescale_share=1.5).validate()
+
+
+def test_resume_after_a_torn_metrics_line(shards, tmp_path, monkeypatch):
+    """A kill while a metrics line is being appended leaves it torn: the resumed run drops it rather than
+    appending its own lines onto it, so every line of the log still reads."""
+    real_save = recipe.save_checkpoint
+
+    def save_then_die(folder, *args, **kwargs):
+        real_save(folder, *args, **kwargs)
+        if folder.name == "step-10":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(_config(shards, tmp_path / "run", max_steps=15))
+    monkeypatch.setattr(recipe, "save_checkpoint", real_save)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 11, "loss": 0.4, "ps')  # the kill cut this line short
+    recipe.main(_config(shards, tmp_path / "run", max_steps=15), resume=True)
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == [5, 10, 15]
