@@ -1,4 +1,5 @@
-"""`kill`: a process killed at a chosen filesystem step of a save, for the atomic-save tests."""
+"""Simulated kills: `kill` dies at a chosen filesystem step of a save (the atomic-save tests);
+`kill_after_checkpoint` dies right after the Trainer wrote checkpoint-N (the resume tests)."""
 
 import os
 import shutil
@@ -53,3 +54,24 @@ def kill(monkeypatch):
     yield arm
     for k in made:
         k.disarm()
+
+
+@pytest.fixture
+def kill_after_checkpoint(monkeypatch):
+    """kill_after_checkpoint(step) -> undo(): the next Trainer run raises KeyboardInterrupt right after it wrote
+    checkpoint-`step`, as if the process were killed there; undo() gives the restarted run the real hook."""
+    from transformers.trainer_callback import CallbackHandler
+
+    real_on_save = CallbackHandler.on_save
+
+    def arm(step: int):
+        def save_then_die(self, args, state, control):
+            control = real_on_save(self, args, state, control)
+            if state.global_step == step:
+                raise KeyboardInterrupt
+            return control
+
+        monkeypatch.setattr(CallbackHandler, "on_save", save_then_die)
+        return lambda: monkeypatch.setattr(CallbackHandler, "on_save", real_on_save)
+
+    return arm

@@ -107,22 +107,12 @@ def test_frozen_tokenizer_baseline_trains_only_the_llm_and_projector(setup, tmp_
     assert any(not torch.equal(old[name], new[name]) for name in old)
 
 
-def test_killed_ett_run_resumes_exactly(setup, tmp_path, monkeypatch):
-    from transformers.trainer_callback import CallbackHandler
-
+def test_killed_ett_run_resumes_exactly(setup, tmp_path, kill_after_checkpoint):
     straight = main(_config(setup, tmp_path / "straight", ett={"bake": False}))
-    real_on_save = CallbackHandler.on_save
-
-    def save_then_die(self, args, state, control):
-        control = real_on_save(self, args, state, control)
-        if state.global_step == 3:
-            raise KeyboardInterrupt
-        return control
-
-    monkeypatch.setattr(CallbackHandler, "on_save", save_then_die)
+    undo = kill_after_checkpoint(3)
     with pytest.raises(KeyboardInterrupt):
         main(_config(setup, tmp_path / "resumed", ett={"bake": False}))
-    monkeypatch.setattr(CallbackHandler, "on_save", real_on_save)
+    undo()
     resumed = main(_config(setup, tmp_path / "resumed", ett={"bake": False}), resume=True)
     from safetensors.torch import load_file
 

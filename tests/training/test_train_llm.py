@@ -283,23 +283,13 @@ def _weights(folder):
     return tensors
 
 
-def test_killed_run_resumes_exactly(tiny, tmp_path, monkeypatch):
-    from transformers.trainer_callback import CallbackHandler
-
+def test_killed_run_resumes_exactly(tiny, tmp_path, kill_after_checkpoint):
     straight = main(_config(tiny, tmp_path / "straight"))
 
-    real_on_save = CallbackHandler.on_save
-
-    def save_then_die(self, args, state, control):
-        control = real_on_save(self, args, state, control)
-        if state.global_step == 3:
-            raise KeyboardInterrupt  # as if the process were killed right after checkpoint-3 was written
-        return control
-
-    monkeypatch.setattr(CallbackHandler, "on_save", save_then_die)
+    undo = kill_after_checkpoint(3)
     with pytest.raises(KeyboardInterrupt):
         main(_config(tiny, tmp_path / "resumed"))
-    monkeypatch.setattr(CallbackHandler, "on_save", real_on_save)
+    undo()
     assert (tmp_path / "resumed" / "checkpoint-3").is_dir() and not (tmp_path / "resumed" / "model").exists()
     resumed = main(_config(tiny, tmp_path / "resumed"), resume=True)
 
@@ -447,24 +437,14 @@ def test_a_kill_in_the_final_adapter_save_never_leaves_a_torn_adapter(tiny, tmp_
     assert sorted(p.name for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")) == []
 
 
-def test_resume_after_a_torn_metrics_line(tiny, tmp_path, monkeypatch):
+def test_resume_after_a_torn_metrics_line(tiny, tmp_path, kill_after_checkpoint):
     """A kill while a metrics line is being appended leaves it torn: --resume drops it (as it drops every line
     after the checkpoint) instead of failing on it, and the log reads as the uninterrupted run's."""
-    from transformers.trainer_callback import CallbackHandler
-
     main(_config(tiny, tmp_path / "straight"))
-    real_on_save = CallbackHandler.on_save
-
-    def save_then_die(self, args, state, control):
-        control = real_on_save(self, args, state, control)
-        if state.global_step == 3:
-            raise KeyboardInterrupt
-        return control
-
-    monkeypatch.setattr(CallbackHandler, "on_save", save_then_die)
+    undo = kill_after_checkpoint(3)
     with pytest.raises(KeyboardInterrupt):
         main(_config(tiny, tmp_path / "resumed"))
-    monkeypatch.setattr(CallbackHandler, "on_save", real_on_save)
+    undo()
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as log:
         log.write('{"step": 4, "loss": 5.1, "learn')  # the kill cut this line short
     main(_config(tiny, tmp_path / "resumed"), resume=True)
