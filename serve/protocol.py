@@ -568,6 +568,22 @@ class StreamOptions(_Schema):
     include_usage: StrictBool | None = Field(None, description="a boolean")
 
 
+_TOOLS = "is not supported: this server does not do function/tool calling"
+# OpenAI parameters this server takes only in their "off" form: field -> (is it off?, what to tell the client).
+_OFF_ONLY: dict[str, tuple[Any, str]] = {
+    "tools": (lambda value: not value, f"'tools' {_TOOLS}"),
+    "functions": (lambda value: not value, f"'functions' {_TOOLS}"),
+    "tool_choice": (lambda value: value in (None, "none", "auto"), f"'tool_choice' {_TOOLS}; omit it"),
+    "function_call": (lambda value: value in (None, "none", "auto"), f"'function_call' {_TOOLS}; omit it"),
+    "logprobs": (lambda value: not value, "'logprobs' is not supported by this server; omit it or set it to false"),
+    "top_logprobs": (lambda value: value is None or value == 0,
+                     "'top_logprobs' is not supported by this server; omit it"),
+    "audio": (lambda value: value is None, "audio output is not supported by this server; omit 'audio'"),
+    "logit_bias": (lambda value: not value, "'logit_bias' is not supported by this server; omit it"),
+    "web_search_options": (lambda value: value is None, "web search is not supported by this server; omit it"),
+}
+
+
 class ChatCompletionRequest(_Schema):
     """POST /v1/chat/completions. Caps that the server configures (`Limits`) are checked by validators
     reading the validation context; `messages` comes last, so a bad scalar field is reported first."""
@@ -604,40 +620,12 @@ class ChatCompletionRequest(_Schema):
 
     _parts: list[tuple[str, list[_Part]]] = PrivateAttr(default_factory=list)
 
-    @field_validator("tools", "functions")
+    @field_validator(*_OFF_ONLY)
     @classmethod
-    def _no_tools(cls, value: list | None, info: ValidationInfo) -> list | None:
-        if value:
-            raise _refusal(
-                "unsupported_parameter",
-                f"'{info.field_name}' is not supported: this server does not do function/tool calling",
-            )
-        return value
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None and value not in ("none", "auto"):
-            raise _refusal(
-                "unsupported_parameter",
-                f"'{info.field_name}' is not supported: this server does not do function/tool calling; omit it",
-            )
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise _refusal(
-                "unsupported_parameter", "'logprobs' is not supported by this server; omit it or set it to false"
-            )
-        return value
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, value: Any) -> Any:
-        if value is not None and value != 0:
-            raise _refusal("unsupported_parameter", "'top_logprobs' is not supported by this server; omit it")
+    def _off_only(cls, value: Any, info: ValidationInfo) -> Any:
+        is_off, message = _OFF_ONLY[info.field_name]
+        if not is_off(value):
+            raise _refusal("unsupported_parameter", message)
         return value
 
     @field_validator("response_format")
@@ -651,13 +639,6 @@ class ChatCompletionRequest(_Schema):
             )
         return value
 
-    @field_validator("audio")
-    @classmethod
-    def _no_audio(cls, value: Any) -> Any:
-        if value is not None:
-            raise _refusal("unsupported_parameter", "audio output is not supported by this server; omit 'audio'")
-        return value
-
     @field_validator("modalities")
     @classmethod
     def _no_audio_modality(cls, value: list[str] | None) -> list[str] | None:
@@ -665,20 +646,6 @@ class ChatCompletionRequest(_Schema):
             raise _refusal(
                 "unsupported_value", 'audio output is not supported by this server; use modalities ["text"]'
             )
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise _refusal("unsupported_parameter", "'logit_bias' is not supported by this server; omit it")
-        return value
-
-    @field_validator("web_search_options")
-    @classmethod
-    def _no_web_search(cls, value: Any) -> Any:
-        if value is not None:
-            raise _refusal("unsupported_parameter", "web search is not supported by this server; omit it")
         return value
 
     @field_validator("temperature")
