@@ -4,8 +4,9 @@
         [--option KEY=VALUE ...]
     mllm eval-score --suite NAME --predictions FILE [--data PATH] [--option KEY=VALUE ...]
 
-`mllm eval`: items from the suite's reader (eval/suites/), in batches: "answer" suites send each image with
-the suite's prompt and decode greedily; "draw" suites draw `images_per_prompt` images per prompt (seeds
+`mllm eval`: items from the suite's reader (eval/suites/); every image they name is checked before the
+model loads (the missing ones are named in one error), then they run in batches: "answer" suites send each
+image with the suite's prompt and decode greedily; "draw" suites draw `images_per_prompt` images per prompt (seeds
 0..n-1) and save them under OUT. Each finished batch is appended to OUT/predictions.jsonl at once (one
 `write` per line, O_APPEND), so a killed run loses at most the batch in flight: on restart the ids already
 in the file are skipped (a line cut short by the kill is dropped first), and every id ends up predicted
@@ -61,7 +62,7 @@ def read_predictions(path: Path) -> dict[str, dict]:
 
 
 def append_predictions(path: Path, records: list[dict]) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
     try:
         for record in records:
             os.write(descriptor, (json.dumps(record, ensure_ascii=False) + "\n").encode())
@@ -176,7 +177,8 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     started = time.time()
     if suite.kind == "custom":
         results = suite.run(args, out)
-        table = write_results(out, args.suite, results, {"model": args.model, "data": args.data})
+        table = write_results(out, args.suite, results, {"model": args.model, "data": args.data,
+                                                         "options": options})
         print(table)
         return results
     if args.data is None and suite.needs_data:
@@ -198,6 +200,9 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     _barrier(world)
     done = read_predictions(predictions_path)
     todo = [item for index, item in enumerate(items) if index % world == rank and item.id not in done]
+    # Every image a model will open is checked now, before the model loads: on every process alike (each
+    # checks all items still to predict), so they all stop with the same one-line error.
+    check_images(suite, [item for item in items if item.id not in done])
     if rank == 0 and done:
         print(f"{len(done)} predictions already in {predictions_path}; {len(items) - len(done)} to go")
 
@@ -222,12 +227,33 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
                           ScoreContext(out=out, data=args.data, model=args.model, options=options))
     table = write_results(out, args.suite, results, {
         "model": args.model, "adapter": args.adapter, "data": args.data, "limit": args.limit,
-        "predictions": str(predictions_path), "seconds": round(time.time() - started, 1),
+        "predictions": str(predictions_path), "options": options, "seconds": round(time.time() - started, 1),
         **({"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
             "seed": args.seed} if suite.kind == "draw" else {})})
     print(table)
     print(primary_line(suite, results))
     return results
+
+
+MISSING_SHOWN = 3  # missing images named in the error
+
+
+def check_images(suite, items: list) -> None:
+    """A FileNotFoundError naming the first missing images when any image of `items` is not on disk:
+    `3 of 120 images are missing under DIR: a.jpg, b.jpg, c.jpg, ... (expected names: ...)`."""
+    from eval.suites.base import MissingImage, missing_images
+
+    total, missing = missing_images(items)
+    if not missing:
+        return
+    first = missing[0]
+    root = first.root if isinstance(first, MissingImage) else first.parent
+    names = [image.names[0] if isinstance(image, MissingImage) else image.name for image in missing[:MISSING_SHOWN]]
+    more = ", ..." if len(missing) > MISSING_SHOWN else ""
+    expected = f"expected names: {suite.image_names}, as .jpg, .jpeg or .png; " if suite.image_names else ""
+    raise FileNotFoundError(
+        f"{len(missing)} of {total} images are missing under {root}: {', '.join(names)}{more} ({expected}put the "
+        "benchmark's images there, or pass the folder that holds them as --data)")
 
 
 def _cuda() -> bool:

@@ -17,6 +17,9 @@ the whole embedding matrices instead (`modules_to_save`) would put two V x H mat
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,19 @@ from mllm.config import MLLMConfig
 from mllm.model import UnifiedMLLM
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# peft's PeftModel.__init__ (0.21 and earlier) reads `model.is_gradient_checkpointing`, a property transformers 5
+# deprecated for `is_activation_checkpointing`: every adapter created or loaded printed a FutureWarning that
+# no argument of ours avoids. Exactly that message is silenced around the peft calls (`quiet_peft`).
+PEFT_DEPRECATION_MESSAGE = r"`is_gradient_checkpointing` is deprecated"
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Run peft calls (get_peft_model, PeftModel.from_pretrained) without the FutureWarning peft itself
+    triggers in transformers 5 (PEFT_DEPRECATION_MESSAGE); every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATION_MESSAGE, category=FutureWarning)
+        yield
 
 
 @dataclass
@@ -123,7 +139,8 @@ def add_lora(model: UnifiedMLLM, settings: LoraSettings | None = None):
     model.vision_tokenizer.requires_grad_(False)
     if model.projector is not None:
         model.projector.requires_grad_(False)
-    model.llm = get_peft_model(llm, config)
+    with quiet_peft():
+        model.llm = get_peft_model(llm, config)
     return model.llm
 
 
@@ -136,8 +153,8 @@ def load_base_4bit(
 
     On CUDA the LLM goes to the GPU and computes in bf16 (where supported); elsewhere it stays on the CPU
     (bitsandbytes' CPU backend runs 4-bit) and computes in float32. `peft.prepare_model_for_kbit_training`
-    then freezes the base, keeps the norms and the head in float32 and turns on gradient checkpointing.
-    Call `add_lora` next.
+    then freezes the base and keeps the norms and the head in float32, and (`gradient_checkpointing`)
+    activation checkpointing is turned on. Call `add_lora` next.
     """
     try:
         import bitsandbytes  # noqa: F401
@@ -159,16 +176,25 @@ def load_base_4bit(
         bnb_4bit_use_double_quant=True,
     )
     model = UnifiedMLLM.from_pretrained(model_dir, device=device, quantization_config=quantization)
-    model.llm = prepare_model_for_kbit_training(
-        model.llm,
-        use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={
-            "use_reentrant": False
-        },  # the reentrant variant is deprecated in torch
-    )
+    # peft would turn checkpointing on through `gradient_checkpointing_enable`, deprecated in transformers 5
+    # (a FutureWarning per run): it only freezes and upcasts here, and checkpointing is turned on below.
+    model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model.llm)
     if model.projector is not None:
         model.projector.float()
     return model
+
+
+def enable_activation_checkpointing(llm) -> None:
+    """Activation (gradient) checkpointing on a transformers model, non-reentrant (torch deprecates the
+    reentrant variant; the non-reentrant one also needs no input that requires grad), through the current
+    API (`activation_checkpointing_enable`) where this transformers has it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers releases before the rename
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -179,7 +205,9 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "LoraSettings",
     "add_lora",
+    "enable_activation_checkpointing",
     "is_adapter_dir",
     "load_base_4bit",
     "new_token_ids",
+    "quiet_peft",
 ]

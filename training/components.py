@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import (
     DataCollatorWithFlattening,
+    SchedulerType,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -43,6 +44,7 @@ from mllm.data.shards import DataStats, read_records, record_samples
 from mllm.io import fsync_path, fsync_tree, recover_dir, rewrite_jsonl, write_dir
 from mllm.lora import LoraSettings, new_token_ids
 from mllm.runtime import keep_freed_memory, resolve_precision
+from tokenizer_vision.schema import unknown_name
 from training.config import save_config
 
 try:  # transformers 5: the Trainer's checkpoint rotation, called after each save (see TaskLossTrainer)
@@ -97,9 +99,13 @@ class LLMTrainConfig:
     def validate(self) -> None:
         if not self.data or not self.out:
             raise ValueError("the LLM recipe needs `data` and `out`")
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if unknown:
-            raise ValueError(f"tasks: unknown task(s) {unknown}; choose from {list(TASKS)}")
+        for task in self.tasks:
+            if task not in TASKS:
+                raise ValueError(f"tasks: {unknown_name('task', task, TASKS)}")
+        # Checked here, not by the Trainer after the model and data have loaded.
+        schedulers = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise ValueError(f"lr_scheduler: {unknown_name('scheduler', self.lr_scheduler, schedulers)}")
         if not any(weight > 0 for weight in self.tasks.values()) or any(w < 0 for w in self.tasks.values()):
             raise ValueError(f"tasks: weights must be >= 0 with at least one positive, got {self.tasks}")
         if not 0.0 <= self.cfg_dropout <= 1.0:
@@ -139,17 +145,37 @@ def load_task_pools(data: str, tasks: dict[str, float], vqa_turns: int = 1, seed
     for record in read_records(data, stats=stats, split=False):
         for sample in record_samples(record, wanted, stats):
             pools[sample.task].append(sample)
-    if stats.total_skipped:
+    main = _is_main_process()  # every process reads the data; one says what it found
+    if stats.total_skipped and main:
         print(f"skipped records: {stats.report()}")
     if vqa_turns > 1 and pools.get("vqa"):
         pools["vqa"] = group_vqa_turns(pools["vqa"], vqa_turns, seed)
     empty = [task for task, samples in pools.items() if not samples]
-    for task in empty:
-        print(f"warning: no {task} samples in {data}; the mixture goes on without it")
-        del pools[task]
+    pools = {task: samples for task, samples in pools.items() if samples}
     if not pools:
-        raise ValueError(f"{data} holds no samples of the tasks {list(wanted)}")
+        raise ValueError(f"{data} holds no samples of the tasks {list(wanted)} (`mllm data shapes` writes caption, "
+                         "vqa and t2i samples, `mllm data convert-llava` chat only: choose a recipe whose tasks "
+                         "the data has, e.g. --recipe chat for conversations)")
+    if empty and main:
+        print(missing_tasks_note(data, empty, list(pools)))
     return pools
+
+
+def missing_tasks_note(data: str, empty: list[str], kept: list[str]) -> str:
+    """The one line that says which tasks of the mixture the data lacks and what the run trains on instead."""
+    note = f"note: no {_listed(empty, 'or')} samples in {data}; training on {_listed(kept, 'and')} only"
+    if kept == ["chat"]:
+        note += " (recipe `chat` is made for conversation data)"
+    return note
+
+
+def _listed(words: list[str], conjunction: str) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {conjunction} {words[-1]}"
+
+
+def _is_main_process() -> bool:
+    """The process that prints what every process would (torchrun and accelerate set RANK; alone: 0)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def group_vqa_turns(samples: list, turns: int, seed: int) -> list:
@@ -563,7 +589,8 @@ def start_run(cfg: LLMTrainConfig, final: Path) -> tuple[str, str] | None:
     keep_freed_memory()  # ~15% more tokens/s on CPU (see mllm.runtime)
     if not cfg.model:
         raise ValueError("the LLM recipe needs `model` (a model folder from `mllm init` or an earlier stage)")
-    if int(os.environ.get("RANK", "0")) == 0:  # one process cleans up; the others only look
+    check_data_path(cfg.data)  # a wrong --data fails now, not after the model has loaded
+    if _is_main_process():  # one process cleans up; the others only look
         recover_dir(final)  # a final save cut short by a kill: its previous copy back, its partial copy gone
     if final.is_dir():
         print(f"already trained: {final} (delete it to retrain)")
@@ -717,6 +744,7 @@ __all__ = [
     "group_vqa_turns",
     "load_task_pools",
     "make_collator",
+    "missing_tasks_note",
     "raise_if_stopped_on_nan",
     "restore_inference_attention",
     "resume_checkpoint",

@@ -66,6 +66,7 @@ RECIPES: dict[str, Recipe] = {
     "align": KINDS["llm"],
     "pretrain": KINDS["llm"],
     "sft": KINDS["llm"],
+    "chat": KINDS["llm"],
     "qwen2.5-1.5b-lora": KINDS["llm"],
     "shapes-pretrain": KINDS["llm"],
     "shapes-sft": KINDS["llm"],

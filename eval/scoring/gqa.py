@@ -10,12 +10,20 @@ module does the same to both prediction and answer, and also strips surrounding 
 answers are already stripped when they are generated). The official script's other metrics
 (consistency, validity, plausibility, grounding, distribution) need the scene graphs and choices
 files and are not computed.
+
+lmms-eval's `gqa` task instead scores `exact_match` with `ignore_case` and `ignore_punctuation`: both
+strings lower-cased and every `string.punctuation` character deleted, surrounding whitespace kept
+(`lmms_eval_normalize`: "T-shirt!" -> "tshirt"), which `gqa_scores(..., normalizer=lmms_eval_normalize)`
+reproduces.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import string
+from collections.abc import Callable, Mapping
 from typing import Any
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize_answer(text: str | None) -> str:
@@ -23,12 +31,19 @@ def normalize_answer(text: str | None) -> str:
     return "" if text is None else str(text).strip().rstrip(".").strip().lower()
 
 
+def lmms_eval_normalize(text: str | None) -> str:
+    """lmms-eval's exact_match(ignore_case, ignore_punctuation): lower-case, delete string.punctuation."""
+    return "" if text is None else str(text).lower().translate(_PUNCTUATION)
+
+
 def gqa_scores(predictions: Mapping[str, str | None], answers: Mapping[str, str],
                types: Mapping[str, Mapping[str, str]] | None = None,
-               groups: tuple[str, ...] = ("structural", "semantic")) -> dict[str, Any]:
+               groups: tuple[str, ...] = ("structural", "semantic"),
+               normalizer: Callable[[str | None], str] = normalize_answer) -> dict[str, Any]:
     """Exact-match accuracy of {id: prediction} against {id: answer}, over the ids of `answers`.
 
-    A missing prediction (absent or None) is wrong. `types` maps an id to its GQA `types` dict
+    A missing prediction (absent or None) is wrong. `normalizer` is applied to both strings before they
+    are compared (`normalize_answer`, or lmms-eval's `lmms_eval_normalize`). `types` maps an id to its GQA `types` dict
     ({"structural": "query", "semantic": "attr", "detailed": ...}); each name in `groups` present there
     gets a breakdown {group: {type: {"accuracy": percent, "count": n}}}.
     Returns {"accuracy": percent, "count": n, "missing": n, "breakdown": {...}, "correct": {id: bool}}.
@@ -41,7 +56,7 @@ def gqa_scores(predictions: Mapping[str, str | None], answers: Mapping[str, str]
             missing += 1
             correct[key] = False
         else:
-            correct[key] = normalize_answer(prediction) == normalize_answer(answer)
+            correct[key] = normalizer(prediction) == normalizer(answer)
     breakdown: dict[str, dict[str, dict[str, float]]] = {}
     if types:
         for group in groups:
@@ -66,4 +81,4 @@ def gqa_scores(predictions: Mapping[str, str | None], answers: Mapping[str, str]
     }
 
 
-__all__ = ["gqa_scores", "normalize_answer"]
+__all__ = ["gqa_scores", "lmms_eval_normalize", "normalize_answer"]

@@ -17,11 +17,21 @@ Per question (`VQAEval.evaluate`):
        `answer_id` differs), so 3 matches out of 10 give (7 * 1 + 3 * 2/3) / 10 = 0.9.
 
 Overall and per answer type / question type: the mean of the per-question accuracies, times 100.
+
+lmms-eval (EvolvingLMMs-Lab/lmms-eval, `tasks/vqav2/utils.py`, `tasks/textvqa/utils.py`,
+`tasks/vizwiz_vqa/utils.py`, `tasks/_task_utils/vqa_eval_metric.py`) scores the same accuracy but
+normalises EVERY answer, whether or not the annotators agree, so its figures are higher for a model that
+answers "Yes" or "cat." (against ten "yes" / "cat": official 0, lmms-eval 100). Its rules, given here as
+`normalizer`s of `vqa_accuracy` / `score_vqa` (the tables above are the same entry for entry):
+    VQAv2            `lmms_eval_vqav2`: '\n' / '\t' -> ' ', strip, processPunctuation, processDigitArticle;
+    TextVQA, VizWiz  `lmms_eval_answer_processor` (its EvalAIAnswerProcessor): first lower-case, delete ","
+                     and "?", "'s" -> " 's", strip; then as for VQAv2.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 # ---------------------------------------------------------------------------------------- official tables
@@ -104,19 +114,38 @@ def _clean(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
+def lmms_eval_vqav2(text: str) -> str:
+    """lmms-eval's VQAv2 normalisation (`vqav2_process_results`), applied to every answer and prediction."""
+    return process_digit_article(process_punctuation(_clean(text)))
+
+
+def lmms_eval_answer_processor(text: str) -> str:
+    """lmms-eval's `EvalAIAnswerProcessor()(text)` (TextVQA, VizWiz): its `word_tokenize` (lower-case, delete
+    "," and "?", "'s" -> " 's", strip), then as `lmms_eval_vqav2`."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return process_digit_article(process_punctuation(_clean(text)))
+
+
 # ---------------------------------------------------------------------------------------- accuracy
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+def vqa_accuracy(prediction: str, answers: list[str], normalizer: Callable[[str], str] | None = None) -> float:
     """The official accuracy (0..1) of one predicted answer against the annotators' answers.
 
     `answers` are the ground-truth strings in annotator order (10 for VQAv2, TextVQA and VizWiz).
+    `normalizer`: None for the official rule (normalise only when the annotators disagree), or a function
+    applied to every answer and to the prediction first (lmms-eval's rules: `lmms_eval_vqav2`,
+    `lmms_eval_answer_processor`); the leave-one-out average is the same either way.
     """
     if not answers:
         raise ValueError("no ground-truth answers: VQA accuracy needs the annotators' answers (10 per question)")
     if not isinstance(prediction, str) or not all(isinstance(answer, str) for answer in answers):
         raise TypeError("vqa_accuracy takes a prediction string and a list of answer strings")
-    gt_answers = [_clean(answer) for answer in answers]
-    predicted = _clean(prediction)
-    if len(set(gt_answers)) > 1:
+    if normalizer is not None:
+        gt_answers = [normalizer(answer) for answer in answers]
+        predicted = normalizer(prediction)
+    else:
+        gt_answers = [_clean(answer) for answer in answers]
+        predicted = _clean(prediction)
+    if normalizer is None and len(set(gt_answers)) > 1:
         gt_answers = [process_digit_article(process_punctuation(answer)) for answer in gt_answers]
         predicted = process_digit_article(process_punctuation(predicted))
     matches = sum(answer == predicted for answer in gt_answers)
@@ -129,8 +158,10 @@ def _mean_percent(values: list[float]) -> float:
     return 100 * float(sum(values)) / len(values)  # the official expression, before its round(..., 2)
 
 
-def score_vqa(predictions: dict[str, str], annotations: list[dict[str, Any]]) -> dict[str, Any]:
-    """Score predicted answers against VQA-style annotations, as the official `VQAEval.evaluate` does.
+def score_vqa(predictions: dict[str, str], annotations: list[dict[str, Any]],
+              normalizer: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """Score predicted answers against VQA-style annotations, as the official `VQAEval.evaluate` does
+    (`normalizer`: as in `vqa_accuracy`; None is the official rule).
 
     predictions: {question id (str): answer}. annotations: [{"question_id", "answers": [str, ...],
     "answer_type", "question_type"}] (a missing or None type counts as "all"; a type no annotation has is
@@ -165,7 +196,7 @@ def score_vqa(predictions: dict[str, str], annotations: list[dict[str, Any]]) ->
         prediction = predictions[question_id]
         if not isinstance(prediction, str):
             raise TypeError(f"the prediction for question {question_id} is {prediction!r}, not a string")
-        accuracy = vqa_accuracy(prediction, [str(answer) for answer in answers])
+        accuracy = vqa_accuracy(prediction, [str(answer) for answer in answers], normalizer)
         scores.append(accuracy)
         for group, field in (("answer type", "answer_type"), ("question type", "question_type")):
             value = annotation.get(field)
@@ -201,6 +232,6 @@ def score_vqa(predictions: dict[str, str], annotations: list[dict[str, Any]]) ->
 
 
 __all__ = [
-    "articles", "commaStrip", "contractions", "manualMap", "periodStrip", "process_digit_article",
-    "process_punctuation", "punct", "score_vqa", "vqa_accuracy",
+    "articles", "commaStrip", "contractions", "lmms_eval_answer_processor", "lmms_eval_vqav2", "manualMap",
+    "periodStrip", "process_digit_article", "process_punctuation", "punct", "score_vqa", "vqa_accuracy",
 ]

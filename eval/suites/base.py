@@ -14,17 +14,23 @@ Kinds:
 Predictions are JSONL, one object per item id; `score` gets them keyed by id, with the items, and
 returns {"metrics": {name: value}, "breakdown": {group: {value: {metric: value}}}, "count": n,
 "notes": [str]}: percentages in [0, 100] where a metric is a rate.
+
+Images: an answer suite's `load_items` resolves every image name to a path (`ImageDir`: `.jpg`, `.jpeg`
+and `.png` under the same stem all match) or to a `MissingImage`, opening none; `mllm eval` then lists the
+missing ones (`missing_images`) before the model loads. A suite says what --data holds in `data_help`
+(one line of `mllm eval --help`) and which file names it looks for in `image_names`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenizer_vision.schema import check_keys
+from tokenizer_vision.schema import check_keys, unknown_name
 
 KINDS = ("answer", "draw", "custom")
 
@@ -59,6 +65,8 @@ class Suite:
     images_per_prompt: int = 1  # draw suites
     needs_data: bool = True  # False: the suite builds its own items when --data is omitted (shapes suites)
     option_names: tuple[str, ...] = ()  # the `--option KEY=VALUE` keys the suite reads; others are refused
+    data_help: str = ""  # what --data holds, in one line of `mllm eval --help` (docs/evaluation.md: in full)
+    image_names: str = ""  # the image file names the suite looks for, quoted when some are missing
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Refuse an `--option` key the suite does not read (a typo would otherwise be silently ignored)."""
@@ -117,6 +125,19 @@ def int_option(options: dict[str, Any] | None, key: str, default: int, minimum: 
     return number
 
 
+NORMALIZE_OPTION = "normalize"
+NORMALIZE_MODES = ("official", "lmms-eval")  # answer normalisation of the VQA-style suites
+
+
+def normalize_option(options: dict[str, Any] | None) -> str:
+    """`--option normalize=official|lmms-eval` (default official): how predicted answers are normalised
+    before they are compared (the suites that read it document the two rules)."""
+    value = str((options or {}).get(NORMALIZE_OPTION) or "official").strip()
+    if value not in NORMALIZE_MODES:
+        raise unknown_name(f"--option {NORMALIZE_OPTION} value", value, NORMALIZE_MODES)
+    return value
+
+
 def save_pngs(images: list, folder: Path, out: Path) -> list[str]:
     """Save `images` as folder/0000.png, 0001.png, ... (creating the folder); their paths relative to OUT."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,12 +173,26 @@ def prediction_notes(predictions: dict[str, dict], ids: Iterable[str] | dict, mi
 
 
 def read_jsonl_or_json(path: str | Path) -> list[dict]:
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a text file ({error.reason}); expected JSONL or a JSON list") from None
     stripped = text.lstrip()
-    if stripped.startswith("["):
-        records = json.loads(stripped)
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        if stripped.startswith("["):
+            records = json.loads(stripped)
+        else:
+            records = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{number}: not JSON ({error.msg}); expected one object per "
+                                         "line") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno}); expected a JSON list of "
+                         "objects or JSONL") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ValueError(f"{path}: expected a JSON list of objects or JSONL, one object per line")
     return records
@@ -191,11 +226,79 @@ def jsonl_objects(path: Path, strings: tuple[str, ...], expected: str, empty: st
         raise ValueError(empty)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # an image named x.jpg in a benchmark's files may be x.png on disk
+
+
+def image_name_variants(name: str) -> list[str]:
+    """`name` first, then the same stem with every other accepted suffix (lower and upper case): a benchmark
+    names its images `.jpg`, a converted copy of it may hold `.png` files (or `.JPG`)."""
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
+        return [name]
+    variants = [name]
+    for other in IMAGE_SUFFIXES:
+        for candidate in (stem + other, stem + other.upper()):
+            if candidate not in variants:
+                variants.append(candidate)
+    return variants
+
+
+class MissingImage(os.PathLike):
+    """An item's image that is not under --data. Scoring never opens images, so this is harmless there;
+    `mllm eval` lists every missing image before the model loads (`missing_images`), and a model that opens
+    one anyway (through `os.fspath`) gets a FileNotFoundError saying what was looked for where."""
+
+    def __init__(self, names: list[str], root: Path):
+        self.names = list(names)
+        self.root = Path(root)
+
+    def message(self) -> str:
+        return (f"image {' / '.join(self.names)} not found under {self.root} (as .jpg, .jpeg or .png); put "
+                "the benchmark's images there (or pass the folder that holds both the annotations and the "
+                "images as --data)")
+
+    def __fspath__(self) -> str:
+        raise FileNotFoundError(self.message())
+
+    def __repr__(self) -> str:
+        return f"MissingImage({self.names[0]!r} under {str(self.root)!r})"
+
+
+class ImageDir:
+    """One folder of a benchmark's images, listed once: `find(name)` is the path of `name` or of a variant
+    of it (`image_name_variants`: .jpg, .jpeg or .png), else a `MissingImage`. Names may hold a subfolder
+    ("train2014/x.jpg"); those are looked up on disk."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._names: set[str] | None = None
+
+    def _listing(self) -> set[str]:
+        if self._names is None:
+            self._names = set(os.listdir(self.folder)) if self.folder.is_dir() else set()
+        return self._names
+
+    def has(self, name: str) -> bool:
+        return self._path(name) is not None
+
+    def _path(self, name: str) -> str | None:
+        for variant in image_name_variants(name):
+            if "/" in variant or os.sep in variant:
+                if (self.folder / variant).is_file():
+                    return str(self.folder / variant)
+            elif variant in self._listing():
+                return str(self.folder / variant)
+        return None
+
+    def find(self, name: str) -> str | MissingImage:
+        return self._path(name) or MissingImage([name], self.folder)
+
+
 def first_dir_holding(candidates: list[Path], file_name: str) -> Path:
-    """The first of `candidates` that holds `file_name` (else the first candidate): where a benchmark's
-    images live, found from one of them."""
+    """The first of `candidates` that holds `file_name` (or a .jpg / .jpeg / .png variant of it; else the
+    first candidate): where a benchmark's images live, found from one of them."""
     for candidate in candidates:
-        if (candidate / file_name).is_file():
+        if ImageDir(candidate).has(file_name):
             return candidate
     return candidates[0]
 
@@ -208,10 +311,55 @@ def coco_image_dir(base: Path, first_image: str) -> Path:
     return first_dir_holding(here + above, first_image)
 
 
+def missing_images(items: list[Item]) -> tuple[int, list[MissingImage | Path]]:
+    """(distinct images the items name, the missing ones in item order): an image is missing when it is a
+    `MissingImage` or a local path (str / Path) that is not a file. PIL images, data URLs and remote
+    URLs are never missing here."""
+    seen: set[str] = set()
+    missing: list[MissingImage | Path] = []
+    for item in items:
+        image = item.image
+        if isinstance(image, MissingImage):
+            key = str(image.root / image.names[0])
+        elif isinstance(image, (str, Path)) and not str(image).startswith("data:") and "://" not in str(image):
+            key = str(image)
+        else:
+            continue
+        if key in seen:
+            continue
+        seen.add(key)
+        if isinstance(image, MissingImage):
+            missing.append(image)
+        elif not Path(image).is_file():
+            missing.append(Path(image))
+    return len(seen), missing
+
+
 def _safe(item_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item_id)) or "_"
 
 
-__all__ = ["KINDS", "DrawSuite", "Item", "ScoreContext", "Suite", "coco_image_dir", "first_dir_holding",
-           "int_option", "jsonl_objects", "jsonl_rows", "load_json", "prediction_notes", "read_jsonl_or_json",
-           "save_pngs"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "KINDS",
+    "NORMALIZE_MODES",
+    "NORMALIZE_OPTION",
+    "DrawSuite",
+    "ImageDir",
+    "Item",
+    "MissingImage",
+    "ScoreContext",
+    "Suite",
+    "coco_image_dir",
+    "first_dir_holding",
+    "image_name_variants",
+    "int_option",
+    "jsonl_objects",
+    "jsonl_rows",
+    "load_json",
+    "missing_images",
+    "normalize_option",
+    "prediction_notes",
+    "read_jsonl_or_json",
+    "save_pngs",
+]

@@ -7,7 +7,8 @@ Data: a COCO captions annotation file {"images": [{"id", "file_name"}, ...], "an
 --data is the file, or a folder holding exactly one captions*.json (directly or under annotations/).
 One item per image that has at least one caption, in the order of "images"; the image file is looked up
 in images/, val2014/ or the folder itself, next to the file or one level up (an image without
-"file_name" is taken to be COCO_val2014_<id, 12 digits>.jpg).
+"file_name" is taken to be COCO_val2014_<id, 12 digits>.jpg; .jpeg / .png instead of .jpg match too).
+Missing images are listed by `mllm eval` before the model loads.
 Prompt: "Describe the image." (the project's caption prompt); up to 64 new tokens.
 Score (eval.scoring.captions.caption_scores): CIDEr (primary) and BLEU-4 as pycocoevalcap value x 100
 (CIDEr 110.5), METEOR and SPICE too when Java is present; the notes say which tokenizer ran.
@@ -18,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, coco_image_dir, load_json, prediction_notes
+from eval.suites.base import ImageDir, Item, ScoreContext, Suite, coco_image_dir, load_json, prediction_notes
 
 PROMPT = "Describe the image."
 
@@ -48,6 +49,9 @@ class COCOCaptionSuite(Suite):
 
     max_new_tokens = 64
     primary_metric = "cider"
+    data_help = ("captions_val2014.json (or DIR holding it, or DIR/annotations/); images (their file_name, "
+                 "COCO_val2014_<id:012d>.jpg) in images/ or val2014/")
+    image_names = "the file_name of each image (COCO_val2014_<id:012d>.jpg) in images/ or val2014/ beside the file"
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         path = _find_annotations(data)
@@ -66,7 +70,7 @@ class COCOCaptionSuite(Suite):
         base = path.parent.parent if path.parent.name == "annotations" else path.parent
         items: list[Item] = []
         seen: set[str] = set()
-        image_dir: Path | None = None
+        image_dir: ImageDir | None = None
         for image in images:
             if limit is not None and len(items) >= limit:
                 break
@@ -76,8 +80,8 @@ class COCOCaptionSuite(Suite):
             seen.add(image_id)
             file_name = image.get("file_name") or f"COCO_val2014_{int(image_id):012d}.jpg"
             if image_dir is None:
-                image_dir = coco_image_dir(base, file_name)
-            items.append(Item(id=image_id, prompt=PROMPT, image=str(image_dir / file_name),
+                image_dir = ImageDir(coco_image_dir(base, file_name))
+            items.append(Item(id=image_id, prompt=PROMPT, image=image_dir.find(file_name),
                               meta={"references": references[image_id], "file_name": file_name}))
         if not items and limit != 0:
             raise ValueError(f"coco-caption: no image of {path} has a caption; check the annotation file")

@@ -257,6 +257,8 @@ class FIDSuite(Suite):
     images_per_prompt = 1
     needs_data = False
     primary_metric = "fid"  # lower is better
+    data_help = ('optional: a JSONL of {"prompt", "image"} (image paths relative to the JSONL); '
+                 "default: held-out shapes scenes")
     option_names = ("inception", "features", "teacher", "clip", "batch_size", "device")
 
     def __init__(self) -> None:

@@ -60,6 +60,7 @@ class GenEvalExportSuite(DrawSuite):
     name = "geneval-export"
     images_per_prompt = DEFAULT_IMAGES_PER_PROMPT
     primary_metric = "complete_prompts"
+    data_help = "GenEval's prompts/evaluation_metadata.jsonl (or its folder); writes OUT/<index:05d>/samples/*.png"
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         if not data:

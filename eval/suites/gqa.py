@@ -4,11 +4,13 @@
 
 Data: the official question file, a JSON dict {question_id: {"imageId", "question", "answer", "types":
 {"structural", "semantic", "detailed"}, ...}} (testdev_balanced_questions.json), and the images
-`<imageId>.jpg`. --data is that file, or a folder holding it (directly or under questions/); the
-images are looked up in images/ next to it (or in the same folder, or in images/ one level up).
+`<imageId>.jpg` (or .jpeg / .png). --data is that file, or a folder holding it (directly or under
+questions/); the images are looked up in images/ next to it (or in the same folder, or in images/ one
+level up). Missing images are listed by `mllm eval` before the model loads.
 Prompt (LLaVA-1.5's): the question + "\\nAnswer the question using a single word or phrase.".
 Score: accuracy (%) after lowercasing and dropping a trailing period (see eval.scoring.gqa), with
-breakdowns by the structural and semantic question types.
+breakdowns by the structural and semantic question types. `--option normalize=lmms-eval` compares as
+lmms-eval does instead: lower-cased, every punctuation mark deleted (results.json records the mode).
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, first_dir_holding, load_json, prediction_notes
+from eval.suites.base import (
+    NORMALIZE_OPTION,
+    ImageDir,
+    Item,
+    ScoreContext,
+    Suite,
+    first_dir_holding,
+    load_json,
+    normalize_option,
+    prediction_notes,
+)
 
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 QUESTIONS_FILE = "testdev_balanced_questions.json"
@@ -53,6 +65,12 @@ class GQASuite(Suite):
     """GQA test-dev balanced; primary metric: accuracy (%)."""
 
     primary_metric = "accuracy"
+    option_names = (NORMALIZE_OPTION,)
+    data_help = "DIR: testdev_balanced_questions.json (or questions/ of it); images <imageId>.jpg in DIR/images/"
+    image_names = "<imageId>.jpg in images/ beside the questions file (or beside questions/)"
+
+    def configure(self, options: dict[str, str]) -> None:
+        normalize_option(options)  # a bad value fails before anything loads
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         path = _find_questions_file(data)
@@ -65,25 +83,25 @@ class GQASuite(Suite):
             rows = rows[: max(0, limit)]
         base = path.parent.parent if path.parent.name == "questions" else path.parent
         items = []
-        image_dir: Path | None = None
+        image_dir: ImageDir | None = None
         for question_id, record in rows:
             if not isinstance(record, dict) or not {"imageId", "question"} <= record.keys():
                 raise ValueError(f"gqa: question {question_id!r} in {path} lacks 'imageId' or 'question'; "
                                  f"expected the official {QUESTIONS_FILE} format")
             file_name = f"{record['imageId']}.jpg"
             if image_dir is None:
-                image_dir = _image_dir(base, file_name)
+                image_dir = ImageDir(_image_dir(base, file_name))
             items.append(Item(
                 id=str(question_id),
                 prompt=str(record["question"]) + PROMPT_SUFFIX,
-                image=str(image_dir / file_name),
+                image=image_dir.find(file_name),
                 meta={"answer": record.get("answer"), "types": dict(record.get("types") or {}),
                       "image_id": str(record["imageId"]), "question": str(record["question"])},
             ))
         return items
 
     def score(self, predictions: dict[str, dict], items: list[Item], context: ScoreContext) -> dict[str, Any]:
-        from eval.scoring.gqa import gqa_scores
+        from eval.scoring.gqa import gqa_scores, lmms_eval_normalize, normalize_answer
 
         unanswerable = [item.id for item in items if item.meta.get("answer") is None]
         if unanswerable:
@@ -91,14 +109,19 @@ class GQASuite(Suite):
                              "score the test-dev balanced split, whose answers are public")
         answers = {item.id: str(item.meta["answer"]) for item in items}
         texts = {key: record.get("answer") for key, record in predictions.items()}
-        result = gqa_scores(texts, answers, {item.id: item.meta.get("types") or {} for item in items})
+        mode = normalize_option(context.options)
+        result = gqa_scores(texts, answers, {item.id: item.meta.get("types") or {} for item in items},
+                            normalizer=lmms_eval_normalize if mode == "lmms-eval" else normalize_answer)
         notes = [(
-            "exact match after lowercasing, stripping and dropping a trailing period (as LLaVA's "
-            "convert_gqa_for_eval.py + the official eval.py accuracy)"
+            "normalize=official: exact match after lowercasing, stripping and dropping a trailing period (as "
+            "LLaVA's convert_gqa_for_eval.py + the official eval.py accuracy)"
+        ) if mode == "official" else (
+            "normalize=lmms-eval: exact match after lowercasing and deleting every punctuation mark, as "
+            "lmms-eval's gqa task does"
         )]
         notes += prediction_notes(predictions, answers, result["missing"])
         return {"metrics": {"accuracy": result["accuracy"]}, "breakdown": result["breakdown"],
-                "count": result["count"], "notes": notes}
+                "count": result["count"], "notes": notes, "normalize": mode}
 
 
 SUITES = {"gqa": GQASuite}

@@ -107,6 +107,7 @@ class MMBenchSuite(Suite):
 
     primary_metric = "accuracy"
     option_names = ("circular",)
+    data_help = "the MMBench TSV (or DIR holding one .tsv), e.g. mmbench_dev_20230712.tsv; images inside it (base64)"
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         path = _find_tsv(data)

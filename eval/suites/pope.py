@@ -7,7 +7,8 @@ Data: POPE's annotation files, one JSON object per line {"question_id", "image",
 --data is one such file or a folder of them (files with "pope" in the name, in the folder or one level
 down, e.g. coco/); files without labels there (LLaVA's llava_pope_test.jsonl) are skipped. The category
 comes from the file name (coco_pope_<category>.json) or from a record's "category" field. Images are
-looked up in images/, val2014/ or the folder itself (also one level up).
+looked up in images/, val2014/ or the folder itself (also one level up), as named in the "image" field
+(COCO_val2014_<id:012d>.jpg) or with .jpeg / .png instead; missing ones are listed before the model loads.
 Items interleave the categories (adversarial 1, popular 1, random 1, adversarial 2, ...), so --limit
 keeps them balanced; ids are "<category>-<question_id>" (question ids restart in every file).
 Prompt (LLaVA-1.5's): the question + "\\nAnswer the question using a single word or phrase.".
@@ -21,7 +22,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, coco_image_dir, prediction_notes, read_jsonl_or_json
+from eval.suites.base import (
+    ImageDir,
+    Item,
+    ScoreContext,
+    Suite,
+    coco_image_dir,
+    prediction_notes,
+    read_jsonl_or_json,
+)
 
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 _CATEGORY = re.compile(r"pope_([A-Za-z0-9]+)$")
@@ -59,6 +68,9 @@ class POPESuite(Suite):
     """POPE (adversarial / popular / random); primary metric: F1 (%) over all items."""
 
     primary_metric = "f1"
+    data_help = ("DIR: coco_pope_{adversarial,popular,random}.json; images COCO_val2014_<id:012d>.jpg in "
+                 "DIR/images/ or DIR/val2014/")
+    image_names = "the records' \"image\" field (COCO_val2014_<id:012d>.jpg) in images/ or val2014/ beside the files"
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         if not data:
@@ -100,7 +112,7 @@ class POPESuite(Suite):
 
         items: list[Item] = []
         seen: set[str] = set()
-        image_dir: Path | None = None
+        image_dir: ImageDir | None = None
         for record in ordered:
             item_id = f"{record['category']}-{record['question_id']}"
             if item_id in seen:
@@ -108,11 +120,11 @@ class POPESuite(Suite):
                                  f"{record['category']!r}; each file's question ids must be unique")
             seen.add(item_id)
             if image_dir is None:
-                image_dir = coco_image_dir(base, str(record["image"]))
+                image_dir = ImageDir(coco_image_dir(base, str(record["image"])))
             items.append(Item(
                 id=item_id,
                 prompt=str(record["text"]) + PROMPT_SUFFIX,
-                image=str(image_dir / str(record["image"])),
+                image=image_dir.find(str(record["image"])),
                 meta={"label": str(record["label"]).strip().lower(), "category": record["category"],
                       "question_id": record["question_id"], "question": str(record["text"])},
             ))

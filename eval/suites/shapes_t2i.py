@@ -173,6 +173,7 @@ class ShapesT2ISuite(DrawSuite):
     images_per_prompt = DEFAULT_IMAGES_PER_PROMPT
     needs_data = False
     primary_metric = "accuracy"
+    data_help = 'optional: a JSONL of {"prompt", "category"}; default: the built-in prompts (five categories)'
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
         items = read_prompt_file(data) if data else builtin_items()

@@ -15,11 +15,19 @@ official VQA accuracy (eval.scoring.vqa).
              [{"answer", "answer_confidence"}], "answer_type", "answerable"}`); the item id is the image
              file name without extension; images under the folder (e.g. val/).
 
-Images are looked up once (a walk of the folder) and stored as paths; none is opened by `load_items`. An
-image that is not there becomes a `MissingImage`, which fails only when a model opens it, so scoring needs
-no images at all. Prompts follow LLaVA-1.5's evaluation: the question, then "\\nAnswer the question using a
-single word or phrase." (vizwiz: first "\\nWhen the provided information is insufficient, respond with
-'Unanswerable'.", as LLaVA does).
+Images are looked up once (a walk of the folder) and stored as paths; none is opened by `load_items`. A
+name matches with any of the suffixes .jpg, .jpeg and .png (`image_name_variants`: COCO_val2014_...42.jpg
+is found as COCO_val2014_...42.png). An image that is not there becomes a `MissingImage`: `mllm eval`
+lists the missing ones before the model loads, and scoring needs no images at all.
+
+Prompts follow LLaVA-1.5's evaluation: the question, then "\\nAnswer the question using a single word or
+phrase." (vizwiz: first "\\nWhen the provided information is insufficient, respond with 'Unanswerable'.",
+as LLaVA does).
+
+`--option normalize=official` (default) scores with the official rule, which normalises answers only where
+the annotators disagree (a prediction "Cat" against ten "cat" scores 0); `normalize=lmms-eval` normalises
+every answer and prediction first, as lmms-eval does (the same "Cat" scores 100). The rules are in
+eval.scoring.vqa; results.json records the mode under "normalize".
 
 Predictions: our JSONL `{"id", "answer"}`, or the official results file, a JSON list (or JSONL) of
 `{"question_id", "answer"}` (vizwiz: `{"image", "answer"}`); LLaVA answer files (`"text"` instead of
@@ -32,31 +40,30 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, load_json, read_jsonl_or_json
+from eval.scoring.vqa import lmms_eval_answer_processor, lmms_eval_vqav2
+from eval.suites.base import (
+    IMAGE_SUFFIXES,
+    NORMALIZE_OPTION,
+    Item,
+    MissingImage,
+    ScoreContext,
+    Suite,
+    image_name_variants,
+    load_json,
+    normalize_option,
+    read_jsonl_or_json,
+)
 
 INSTRUCTION = "\nAnswer the question using a single word or phrase."
 VIZWIZ_INSTRUCTION = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + INSTRUCTION
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class MissingImage(os.PathLike):
-    """An item's image that is not under --data. Scoring never opens images, so this is harmless there; a
-    model that opens it (through `os.fspath`) gets a FileNotFoundError saying what was looked for where."""
-
-    def __init__(self, names: list[str], root: Path):
-        self.names = list(names)
-        self.root = Path(root)
-
-    def message(self) -> str:
-        return (f"image {' / '.join(self.names)} not found under {self.root} (nor its subfolders); put the "
-                "benchmark's images there (or pass the folder that holds both the annotations and the images "
-                "as --data)")
-
-    def __fspath__(self) -> str:
-        raise FileNotFoundError(self.message())
-
-    def __repr__(self) -> str:
-        return f"MissingImage({self.names[0]!r} under {str(self.root)!r})"
+NORMALIZE_NOTES = {
+    "official": ("normalize=official: answers are normalised (punctuation, digits, articles, contractions) only "
+                 "where the annotators disagree, as the official VQA script does"),
+    "lmms-eval": ("normalize=lmms-eval: every answer and prediction is normalised first, as lmms-eval does "
+                  "(not comparable with official figures)"),
+}
 
 
 class _Folder:
@@ -85,9 +92,11 @@ class _Folder:
             self.jsons = [self.file]
 
     def image(self, names: list[str]) -> str | MissingImage:
+        """The path of the first of `names` found (each also as .jpg, .jpeg or .png), else a MissingImage."""
         for name in names:
-            if name in self.images:
-                return self.images[name]
+            for variant in image_name_variants(name):
+                if variant in self.images:
+                    return self.images[variant]
         return MissingImage(names, self.root)
 
     def named(self, word: str, exclude: tuple[str, ...] = ()) -> list[Path]:
@@ -127,8 +136,13 @@ class VQASuite(Suite):
 
     max_new_tokens = 16
     primary_metric = "accuracy"
+    option_names = (NORMALIZE_OPTION,)
     instruction = INSTRUCTION
     id_keys = ("id", "question_id")  # where a predictions record keeps its question's id
+    lmms_eval_rule = staticmethod(lmms_eval_answer_processor)  # `--option normalize=lmms-eval`
+
+    def configure(self, options: dict[str, str]) -> None:
+        normalize_option(options)  # a bad value fails before anything loads
 
     def _records(self, folder: _Folder) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -189,7 +203,10 @@ class VQASuite(Suite):
         annotations = [{"question_id": item.id, "answers": item.meta["answers"],
                         "answer_type": item.meta.get("answer_type"), "question_type": item.meta.get("question_type")}
                        for item in labelled]
-        results = score_vqa(answers, annotations)
+        mode = normalize_option(context.options)
+        results = score_vqa(answers, annotations, self.lmms_eval_rule if mode == "lmms-eval" else None)
+        results["normalize"] = mode
+        results["notes"].insert(0, NORMALIZE_NOTES[mode])
         unlabelled = len(items) - len(labelled)
         if unlabelled:
             results["notes"].append(f"{unlabelled} items have no ground-truth answers and were not scored")
@@ -200,6 +217,10 @@ class VQAv2(VQASuite):
     """VQAv2 (and VQA v1 real images): the official questions + annotations JSON files."""
 
     name = "vqav2"
+    lmms_eval_rule = staticmethod(lmms_eval_vqav2)
+    data_help = ("DIR: v2_OpenEnded_mscoco_<split>_questions.json, v2_mscoco_<split>_annotations.json; "
+                 "images COCO_<split>_<image_id:012d>.jpg anywhere under DIR")
+    image_names = "COCO_<split>_<image_id:012d>.jpg, <image_id:012d>.jpg or <image_id>.jpg anywhere under --data"
 
     def _records(self, folder: _Folder) -> list[dict[str, Any]]:
         if folder.file is not None:
@@ -292,6 +313,8 @@ class TextVQA(VQASuite):
     """TextVQA: TextVQA_0.5.1_val.json style ({"data": [...]}) with images <image_id>.jpg."""
 
     name = "textvqa"
+    data_help = "DIR: TextVQA_0.5.1_val.json; images <image_id>.jpg anywhere under DIR (e.g. train_images/)"
+    image_names = "<image_id>.jpg anywhere under --data"
 
     def _records(self, folder: _Folder) -> list[dict[str, Any]]:
         candidates = folder.named("textvqa", exclude=("ocr",)) or [
@@ -321,6 +344,8 @@ class VizWiz(VQASuite):
 
     name = "vizwiz"
     instruction = VIZWIZ_INSTRUCTION
+    data_help = "DIR: val.json (VizWiz annotations); images VizWiz_val_<8 digits>.jpg anywhere under DIR (e.g. val/)"
+    image_names = "the 'image' field of val.json (VizWiz_val_<8 digits>.jpg) anywhere under --data"
     id_keys = ("id", "image", "question_id")
 
     def _records(self, folder: _Folder) -> list[dict[str, Any]]:

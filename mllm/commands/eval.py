@@ -15,10 +15,13 @@ from mllm.commands.types import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from eval.suites import suite_names
+    from eval.suites import suite_names, suites_epilog
 
+    # The epilog lists every suite's files one per line; the default formatter would refill them into a block.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = suites_epilog()
     parser.add_argument("--model", help="model folder (`mllm init` / `mllm train` / `mllm merge` output)")
-    parser.add_argument("--suite", required=True, help=f"one of: {', '.join(suite_names())}")
+    parser.add_argument("--suite", required=True, help=f"one of: {', '.join(suite_names())} (what each reads: below)")
     parser.add_argument("--data", help="the benchmark's files in their official format (shapes suites: optional "
                                        "test shards; default: held-out scenes rendered on the fly)")
     parser.add_argument("--out", required=True, help="output folder: predictions.jsonl, results.json, results.md")
@@ -30,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=positive_int, help="draw suites: sample image codes from the k likeliest only")
     parser.add_argument("--seed", type=int, default=0, help="draw suites: seed of the first image per prompt")
     parser.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="suite options, e.g. circular=true (mmbench), clip=DIR (fid)")
+                        help="suite options, e.g. normalize=lmms-eval (vqav2, textvqa, vizwiz, gqa; default "
+                             "official), circular=true (mmbench), clip=DIR (fid)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

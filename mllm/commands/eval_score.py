@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="predictions: JSONL of {id, answer} (or the suite's official results format)")
     parser.add_argument("--data", help="the benchmark's annotation files (e.g. a folder with the VQAv2 questions "
                                        "and annotations JSON)")
-    parser.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE", help="suite options")
+    parser.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="suite options, as for `mllm eval`: e.g. normalize=lmms-eval (vqav2, textvqa, vizwiz, "
+                             "gqa: normalise every answer as lmms-eval does; default official)")
 
 
 def run(args: argparse.Namespace) -> int:
