@@ -221,11 +221,13 @@ def run_stages(out: Path, todo: list[Stage]) -> dict[str, float]:
 
 def run_demo(out: Path, plan: Plan) -> dict[str, Any]:
     started = time.time()
+    if plan.purpose:
+        print(f"{plan.purpose}\n", flush=True)
     todo = stages(out, plan)
     timings = run_stages(out, todo)
     report = write_report(out, plan, timings, {stage.name: stage.command for stage in todo})
     print(f"\ndemo finished in {time.time() - started:.0f} s (this run); report: {out / 'report.md'}\n")
-    print(report["table"])
+    print(report["summary"])
     print(f"chat with it:   mllm chat --model {model_dir(out, plan)}")
     print(f"serve it:       mllm serve --model {model_dir(out, plan)}   (web chat at http://127.0.0.1:8000/)")
     return report

@@ -39,6 +39,7 @@ from transformers.generation.logits_process import (
 )
 
 from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.vocab import special_token_ids
 
 Conversation = list[dict[str, Any]]
 
@@ -65,9 +66,10 @@ def generate_text(
 ) -> list[str]:
     """One reply per conversation (a conversation alone counts as a list of one).
 
-    Greedy when temperature == 0, else sampling with temperature / top_k / top_p. A reply ends at
-    the end-of-turn token, at the first `stop` string (not included in the text) or after
-    `max_new_tokens`. Image ids and `<|boi|>` are suppressed: these are text replies.
+    Greedy when temperature == 0, else sampling with temperature / top_k / top_p. A reply ends at the
+    end of turn (or the tokenizer's eos), at the first `stop` string (not included in the text) or after
+    `max_new_tokens`. Image ids, `<|boi|>` and the text tokenizer's other control tokens are suppressed:
+    these are text replies, and every id in them decodes to text.
     """
     conversations = _as_conversation_list(conversations)
     with _generation_mode(model), _seeded(seed, model.device):
@@ -81,7 +83,7 @@ def generate_text(
             top_k,
             top_p,
             stop,
-            stop_ids=[model.config.end_of_turn_token_id],
+            stop_ids=_end_of_reply_ids(model),
             allow_boi=False,
         )
     return [_finish_text(model, ids, stop) for ids in new_ids]
@@ -289,9 +291,9 @@ def _next_text(model, prompt: torch.Tensor, generated: list[int], limit: int, ma
     ids = torch.tensor([prompt.tolist() + generated], device=model.device)
     last_start = limit - (config.image_tokens_per_image + 2)  # the longest sequence an image may follow
     can_draw = may_draw and ids.shape[1] <= last_start
-    eot, boi = config.end_of_turn_token_id, config.boi_token_id
+    ends, boi = _end_of_reply_ids(model), config.boi_token_id
     return _generate_ids(model, ids, torch.ones_like(ids), limit - ids.shape[1], temperature, top_k, top_p,
-                         stop_strings, stop_ids=[eot, boi] if can_draw else [eot], allow_boi=can_draw,
+                         stop_strings, stop_ids=[*ends, boi] if can_draw else ends, allow_boi=can_draw,
                          logits_processors=[_ImageRoom(boi, last_start)] if can_draw else None)[0]
 
 
@@ -377,7 +379,10 @@ def _generate_ids(
     stopping_criteria=None,
     logits_processors=None,
 ) -> list[list[int]]:
-    """`model.llm.generate()` for text: image ids (and <|boi|> unless allowed) suppressed.
+    """`model.llm.generate()` for text: image ids (and <|boi|> unless allowed) suppressed, and every other
+    control token of the text tokenizer that is not a stop id (bos, pad, unk, role markers, ...): they decode
+    to nothing, so an undertrained model that prefers one would otherwise fill the reply with ids of no
+    text (a reply of `max_new_tokens` ids and '' text).
 
     Returns the new ids of each row up to and including the first stop id. `streamer` (a transformers
     BaseStreamer: `put` gets the prompt, then each step's (B,) new ids) and `stopping_criteria` (a
@@ -386,9 +391,11 @@ def _generate_ids(
     """
     config = model.config
     vocab_rows = model.llm.get_output_embeddings().weight.shape[0]
-    suppressed = list(range(config.image_offset, vocab_rows)) + [config.eoi_token_id, config.image_token_id]
-    if not allow_boi:
-        suppressed.append(config.boi_token_id)
+    allowed = set(stop_ids) | ({config.boi_token_id} if allow_boi else set())
+    control = special_token_ids(model.processor.text_tokenizer) | {
+        config.boi_token_id, config.eoi_token_id, config.image_token_id}
+    suppressed = list(range(config.image_offset, vocab_rows)) + sorted(
+        i for i in control if i not in allowed and 0 <= i < config.image_offset)
     sampling = temperature > 0
     generation_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -421,6 +428,15 @@ def _generate_ids(
                 break
         new_rows.append(row)
     return new_rows
+
+
+def _end_of_reply_ids(model) -> list[int]:
+    """The ids that end a text reply: the template's end of turn, and the text tokenizer's eos where it is
+    another token (a base model closes its text with eos; generation must stop there, not go on with ids
+    that decode to nothing)."""
+    end = model.config.end_of_turn_token_id
+    eos = model.processor.text_tokenizer.eos_token_id
+    return [end] if eos is None or int(eos) == end else [end, int(eos)]
 
 
 def _finish_text(model, ids: list[int], stop: str | Sequence[str] | None) -> str:

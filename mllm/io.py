@@ -15,6 +15,9 @@ incomplete) is deleted. `write_dir` recovers its target before it starts; code t
 a killed save may have been replacing (a resume, a "trained already?" check) calls `recover_dir` (one
 folder) or `recover_leftovers` (everything in a parent) first.
 
+A saved folder's files and folders get the permissions the user's umask gives (`fsync_tree`: 644 / 755
+under umask 022, 664 / 775 under 002), whatever a writer inside chose (safetensors writes 0600).
+
 Logs are appended line by line (JSON lines, e.g. `metrics.jsonl`), so a kill can cut the last line short.
 `parse_jsonl` / `read_jsonl` / `rewrite_jsonl` drop such a torn line (and any other line that is not a JSON
 object) instead of failing: a torn log never stops a resume.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,13 +61,55 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 def fsync_tree(root: str | os.PathLike) -> None:
-    """fsync every regular file and folder under `root` (bottom up), and `root` itself."""
+    """fsync every regular file and folder under `root` (bottom up), and `root` itself, each first given the
+    permissions the user's umask gives a new one (`umask_mode`).
+
+    Every save finishes here, and some writers create their output private whatever the umask: safetensors
+    >= 0.8 writes weights 0600 through a temporary file, `tempfile.mkdtemp` makes 0700 folders. A saved
+    model must be as readable as any other file its user creates (a shared group, a server user)."""
+    umask = current_umask()
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
             path = os.path.join(folder, name)
             if os.path.isfile(path) and not os.path.islink(path):
+                _settle_mode(path, umask)
                 fsync_path(path)
+        _settle_mode(folder, umask)
         fsync_path(folder)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: /proc/self/status); the
+    fallback sets and restores it, which other threads could observe for an instant."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(is_dir: bool, executable: bool = False, umask: int | None = None) -> int:
+    """The permission bits a new folder (0777) or file (0666; 0777 when executable) gets under `umask`
+    (default: the process's)."""
+    umask = current_umask() if umask is None else umask
+    return (0o777 if is_dir or executable else 0o666) & ~umask
+
+
+def _settle_mode(path: str, umask: int) -> None:
+    """Give `path` the permission bits `umask_mode` says (setuid / setgid / sticky bits kept: a setgid
+    folder of a shared group stays one). Where the file system has no such permissions, nothing changes."""
+    try:
+        mode = os.lstat(path).st_mode
+        want = umask_mode(stat.S_ISDIR(mode), bool(mode & 0o111), umask)
+        if stat.S_IMODE(mode) & 0o777 != want:
+            os.chmod(path, (stat.S_IMODE(mode) & 0o7000) | want)
+    except OSError:
+        pass
 
 
 def write_file(path: str | os.PathLike, data: bytes | str, encoding: str = "utf-8") -> Path:
@@ -194,12 +240,14 @@ def _remove(path: Path) -> None:
 
 __all__ = [
     "aside",
+    "current_umask",
     "fsync_path",
     "fsync_tree",
     "parse_jsonl",
     "read_jsonl",
     "recover_dir",
     "recover_leftovers",
+    "umask_mode",
     "write_dir",
     "write_file",
 ]

@@ -237,10 +237,11 @@ class Engine:
     def _run_chat(self, jobs: list[ChatJob]) -> None:
         from transformers import StoppingCriteriaList
 
-        from mllm.generation import _encode_prompts, _finish_text, _generate_ids, chat
+        from mllm.generation import _encode_prompts, _end_of_reply_ids, _finish_text, _generate_ids, chat
 
         model = self.model.model
         config = model.config
+        ends = _end_of_reply_ids(model)
         rows = [(job, choice) for job in jobs for choice in range(job.n)]
         conversations = [job.messages for job, _ in rows]
         batch = _encode_prompts(model, conversations)
@@ -256,8 +257,7 @@ class Engine:
             streamer = _RowStreamer(model, [job.on_delta for job, _ in rows], [choice for _, choice in rows], first.stop)
             limits = _RowLimits(budgets, [job.cancelled for job, _ in rows], batch["input_ids"].shape[1])
             new_ids = _generate_ids(model, batch["input_ids"], batch["attention_mask"], max(budgets), first.temperature,
-                                    None, first.top_p, first.stop, stop_ids=[config.end_of_turn_token_id,
-                                                                              config.boi_token_id],
+                                    None, first.top_p, first.stop, stop_ids=[*ends, config.boi_token_id],
                                     allow_boi=True, streamer=streamer, stopping_criteria=StoppingCriteriaList([limits]))
             results: dict[int, list] = {id(job): [None] * job.n for job in jobs}
             for row, ((job, choice), ids, budget) in enumerate(zip(rows, new_ids, budgets)):
@@ -278,7 +278,7 @@ class Engine:
                         job.on_delta(choice, text[len(streamed):])
                 else:
                     text, images, tokens = _finish_text(model, ids, job.stop), [], len(ids)
-                    finished = bool(ids) and ids[-1] == config.end_of_turn_token_id
+                    finished = bool(ids) and ids[-1] in ends
                     stopped = any(s in model.processor.decode_text(ids) for s in job.stop)
                     finish = "stop" if finished or stopped else "length"
                 results[id(job)][choice] = {"text": text, "images": images, "finish_reason": finish,
@@ -350,7 +350,8 @@ class _RowLimits:
 
 class _RowStreamer:
     """transformers streamer for a batch: after the prompt, each `put` brings one new id per row; the
-    row's newly decodable text goes to its job's `on_delta(choice, text)`. Text is decoded from the row's
+    row's newly decodable text goes to its job's `on_delta(choice, text)`; an id that ends the reply (end of
+    turn, eos, <|boi|>) ends the row's stream. Text is decoded from the row's
     ids so far (multi-token characters come out whole; image ids and special tokens decode to nothing),
     cut at the first stop string, and the last len(longest stop) - 1 characters are held back until the
     row ends, so a stop string is never sent in part. Text is also held while the row's last text id is a
@@ -358,6 +359,8 @@ class _RowStreamer:
     turn bytes already decoded into replacement characters, so a run is sent once it has ended."""
 
     def __init__(self, model, callbacks: list, choices: list[int], stop: list[str]) -> None:
+        from mllm.generation import _end_of_reply_ids
+
         self.model, self.callbacks, self.choices, self.stop = model, callbacks, choices, list(stop)
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[list[int]] = [[] for _ in callbacks]
@@ -365,16 +368,16 @@ class _RowStreamer:
         self.finished = [False for _ in callbacks]
         self.prompt_seen = False
         self.byte_ids = _byte_token_ids(model.processor.text_tokenizer)
+        self.ends = frozenset([*_end_of_reply_ids(model), model.config.boi_token_id])
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        config = self.model.config
         for row, token in enumerate(value.reshape(-1).tolist()):
             if self.finished[row]:
                 continue
-            if token in (config.end_of_turn_token_id, config.boi_token_id):
+            if token in self.ends:
                 self._flush(row, final=True)
                 continue
             self.ids[row].append(token)

@@ -1,6 +1,8 @@
 """The demo pipeline: every stage on tiny sizes, resuming after an interrupted stage, and the report."""
 
+import itertools
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +21,25 @@ def _stages_run(output: str) -> list[str]:
     return names
 
 
-def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def group_umask():
+    """The process runs under umask 002 (a shared group's) inside the test."""
+    previous = os.umask(0o002)
+    yield 0o002
+    os.umask(previous)
+
+
+def modes(root: Path) -> dict[str, set[str]]:
+    """{"dirs": {octal modes of the folders under root, root included}, "files": {... of the files}}."""
+    found = {"dirs": {oct(root.stat().st_mode & 0o7777)}, "files": set()}
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            found["dirs" if path.is_dir() else "files"].add(oct(path.stat().st_mode & 0o7777))
+    return found
+
+
+def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch, capsys,
+                                                                            group_umask):
     out = tmp_path / "demo"
     plan = demo.PLANS["tiny"]
     real_run_recipe = recipes.run_recipe
@@ -40,8 +60,9 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
 
     monkeypatch.setattr(recipes, "run_recipe", real_run_recipe)
     report = demo.run_demo(out, plan)
+    printed = capsys.readouterr().out
     # The rerun starts at the interrupted stage: nothing before it runs again.
-    assert _stages_run(capsys.readouterr().out) == [
+    assert _stages_run(printed) == [
         "sft", "merge", "eval shapes-vqa", "eval shapes-caption", "eval shapes-t2i", "eval shapes-vqa-other-size"]
     for stage in demo.stages(out, plan):
         assert stage.marker.is_file(), stage.name
@@ -70,7 +91,15 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
 
     sheet = Image.open(out / "report.png")
     assert sheet.width == 960 and sheet.height > 400  # four panels: scenes, drawings, tokenizer, loss curves
+    # the tiny size is a plumbing check: said first, in the report and in what the command prints; no bar
+    # is judged
     assert set(report["passed"]) == {label for *_, label in demo.BARS}
+    assert set(report["passed"].values()) == {None} and "MISS" not in text
+    assert text.splitlines()[2] == f"> {plan.purpose}" and "plumbing check" in plan.purpose
+    assert printed.startswith(plan.purpose) and report["summary"] in printed
+    assert report["summary"].startswith(plan.purpose)
+    # every folder and file of the run has the mode the umask (002) gives, the weights included
+    assert modes(out) == {"dirs": {"0o775"}, "files": {"0o664"}}
 
 
 def test_minutes_scale_the_training_stages():
@@ -119,3 +148,96 @@ def test_shapes_demo_end_to_end_at_a_small_budget(tmp_path):
     plan = replace(plan, train_scenes=2000, test_scenes=100, vqa_items=100, caption_items=20, t2i_prompts=10)
     demo.run_demo(tmp_path / "demo", plan)
     assert (tmp_path / "demo" / "report.png").is_file()
+
+
+# ------------------------------------------------------------------------------ the report, without a run
+def _finished_run(out: Path, caption: str, answer: str) -> list[dict]:
+    """What a demo run leaves for its report: held-out scenes, predictions (`caption` for every scene,
+    `answer` to the first scene's first question only, as a --limit cuts the VQA run), results, loss logs."""
+    from mllm.data import shapes
+    from mllm.data.shards import DataStats, read_records
+
+    shapes.write_shapes_data(out / "data" / "test", 3, size=32, split="test", progress=False)
+    records = list(read_records(str(out / "data" / "test"), stats=DataStats(), split=False))
+    write = lambda path, rows: (path.parent.mkdir(parents=True, exist_ok=True),
+                                path.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    write(out / "eval/shapes-caption/predictions.jsonl", [{"id": r["key"], "answer": caption} for r in records])
+    write(out / "eval/shapes-vqa/predictions.jsonl", [{"id": f"{records[0]['key']}-0", "answer": answer}])
+    values = {"eval/shapes-vqa": {"accuracy": 95.0}, "eval/shapes-caption": {"objects_right": 10.0},
+              "eval/shapes-t2i": {"accuracy_single_object": 80.0, "accuracy_position": 59.9},
+              "eval/tokenizer": {"judge_agreement": 100.0}}
+    for folder, metrics in values.items():
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        (out / folder / "results.json").write_text(json.dumps({"metrics": metrics}))
+    write(out / "pretrain/metrics.jsonl", [{"step": s, "loss": 6.5 - 0.1 * s} for s in range(1, 5)])
+    write(out / "sft/metrics.jsonl", [{"step": s, "loss": 6.0 - 0.05 * s} for s in range(1, 4)])
+    return records
+
+
+def test_the_tiny_report_says_it_is_a_plumbing_check_and_judges_no_bar(tmp_path):
+    out, plan = tmp_path / "run", demo.PLANS["tiny"]
+    records = _finished_run(out, caption="", answer="  ")
+    report = demo.write_report(out, plan, {"data": 1.0})
+    text = (out / "report.md").read_text()
+    head = text.split("## Results")[0]
+    assert "plumbing check" in head and "not applicable at this size" in head and report["summary"].startswith(
+        plan.purpose)
+    assert "MISS" not in text and "| pass |" not in text
+    for _, _, minimum, label in demo.BARS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        assert row.endswith("| not applicable at this size |") and f">= {minimum:.0f}%" in row
+    assert report["passed"] == {label: None for *_, label in demo.BARS}
+    # empty and whitespace-only replies read "(empty)", next to the right ones
+    first = records[0]["json"]
+    assert f"| {records[0]['key']} | (empty) | {first['caption']} |" in text
+    assert f"| {first['qa'][0]['question']} | (empty) | {first['qa'][0]['answer']} |" in text
+    assert (out / "report.png").is_file()
+
+
+def test_the_shapes_report_keeps_its_bars(tmp_path):
+    out, plan = tmp_path / "run", demo.PLANS["shapes"]
+    _finished_run(out, caption="a small red circle at the top", answer="2")
+    report = demo.write_report(out, plan, {"data": 1.0})
+    text = (out / "report.md").read_text()
+    assert "plumbing check" not in text and "not applicable" not in text and not plan.purpose
+    expected = {"VQA accuracy (shapes-vqa)": True, "caption: every object's colour, shape and position right": False,
+                "drawing 'a {colour} {shape}' judged correct": True, "drawing '... at the <position>' judged correct":
+                False, "tokenizer: judge agreement original vs reconstruction": True}
+    assert report["passed"] == expected and report["summary"] == report["table"]
+    for _, _, minimum, label in demo.BARS:
+        verdict = "pass" if expected[label] else "MISS"
+        assert any(line.startswith(f"| {label} |") and line.endswith(f"| >= {minimum:.0f}% | {verdict} |")
+                   for line in text.splitlines()), label
+    assert "| a small red circle at the top |" in text and "| 2 |" in text
+
+
+def test_the_report_picture_shows_empty_replies_and_what_was_not_asked():
+    from demo.report import EMPTY, _scene_lines, shown
+
+    assert shown("") == shown(" \n\t") == shown(None) == EMPTY and shown(" two  words\n") == "two words"
+    sample = {"caption": "", "question": "How many objects are there?", "answer": " ", "truth": "2"}
+    lines = _scene_lines(sample)
+    assert lines[0] == "caption: (empty)" and "A: (empty)" in lines and lines[-1] == "right: 2"
+    assert any(line.startswith("Q: How many") for line in lines)
+    not_asked = _scene_lines({**sample, "caption": "a red circle", "answer": None})
+    assert not_asked[0] == "caption: a red circle" and "right: 2" not in not_asked
+    assert "(not among this" in " ".join(not_asked)
+    rambling = _scene_lines({**sample, "answer": "and then " * 30})
+    assert len(rambling) == len(lines) + 1 and any(line.startswith("A: and then") for line in rambling)
+    assert any(line.endswith("...") for line in rambling)  # cut, and shown to be cut
+
+
+def test_the_loss_plot_has_step_and_loss_axes():
+    from demo.report import _plot, ticks
+
+    for low, high, integer in ((6.12, 6.43, False), (0.0, 7.0, True), (0.0, 2000.0, True), (0.8, 9.3, False)):
+        values = ticks(low, high, 6, integer=integer)
+        gaps = {round(b - a, 9) for a, b in itertools.pairwise(values)}
+        assert len(values) >= 3 and low <= values[0] and values[-1] <= high and len(gaps) == 1, values
+        assert not integer or all(v == int(v) for v in values)
+    image = _plot({"pretrain": [(1, 6.4), (2, 6.3), (3, 6.2)], "sft": [(1, 6.1), (2, 6.15)]}, 960, 260)
+    dark = lambda box: any(sum(pixel) < 200 for pixel in image.crop(box).getdata())
+    left, bottom = 70, 260 - 42
+    assert dark((left, bottom + 6, 960, bottom + 18))  # step tick labels under the plot
+    assert dark((0, 12, left - 8, bottom))  # loss tick labels left of it
+    assert dark((0, bottom + 20, 960, 260))  # the step axis's name

@@ -442,3 +442,51 @@ def test_codebook_mode_syncs_image_rows_before_decoding(model_codebook_dir):
         by_ids = model.llm(prefix[None]).logits
         by_embeddings = model(prefix[None]).logits
     torch.testing.assert_close(by_ids, by_embeddings)
+
+
+def _control_ids(model) -> dict[str, int]:
+    """The control ids a text reply must never hold (each decodes to nothing), by name."""
+    tokenizer = model.processor.text_tokenizer
+    ids = {name: getattr(tokenizer, f"{name}_token_id") for name in ("bos", "pad", "unk")}
+    ids.update((token, tokenizer.convert_tokens_to_ids(token)) for token in ("<|system|>", "<|user|>", "<|assistant|>"))
+    ids.update({"<|eoi|>": model.config.eoi_token_id, "<|image|>": model.config.image_token_id})
+    assert len(set(ids.values())) == len(ids) and all(model.processor.decode_text([i]) == "" for i in ids.values())
+    return ids
+
+
+def test_a_text_reply_never_holds_ids_that_decode_to_nothing(tiny, monkeypatch):
+    """A control token made the likeliest (as an undertrained model may make it) used to fill the reply with
+    ids that decode to nothing: 16 ids of '' text (the server's `completion_tokens=16`, `content ''`)."""
+    replies = []
+    real_generate_ids = generation._generate_ids
+
+    def spy(*args, **kwargs):
+        replies.extend(real_generate_ids(*args, **kwargs))
+        return replies[-1:]
+
+    monkeypatch.setattr(generation, "_generate_ids", spy)
+    conversation = [{"role": "user", "content": "What is in the image?"}]
+    ends = {tiny.config.end_of_turn_token_id, tiny.processor.text_tokenizer.eos_token_id}
+    for name, token_id in _control_ids(tiny).items():
+        replies.clear()
+        with biased_head(tiny, {token_id: 100.0}):
+            (text,) = generate_text(tiny, conversation, max_new_tokens=16)
+        (ids,) = replies
+        body = ids[:-1] if ids and ids[-1] in ends else ids
+        assert token_id not in ids and all(tiny.processor.decode_text([i]) != "" for i in body), (name, ids)
+        assert text == tiny.processor.decode_text(body).strip()
+
+
+def test_eos_ends_a_text_reply_like_the_end_of_turn(tiny):
+    """A base model closes its text with eos, not the template's end of turn: the reply ends there (it used
+    to go on with eos after eos, each decoding to nothing, until max_new_tokens)."""
+    eos = tiny.processor.text_tokenizer.eos_token_id
+    assert eos != tiny.config.end_of_turn_token_id
+    conversation = [{"role": "user", "content": "What is in the image?"}]
+    with biased_head(tiny, {eos: 100.0}):
+        batch = generation._encode_prompts(tiny, [conversation])
+        ids = generation._generate_ids(tiny, batch["input_ids"], batch["attention_mask"], 16, 0.0, None, None,
+                                       None, stop_ids=generation._end_of_reply_ids(tiny), allow_boi=False)
+        assert ids == [[eos]]
+        assert generate_text(tiny, conversation, max_new_tokens=16) == [""]
+        assert chat(tiny, conversation, max_new_tokens=16)["text"] == ""

@@ -151,3 +151,46 @@ def test_a_seeded_job_leaves_the_global_rng_as_it_was(model):
         assert torch.equal(torch.get_rng_state(), state)
     finally:
         engine.close()
+
+
+def test_an_empty_reply_holds_no_undecodable_tokens(model):
+    """`content ''` with `completion_tokens=16`: a reply of control ids that decode to nothing (eos after eos,
+    role markers). Now eos ends the reply like the end of turn, control ids are never generated, and
+    completion_tokens counts the ids the reply holds (its text and the token that ended it)."""
+    import contextlib
+
+    import torch
+    from torch import nn
+
+    @contextlib.contextmanager
+    def likeliest(token_id):
+        llm = model.model.llm
+        head = llm.get_output_embeddings()
+        biased = nn.Linear(head.in_features, head.out_features, bias=True)
+        with torch.no_grad():
+            biased.weight = head.weight
+            biased.bias.zero_()
+            biased.bias[token_id] = 100.0
+        llm.set_output_embeddings(biased)
+        try:
+            yield
+        finally:
+            llm.set_output_embeddings(head)
+
+    tokenizer = model.model.processor.text_tokenizer
+    engine = Engine(model, batch_window_s=0.0)
+    try:
+        with likeliest(tokenizer.eos_token_id):
+            job = _chat("hello", max_tokens=16)
+            engine.submit(job)
+            _wait(job)
+        assert job.result == [{"text": "", "images": [], "finish_reason": "stop", "completion_tokens": 1}]
+        for token in ("<|user|>", "<|assistant|>", tokenizer.pad_token, tokenizer.bos_token):
+            with likeliest(tokenizer.convert_tokens_to_ids(token)):
+                job = _chat("hello", max_tokens=16)
+                engine.submit(job)
+                _wait(job)
+            (choice,) = job.result
+            assert choice["text"] or choice["completion_tokens"] <= 1, (token, choice)
+    finally:
+        engine.close()

@@ -2,6 +2,7 @@
 a torn last log line never stops a resume. The `kill` fixture (conftest.py) simulates the SIGKILL."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -99,6 +100,75 @@ def test_write_dir_error_in_write_keeps_the_target_and_leaves_no_temp(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         write_dir(target, broken)
     assert _version(target) == "A" and _hidden(tmp_path) == []
+
+
+@pytest.fixture(params=[0o022, 0o002], ids=["umask022", "umask002"])
+def umask(request):
+    """The process runs under this umask inside the test (the user's own, or a shared group's)."""
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def _modes(root) -> dict[str, set[int]]:
+    """{"dirs": permission bits of the folders under root (root included), "files": ... of the files}."""
+    found = {"dirs": {root.stat().st_mode & 0o7777}, "files": set()}
+    for path in root.rglob("*"):
+        found["dirs" if path.is_dir() else "files"].add(path.stat().st_mode & 0o7777)
+    return found
+
+
+def test_saved_folders_and_files_get_the_umask_modes_whatever_the_writer_chose(tmp_path, umask):
+    """safetensors (>= 0.8) writes its files 0600 and tempfile makes 0700 folders whatever the umask; a saved
+    folder is 755 / 644 under umask 022 and 775 / 664 under 002, an executable file keeps its x bits."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from mllm.io import current_umask, write_dir, write_file
+
+    assert current_umask() == umask
+
+    def write(folder):
+        save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+        private = tempfile.mkdtemp(dir=folder)
+        (folder / "private").mkdir()
+        os.rename(private, folder / "private" / "made-by-mkdtemp")
+        (folder / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(folder / "run.sh", 0o700)
+        (folder / "config.json").write_text("{}")
+
+    assert (os.stat(tmp_path).st_mode & 0o7777) in (0o700, 0o777 & ~umask)  # pytest's own, not ours
+    target = write_dir(tmp_path / "out" / "model", write)
+    dirs, files = 0o777 & ~umask, 0o666 & ~umask
+    assert _modes(target) == {"dirs": {dirs}, "files": {files, dirs}}
+    assert target.joinpath("run.sh").stat().st_mode & 0o777 == dirs  # executable stays executable
+    assert target.joinpath("model.safetensors").stat().st_mode & 0o777 == files
+    assert write_file(tmp_path / "out" / "log.json", "{}").stat().st_mode & 0o777 == files
+    assert tmp_path.joinpath("out").stat().st_mode & 0o777 == dirs
+
+
+def test_a_saved_model_folder_gets_the_umask_modes(tmp_path, umask):
+    from mllm.init import init_model
+
+    folder = init_model("tiny", "tiny", tmp_path / "model", seed=0)
+    assert _modes(folder) == {"dirs": {0o777 & ~umask}, "files": {0o666 & ~umask}}
+
+
+def test_a_setgid_folder_stays_setgid(tmp_path):
+    from mllm.io import fsync_tree
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2700)
+    if not shared.stat().st_mode & 0o2000:
+        pytest.skip("this file system does not keep the setgid bit")
+    previous = os.umask(0o002)
+    try:
+        fsync_tree(shared)
+    finally:
+        os.umask(previous)
+    assert shared.stat().st_mode & 0o7777 == 0o2775
 
 
 def test_parse_jsonl_drops_a_torn_line(tmp_path):
