@@ -52,7 +52,9 @@ class CommandParser(argparse.ArgumentParser):
             suggestion = closest(value, re.findall(r"'([^']*)'", choices))
             if suggestion:
                 message = f"argument {option}: invalid choice {value!r}; did you mean {suggestion}? (choose from {choices})"
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        # `mllm data shapes: ...` would break the one prefix every error line of a command starts with.
+        command = " ".join(self.prog.split()[:2])
+        self.exit(2, f"{command}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _top_level_help() -> str:
@@ -69,7 +71,7 @@ def _top_level_help() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, use_worker: bool = True) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_level_help())
@@ -94,7 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = CommandParser(prog=f"mllm {name}", description=summary)
     module.add_arguments(parser)
+    from mllm.commands import worker  # standard library only
+
+    if name in worker.WORKER_COMMANDS:
+        parser.add_argument("--no-worker", action="store_true",
+                            help="run in this process, not in the warm background worker (also: MLLM_WORKER=0)")
     args = parser.parse_args(argv[1:])
+    if use_worker and name in worker.WORKER_COMMANDS and not args.no_worker and worker.enabled():
+        # The warm worker answers in a fraction of the start-up time (mllm/commands/worker.py); when it is
+        # unavailable nothing has been printed yet and the command runs here.
+        try:
+            return worker.run_in_worker(argv)
+        except worker.WorkerUnavailable:
+            pass
     try:
         return int(module.run(args) or 0)
     except USER_ERRORS as error:

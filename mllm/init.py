@@ -29,14 +29,22 @@ new row at the mean.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mllm.config import EMBEDDING_MODES, IMAGE_INITS, LLM_SIZES
-from mllm.model import CodebookProjector, UnifiedMLLM, codebook_feature_size, codebook_features
+from mllm.config import CONFIG_NAME, EMBEDDING_MODES, IMAGE_INITS, LLM_SIZES, VISION_TOKENIZER_DIR
+from mllm.model import (
+    LLM_WEIGHT_FILES,
+    CodebookProjector,
+    UnifiedMLLM,
+    codebook_feature_size,
+    codebook_features,
+    reading,
+)
 from tokenizer_vision import DualCodebookTokenizer
 from tokenizer_vision.config import TOKENIZER_SIZES
 from tokenizer_vision.schema import closest
@@ -56,7 +64,13 @@ def _load_vision_tokenizer(vision_tokenizer: str | Path | DualCodebookTokenizer)
             f"--vision-tokenizer {vision_tokenizer!r} is neither a saved tokenizer folder nor one of the "
             f"named sizes {sorted(TOKENIZER_SIZES)}{hint}"
         )
-    return DualCodebookTokenizer.from_pretrained(path)
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            hint = (f"it is a model folder: its tokenizer is {path / VISION_TOKENIZER_DIR}"
+                    if (path / CONFIG_NAME).is_file() else "give a folder written by `mllm train-tokenizer`")
+            raise FileNotFoundError(f"--vision-tokenizer {path} is not a saved tokenizer: {name} is missing ({hint})")
+    with reading(path, "vision tokenizer", "give a folder written by `mllm train-tokenizer`"):
+        return DualCodebookTokenizer.from_pretrained(path)
 
 
 def _text_corpus(text_corpus: str | Path | Iterable[str] | None, seed: int) -> list[str]:
@@ -65,10 +79,15 @@ def _text_corpus(text_corpus: str | Path | Iterable[str] | None, seed: int) -> l
     if text_corpus is None:
         return shapes_text_corpus(seed=seed)
     if isinstance(text_corpus, (str, Path)):
-        lines = [line.strip() for line in Path(text_corpus).read_text().splitlines()]
+        if not Path(text_corpus).is_file():
+            state = "is a folder" if Path(text_corpus).is_dir() else "does not exist"
+            raise FileNotFoundError(f"--text-corpus {text_corpus} {state} (give a text file, one string per line)")
+        with reading(Path(text_corpus), "text corpus", "give a UTF-8 text file, one string per line"):
+            text = Path(text_corpus).read_text(encoding="utf-8")
+        lines = [line.strip() for line in text.splitlines()]
         lines = [line for line in lines if line]
         if not lines:
-            raise ValueError(f"the text corpus {text_corpus} has no non-empty lines")
+            raise ValueError(f"the text corpus {text_corpus} has no non-empty lines (give one string per line)")
         return lines
     return list(text_corpus)
 
@@ -98,6 +117,24 @@ def _fresh_llm(size: str, text_corpus, seed: int, vision_tokenizer, embedding: s
     return llm, processor, config, config.image_offset  # reference rows: the text rows
 
 
+# A base's tokenizer is in one of these (fast tokenizers: tokenizer.json; sentencepiece: tokenizer.model;
+# byte-level BPE: vocab.json + merges.txt; tokenizer_config.json names the class).
+BASE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@contextlib.contextmanager
+def _library_refusal(path: Path, hint: str):
+    """transformers' ValueError for a folder it cannot load as a causal LM (an unknown model type, a vision
+    model, a tokenizer it cannot build) names neither the folder nor the option: add both, keep the first
+    sentence (the rest lists every architecture it knows)."""
+    try:
+        yield
+    except ValueError as error:
+        text = " ".join(str(error).split())
+        first = text.split(". ")[0].rstrip(".")
+        raise ValueError(f"--llm {path} cannot be loaded as a causal LM: {first} ({hint})") from error
+
+
 def _is_tied(llm: nn.Module) -> bool:
     output = llm.get_output_embeddings()
     return output is not None and output.weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
@@ -123,13 +160,24 @@ def _extend_base_llm(path: Path, vision_tokenizer, embedding: str):
     if not (path / "config.json").is_file():
         suggestion = closest(str(path), LLM_SIZES)
         hint = f"; did you mean {suggestion}?" if suggestion else ""
+        if (path / CONFIG_NAME).is_file():
+            hint = " (it is already a model folder: train or use it with --model)"
         where = "has no config.json" if path.is_dir() else "does not exist"
         raise ValueError(
             f"--llm {path} is neither a named size {sorted(LLM_SIZES)} nor a HF model folder ({where}){hint}"
         )
-    text_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    # dtype="auto": the base's own dtype (a 7B base stays bf16 instead of doubling in float32).
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
+    if not any((path / name).is_file() for name in LLM_WEIGHT_FILES):
+        raise FileNotFoundError(f"--llm {path} has no weights: {' or '.join(LLM_WEIGHT_FILES)} is missing (copy "
+                                "the whole base model folder)")
+    if not any((path / name).is_file() for name in BASE_TOKENIZER_FILES):
+        raise FileNotFoundError(f"--llm {path} has no tokenizer: {' or '.join(BASE_TOKENIZER_FILES)} is missing "
+                                "(copy the base model's tokenizer files into it)")
+    hint = "give a local Hugging Face causal LM folder: Llama, Qwen2, Mistral, Gemma, ..."
+    with reading(path, "--llm base model", "a file is damaged: copy the base model folder again"), \
+            _library_refusal(path, hint):
+        text_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # dtype="auto": the base's own dtype (a 7B base stays bf16 instead of doubling in float32).
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
     base_rows = llm.get_input_embeddings().weight.shape[0]
     # The base's trained rows are its tokenizer's; rows past len(tokenizer) (Qwen2 pads its matrix)
     # were never trained and are re-initialised like the new ones.
@@ -226,7 +274,8 @@ def init_model(
         language_model, processor, config, reference_rows = _fresh_llm(str(llm), text_corpus, seed, vision, embedding)
     else:
         if text_corpus is not None:
-            raise ValueError("--text-corpus is for a named --llm size; a base model folder brings its own tokenizer")
+            raise ValueError("--text-corpus is for a named --llm size; a base model folder brings its own tokenizer "
+                             "(leave --text-corpus out)")
         language_model, processor, config, reference_rows = _extend_base_llm(Path(llm), vision, embedding)
 
     projector = None

@@ -39,7 +39,7 @@ def _check_folders(base: Path, adapter: Path, out: Path) -> None:
     if out.resolve() in (base.resolve(), adapter.resolve()):
         raise ValueError(f"--out {out} must differ from --base and --adapter")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / CONFIG_NAME).is_file():
-        raise ValueError(f"--out {out} exists and is not a model folder; choose another --out")
+        raise ValueError(f"--out {out} exists and is not a model folder (choose another --out)")
 
 
 def merge_adapter(

@@ -19,7 +19,9 @@ projector.safetensors for an unbaked codebook-mode model. `save_pretrained` writ
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,6 +37,7 @@ from mllm.config import (
     CONFIG_NAME,
     LLM_DIR,
     PROJECTOR_NAME,
+    TOKENIZER_DIR,
     VISION_TOKENIZER_DIR,
     MLLMConfig,
 )
@@ -124,6 +128,110 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, 'auto' or a torch.dtype, got {dtype!r}")
     return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# Load-time checks: what the user gave (a model folder, an adapter folder, a device) is judged here,
+# where its path is known, so a wrong or damaged folder is one ValueError / file error that names the
+# path and says what to do, instead of a transformers, peft or safetensors traceback.
+
+LLM_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_REBUILD_HINT = "copy the whole folder again, or rebuild it with `mllm init` / `mllm train`"
+# What the libraries raise for a missing, truncated or corrupt file: transformers' OSError (also for a
+# config.json that is not JSON), safetensors' own error, JSON and text decoding errors. Only the loading of
+# one named file is wrapped in these, so a bug elsewhere keeps its own type and traceback.
+_FILE_ERRORS = (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError)
+
+
+def _error_text(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@contextlib.contextmanager
+def reading(path: Path, what: str, hint: str = _REBUILD_HINT):
+    """Turn a library's error about a damaged file into a ValueError naming `path`."""
+    try:
+        yield
+    except _FILE_ERRORS as error:
+        raise ValueError(f"cannot read the {what} {path}: {_error_text(error)} ({hint})") from error
+
+
+def check_model_folder(model_dir: str | os.PathLike, vision_tokenizer: bool = True) -> Path:
+    """Refuse what is not a complete model folder, before anything loads (no torch work).
+
+    `vision_tokenizer`: whether the folder's vision_tokenizer/ is needed (not when one is passed in)."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist (no {CONFIG_NAME} there: give a folder "
+                                "made by `mllm init`, `mllm train` or `mllm merge`)")
+    if not model_dir.is_dir():
+        raise NotADirectoryError(f"model folder {model_dir} is a file, not a folder (give a folder made by "
+                                 "`mllm init`, `mllm train` or `mllm merge`)")
+    if not (model_dir / CONFIG_NAME).is_file():
+        if (model_dir / ADAPTER_CONFIG_NAME).is_file():
+            hint = "it is a LoRA adapter: pass it as --adapter next to the --model it was trained on"
+        elif (model_dir / "config.json").is_file():
+            hint = f"it is a plain Hugging Face model: make a model folder from it with `mllm init --llm {model_dir}`"
+        else:
+            hint = "make one with `mllm init`"
+        raise FileNotFoundError(f"{model_dir} is not a model folder: {CONFIG_NAME} is missing ({hint})")
+    required = [(LLM_DIR, ("config.json",)), (LLM_DIR, LLM_WEIGHT_FILES), (TOKENIZER_DIR, TOKENIZER_FILES)]
+    if vision_tokenizer:
+        required.append((VISION_TOKENIZER_DIR, ("config.json", "model.safetensors")))
+    for folder, names in required:
+        if not any((model_dir / folder / name).is_file() for name in names):
+            missing = " or ".join(f"{folder}/{name}" for name in names)
+            raise FileNotFoundError(f"model folder {model_dir} is incomplete: {missing} is missing ({_REBUILD_HINT})")
+    return model_dir
+
+
+def check_adapter_folder(adapter: str | os.PathLike) -> dict[str, Any]:
+    """The adapter_config.json of a peft adapter folder; a ValueError / file error for anything else."""
+    adapter = Path(adapter)
+    if not adapter.is_dir():
+        state = "is a file, not a folder" if adapter.exists() else "does not exist"
+        raise FileNotFoundError(f"adapter folder {adapter} {state} (give the adapter/ folder of a LoRA run, e.g. "
+                                "OUT/adapter of `mllm train`)")
+    config_file = adapter / ADAPTER_CONFIG_NAME
+    if not config_file.is_file():
+        hint = ("it is a model folder: pass it as --model, or merge an adapter into it with `mllm merge --base`"
+                if (adapter / CONFIG_NAME).is_file() else "give the adapter/ folder of a LoRA run")
+        raise ValueError(f"{adapter} is not a peft adapter folder: {ADAPTER_CONFIG_NAME} is missing ({hint})")
+    with reading(config_file, "adapter config", "copy the adapter folder again"):
+        config = json.loads(config_file.read_text())
+    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise ValueError(f"{adapter} is not a peft adapter folder: {config_file} names no peft_type (give the "
+                         "adapter/ folder of a LoRA run)")
+    if not any((adapter / name).is_file() for name in ADAPTER_WEIGHT_FILES):
+        raise FileNotFoundError(f"adapter folder {adapter} is incomplete: {' or '.join(ADAPTER_WEIGHT_FILES)} is "
+                                "missing (copy the adapter folder again)")
+    return config
+
+
+def _adapter_token_rows(config: dict[str, Any]) -> list[int]:
+    """The vocabulary rows an adapter trains (peft's trainable_token_indices: a list, or per module)."""
+    indices = config.get("trainable_token_indices") or []
+    groups = indices.values() if isinstance(indices, dict) else [indices]
+    return [int(i) for group in groups for i in (group or [])]
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """`resolve_device`, with a ValueError for a device this machine does not have."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (use cpu)")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine (use cpu)")
+    return resolved
 
 
 def _resolve_attn_implementation(attn_implementation: str | None, device: torch.device) -> str:
@@ -414,37 +522,47 @@ class UnifiedMLLM(nn.Module):
 
         from mllm.processor import MultimodalProcessor
 
-        model_dir = Path(model_dir)
-        config = MLLMConfig.load(model_dir)
-        device = resolve_device(device)
+        model_dir = check_model_folder(model_dir, vision_tokenizer=vision_tokenizer is None)
+        with reading(model_dir / CONFIG_NAME, "model config"):
+            try:
+                config = MLLMConfig.load(model_dir)
+            except (ValueError, TypeError) as error:  # a key missing, unknown or of the wrong type
+                raise ValueError(f"{model_dir / CONFIG_NAME} is not a valid model config: {_error_text(error)} "
+                                 f"({_REBUILD_HINT})") from error
+        device = check_device(device)
         torch_dtype = _resolve_dtype(dtype)
         attn_implementation = _resolve_attn_implementation(attn_implementation, device)
         if attn_implementation == "flash_attention_2" and torch_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError("flash_attention_2 needs dtype='bf16' or 'fp16'")
-        if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-            raise ValueError(f"{os.fspath(adapter)!r} is not a peft adapter folder: adapter_config.json is missing")
+        if adapter is not None:
+            _check_adapter_fits(Path(adapter), check_adapter_folder(adapter), config, model_dir)
 
         if vision_tokenizer is None:
-            vision_tokenizer = DualCodebookTokenizer.from_pretrained(model_dir / VISION_TOKENIZER_DIR)
+            with reading(model_dir / VISION_TOKENIZER_DIR, "vision tokenizer"):
+                vision_tokenizer = DualCodebookTokenizer.from_pretrained(model_dir / VISION_TOKENIZER_DIR)
         vision_tokenizer = vision_tokenizer.to(device)
-        processor = MultimodalProcessor.from_pretrained(model_dir, vision_tokenizer=vision_tokenizer)
-        llm = AutoModelForCausalLM.from_pretrained(
-            model_dir / LLM_DIR,
-            dtype=torch_dtype,
-            attn_implementation=attn_implementation,
-            local_files_only=True,
-            # bitsandbytes quantizes the weights as they load, on the device device_map names.
-            **({"quantization_config": quantization_config, "device_map": str(device)}
-               if quantization_config is not None else {}),
-        )
+        with reading(model_dir / TOKENIZER_DIR, "text tokenizer"):
+            processor = MultimodalProcessor.from_pretrained(model_dir, vision_tokenizer=vision_tokenizer)
+        with reading(model_dir / LLM_DIR, "LLM"):
+            llm = AutoModelForCausalLM.from_pretrained(
+                model_dir / LLM_DIR,
+                dtype=torch_dtype,
+                attn_implementation=attn_implementation,
+                local_files_only=True,
+                # bitsandbytes quantizes the weights as they load, on the device device_map names.
+                **({"quantization_config": quantization_config, "device_map": str(device)}
+                   if quantization_config is not None else {}),
+            )
         if quantization_config is None:
             llm = llm.to(device)
         projector = None
         if config.embedding_mode == "codebook":
             projector_file = model_dir / PROJECTOR_NAME
             if not projector_file.is_file():
-                raise ValueError(f"{model_dir} is a codebook-mode model but {PROJECTOR_NAME} is missing")
-            state = load_file(projector_file)
+                raise ValueError(f"{model_dir} is a codebook-mode model but {PROJECTOR_NAME} is missing "
+                                 f"({_REBUILD_HINT})")
+            with reading(projector_file, "projector"):
+                state = load_file(projector_file)
             projector = CodebookProjector(
                 in_features=state["fc1.weight"].shape[1],
                 hidden_size=state["fc1.weight"].shape[0],
@@ -453,12 +571,48 @@ class UnifiedMLLM(nn.Module):
             projector.load_state_dict(state)
             projector.to(device=device, dtype=llm.dtype)
         if adapter is not None:
-            from peft import PeftModel
-
-            llm = PeftModel.from_pretrained(llm, os.fspath(adapter), is_trainable=False)
+            llm = _load_adapter(llm, Path(adapter), model_dir)
         # One config object shared with the processor, so bake() is seen by both.
         model = cls(processor.config, llm, vision_tokenizer, processor, projector)
         return model.eval()
 
 
-__all__ = ["CodebookProjector", "UnifiedMLLM", "codebook_feature_size", "codebook_features"]
+def _other_model(adapter: Path, model_dir: Path, reason: str) -> ValueError:
+    return ValueError(f"adapter {adapter} was trained on another model than {model_dir}: {reason} (load it onto "
+                      "the model it was trained from)")
+
+
+def _check_adapter_fits(adapter: Path, adapter_config: dict[str, Any], config: MLLMConfig, model_dir: Path) -> None:
+    """Before anything loads: an adapter that trains vocabulary rows the model does not have."""
+    token_rows = _adapter_token_rows(adapter_config)
+    if token_rows and max(token_rows) >= config.vocab_size:
+        raise _other_model(adapter, model_dir,
+                           f"it trains vocabulary row {max(token_rows)}, the model has {config.vocab_size} rows")
+
+
+def _load_adapter(llm: nn.Module, adapter: Path, model_dir: Path) -> nn.Module:
+    """peft's PeftModel over `llm`; an adapter whose weights have other shapes is refused by name."""
+    from peft import PeftModel
+
+    try:
+        with reading(adapter, "adapter", "copy the adapter folder again"):
+            from mllm.lora import quiet_peft  # peft itself reads a deprecated transformers property
+
+            with quiet_peft():
+                return PeftModel.from_pretrained(llm, os.fspath(adapter), is_trainable=False)
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):  # anything but a shape mismatch of the weights is a bug
+            raise
+        raise _other_model(adapter, model_dir, "its weights have other shapes") from error
+
+
+__all__ = [
+    "CodebookProjector",
+    "UnifiedMLLM",
+    "check_adapter_folder",
+    "check_device",
+    "check_model_folder",
+    "codebook_feature_size",
+    "codebook_features",
+    "reading",
+]

@@ -13,10 +13,14 @@ import torch
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`None`/"auto" -> cuda when available, else cpu; anything else is passed to torch."""
+    """`None`/"auto" -> cuda when available, else cpu; anything else is passed to torch (a malformed name is a
+    ValueError naming the usual ones)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:  # torch's own refusal: a long list of every backend it knows
+        raise ValueError(f"unknown device {str(device)!r} (use auto, cpu, cuda or cuda:N)") from None
 
 
 def bf16_supported(device: str | torch.device = "cpu") -> bool:

@@ -22,10 +22,12 @@ in time is answered with a 408 and the connection closed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
+import socket
 from dataclasses import dataclass
 
-__all__ = ["ServerOptions", "is_loopback_host", "make_server", "startup_warnings"]
+__all__ = ["ServerOptions", "bind_socket", "is_loopback_host", "make_server", "startup_warnings"]
 
 
 @dataclass
@@ -58,6 +60,39 @@ def startup_warnings(host: str, api_key: str | None) -> list[str]:
     warning = (f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
                "model, and web pages can send it requests; set --api-key KEY (or bind to 127.0.0.1)")
     return [warning]
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound before the model loads: a port in use or an address this machine does
+    not have is a ValueError naming --host / --port at once (not a uvicorn log line after the load).
+    Pass the socket to `make_server(...).run(sockets=[sock])`."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a port number (use 1024-65535, or 0 for any free port)")
+    # uvicorn's own choice: IPv6 for an address with a colon, IPv4 otherwise.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as error:
+        sock.close()
+        raise ValueError(_bind_error(host, port, error)) from None
+    return sock
+
+
+def _bind_error(host: str, port: int, error: OSError) -> str:
+    if isinstance(error, socket.gaierror):
+        return (f"--host {host} is not an address this machine can resolve ({error.strerror}) (use an IP address "
+                "such as 127.0.0.1 or 0.0.0.0, or a known host name)")
+    if error.errno == errno.EADDRINUSE:
+        return (f"--port {port} is already in use on {host} (stop the program using it, or choose another "
+                "--port)")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return (f"--host {host} is not an address of this machine (use 127.0.0.1 for this machine only, or "
+                "0.0.0.0 for every interface)")
+    if error.errno == errno.EACCES:
+        return f"--port {port}: permission denied (ports below 1024 need administrator rights; use 1024-65535)"
+    return f"cannot listen on {host}:{port}: {error.strerror or error} (check --host and --port)"
 
 
 def guarded_protocol(options: ServerOptions) -> type:

@@ -31,6 +31,30 @@ def test_help_is_fast_and_imports_nothing_heavy():
     assert time.time() - start < 2.0, proc.stdout
 
 
+def test_every_command_help_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "from mllm.cli import COMMANDS, main\n"
+        "for name in COMMANDS:\n"
+        "    try:\n"
+        "        main([name, '--help'])\n"
+        "    except SystemExit as exit_:\n"
+        "        assert exit_.code == 0, name\n"
+        "    heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+        "    assert not heavy, (name, heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_an_option_error_of_a_subcommand_starts_with_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "shapes", "--out", "o", "--n", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("mllm data: error: argument --n: must be a positive integer, got 0 "
+                                       "(see `mllm data shapes --help`)\n")
+
+
 def test_every_command_module_is_in_the_one_commands_folder():
     import importlib
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mllm.commands.types import non_negative_float, positive_int, unit_float
-from mllm.config import CONFIG_NAME, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.commands.types import device, non_negative_float, positive_int, unit_float
+from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapter", type=Path, help="peft (LoRA) adapter folder to load onto the model's LLM"
     )
     parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+        "--device", type=device, default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
     )
     parser.add_argument(
         "--dtype",
@@ -75,13 +75,12 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_model_folder(model_dir: Path) -> None:
-    """Refuse what is not a model folder before anything loads."""
+    """Refuse what is not a complete model folder before anything loads."""
+    from mllm.model import check_model_folder as check
+
     if not model_dir.exists():
         raise FileNotFoundError(f"model folder {model_dir} does not exist")
-    if not model_dir.is_dir():
-        raise NotADirectoryError(f"--model {model_dir} is not a folder")
-    if not (model_dir / CONFIG_NAME).is_file():
-        raise ValueError(f"{model_dir} is not a model folder: {CONFIG_NAME} is missing (make one with `mllm init`)")
+    check(model_dir)
 
 
 def read_images(paths: list[str]) -> list:
@@ -90,25 +89,34 @@ def read_images(paths: list[str]) -> list:
 
     images = []
     for path in paths:
+        if Path(path).is_dir():
+            raise IsADirectoryError(f"image {path} is a folder (give an image file: PNG, JPEG, WEBP, ...)")
         if not Path(path).is_file():
             raise FileNotFoundError(f"image {path} does not exist")
         try:
             images.append(load_image(path))
         except ValueError as exn:
-            raise ValueError(f"cannot read image: {exn}") from None
+            raise ValueError(f"cannot read image: {exn} (give an image file: PNG, JPEG, WEBP, ...)") from None
     return images
 
 
 def check_text(text: str, what: str) -> None:
     if not text.strip():
-        raise ValueError(f"the {what} is empty")
+        raise ValueError(f"the {what} is empty (give a {what} in quotes)")
 
 
 def load_model(args: argparse.Namespace):
     from mllm.api import load
+    from mllm.commands import worker
 
     dtype = None if args.dtype == "auto" else args.dtype
-    return load(args.model, adapter=args.adapter, device=args.device, dtype=dtype)
+
+    def load_now():
+        return load(args.model, adapter=args.adapter, device=args.device, dtype=dtype)
+
+    if worker.MODELS is not None:  # in the warm worker: a model folder is loaded once, until it changes
+        return worker.MODELS.get(args.model, args.adapter, args.device, dtype, load_now)
+    return load_now()
 
 
 def text_sampling(args: argparse.Namespace) -> dict:

@@ -38,7 +38,13 @@ def run(args: argparse.Namespace) -> int:
     common.check_text(args.prompt, "prompt")
     paths = output_paths(args.out, args.n)
     if paths[0].parent.exists() and not paths[0].parent.is_dir():
-        raise NotADirectoryError(f"{paths[0].parent} is not a folder")
+        raise NotADirectoryError(f"--out {args.out}: {paths[0].parent} is a file, not a folder (choose another --out)")
+    from PIL import Image
+
+    # Before the model loads: an extension PIL cannot write would otherwise fail after the drawing.
+    if paths[0].suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {args.out}: unknown image file extension {paths[0].suffix!r} (use .png, .jpg or "
+                         ".webp)")
     model = common.load_model(args)
     images = model.draw(args.prompt, n=args.n, guidance_scale=args.guidance, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -47,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
         try:
             image.save(path)
         except (OSError, ValueError) as exn:
-            raise ValueError(f"cannot write {path}: {exn}") from None
+            raise ValueError(f"cannot write {path}: {exn} (check --out and that its folder is writable)") from None
         print(path)
     return 0

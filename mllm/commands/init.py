@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mllm.commands.types import positive_int
 from mllm.config import EMBEDDING_MODES, IMAGE_INITS, LLM_SIZES
 from tokenizer_vision.config import TOKENIZER_SIZES
 
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="named --llm only: a text file, one training string per line, for the text tokenizer "
         "(default: captions, questions and prompts of the shapes world)",
     )
-    parser.add_argument("--projector-hidden-size", type=int, default=None,
+    parser.add_argument("--projector-hidden-size", type=positive_int, default=None,
                         help="codebook mode: hidden width of the projector MLP (default: the LLM's hidden size)")
     parser.add_argument(
         "--image-init", choices=IMAGE_INITS, default="codebook",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mllm.commands.types import non_negative_float, positive_float, positive_int
+from mllm.commands.types import device, non_negative_float, port, positive_float, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,9 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="a peft adapter folder to load onto the model")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--port", type=port, default=8000, help="port (default 8000; 0: any free port)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--device", type=device, default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--model-name", help="the model id clients see (default: the folder's name)")
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="fetch http(s) image URLs from public addresses (default: only data: URLs are "
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     batching = parser.add_argument_group("batching")
     batching.add_argument("--max-batch", type=positive_int, default=8,
                           help="most sequences generated together in one batch (default 8)")
-    batching.add_argument("--batch-window-ms", type=float, default=20.0,
+    batching.add_argument("--batch-window-ms", type=non_negative_float, default=20.0,
                           help="how long a batch waits for more requests to join (default 20 ms)")
     batching.add_argument("--queue-size", type=positive_int, default=64,
                           help="requests admitted and waiting; more are refused with 429 (default 64)")
@@ -75,10 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mllm.model import check_adapter_folder, check_model_folder
     from serve.app import create_app
     from serve.protocol import Limits
-    from serve.server import ServerOptions, make_server, startup_warnings
+    from serve.server import ServerOptions, bind_socket, make_server, startup_warnings
 
+    # What the user named is checked before the model loads: the folders, then the address.
+    check_model_folder(args.model)
+    if args.adapter:
+        check_adapter_folder(args.adapter)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), body_timeout_s=args.body_timeout,
                     max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                     max_request_pixels=args.max_request_pixels, max_messages=args.max_messages,
@@ -86,16 +91,20 @@ def run(args: argparse.Namespace) -> int:
                     max_prompt_chars=args.max_text_chars, max_stop=args.max_stop,
                     max_stop_chars=args.max_stop_chars, max_output_pixels=args.max_output_pixels,
                     allow_remote_images=args.allow_remote_images, default_temperature=args.default_temperature)
-    options = ServerOptions(host=args.host, port=args.port, max_connections=args.max_connections,
-                            keep_alive_timeout_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout,
-                            max_drain_bytes=max(4 * limits.max_body_bytes, 64 * 2**20))
-    for warning in startup_warnings(args.host, args.api_key):
-        print(warning, file=sys.stderr)
-    app = create_app(args.model, adapter=args.adapter, api_key=args.api_key, limits=limits,
-                     max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
-                     queue_size=args.queue_size, default_max_tokens=args.max_tokens, device=args.device,
-                     model_name=args.model_name, host=args.host, allowed_hosts=args.allowed_host,
-                     cpu_threads=args.cpu_threads)
-    print(f"serving {app.state.model_name} on http://{args.host}:{args.port} (web chat at /, API at /v1)")
-    make_server(app, options).run()
+    sock = bind_socket(args.host, args.port)
+    with sock:
+        port = sock.getsockname()[1]  # the one picked for --port 0
+        options = ServerOptions(host=args.host, port=port, max_connections=args.max_connections,
+                                keep_alive_timeout_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout,
+                                max_drain_bytes=max(4 * limits.max_body_bytes, 64 * 2**20))
+        for warning in startup_warnings(args.host, args.api_key):
+            print(warning, file=sys.stderr)
+        app = create_app(args.model, adapter=args.adapter, api_key=args.api_key, limits=limits,
+                         max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
+                         queue_size=args.queue_size, default_max_tokens=args.max_tokens, device=args.device,
+                         model_name=args.model_name, host=args.host, allowed_hosts=args.allowed_host,
+                         cpu_threads=args.cpu_threads)
+        host = f"[{args.host.strip('[]')}]" if ":" in args.host else args.host
+        print(f"serving {app.state.model_name} on http://{host}:{port} (web chat at /, API at /v1)", flush=True)
+        make_server(app, options).run(sockets=[sock])
     return 0

@@ -8,6 +8,7 @@ Several processes: `torchrun --nproc_per_node N -m mllm.cli train ...` or
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mllm.commands.types import positive_int
 
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training.recipes import run_recipe
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file, not a folder (choose another --out)")
 
     overrides = [f"model={args.model}", f"data={args.data}", f"out={args.out}", *args.set]
     run_recipe(args.recipe, overrides, resume=args.resume, max_steps=args.max_steps, kinds=KINDS)

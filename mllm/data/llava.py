@@ -125,10 +125,8 @@ def conversation_to_messages(conversations: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _iter_llava(
-    json_path: str | os.PathLike, image_root: str | os.PathLike, stats: DataStats, max_image_pixels: int
-) -> Iterator[_LlavaRecord]:
-    """Valid records with their image read and decoded; everything else counted in `stats`."""
+def _load_llava(json_path: str | os.PathLike) -> list:
+    """The records of a LLaVA JSON file; LlavaFormatError for a file that is not a JSON list."""
     with open(json_path, encoding="utf-8") as file:
         try:
             entries = json.load(file)
@@ -138,6 +136,15 @@ def _iter_llava(
         raise LlavaFormatError(
             f"{json_path}: a LLaVA file is a JSON list of records, got {type(entries).__name__}"
         )
+    return entries
+
+
+def _iter_llava(
+    json_path: str | os.PathLike | list, image_root: str | os.PathLike, stats: DataStats, max_image_pixels: int
+) -> Iterator[_LlavaRecord]:
+    """Valid records with their image read and decoded; everything else counted in `stats`. `json_path`
+    may be the already loaded records."""
+    entries = json_path if isinstance(json_path, list) else _load_llava(json_path)
     for index, entry in enumerate(entries):
         record_id = entry.get("id") if isinstance(entry, dict) else None
         try:
@@ -252,9 +259,10 @@ def convert_llava(
     image is skipped at conversion instead of in every epoch. Skips are counted in `stats`.
     """
     stats = DataStats() if stats is None else stats
+    entries = _load_llava(json_path)  # a file that is not LLaVA JSON fails before any shard is started
 
     def shard_records() -> Iterator[dict[str, Any]]:
-        for record in _iter_llava(json_path, image_root, stats, max_image_pixels):
+        for record in _iter_llava(entries, image_root, stats, max_image_pixels):
             shard_record: dict[str, Any] = {"key": record.key, "id": record.id, "messages": record.messages}
             if record.image_ext in IMAGE_EXTENSIONS:
                 shard_record["image"] = EncodedImage(record.image_data, record.image_ext)

@@ -240,8 +240,14 @@ def resolve_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
         if os.path.isdir(path):
             found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
             if not found:
-                raise FileNotFoundError(f"no *.tar shards in directory {path}")
+                hint = (" (LLaVA JSON: convert it first with `mllm data convert-llava`)"
+                        if glob.glob(os.path.join(glob.escape(path), "*.json")) else "")
+                raise FileNotFoundError(f"no *.tar shards in directory {path}{hint}")
             return found
+        if os.path.isfile(path) and not tarfile.is_tarfile(path):
+            # One file given, not a shard (an image, a JSON file): say so, instead of reading no records.
+            raise ValueError(f"data {path} is not a shard (.tar) (give a folder of shards or a shard, e.g. from "
+                             "`mllm data`)")
         return wds.shardlists.expand_urls(path)
     resolved = [os.fspath(url) for url in urls]
     if not resolved:

@@ -50,7 +50,7 @@ def test_shapes_resized_share(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         data("shapes", "--n", "2", "--out", str(out), "--resized-share", "2", "--overwrite")
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == ("mllm data shapes: error: argument --resized-share: must be in [0, 1], got 2 "
+    assert capsys.readouterr().err == ("mllm data: error: argument --resized-share: must be in [0, 1], got 2 "
                                        "(see `mllm data shapes --help`)\n")
 
 
