@@ -53,10 +53,20 @@ def read_recipe(source: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"recipe {path} is not valid YAML: {' '.join(str(error).split())}") from None
+        raise ValueError(f"recipe {path} is not valid YAML: {_yaml_problem(error)} (fix the file)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"recipe {path} is not a text file (give a YAML file)") from None
     if isinstance(data, dict):
         return data
     raise ValueError(f"recipe {source} must be a YAML mapping, not a {type(data).__name__}")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """`line 3, column 7: mapping values are not allowed here`: where and what, without PyYAML's excerpt."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
@@ -106,12 +116,27 @@ def load_config(schema: type[T], source: str | Path | dict | None = None, overri
     if kind is not None and kind != expected:
         name = source if isinstance(source, (str, Path)) else "config"
         raise ValueError(f"{name} says `{RECIPE_KEY}: {kind}`, but is read as a {expected or schema.__name__} recipe")
-    data = _merge(data, parse_overrides(overrides))
-    config = from_dict(schema, data)
+    merged = _merge(data, parse_overrides(overrides))
+    try:
+        config = from_dict(schema, merged)
+    except ValueError as error:
+        if isinstance(source, (str, Path)) and _fails_alone(schema, data, error):
+            # the YAML file's own key or value, not a --set override: say which file holds it
+            raise ValueError(f"recipe {source}: {error}") from None
+        raise
     validate = getattr(config, "validate", None)
     if callable(validate):
         validate()
     return config
+
+
+def _fails_alone(schema: type, data: dict, error: ValueError) -> bool:
+    """Whether the recipe's own mapping, without the overrides, fails with the same error."""
+    try:
+        from_dict(schema, data)
+    except ValueError as own:
+        return str(own) == str(error)
+    return False
 
 
 def save_config(config: Any, path: str | Path) -> None:
