@@ -17,6 +17,7 @@ the whole embedding matrices instead (`modules_to_save`) would put two V x H mat
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,8 +159,12 @@ def load_base_4bit(
     """
     try:
         import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise ImportError("4-bit loading (QLoRA) needs bitsandbytes: pip install 'mllm[quant]'") from error
+    except ImportError:
+        # A user error, not a bug: one line with the exact command (the `mllm` on PyPI is another project).
+        raise ValueError(
+            "quantization: 4bit (QLoRA) needs bitsandbytes, which this environment lacks (install it with "
+            f"`{sys.executable} -m pip install 'bitsandbytes>=0.48'`, or `make install` in the checkout)"
+        ) from None
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 

@@ -304,3 +304,32 @@ def test_tied_base_trains_new_rows_through_the_shared_matrix(model_qwen2_base, t
         torch.testing.assert_close(merged(**batch).logits, logits, atol=1e-5, rtol=0)
     llm = merged.llm
     assert llm.get_output_embeddings().weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
+
+
+def test_no_warning_about_an_optional_4bit_kernel():
+    """bitsandbytes warns at import that it cannot fetch an optional CPU kernel; importing `mllm` first (as
+    every entry point does) keeps that line out of `train` and `merge`."""
+    pytest.importorskip("bitsandbytes")
+    import subprocess
+    import sys
+
+    code = "import mllm, bitsandbytes, peft"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "gemm_4bit_forward" not in result.stderr and "kernels" not in result.stderr
+
+
+def test_missing_bitsandbytes_is_one_line_with_the_command(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    from mllm.lora import load_base_4bit
+
+    monkeypatch.setattr(builtins, "__import__", without_bitsandbytes)
+    with pytest.raises(ValueError, match=r"needs bitsandbytes.*pip install 'bitsandbytes>=0.48'"):
+        load_base_4bit("/nonexistent")
