@@ -1,8 +1,10 @@
 """Tokenizer quality on held-out images: PSNR, SSIM, codebook use, semantic cosine, judge agreement.
 
     mllm eval-tokenizer --tokenizer runs/demo/tokenizer --data runs/demo/data/test [--out DIR]
+    mllm eval-tokenizer --tokenizer DIR --data HELD_OUT_PHOTOS
 
-PSNR and SSIM come from torchmetrics and are computed on what a user gets back: the
+`--data` is image shards or a plain folder of images (`mllm.data.image_folder`); every image is resized so
+its shorter side is the tokenizer's image size and centre-cropped, as `encode` does. PSNR and SSIM come from torchmetrics and are computed on what a user gets back: the
 reconstruction rounded to 8-bit RGB, against the 8-bit original, both on the [0, 1] scale.
 PSNR is the mean of per-image PSNRs. Judge agreement is the fraction of images in which the
 shapes-world judge finds exactly the same objects in the original and the reconstruction; it is
@@ -92,8 +94,11 @@ def evaluate_tokenizer(tokenizer, data: str, batch_size: int = 64, limit: int | 
 
 
 def _has_scenes(data: str) -> bool:
+    from mllm.data.image_folder import is_image_folder
     from mllm.data.shards import read_records
 
+    if is_image_folder(data):
+        return False
     for record in read_records(data):
         return "scene" in record["json"]
     return False
@@ -129,7 +134,7 @@ def save_examples(examples, path: Path) -> None:
 
 def report_tokenizer(tokenizer_dir: str | Path, data: str, out: str | Path | None = None, batch_size: int = 64,
                      limit: int | None = None, device: str = "auto", precision: str = "auto") -> dict:
-    """`mllm eval-tokenizer`: the metrics of a tokenizer folder on held-out shards, written to
+    """`mllm eval-tokenizer`: the metrics of a tokenizer folder on held-out shards or images, written to
     OUT/results.json with OUT/examples.png (OUT defaults to TOKENIZER/eval); prints the table."""
     from tokenizer_vision import DualCodebookTokenizer
 

@@ -1,7 +1,7 @@
 """Configuration of the dual-codebook visual tokenizer, and the registry of named sizes.
 
 `TokenizerConfig` is the schema: every knob of the tokenizer lives here, it serialises to the
-`config.json` next to `model.safetensors`, and `TokenizerConfig.from_name("tiny" | "shapes" | "base")`
+`config.json` next to `model.safetensors`, and `TokenizerConfig.from_name("tiny" | "shapes" | "photo" | "base")`
 gives the sizes that tests, docs and recipes share.
 """
 
@@ -271,6 +271,28 @@ TOKENIZER_SIZES: dict[str, dict[str, Any]] = {
         "semantic_decoder_channels": 64,
         "restart_every": 20,  # the scenes are simple and the encoder moves fast early: restart often
         "teacher_config": _SHAPES_TEACHER,
+    },
+    # Photos on a CPU (the tokenizer-photo recipe): 128 px -> 16 x 16 grid, K = 16384. Narrow at full
+    # resolution (the costliest layers on a CPU), wide at the grid. A short run needs every code early: EMA
+    # codebooks that follow the encoder quickly (decay 0.95), and a code counts as dead, and is restarted
+    # from batch features, once it averages under 0.125 assignments per step (the recipe's batch of 8 has
+    # 2048 positions: 0.125 per code on average, so the threshold scales with batch_size / K). Pixel L2
+    # weighs 4x (PSNR is an L2 measure). The semantic tower comes from a local CLIP/SigLIP/ViT folder (teacher_path).
+    "photo": {
+        "image_size": 128,
+        "base_channels": 16,
+        "channel_mult": (1, 2, 4, 8),
+        "num_res_blocks": 1,
+        "d_pix": 8,
+        "d_sem": 32,
+        "codebook_size": 16384,
+        "semantic_decoder_channels": 64,
+        "ema_decay": 0.95,
+        "dead_code_threshold": 0.125,
+        "restart_every": 10,
+        "pixel_l2_weight": 4.0,
+        "teacher_config": None,
+        "teacher_path": None,
     },
     # Documented recipe for real images (TokenFlow-like): 256 px -> 16 x 16 grid, K = 16384, a SigLIP
     # teacher read from a local folder, e.g.

@@ -139,8 +139,9 @@ def build_vision_tower(config: TokenizerConfig, load_pretrained: bool = True):
         # A full CLIP/SigLIP folder also holds text weights; transformers would list each of them as
         # "unexpected". Its report is silenced and the check that matters is made here: no vision
         # weight may be missing.
-        verbosity = hf_logging.get_verbosity()
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise inside a tokenizer build
         try:
             tower, loading_info = _tower_class(vision_config).from_pretrained(
                 config.teacher_path,
@@ -152,6 +153,8 @@ def build_vision_tower(config: TokenizerConfig, load_pretrained: bool = True):
             )
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         if loading_info.get("missing_keys"):
             missing = sorted(loading_info["missing_keys"])
             raise ValueError(

@@ -217,15 +217,21 @@ class DualCodebookQuantizer(nn.Module):
     def nearest_codes(
         self, features: dict[str, torch.Tensor], codes: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """(N,) int64 index minimising `combined_distances`, computed a chunk of positions at a time."""
-        num_positions = features[self.branches[0]].shape[0]
+        """(N,) int64 index minimising `combined_distances`, computed a chunk of positions at a time.
+
+        Rows of `features` and `codes` are unit vectors (the quantizer's cosine geometry), so
+        w_b * ||f_b - e_b||^2 = w_b * (2 - 2 f_b . e_b) and the nearest code is the one with the largest
+        score sum_b w_b f_b . e_b: one matmul of the weighted, concatenated features with the concatenated
+        codes, and one pass over the (N, K) scores instead of the distances' several (at K = 16384 the
+        distances took most of a CPU training step).
+        """
+        weighted = torch.cat([self.branch_weights[b] * features[b] for b in self.branches], dim=1)  # (N, d)
+        stacked = torch.cat([codes[b] for b in self.branches], dim=1)  # (K, d)
         chunk = max(1, _DISTANCE_CHUNK_ELEMENTS // self.codebook_size)
         return torch.cat(
             [
-                self.combined_distances(
-                    {b: f[start : start + chunk] for b, f in features.items()}, codes
-                ).argmin(1)
-                for start in range(0, num_positions, chunk)
+                torch.mm(weighted[start : start + chunk], stacked.t()).argmax(1)
+                for start in range(0, weighted.shape[0], chunk)
             ]
         )
 

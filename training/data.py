@@ -1,5 +1,5 @@
 """What the small vision recipes (teacher, tokenizer) share: their common settings, the image set held
-in memory (`mllm.data.arrays`), epoch sampling and augmentation.
+in memory (`mllm.data.arrays`), epoch sampling, random crops of photos and augmentation.
 
 Held in memory, a set is sampled exactly (a seeded permutation per epoch) and a run resumes trivially
 (epoch + position). Larger sets stream through `mllm.data.shards` in the LLM recipes instead.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mllm.data.arrays import ImageTextArrays, load_image_arrays, to_pixel_values
+from mllm.data.arrays import ImageTextArrays, Photos, load_image_arrays, load_photos, to_pixel_values
 
 
 @dataclass
@@ -54,6 +54,49 @@ def load_images(data: str, image_size: int, limit: int | None, text_field: str |
     if arrays.stats.total_skipped and progress:
         print(f"skipped records: {arrays.stats.report()}")
     return arrays
+
+
+def random_crops(photos: Sequence[np.ndarray], count: int, size: int, rng: np.random.Generator,
+                 flip: bool = True) -> np.ndarray:
+    """(count, size, size, 3) uint8 views of photos (H, W, 3): each a random photo, a random square crop
+    of it whose side is log-uniform between `size` and the photo's shorter side (scale jitter: from
+    pixel-level detail to the whole picture), resized to `size` (bicubic) and, with `flip`, mirrored
+    left-right half of the time. A few large photos give many different training views."""
+    from PIL import Image
+
+    out = np.empty((count, size, size, 3), dtype=np.uint8)
+    for index in range(count):
+        photo = photos[int(rng.integers(len(photos)))]
+        height, width = photo.shape[:2]
+        short = min(height, width)
+        side = short if short <= size else round(float(np.exp(rng.uniform(np.log(size), np.log(short)))))
+        top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
+        view = photo[top : top + side, left : left + side]
+        if side != size:
+            view = np.asarray(Image.fromarray(view).resize((size, size), Image.Resampling.BICUBIC))
+        out[index] = view[:, ::-1] if flip and rng.random() < 0.5 else view
+    return out
+
+
+class CropSampler:
+    """Batches of random crops of in-memory photos (`random_crops`), seeded by (seed, batch number, rank):
+    resumable from the batch number alone, and different on every rank."""
+
+    def __init__(self, photos: Photos, batch_size: int, image_size: int, seed: int, rank: int = 0) -> None:
+        self.photos, self.batch_size, self.image_size = photos, batch_size, image_size
+        self.seed, self.rank = seed, rank
+        self.batches = 0
+
+    def next_batch(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.batches, self.rank])
+        self.batches += 1
+        return random_crops(self.photos.images, self.batch_size, self.image_size, rng)
+
+    def state(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state(self, state: dict) -> None:
+        self.batches = int(state["batches"])
 
 
 def rescale_round_trip(
@@ -122,5 +165,5 @@ class EpochSampler:
         self._order = self._permutation(self.epoch)
 
 
-__all__ = ["EpochSampler", "ImageRecipeConfig", "ImageTextArrays", "load_image_arrays", "load_images", "rescale_round_trip",
-           "to_pixel_values", "trained_already"]
+__all__ = ["CropSampler", "EpochSampler", "ImageRecipeConfig", "ImageTextArrays", "Photos", "load_image_arrays",
+           "load_images", "load_photos", "random_crops", "rescale_round_trip", "to_pixel_values", "trained_already"]

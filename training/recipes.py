@@ -73,6 +73,7 @@ RECIPES: dict[str, Recipe] = {
     "ett": KINDS["ett"],
     "shapes-ett": KINDS["ett"],
     "tokenizer-shapes": KINDS["tokenizer"],
+    "tokenizer-photo": KINDS["tokenizer"],
     "teacher-shapes": KINDS["teacher"],
 }
 

@@ -19,6 +19,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,7 +29,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
-from mllm.data.arrays import to_pixel_values
+from mllm.data.arrays import NoUsableImages, check_data_path, to_pixel_values
+from mllm.data.image_folder import is_image_folder
+from mllm.data.shards import read_records
 from mllm.io import recover_dir, write_dir
 from mllm.runtime import autocast, resolve_device, resolve_precision
 from training.config import save_config
@@ -135,6 +138,40 @@ def write_preprocessor_config(out: Path, image_size: int) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
+def no_captions(data: str, what: str) -> ValueError:
+    return ValueError(
+        f"{data} has no image captions ({what}): train-teacher trains a CLIP on image-caption pairs; for "
+        "images without captions pass a pretrained vision tower folder (CLIP, SigLIP or ViT) as "
+        "`mllm train-tokenizer --teacher DIR` instead"
+    )
+
+
+CAPTION_PEEK = 100  # records looked at for a caption before the whole set is loaded
+
+
+def load_captioned_images(cfg: TeacherConfig):
+    """The image-caption pairs of `cfg.data`. A folder of images, or shards whose first records have no
+    caption (e.g. `mllm data convert-llava` output), is refused at once with a pointer to a pretrained tower."""
+    if is_image_folder(cfg.data):
+        raise no_captions(cfg.data, "a folder of images")
+    check_data_path(cfg.data)
+    count = 0
+    for count, record in enumerate(islice(read_records(cfg.data, split=False), CAPTION_PEEK), start=1):
+        caption = record["json"].get("caption")
+        if isinstance(caption, str) and caption:
+            break
+    else:
+        if count:
+            first = "first " if count == CAPTION_PEEK else ""
+            raise no_captions(cfg.data, f"none of its {first}{count} records has a `caption` field")
+    try:
+        return load_images(cfg.data, cfg.image_size, cfg.max_images, text_field="caption")
+    except NoUsableImages as exn:
+        if missing := exn.stats.skipped.get("missing_caption", 0):
+            raise no_captions(cfg.data, f"none of its {missing} images has a `caption` field") from None
+        raise
+
+
 def main(cfg: TeacherConfig) -> Path:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -145,7 +182,7 @@ def main(cfg: TeacherConfig) -> Path:
         return out
 
     # --- setup
-    data = load_images(cfg.data, cfg.image_size, cfg.max_images, text_field="caption")
+    data = load_captioned_images(cfg)
     tokenizer = build_word_tokenizer(data.texts, cfg.max_text_length)
     encoded = tokenizer(data.texts, padding="max_length", truncation=True, max_length=cfg.max_text_length,
                         return_tensors="pt")

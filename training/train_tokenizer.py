@@ -2,6 +2,11 @@
 
     mllm train-tokenizer --data runs/demo/data/train --out runs/demo/tokenizer \
         --teacher runs/demo/teacher [--quantizer dual|pixel|semantic] [--max-steps N] [--resume]
+    mllm train-tokenizer --data PHOTOS --teacher VISION_TOWER --recipe tokenizer-photo --out DIR
+
+`--data` is image shards (each image resized and centre-cropped to the recipe's size) or a plain folder of
+images (`mllm.data.image_folder`): its photos are held whole (shorter side capped at `crop_max_side`) and
+every batch is fresh random square crops of them with scale jitter and flips (`training.data.random_crops`).
 
 setup (data in memory, model, optimizer, accelerate) -> train (bf16 autocast where supported,
 periodic checkpoints, exact resume) -> save (`save_pretrained` folder: config.json +
@@ -12,7 +17,6 @@ draws its own slice of every global batch and accelerate averages the gradients.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -28,14 +32,23 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from mllm.data.arrays import to_pixel_values
+from mllm.data.arrays import check_data_path, to_pixel_values
+from mllm.data.image_folder import is_image_folder, list_images
 from mllm.io import TMP_SUFFIX, aside, fsync_path, fsync_tree, recover_leftovers, rewrite_jsonl
 from mllm.runtime import resolve_precision
 from tokenizer_vision import DualCodebookTokenizer, TokenizerConfig
 from tokenizer_vision.model import WEIGHTS_NAME
 from training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from training.config import save_config
-from training.data import EpochSampler, ImageRecipeConfig, load_images, rescale_round_trip, trained_already
+from training.data import (
+    CropSampler,
+    EpochSampler,
+    ImageRecipeConfig,
+    load_images,
+    load_photos,
+    rescale_round_trip,
+    trained_already,
+)
 
 
 @dataclass
@@ -44,8 +57,8 @@ class TokenizerTrainConfig(ImageRecipeConfig):
 
     recipe_kind: ClassVar[str] = "tokenizer"
 
-    data: str = ""  # training shards (images); held-out scenes are for `mllm eval-tokenizer`
-    size: str = "shapes"  # named tokenizer size: tiny | shapes | base
+    data: str = ""  # training shards or a folder of images; held-out ones are for `mllm eval-tokenizer`
+    size: str = "shapes"  # named tokenizer size: tiny | shapes | photo | base
     teacher: str | None = None  # local CLIP/SigLIP/ViT folder for the semantic branch
     quantizer: str = "dual"  # dual | pixel | semantic (ablations)
     tokenizer: dict[str, Any] = field(default_factory=dict)  # overrides of TokenizerConfig fields
@@ -60,6 +73,10 @@ class TokenizerTrainConfig(ImageRecipeConfig):
     # to give pictures made at other sizes the codes of the clean one. 0: off.
     rescale_share: float = 0.0
     rescale_factors: list[float] = field(default_factory=lambda: [0.83, 1.17, 1.33, 1.33, 1.67, 2.0])
+    # A folder of images: photos are held in memory with their shorter side at most this many pixels
+    # (downscaled once when larger), and each training view is a random square crop of one of them, its side
+    # log-uniform between the image size and that shorter side, resized to the image size.
+    crop_max_side: int = 512
 
     def validate(self) -> None:
         super().validate()
@@ -67,8 +84,8 @@ class TokenizerTrainConfig(ImageRecipeConfig):
             raise ValueError(f"quantizer must be dual, pixel or semantic, got {self.quantizer!r}")
         if self.quantizer in ("dual", "semantic") and not self.teacher and self.size != "tiny":
             raise ValueError(
-                f"the {self.quantizer!r} quantizer distils a teacher: pass --teacher DIR "
-                "(e.g. from `mllm train-teacher`) or use --quantizer pixel"
+                f"the {self.quantizer!r} quantizer distils a teacher: pass --teacher DIR (a local Hugging Face "
+                "CLIP, SigLIP or ViT folder; for the shapes world, `mllm train-teacher` output) or use --quantizer pixel"
             )
         if self.max_steps <= 0 or self.batch_size <= 0:
             raise ValueError("max_steps and batch_size must be positive")
@@ -76,6 +93,8 @@ class TokenizerTrainConfig(ImageRecipeConfig):
             raise ValueError(f"rescale_share must be in [0, 1], got {self.rescale_share}")
         if self.rescale_share > 0 and (not self.rescale_factors or any(f <= 0 for f in self.rescale_factors)):
             raise ValueError(f"rescale_factors must be positive numbers, got {self.rescale_factors}")
+        if self.crop_max_side <= 0:
+            raise ValueError(f"crop_max_side must be a positive number of pixels, got {self.crop_max_side}")
 
 
 def build_tokenizer(cfg: TokenizerTrainConfig) -> DualCodebookTokenizer:
@@ -84,7 +103,9 @@ def build_tokenizer(cfg: TokenizerTrainConfig) -> DualCodebookTokenizer:
     if cfg.teacher:
         overrides["teacher_path"] = str(cfg.teacher)
         overrides["teacher_config"] = None  # the tower reads its normalisation from the folder itself
-    config = dataclasses.replace(TokenizerConfig.from_name(cfg.size), **overrides)
+    # One validation, of the size with the overrides in: a size without a tower of its own (photo, base) is
+    # complete only once teacher_path is in.
+    config = TokenizerConfig.from_name(cfg.size, **overrides)
     return DualCodebookTokenizer(config)
 
 
@@ -134,6 +155,11 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
         recover_final(out)
     if trained_already(out, "tokenizer"):
         return out
+    folder = is_image_folder(cfg.data)
+    if folder:  # a wrong --data fails here, before the model is built
+        list_images(cfg.data)
+    else:
+        check_data_path(cfg.data)
     probe_device = "cuda" if (cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
     precision = resolve_precision(cfg.precision, probe_device)
     set_seed(cfg.seed)
@@ -143,7 +169,21 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=probe_device == "cpu",
                               kwargs_handlers=[ddp_kwargs])
     config = model.config
-    data = load_images(cfg.data, config.image_size, cfg.max_images, progress=accelerator.is_main_process)
+    if folder:
+        data = load_photos(cfg.data, config.image_size, cfg.crop_max_side, cfg.max_images,
+                           progress=accelerator.is_main_process)
+        sampler = CropSampler(data, cfg.batch_size, config.image_size, cfg.seed, accelerator.process_index)
+        next_batch = sampler.next_batch
+        described = f"{len(data.images)} photos (random crops)"
+    else:
+        data = load_images(cfg.data, config.image_size, cfg.max_images, progress=accelerator.is_main_process)
+        sampler = EpochSampler(len(data.images), cfg.batch_size, cfg.seed, accelerator.process_index,
+                               accelerator.num_processes)
+
+        def next_batch() -> np.ndarray:
+            return data.images[sampler.next_indices()]
+
+        described = f"{len(data.images)} images"
     trainable = model.generator_parameters()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     scheduler = _cosine_with_floor(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_learning_rate_ratio)
@@ -154,8 +194,6 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
         discriminator_optimizer = torch.optim.AdamW(model.discriminator.parameters(), lr=cfg.learning_rate,
                                                     betas=(0.5, 0.9), weight_decay=cfg.weight_decay)
         stateful["discriminator_optimizer"] = discriminator_optimizer
-    sampler = EpochSampler(len(data.images), cfg.batch_size, cfg.seed, accelerator.process_index,
-                           accelerator.num_processes)
     checkpoints = out / "checkpoints"
     if accelerator.is_main_process:
         recover_leftovers(checkpoints)  # a checkpoint save cut short by a kill: undo it before reading or saving
@@ -183,7 +221,7 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
         save_config(cfg, out / "train_recipe.yaml")
         params = sum(p.numel() for p in trainable) / 1e6
         print(f"tokenizer: {params:.2f}M trainable parameters, grid {unwrapped.grid_size}, K={unwrapped.codebook_size}, "
-              f"{config.quantizer_mode} quantizer, {len(data.images)} images, {precision} on {accelerator.device}")
+              f"{config.quantizer_mode} quantizer, {described}, {precision} on {accelerator.device}")
 
     # --- train
     metrics_file = out / "metrics.jsonl"
@@ -192,7 +230,7 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
     started, images_seen = time.time(), 0
     model.train()
     for step in bar:
-        clean = data.images[sampler.next_indices()]
+        clean = next_batch()
         pixels = to_pixel_values(clean, config.image_mean, config.image_std).to(accelerator.device)
         inputs = pixels
         if cfg.rescale_share > 0:  # seeded by step: a resumed run degrades the same images the same way

@@ -4,7 +4,7 @@
 
 --model is a model folder (its `vision_tokenizer/` is evaluated) or a tokenizer folder itself (the
 output of `mllm train-tokenizer`). --data is required: image shards (`mllm.data.shards`), e.g. the
-shapes test split. The work is `eval.tokenizer_metrics.evaluate_tokenizer` (same numbers as
+shapes test split, or a plain folder of images (`mllm.data.image_folder`). The work is `eval.tokenizer_metrics.evaluate_tokenizer` (same numbers as
 `mllm eval-tokenizer`); this suite reports them in the common results format and writes
 OUT/examples.png (originals over reconstructions).
 
@@ -93,10 +93,10 @@ class TokenizerSuite(Suite):
         if not data:
             raise ValueError(
                 "the tokenizer suite needs --data: held-out image shards, e.g. runs/demo/data/test "
-                "(write some with `mllm data`)"
+                "(write some with `mllm data`), or a folder of images"
             )
         if not Path(data).exists():
-            raise FileNotFoundError(f"--data {data}: no such file or folder (image shards expected)")
+            raise FileNotFoundError(f"--data {data}: no such file or folder (image shards or a folder of images expected)")
         batch_size = int_option(
             options, "batch_size", getattr(args, "batch_size", None) or DEFAULT_BATCH_SIZE
         )
@@ -139,7 +139,7 @@ class TokenizerSuite(Suite):
         if "judge_agreement" in results:
             metrics["judge_agreement"] = 100.0 * results["judge_agreement"]
         else:
-            notes.append("judge_agreement skipped: the shards are not shapes-world scenes")
+            notes.append("judge_agreement skipped: the data are not shapes-world scenes")
         metrics["images"] = results["images"]
         metrics["images_per_s"] = results["images_per_s"]
         if results.get("skipped"):

@@ -1,5 +1,5 @@
 """`mllm eval-tokenizer`: PSNR, SSIM, codebook use, semantic cosine and judge agreement of a vision
-tokenizer on held-out image shards (also `mllm eval --suite tokenizer`)."""
+tokenizer on held-out image shards or a folder of images (also `mllm eval --suite tokenizer`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from mllm.commands.types import positive_int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (from `mllm train-tokenizer`)")
-    parser.add_argument("--data", required=True, help="held-out image shards")
+    parser.add_argument("--data", required=True, help="held-out image shards or a folder of images "
+                        "(.jpg/.jpeg/.png/.webp, recursively; centre crops at the tokenizer's size)")
     parser.add_argument("--out", help="folder for results.json and examples.png (default: TOKENIZER/eval)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
     parser.add_argument("--limit", type=positive_int, help="evaluate at most this many images")

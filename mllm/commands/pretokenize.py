@@ -1,5 +1,5 @@
-"""`mllm pretokenize`: replace the images of shards by their vision-tokenizer code grids
-(mllm.data.pretokenize), once, so LLM training never runs the tokenizer."""
+"""`mllm pretokenize`: replace the images of shards (or a folder of images) by their vision-tokenizer code
+grids (mllm.data.pretokenize), once, so LLM training never runs the tokenizer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from mllm.commands.types import positive_int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", required=True, type=Path, help="source shards: a directory of *.tar, or a pattern"
+        "--data", required=True, type=Path, help="source shards (a directory of *.tar, or a pattern) or a folder of images "
+        "(.jpg/.jpeg/.png/.webp, recursively: image-only records)"
     )
     parser.add_argument(
         "--vision-tokenizer", required=True, type=Path, help="a tokenizer folder (save_pretrained output)"

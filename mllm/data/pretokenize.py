@@ -3,6 +3,9 @@
     mllm pretokenize --data DIR --vision-tokenizer DIR --out DIR [--batch-size 64] [--maxcount 1000]
                      [--device auto] [--precision auto] [--overwrite]
 
+`--data` is shards or a plain folder of images (`mllm.data.image_folder`: each image becomes an image-only
+record, keyed by its relative path, with JSON `{"path": relative path}`; images are resized so their shorter
+side is the tokenizer's image size and centre-cropped, as everywhere).
 Every record of `--data` is written to `--out` with the SAME `{key}.json` and, in place of its image,
 `{key}.codes.npy`: the tokenizer's code grid (h, w), int16 when the codebook fits (K <= 32767), else
 int32 (to keep shards small; readers widen codes to int64). Records without an image (text-only
@@ -50,13 +53,19 @@ def pretokenize(data: str | Path, vision_tokenizer: str | Path, out: str | Path,
     if foreign:  # --overwrite removes only our own shards; a reader of --out would mix in the rest
         raise ValueError(f"--out {out} holds .tar files pretokenize did not write (e.g. {foreign[0].name}); remove them")
 
+    from mllm.data.image_folder import is_image_folder, list_images, read_image_folder
     from mllm.data.shards import DataStats, read_records, resolve_urls, write_shards
     from mllm.io import write_file
     from mllm.runtime import resolve_device, resolve_precision
     from tokenizer_vision.model import DualCodebookTokenizer
 
+    folder = is_image_folder(data)
     try:
-        urls = resolve_urls(data)
+        if folder:
+            list_images(data)  # a folder without images fails here, before the tokenizer loads
+            urls = [str(data)]
+        else:
+            urls = resolve_urls(data)
     except (FileNotFoundError, ValueError) as exn:
         raise type(exn)(f"--data: {exn}") from None
     device = resolve_device(device)
@@ -65,7 +74,10 @@ def pretokenize(data: str | Path, vision_tokenizer: str | Path, out: str | Path,
     tokenizer.eval()
 
     stats = DataStats()
-    records = read_records(urls, stats=stats, split=False)  # one process reads every shard
+    if folder:
+        records = read_image_folder(data, stats)
+    else:
+        records = read_records(urls, stats=stats, split=False)  # one process reads every shard
     counts = {"records_written": 0, "images_encoded": 0, "records_without_image": 0}
     encoded = pretokenize_records(records, tokenizer, batch_size, device, precision, stats, counts)
     try:

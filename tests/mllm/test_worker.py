@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mllm.commands import worker
 from mllm.cli import main
+from mllm.commands import worker
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs Unix sockets")
 

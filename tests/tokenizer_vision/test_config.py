@@ -15,6 +15,13 @@ def test_named_sizes(name, grid, codebook_size):
     assert config.downsample_factor == config.image_size // grid[0]
 
 
+def test_photo_is_128_px_to_16x16_codes_with_a_local_teacher():
+    with pytest.raises(ValueError, match="teacher_path"):
+        TokenizerConfig.from_name("photo")
+    config = TokenizerConfig.from_name("photo", teacher_path="/models/clip")
+    assert (config.image_size, config.grid_size) == (128, (16, 16))
+
+
 def test_base_needs_a_local_teacher():
     with pytest.raises(ValueError, match="teacher_path"):
         TokenizerConfig.from_name("base")
@@ -24,7 +31,7 @@ def test_base_needs_a_local_teacher():
 
 @pytest.mark.parametrize("name", sorted(TOKENIZER_SIZES))
 def test_json_round_trip(name):
-    overrides = {"teacher_path": "/models/siglip"} if name == "base" else {}
+    overrides = {"teacher_path": "/models/siglip"} if name in ("base", "photo") else {}
     config = TokenizerConfig.from_name(name, **overrides)
     restored = TokenizerConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert restored == config
