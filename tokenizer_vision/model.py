@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -403,8 +404,12 @@ class DualCodebookTokenizer(nn.Module):
                 raise ValueError(
                     f"{os.fspath(directory)!r} is not a saved tokenizer: {os.path.basename(required)} missing"
                 )
-        with open(config_file) as handle:
-            config = TokenizerConfig.from_dict(json.load(handle))
+        try:
+            with open(config_file, encoding="utf-8") as handle:
+                saved = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config_file} is damaged ({error}; save the tokenizer again)") from None
+        config = TokenizerConfig.from_dict(saved)
         if config_overrides:
             config = config.replace(**config_overrides)
         model = cls(config, load_external_weights=False)
@@ -412,6 +417,8 @@ class DualCodebookTokenizer(nn.Module):
             load_model(model, weights_file, strict=True)
         except RuntimeError as error:
             raise ValueError(f"weights in {weights_file!r} do not match its config: {error}") from error
+        except SafetensorError as error:  # a truncated or garbage file
+            raise ValueError(f"{weights_file} is damaged ({error}; save the tokenizer again)") from None
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()

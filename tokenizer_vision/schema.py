@@ -120,6 +120,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def coerce_fields(schema: type, data: dict[str, Any], prefix: str = "", where: str | None = None) -> dict[str, Any]:
+    """`data` checked against the fields of `schema` (unknown keys refused with a suggestion) and coerced to
+    their declared types, without building the dataclass: for overrides merged into defaults later."""
+    check_keys(data, field_names(schema), where or "config", prefix=prefix)
+    hints = typing.get_type_hints(schema)
+    return {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+
+
 def from_dict(schema: type[T], data: dict[str, Any], prefix: str = "", where: str | None = None) -> T:
     """Build the dataclass `schema` from a mapping: unknown keys refused (with a suggestion), declared
     types coerced (nested dataclasses included), then the dataclass's own `__post_init__` checks run."""
@@ -129,4 +137,4 @@ def from_dict(schema: type[T], data: dict[str, Any], prefix: str = "", where: st
     return schema(**kwargs)
 
 
-__all__ = ["check_keys", "closest", "field_names", "from_dict", "unknown_name"]
+__all__ = ["check_keys", "closest", "coerce_fields", "field_names", "from_dict", "unknown_name"]

@@ -38,6 +38,7 @@ from mllm.io import TMP_SUFFIX, aside, fsync_path, fsync_tree, recover_leftovers
 from mllm.runtime import resolve_precision
 from tokenizer_vision import DualCodebookTokenizer, TokenizerConfig
 from tokenizer_vision.model import WEIGHTS_NAME
+from tokenizer_vision.schema import coerce_fields
 from training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from training.config import save_config
 from training.data import (
@@ -98,7 +99,8 @@ class TokenizerTrainConfig(ImageRecipeConfig):
 
 
 def build_tokenizer(cfg: TokenizerTrainConfig) -> DualCodebookTokenizer:
-    overrides = dict(cfg.tokenizer)
+    # The recipe's `tokenizer:` section, named as the user wrote it (`--set tokenizer.codebook_size=...`).
+    overrides = coerce_fields(TokenizerConfig, dict(cfg.tokenizer), prefix="tokenizer.", where="the recipe")
     overrides["quantizer_mode"] = cfg.quantizer
     if cfg.teacher:
         overrides["teacher_path"] = str(cfg.teacher)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from mllm.commands.types import positive_int
+from mllm.commands.types import device, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="folder for results.json and examples.png (default: TOKENIZER/eval)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
     parser.add_argument("--limit", type=positive_int, help="evaluate at most this many images")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--device", type=device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
 
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from mllm.commands._common import add_output_arguments
-from mllm.commands.types import positive_int
+from mllm.commands.types import device, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--maxcount", type=positive_int, default=1000, help="records per shard (default: 1000)"
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", type=device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--precision", choices=("auto", "bf16", "fp32"), default="auto",
         help="encoder precision: auto = bf16 autocast where supported (default: auto)",
