@@ -126,6 +126,35 @@ def test_any_local_vision_tower_folder_teaches_without_captions(kind, photos, to
     assert len(_metrics(out)) == 2
 
 
+def test_a_killed_folder_run_resumes_exactly(photos, towers, tmp_path, monkeypatch):
+    """The crop sampler's position is in the checkpoint: the resumed run draws the crops the straight one drew."""
+    from safetensors.torch import load_file
+
+    import training.train_tokenizer as recipe
+    from training.config import load_config
+
+    def config(out):
+        return load_config(recipe.TokenizerTrainConfig, "tokenizer-photo", [
+            f"data={photos}", f"out={out}", f"teacher={towers['vit']}", "size=tiny", "batch_size=4", "max_steps=6",
+            "save_every=3", "log_every=1", "warmup_steps=1", "precision=fp32", "device=cpu", "crop_max_side=64"])
+
+    straight = recipe.main(config(tmp_path / "straight"))
+    real_save = recipe.save_checkpoint
+
+    def save_then_die(folder, *args, **kwargs):
+        real_save(folder, *args, **kwargs)
+        raise KeyboardInterrupt  # as if the process were killed right after the step-3 checkpoint
+
+    monkeypatch.setattr(recipe, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(config(tmp_path / "resumed"))
+    monkeypatch.setattr(recipe, "save_checkpoint", real_save)
+    resumed = recipe.main(config(tmp_path / "resumed"), resume=True)
+    expected, got = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [m["loss"] for m in _metrics(resumed)][-3:] == [m["loss"] for m in _metrics(straight)][-3:]
+
+
 def test_pretokenize_a_folder_writes_image_only_records_of_codes(trained, photos, tmp_path, capsys):
     from mllm.data.shards import DataStats, read_records
 
