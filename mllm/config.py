@@ -42,6 +42,13 @@ VOCAB_PAD_MULTIPLE = 64
 # docs/experiments.md, "Drawing: sampling settings".
 DRAW_GUIDANCE_SCALE = 3.0
 DRAW_TEMPERATURE = 0.6
+# How image codes are decoded (`mllm.generation.sample_image_codes`): "jacobi",
+# speculative Jacobi decoding (several codes per forward pass, each accepted by the speculative-sampling rule),
+# or "sequential" (one code per forward pass). Both draw from the same distribution and give the same codes
+# when greedy; "jacobi" needs fewer passes (BENCHMARKS.md, "Image generation"). Here so that the commands
+# can offer the choice without importing torch.
+DECODING_METHODS = ("jacobi", "sequential")
+DEFAULT_DECODING = "jacobi"
 
 
 @dataclass

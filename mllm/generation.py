@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StaticCache
 from transformers.generation.logits_process import (
     LogitsProcessor,
     SuppressTokensLogitsProcessor,
@@ -38,7 +38,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.config import DECODING_METHODS, DEFAULT_DECODING, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
 from mllm.vocab import special_token_ids
 
 Conversation = list[dict[str, Any]]
@@ -51,6 +51,15 @@ _PLAIN_HEAD_MODEL_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3", "olmo", "olmo2", "starcoder2", "gemma"}
 )
 
+
+# Image decoding (see sample_image_codes): DECODING_METHODS and DEFAULT_DECODING live in mllm.config (the
+# commands offer them without importing torch). JACOBI_WINDOW: tokens per forward pass of "jacobi" (the
+# known token and JACOBI_WINDOW - 1 drafts), the measured best on the demo model (BENCHMARKS.md).
+JACOBI_WINDOW = 16
+# KV cache of the image loop: "static" preallocates it with its mask and positions (sequential only); the
+# dynamic cache is the default, faster on CPU (BENCHMARKS.md, "Image generation").
+CACHE_KINDS = ("dynamic", "static")
+DEFAULT_CACHE = "dynamic"
 
 # ---------------------------------------------------------------------------- text
 @torch.no_grad()
@@ -100,6 +109,10 @@ def generate_images(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | Sequence[int] | None = None,
+    decoding: str = DEFAULT_DECODING,
+    window: int = JACOBI_WINDOW,
+    cache: str = DEFAULT_CACHE,
+    stats: dict[str, Any] | None = None,
 ) -> list[list[torch.Tensor]]:
     """`n` images per prompt: `result[i][j]` is image j of prompt i as codes (h, w) on the CPU.
 
@@ -111,6 +124,8 @@ def generate_images(
     seed None draws one from torch's global RNG (so `torch.manual_seed` makes it reproducible).
     A prompt that leaves no room in the context for its image (h*w + 2 tokens: <|boi|>, the codes,
     <|eoi|>) is a ValueError before anything is sampled.
+    `decoding`, `window`, `cache` and `stats`: see `sample_image_codes` (the default, speculative Jacobi
+    decoding, samples the same distribution as "sequential" in fewer forward passes).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if n < 1:
@@ -128,7 +143,8 @@ def generate_images(
         rows = [prefix for prefix in prefixes for _ in range(n)]
         row_seeds = [base + j for base in base_seeds for j in range(n)]
         codes = sample_image_codes(
-            model, rows, unconditional, guidance_scale, temperature, top_k, top_p, row_seeds
+            model, rows, unconditional, guidance_scale, temperature, top_k, top_p, row_seeds,
+            decoding=decoding, window=window, cache=cache, stats=stats,
         ).cpu()  # (len(prompts) * n, h, w)
     return [list(codes[i * n : (i + 1) * n]) for i in range(len(prompts))]
 
@@ -143,6 +159,10 @@ def sample_image_codes(
     top_k: int | None,
     top_p: float | None,
     seeds: Sequence[int],
+    decoding: str = DEFAULT_DECODING,
+    window: int = JACOBI_WINDOW,
+    cache: str = DEFAULT_CACHE,
+    stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """The constrained image loop: one image per prefix -> codes (N, h, w).
 
@@ -150,7 +170,23 @@ def sample_image_codes(
     `unconditional_prefix`: one 1-D id tensor ending with `<|boi|>` for CFG (N unconditional rows
     are added to the same batch), or None for no guidance. `seeds`: one per conditional row.
     The `<|eoi|>` after the codes is implied: callers append it (nothing is sampled for it).
+
+    `decoding`: "jacobi" (speculative Jacobi decoding: a window of `window` tokens per forward pass,
+    see `_jacobi_codes`) or "sequential" (one forward pass per code). Both sample the same
+    distribution; greedy decoding (temperature 0) gives the same codes either way.
+    `cache`: "dynamic" (transformers' DynamicCache) or "static" (a preallocated StaticCache with
+    preallocated mask and positions; sequential decoding only). `stats`, when given, receives
+    "forwards" (sequential forward passes of the LLM, prefill included) and, for "jacobi",
+    "accepted_drafts" (draft tokens accepted over all rows).
     """
+    if decoding not in DECODING_METHODS:
+        raise ValueError(f"decoding must be one of {DECODING_METHODS}, got {decoding!r}")
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    if decoding == "jacobi" and cache == "static":
+        raise ValueError('cache="static" is for sequential decoding; jacobi decoding uses the dynamic cache')
     config, llm = model.config, model.llm
     height, width = config.grid_size
     steps = height * width
@@ -171,28 +207,249 @@ def sample_image_codes(
     device = model.device
     input_ids, attention_mask = _left_pad(sequences, config.pad_token_id, device)  # (R, T) with R = N or 2N
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-    image_logits = _ImageLogits(llm, *model.vocab.image_id_range)
-    warpers = _image_warpers(temperature, top_k, top_p)
-    generators = [_generator(device, s) for s in seeds]
-    offset = config.image_offset
+    start, end = model.vocab.image_id_range
+    max_cache_len = input_ids.shape[1] + steps if cache == "static" else None
+    image_logits = _ImageLogits(llm, start, end, max_cache_len=max_cache_len, batch_size=len(sequences))
+    loop = _DrawLoop(
+        image_logits=image_logits,
+        rows=rows,
+        guidance_scale=guidance_scale if use_cfg else None,
+        warpers=_image_warpers(temperature, top_k, top_p),
+        generators=[_generator(device, s) for s in seeds],
+        greedy=temperature == 0,
+        offset=config.image_offset,
+        height=height,
+        width=width,
+    )
+    if decoding == "jacobi" and window > 1:
+        codes = _jacobi_codes(loop, input_ids, attention_mask, position_ids, window, config.boi_token_id)
+    else:
+        codes = _sequential_codes(loop, input_ids, attention_mask, position_ids)
+    if stats is not None:
+        stats.update(loop.stats)
+    return codes.view(rows, height, width)
 
-    logits = image_logits(input_ids, attention_mask, position_ids)  # (R, K): prefill, cache filled
+
+class _DrawLoop:
+    """What both decoding methods share: the cached LLM, CFG, the warpers and one generator per image."""
+
+    def __init__(self, image_logits, rows, guidance_scale, warpers, generators, greedy, offset, height, width):
+        self.image_logits = image_logits
+        self.rows = rows
+        self.guidance_scale = guidance_scale  # None: no CFG rows
+        self.warpers = warpers
+        self.generators = generators
+        self.greedy = greedy
+        self.offset = offset
+        self.height, self.width = height, width
+        self.steps = height * width
+        self.stats = {"forwards": 0}
+
+    def forward(self, input_ids, attention_mask, position_ids, last: int | None = None) -> torch.Tensor:
+        """One forward pass -> guided image logits of the conditional rows: (N, K) for the last position,
+        or (N, last, K) for the `last` positions."""
+        self.stats["forwards"] += 1
+        logits = self.image_logits(input_ids, attention_mask, position_ids, last=last)
+        if self.guidance_scale is None:
+            return logits
+        conditional, unconditional = logits[: self.rows], logits[self.rows :]
+        return unconditional + self.guidance_scale * (conditional - unconditional)
+
+    def both_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The conditional rows' tokens, repeated for the unconditional rows under CFG."""
+        return tokens if self.guidance_scale is None else torch.cat([tokens, tokens])
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, L, K) guided logits -> (N, L, K) the distribution sampled from (one-hot at the argmax when greedy)."""
+        rows, length, size = logits.shape
+        flat = logits.reshape(rows * length, size)
+        if self.greedy:
+            return F.one_hot(flat.argmax(-1), size).to(flat.dtype).view(rows, length, size)
+        # The warpers (temperature, top-k, top-p) act row by row and never read input_ids.
+        warped = self.warpers(flat.new_zeros((rows * length, 0), dtype=torch.long), flat)
+        return F.softmax(warped, dim=-1).view(rows, length, size)
+
+
+def _sequential_codes(loop: _DrawLoop, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """One forward pass per code -> codes (N, h*w)."""
+    rows, steps = loop.rows, loop.steps
+    static = loop.image_logits.static
+    if static:  # the whole mask and every position exist before the first step (no per-step allocation)
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], steps)], 1)
+        positions = position_ids[:, -1:] + torch.arange(1, steps + 1, device=input_ids.device)  # (R, steps)
+        logits = loop.forward(input_ids, full_mask, position_ids)
+    else:
+        logits = loop.forward(input_ids, attention_mask, position_ids)  # (N, K): prefill, cache filled
     next_position = position_ids[:, -1:] + 1  # (R, 1)
-    codes = torch.empty(rows, steps, dtype=torch.long, device=device)
+    codes = torch.empty(rows, steps, dtype=torch.long, device=input_ids.device)
     for step in range(steps):
-        if use_cfg:
-            conditional, unconditional = logits[:rows], logits[rows:]
-            logits = unconditional + guidance_scale * (conditional - unconditional)  # (N, K)
-        codes[:, step] = _sample(warpers(codes[:, :step], logits), generators, greedy=temperature == 0)
+        codes[:, step] = _sample(loop.warpers(codes[:, :step], logits), loop.generators, greedy=loop.greedy)
         if step == steps - 1:
             break
-        token = codes[:, step : step + 1] + offset  # (N, 1)
-        if use_cfg:
-            token = torch.cat([token, token])  # both rows of a CFG pair continue with the same token
+        token = loop.both_rows(codes[:, step : step + 1] + loop.offset)  # both rows of a CFG pair: same token
+        if static:
+            logits = loop.forward(token, full_mask, positions[:, step : step + 1])
+            continue
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
-        logits = image_logits(token, attention_mask, next_position)
+        logits = loop.forward(token, attention_mask, next_position)
         next_position = next_position + 1
-    return codes.view(rows, height, width)
+    return codes
+
+
+def _jacobi_codes(loop: _DrawLoop, input_ids, attention_mask, position_ids, window: int, boi: int) -> torch.Tensor:
+    """Speculative Jacobi decoding (Teng et al., 2024) -> codes (N, h*w): the sequential sampler's
+    distribution in fewer forward passes.
+
+    Every row keeps a "known" token (sampled from its exact distribution, not yet in the cache; at
+    first `<|boi|>`) and `window - 1` draft tokens after it, each with the distribution q it was
+    drawn from. One forward pass feeds the known token and the drafts; output m is the exact
+    distribution p of draft m + 1's position as long as drafts 1..m are accepted. Drafts are
+    accepted left to right with probability min(1, p(x) / q(x)); the first rejected one is replaced
+    by a sample of the residual max(0, p - q) (normalised), and if all are accepted the last output
+    gives one more exact sample. That is speculative sampling's rule, so every code has the
+    sequential sampler's distribution whatever the drafts are; good drafts only make it faster.
+
+    Drafts: after a rejection, the window's later outputs (conditioned on the rejected drafts) become
+    the next drafts' q. A position that already had a draft keeps it with probability
+    min(1, q_new(x) / q_old(x)) and otherwise samples the residual max(0, q_new - q_old): its draft has
+    law q_new but changes as little as possible between passes (a maximal coupling, as in MC-SJD),
+    so drafts settle and get accepted. Positions with no output yet get the code one image row
+    above (or the code before it in the first row) as a deterministic draft (q one-hot).
+
+    Cache: rejected drafts' keys stay in the DynamicCache but are masked out of the attention mask
+    (rows of a batch accept different numbers of drafts); the columns no row kept are cropped.
+    Under greedy decoding p and q are one-hot and this gives exactly the sequential codes.
+    """
+    rows, steps, width = loop.rows, loop.steps, loop.width
+    device = input_ids.device
+    cache = loop.image_logits.cache
+    # The first pass is also the prefill: the prompts without their final <|boi|> (every row's first known
+    # token), then the pass's tokens.
+    prefix_ids, prefix_positions = input_ids[:, :-1], position_ids[:, :-1]
+    attention_mask = attention_mask[:, :-1]
+    known_position = position_ids[:, -1].clone()  # (R,) position of each row's known token
+    done = [0] * rows  # codes decided per row; the known token is code done - 1 (or <|boi|>)
+    known = [None] * rows  # the known code (None: <|boi|>)
+    codes = torch.zeros(rows, steps, dtype=torch.long, device=device)
+    drafts: list[list[int]] = [[] for _ in range(rows)]  # codes for positions done, done + 1, ...
+    draft_q: list[list[torch.Tensor | None]] = [[] for _ in range(rows)]  # their q (None: one-hot)
+    accepted_total = 0
+
+    def guess(row: int, index: int, new_drafts: list[int], first: int) -> int:
+        """A deterministic draft for code `index`: the code above it, else the one before it."""
+        source = index - width if index >= width else index - 1
+        if source < 0:
+            return 0
+        return int(codes[row, source]) if source < first else new_drafts[source - first]
+
+    for row in range(rows):
+        for index in range(min(window - 1, steps)):
+            drafts[row].append(guess(row, index, drafts[row], 0))
+            draft_q[row].append(None)
+
+    while any(d < steps for d in done):
+        length = 1 + max(min(window - 1, steps - d) for d in done if d < steps)  # known + drafts
+        tokens = torch.zeros(rows, length, dtype=torch.long, device=device)
+        for row in range(rows):
+            tokens[row, 0] = boi if known[row] is None else known[row] + loop.offset
+            row_drafts = drafts[row][: length - 1]
+            if row_drafts:
+                tokens[row, 1 : 1 + len(row_drafts)] = torch.tensor(row_drafts, device=device) + loop.offset
+        positions = known_position[:, None] + torch.arange(length, device=device)  # (R, L)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], length)], 1)
+        pass_ids = loop.both_rows(tokens)
+        if prefix_ids is not None:
+            pass_ids, positions = torch.cat([prefix_ids, pass_ids], 1), torch.cat([prefix_positions, positions], 1)
+            prefix_ids = None
+        p = loop.probabilities(loop.forward(pass_ids, attention_mask, positions, last=length))  # (N, L, K)
+        keep = [0] * rows  # columns of this pass each row keeps in its cache (the known token + accepted drafts)
+        for row in range(rows):
+            if done[row] >= steps:
+                continue
+            generator, count = loop.generators[row], min(length - 1, steps - done[row])
+            row_drafts = drafts[row][:count]
+            accepted = 0
+            if count:
+                x = torch.tensor(row_drafts, device=device)
+                p_x = p[row, :count].gather(-1, x[:, None])[:, 0]
+                q_x = torch.stack([q[value] if q is not None else p_x.new_ones(()) for q, value in
+                                   zip(draft_q[row][:count], row_drafts)])
+                coins = torch.rand(count, generator=generator, device=device)
+                accepted = int(torch.cumprod((coins * q_x < p_x).long(), 0).sum())
+            keep[row] = 1 + accepted
+            start = done[row]
+            if accepted:
+                codes[row, start : start + accepted] = torch.tensor(row_drafts[:accepted], device=device)
+            accepted_total += accepted
+            if accepted < count:  # the first rejected draft: a sample of the residual
+                q = draft_q[row][accepted]
+                if q is None:
+                    q = F.one_hot(torch.tensor(row_drafts[accepted], device=device), p.shape[-1]).to(p.dtype)
+                new_code = _sample_one(p[row, accepted], q, generator, loop.greedy)
+            elif start + accepted < steps:  # all accepted: the last output is exact
+                new_code = _sample_one(p[row, accepted], None, generator, loop.greedy)
+            else:
+                new_code = None  # the image is complete
+            done[row] = start + accepted
+            if new_code is not None:
+                codes[row, done[row]] = new_code
+                done[row] += 1
+                known[row] = new_code
+            known_position[row] += accepted + 1
+            if loop.guidance_scale is not None:  # its unconditional row (another prompt length) moves alike
+                known_position[rows + row] += accepted + 1
+            # Next drafts for codes done[row] ... (count `window - 1`): outputs of this pass, then guesses.
+            first, new_drafts, new_q = done[row], [], []
+            for index in range(first, min(first + window - 1, steps)):
+                output = index - start  # p[row, output] is this pass's distribution for code `index`
+                if output < length and accepted < count:
+                    q_new = p[row, output]
+                    old = index - start
+                    if old < count:  # the position had a draft: maximal coupling with it
+                        old_q = draft_q[row][old]
+                        if old_q is None:
+                            old_q = F.one_hot(torch.tensor(row_drafts[old], device=device), p.shape[-1]).to(p.dtype)
+                        new_drafts.append(_couple(q_new, old_q, row_drafts[old], generator, loop.greedy))
+                    else:
+                        new_drafts.append(_sample_one(q_new, None, generator, loop.greedy))
+                    new_q.append(q_new)
+                else:
+                    new_drafts.append(guess(row, index, new_drafts, first))
+                    new_q.append(None)
+            drafts[row], draft_q[row] = new_drafts, new_q
+        # Masks: a row's columns after what it kept are dropped; columns no row kept leave the cache.
+        kept_columns = max(keep)
+        for row in range(rows):
+            if keep[row] < kept_columns:
+                attention_mask[row, attention_mask.shape[1] - length + keep[row] :] = 0
+                if loop.guidance_scale is not None:
+                    attention_mask[rows + row, attention_mask.shape[1] - length + keep[row] :] = 0
+        if kept_columns < length:
+            cache.crop(-(length - kept_columns))
+            attention_mask = attention_mask[:, : attention_mask.shape[1] - (length - kept_columns)]
+    loop.stats["accepted_drafts"] = accepted_total
+    return codes
+
+
+def _sample_one(p: torch.Tensor, q: torch.Tensor | None, generator: torch.Generator, greedy: bool) -> int:
+    """A code from p (K,), or from the residual max(0, p - q) normalised when q is given."""
+    if q is not None:
+        residual = (p - q).clamp(min=0)
+        if float(residual.sum()) > 1e-12:
+            p = residual
+    if greedy:
+        return int(p.argmax())
+    return int(torch.multinomial(p, 1, generator=generator))
+
+
+def _couple(q_new: torch.Tensor, q_old: torch.Tensor, old: int, generator: torch.Generator, greedy: bool) -> int:
+    """A draft with law q_new that equals the old draft (drawn from q_old) as often as possible."""
+    if greedy:
+        return int(q_new.argmax())
+    keep_probability = float(q_new[old]) / max(float(q_old[old]), 1e-30)
+    if float(torch.rand((), generator=generator, device=q_new.device)) < keep_probability:
+        return old
+    return _sample_one(q_new, q_old, generator, greedy)
 
 
 # ---------------------------------------------------------------------------- chat
@@ -212,6 +469,7 @@ def chat(
     image_top_p: float | None = None,
     max_images: int = 4,
     reply_prefix: Sequence[int] | None = None,
+    decoding: str = DEFAULT_DECODING,
 ) -> dict[str, Any]:
     """The assistant's next turn: {"text": str, "images": [PIL, ...]}.
 
@@ -228,8 +486,11 @@ def chat(
     continues from them instead of starting over, so its text begins with theirs; they count towards
     the budget. A prefix that ends in `<|boi|>` has its image drawn first, if it fits; if not, that
     `<|boi|>` is dropped and the reply goes on with text. A prompt (with the prefix) over the context
-    length is a ValueError before anything is generated.
+    length is a ValueError before anything is generated. `decoding`: how images are decoded
+    (`sample_image_codes`).
     """
+    if decoding not in DECODING_METHODS:
+        raise ValueError(f"decoding must be one of {DECODING_METHODS}, got {decoding!r}")
     config = model.config
     boi, eoi = config.boi_token_id, config.eoi_token_id
     per_image = config.image_tokens_per_image + 2
@@ -273,6 +534,7 @@ def chat(
                 image_top_k,
                 image_top_p,
                 [image_seed],
+                decoding=decoding,
             )[0]
             image_codes.append(codes.cpu())
             generated += (codes.reshape(-1) + config.image_offset).tolist() + [eoi]
@@ -503,11 +765,20 @@ def _cache_argument(module: nn.Module) -> str:
 
 
 class _ImageLogits:
-    """Forward steps of the LLM with a DynamicCache, returning only the image-id logits (R, K) in fp32."""
+    """Forward steps of the LLM with a KV cache, returning only the image-id logits in fp32: (R, K) for
+    the last position, or (R, last, K) for the `last` positions.
 
-    def __init__(self, llm: nn.Module, start: int, end: int):
+    The cache is a DynamicCache, or with `max_cache_len` a StaticCache of that length (its mask then
+    covers the whole cache: callers pass a preallocated one)."""
+
+    def __init__(self, llm: nn.Module, start: int, end: int, max_cache_len: int | None = None,
+                 batch_size: int | None = None):
         self.start, self.end = start, end
-        self.cache = DynamicCache(config=llm.config)
+        self.static = max_cache_len is not None
+        if self.static:
+            self.cache = StaticCache(config=llm.config, max_cache_len=max_cache_len)
+        else:
+            self.cache = DynamicCache(config=llm.config)
         head = llm.get_output_embeddings()
         model_type = getattr(llm.config, "model_type", None)
         if model_type in _PLAIN_HEAD_MODEL_TYPES and type(head) is nn.Linear:
@@ -522,16 +793,17 @@ class _ImageLogits:
         self.cache_argument = _cache_argument(self.body)
         self.keeps_last = "logits_to_keep" in inspect.signature(self.body.forward).parameters
 
-    def __call__(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def __call__(self, input_ids, attention_mask, position_ids, last: int | None = None) -> torch.Tensor:
         kwargs = {self.cache_argument: self.cache, "use_cache": True}
         if self.weight is None and self.keeps_last:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = last or 1
         output = self.body(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
+        keep = -1 if last is None else slice(-last, None)
         if self.weight is None:
-            return output.logits[:, -1, self.start : self.end].float()
-        hidden = output.last_hidden_state[:, -1]  # (R, H)
+            return output.logits[:, keep, self.start : self.end].float()
+        hidden = output.last_hidden_state[:, keep]  # (R, H) or (R, L, H)
         return F.linear(hidden, self.weight, self.bias).float()
 
 

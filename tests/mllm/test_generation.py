@@ -27,7 +27,7 @@ K, OFFSET, BOI = 16, 32, 1
 class BareModel(nn.Module):
     """What `sample_image_codes` needs of a UnifiedMLLM: config, llm, vocab, device, context_length."""
 
-    def __init__(self, grid=(2, 3)):
+    def __init__(self, grid=(2, 3), sharpness: float = 60.0):
         super().__init__()
         self.config = MLLMConfig(
             image_offset=OFFSET,
@@ -55,7 +55,7 @@ class BareModel(nn.Module):
         with (
             torch.no_grad()
         ):  # peaked, context-dependent logits: samples then depend on the model, not only the RNG
-            self.llm.lm_head.weight.mul_(60.0)
+            self.llm.lm_head.weight.mul_(sharpness)
         self.vocab = ImageVocabulary(self.config)
 
     @property
@@ -86,20 +86,29 @@ def test_image_loop_samples_exactly_grid_codes_in_range(bare):
     assert int(codes.min()) >= 0 and int(codes.max()) < K
 
 
-def test_image_loop_feeds_only_image_ids_after_boi(bare, monkeypatch):
+@pytest.mark.parametrize("decoding", ["sequential", "jacobi"])
+def test_image_loop_feeds_only_image_ids_after_boi(bare, monkeypatch, decoding):
     fed = []
     real_call = _ImageLogits.__call__
 
-    def spy(self, input_ids, attention_mask, position_ids):
+    def spy(self, input_ids, attention_mask, position_ids, **kwargs):
         fed.append(input_ids.clone())
-        return real_call(self, input_ids, attention_mask, position_ids)
+        return real_call(self, input_ids, attention_mask, position_ids, **kwargs)
 
     monkeypatch.setattr(_ImageLogits, "__call__", spy)
-    sample_image_codes(bare, [_prefix(5, 0)], _prefix(2, 1), 2.0, 1.0, None, None, [3])
-    assert len(fed) == 6  # prefill + h*w - 1 steps (the last code needs no forward)
-    steps = torch.cat(fed[1:], dim=1)  # (2, 5): the conditional row and its unconditional twin
-    assert torch.equal(steps[0], steps[1])
-    assert bool(((steps >= OFFSET) & (steps < OFFSET + K)).all())
+    stats = {}
+    sample_image_codes(bare, [_prefix(5, 0)], _prefix(2, 1), 2.0, 1.0, None, None, [3], decoding=decoding,
+                       stats=stats)
+    assert stats["forwards"] == len(fed)
+    if decoding == "sequential":
+        assert len(fed) == 6  # prefill + h*w - 1 steps (the last code needs no forward)
+    else:
+        assert 1 <= len(fed) <= 6  # the first pass is the prefill; each pass decides at least one code
+    assert bool((fed[0][:, -1] != BOI).all()) or decoding == "sequential"
+    if len(fed) > 1:
+        steps = torch.cat(fed[1:], dim=1)  # the conditional row and its unconditional twin
+        assert torch.equal(steps[0], steps[1])
+        assert bool(((steps >= OFFSET) & (steps < OFFSET + K)).all())
 
 
 def test_cached_left_padded_steps_match_a_full_forward(bare):
@@ -139,18 +148,19 @@ def test_guidance_combines_conditional_and_unconditional_logits(bare, monkeypatc
     conditional = torch.tensor([5.0, 4.0] + [0.0] * (K - 2))
     unconditional = torch.tensor([5.0, 1.0] + [0.0] * (K - 2))  # guided: 5 + 3 * 0 = 5 vs 1 + 3 * 3 = 10
 
-    def fake_call(self, input_ids, attention_mask, position_ids):
-        rows = input_ids.shape[0] // 2
-        return torch.stack([conditional] * rows + [unconditional] * rows)
+    def fake(rows_of):
+        def call(self, input_ids, attention_mask, position_ids, last=None):
+            logits = torch.stack(rows_of(input_ids.shape[0]))  # (R, K)
+            return logits if last is None else logits[:, None].expand(-1, last, -1)
+        return call
 
-    monkeypatch.setattr(_ImageLogits, "__call__", fake_call)
-    guided = sample_image_codes(bare, [_prefix(4, 0)], _prefix(2, 1), 3.0, 0.0, None, None, [0])
-    assert bool((guided == 1).all())
-    monkeypatch.setattr(
-        _ImageLogits, "__call__", lambda self, ids, *_: torch.stack([conditional] * ids.shape[0])
-    )
-    plain = sample_image_codes(bare, [_prefix(4, 0)], None, 1.0, 0.0, None, None, [0])
-    assert bool((plain == 0).all())
+    for decoding in ("sequential", "jacobi"):
+        monkeypatch.setattr(_ImageLogits, "__call__", fake(lambda r: [conditional] * (r // 2) + [unconditional] * (r // 2)))
+        guided = sample_image_codes(bare, [_prefix(4, 0)], _prefix(2, 1), 3.0, 0.0, None, None, [0], decoding=decoding)
+        assert bool((guided == 1).all())
+        monkeypatch.setattr(_ImageLogits, "__call__", fake(lambda r: [conditional] * r))
+        plain = sample_image_codes(bare, [_prefix(4, 0)], None, 1.0, 0.0, None, None, [0], decoding=decoding)
+        assert bool((plain == 0).all())
 
 
 def test_guidance_scale_one_equals_the_plain_conditional_distribution(bare):
@@ -186,6 +196,98 @@ def test_prompt_too_long_for_the_context_is_an_error(bare):
     with pytest.raises(ValueError, match="context length"):
         sample_image_codes(bare, [_prefix(125, 0)], None, 1.0, 1.0, None, None, [0])
 
+
+
+# ------------------------------------------------------------------ speculative Jacobi decoding
+@pytest.fixture(scope="module")
+def square():
+    torch.manual_seed(1)
+    return BareModel(grid=(4, 4), sharpness=8.0)  # 16 codes: several Jacobi passes, varied samples
+
+
+@pytest.mark.parametrize("window", [2, 3, 5, 16, 40])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_jacobi_greedy_codes_equal_the_sequential_codes(square, window, guidance):
+    """Left-padded prompts of different lengths, with and without CFG rows: the same greedy codes."""
+    prefixes = [_prefix(7, 0), _prefix(3, 1), _prefix(11, 2)]
+    unconditional = _prefix(2, 3) if guidance != 1.0 else None
+    sequential = sample_image_codes(square, prefixes, unconditional, guidance, 0.0, None, None, [0, 1, 2],
+                                    decoding="sequential")
+    stats = {}
+    jacobi = sample_image_codes(square, prefixes, unconditional, guidance, 0.0, None, None, [0, 1, 2],
+                                decoding="jacobi", window=window, stats=stats)
+    assert torch.equal(jacobi, sequential)
+    assert stats["forwards"] <= 16  # never more passes than codes (the first pass is the prefill)
+    alone = sample_image_codes(square, prefixes[1:2], unconditional, guidance, 0.0, None, None, [1],
+                               decoding="jacobi", window=window)
+    assert torch.equal(alone, sequential[1:2])
+
+
+def test_jacobi_takes_fewer_passes_when_drafts_are_right(square, monkeypatch):
+    """A model whose next code is always the same is decoded in two passes: every draft is accepted."""
+    fixed = torch.full((K,), -30.0)
+    fixed[5] = 30.0
+
+    def call(self, input_ids, attention_mask, position_ids, last=None):
+        logits = fixed.expand(input_ids.shape[0], K)
+        return logits if last is None else logits[:, None].expand(-1, last, -1)
+
+    monkeypatch.setattr(_ImageLogits, "__call__", call)
+    stats = {}
+    codes = sample_image_codes(square, [_prefix(4, 0)], None, 1.0, 1.0, None, None, [0], decoding="jacobi",
+                               window=17, stats=stats)
+    assert bool((codes == 5).all())
+    # pass 1 (prefill): code 0 exact, the initial guesses (code 0 everywhere) rejected; pass 2: drafts from
+    # pass 1's outputs (all 5) accepted up to the window.
+    assert stats["forwards"] == 2 and stats["accepted_drafts"] == 15
+
+
+def test_static_cache_gives_the_dynamic_cache_codes(square):
+    prefixes, unconditional = [_prefix(6, 0), _prefix(2, 1)], _prefix(4, 2)
+    dynamic = sample_image_codes(square, prefixes, unconditional, 2.0, 1.0, 8, 0.9, [4, 5], decoding="sequential")
+    static = sample_image_codes(square, prefixes, unconditional, 2.0, 1.0, 8, 0.9, [4, 5], decoding="sequential",
+                                cache="static")
+    assert torch.equal(static, dynamic)
+
+
+def test_decoding_options_are_checked(square):
+    for bad in ({"decoding": "parallel"}, {"cache": "paged"}, {"window": 0},
+                {"decoding": "jacobi", "cache": "static"}):
+        with pytest.raises(ValueError):
+            sample_image_codes(square, [_prefix(4, 0)], None, 1.0, 1.0, None, None, [0], **bad)
+
+
+def _position_counts(model, decoding, samples, temperature=1.0, top_k=None, seed_base=0):
+    prefixes = [_prefix(5, 0)] * samples
+    codes = sample_image_codes(model, prefixes, _prefix(2, 1), 2.0, temperature, top_k, None,
+                               list(range(seed_base, seed_base + samples)), decoding=decoding)
+    flat = codes.view(samples, -1)
+    return torch.stack([torch.bincount(flat[:, i], minlength=K) for i in range(flat.shape[1])])  # (h*w, K)
+
+
+def _homogeneity_p_values(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Per position: the chi-square test that two samples of codes come from one distribution."""
+    from scipy.stats import chi2_contingency
+
+    values = []
+    for row_a, row_b in zip(a, b):
+        seen = (row_a + row_b) > 0
+        table = torch.stack([row_a[seen], row_b[seen]]).numpy()
+        values.append(1.0 if table.shape[1] < 2 else float(chi2_contingency(table)[1]))
+    return values
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_jacobi_samples_the_sequential_distribution(square, top_k):
+    """Per-position code frequencies of 1500 images each way: no position differs (chi-square, Bonferroni
+    over 16 positions at 0.001). The same test does tell apart a sampler at another temperature."""
+    pytest.importorskip("scipy")
+    samples = 1500
+    sequential = _position_counts(square, "sequential", samples, top_k=top_k)
+    jacobi = _position_counts(square, "jacobi", samples, top_k=top_k, seed_base=10**6)
+    assert min(_homogeneity_p_values(sequential, jacobi)) > 0.001 / 16
+    hotter = _position_counts(square, "sequential", samples, temperature=1.5, top_k=top_k, seed_base=2 * 10**6)
+    assert min(_homogeneity_p_values(sequential, hotter)) < 0.001 / 16
 
 # ------------------------------------------------------------------ a tiny unified model
 @pytest.fixture(scope="module")
@@ -389,7 +491,7 @@ def test_generate_images_checks_room_before_sampling(tiny, monkeypatch):
     _context_length(monkeypatch, prompt + per_image - 1)
     sampled = []
     real_sample = generation.sample_image_codes
-    monkeypatch.setattr(generation, "sample_image_codes", lambda *a: sampled.append(a) or real_sample(*a))
+    monkeypatch.setattr(generation, "sample_image_codes", lambda *a, **k: sampled.append(a) or real_sample(*a, **k))
     with pytest.raises(ValueError, match=rf"'a red circle' takes {prompt} tokens .* over the context length"):
         generate_images(tiny, "a red circle", n=8, seed=0)
     assert sampled == []  # refused before the image loop
