@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.config import DEFAULT_DECODING, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
 
 PREDICTIONS_NAME = "predictions.jsonl"
 RESULTS_NAME = "results.json"
@@ -157,6 +157,7 @@ class EvalSettings:
     temperature: float = DRAW_TEMPERATURE  # draw suites: of image codes (0: greedy)
     top_k: int | None = None  # draw suites
     seed: int = 0  # draw suites: seed of the first image per prompt
+    decoding: str = DEFAULT_DECODING  # draw suites: "jacobi" or "sequential" (the same distribution)
     options: dict[str, str] = field(default_factory=dict)  # suite options (`--option KEY=VALUE`)
     progress: bool = True
 
@@ -229,7 +230,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         "model": args.model, "adapter": args.adapter, "data": args.data, "limit": args.limit,
         "predictions": str(predictions_path), "options": options, "seconds": round(time.time() - started, 1),
         **({"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
-            "seed": args.seed} if suite.kind == "draw" else {})})
+            "seed": args.seed, "decoding": args.decoding} if suite.kind == "draw" else {})})
     print(table)
     print(primary_line(suite, results))
     return results
@@ -272,7 +273,8 @@ def _predict(suite, model, batch, out: Path, args) -> list[dict]:
         return [{"id": item.id, "answer": answer} for item, answer in zip(batch, answers)]
     if suite.kind == "draw":
         images = model.draw([item.prompt for item in batch], n=suite.images_per_prompt, seed=args.seed,
-                            guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k)
+                            guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                            decoding=args.decoding)
         return [{"id": item.id, "prompt": item.prompt, "images": suite.save_images(out, item, drawn)}
                 for item, drawn in zip(batch, images)]
     raise ValueError(f"suite kind {suite.kind!r} has no predictions")

@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.config import DEFAULT_DECODING, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
 from mllm.data.samples import image_part, text_part
 
 
@@ -96,15 +96,21 @@ class MLLM:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | Sequence[int] | None = None,
+        decoding: str = DEFAULT_DECODING,
     ):
         """`n` images for a prompt -> [PIL, ...]; a list of prompts -> [[PIL, ...], ...], one batch.
 
         Same prompt and seed -> the same images (image j uses seed + j), whatever else is in the batch.
+        `decoding`: "jacobi" (the default: speculative Jacobi decoding, several image codes per forward pass,
+        each accepted by the speculative-sampling rule) or "sequential" (one code per forward pass). Both
+        draw from the same distribution, and greedy drawings (temperature 0) are identical; another name is
+        a ValueError.
         """
         from mllm.generation import generate_images
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        codes = generate_images(self.model, prompts, n, guidance_scale, temperature, top_k, top_p, seed)
+        codes = generate_images(self.model, prompts, n, guidance_scale, temperature, top_k, top_p, seed,
+                                decoding=decoding)
         flat = [c for per_prompt in codes for c in per_prompt]
         images = self._decode(flat)
         per_prompt = [images[i * n : (i + 1) * n] for i in range(len(prompts))]
@@ -114,7 +120,9 @@ class MLLM:
         """The assistant's next turn for a conversation -> {"text": str, "images": [PIL, ...]}.
 
         Options are those of `mllm.generation.chat` (max_new_tokens, temperature, top_k, top_p, stop,
-        seed, guidance_scale, image_temperature, image_top_k, image_top_p, max_images).
+        seed, guidance_scale, image_temperature, image_top_k, image_top_p, max_images, decoding).
+        `decoding` is how the images of the reply are decoded, as in `draw`: "jacobi" (default) or
+        "sequential", the same distribution either way.
         `max_new_tokens` (256) bounds the whole reply: its text and each image it draws (h*w + 2 tokens:
         <|boi|>, the codes, <|eoi|>); an image that would not fit the budget or the context is not
         started. Message text is read as text: a special token's string typed in it (`<|end|>`,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.config import DEFAULT_DECODING, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
 
 Message = dict[str, Any]
 
@@ -51,6 +51,7 @@ class ChatOptions:
     seed: int | None = None
     guidance_scale: float = DRAW_GUIDANCE_SCALE  # of drawn images
     image_temperature: float = DRAW_TEMPERATURE
+    decoding: str = DEFAULT_DECODING  # of drawn images: "jacobi" or "sequential" (same distribution)
 
 
 # ---------------------------------------------------------------------------- messages
@@ -151,10 +152,10 @@ def save_images(images, save_dir: Path, stamp: str, turn: int) -> list[Path]:
 
 # ---------------------------------------------------------------------------- drawing
 def draw_images(model, messages: list[Message], guidance_scale: float, seed: int | None,
-                temperature: float = DRAW_TEMPERATURE) -> list:
+                temperature: float = DRAW_TEMPERATURE, decoding: str = DEFAULT_DECODING) -> list:
     """The assistant's reply to a drawing request: one image sampled right after `<|boi|>` at the end
     of the conversation (what the model was trained to answer "Draw: ..." with), CFG against the
-    unconditional draw prompt. -> [PIL image]."""
+    unconditional draw prompt, decoded with `decoding` ("jacobi" or "sequential"). -> [PIL image]."""
     import torch
 
     from mllm.generation import sample_image_codes
@@ -177,7 +178,8 @@ def draw_images(model, messages: list[Message], guidance_scale: float, seed: int
         if guidance_scale != 1.0:
             unconditional = prefix(core.processor.unconditional_draw_conversation())
         codes = sample_image_codes(
-            core, [prefix(messages)], unconditional, guidance_scale, temperature, None, None, [seed]
+            core, [prefix(messages)], unconditional, guidance_scale, temperature, None, None, [seed],
+            decoding=decoding,
         )
     return list(core.vision_tokenizer.decode_images(codes.cpu()))
 
@@ -279,7 +281,7 @@ class ChatSession:
             self.fit(draw)
             if draw:
                 images = draw_images(self.model, self.history, self.options.guidance_scale, self.seed(),
-                                     self.options.image_temperature)
+                                     self.options.image_temperature, self.options.decoding)
                 reply = {"text": "", "images": images}
             else:
                 reply = self.model.chat(self.history, **self.chat_options())
@@ -334,6 +336,7 @@ class ChatSession:
             "seed": self.seed(),
             "guidance_scale": options.guidance_scale,
             "image_temperature": options.image_temperature,
+            "decoding": options.decoding,
         }
 
 

@@ -6,6 +6,7 @@
                                   seed, temperature, top_p, max_tokens, stream (SSE chunks, [DONE]);
                                   no temperature: the model's generation config (greedy unless it samples)
     POST /v1/images/generations   prompt -> n images, response_format b64_json
+                                  (both POSTs: extra fields guidance_scale and decoding, for drawn images)
     GET  /                        the web chat page (serve/static)
 
 Images the model draws inside a chat come back two ways: appended to `message.content` as markdown
@@ -56,6 +57,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from mllm.config import DECODING_METHODS
 from serve.engine import Cancelled, ChatJob, Engine, ImageJob, QueueFull, Reservation
 from serve.protocol import (
     APIError,
@@ -110,6 +112,9 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
 
         model = mllm.load(model_dir, adapter=adapter, device=device)
     limits = limits or Limits()
+    if limits.default_decoding not in DECODING_METHODS:
+        raise ValueError(f"default decoding must be one of {', '.join(DECODING_METHODS)}, got "
+                         f"{limits.default_decoding!r}")
     default_temperature = limits.default_temperature
     if default_temperature is None:
         default_temperature = generation_config_temperature(model)
@@ -201,7 +206,7 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
             await _decode_images(chat, limits, shrink, cpu)
             job = ChatJob(messages=chat.messages, max_tokens=chat.max_tokens, temperature=chat.temperature,
                           top_p=chat.top_p, seed=chat.seed, stop=chat.stop, n=chat.n,
-                          guidance_scale=chat.guidance_scale)
+                          guidance_scale=chat.guidance_scale, decoding=chat.decoding)
             if chat.stream:
                 return await _stream(request, slot, job, chat, name, created, completion_id, cpu)
             slot.submit(job)
@@ -216,7 +221,8 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
         authorize(request)
         body = await _read_body(request, limits)
         spec = await parse(_read_image_request, body, limits)
-        job = ImageJob(prompt=spec.prompt, n=spec.n, guidance_scale=spec.guidance_scale, seed=spec.seed)
+        job = ImageJob(prompt=spec.prompt, n=spec.n, guidance_scale=spec.guidance_scale, seed=spec.seed,
+                       decoding=spec.decoding)
         with _reserve(engine) as slot:
             slot.submit(job)
         await _wait(request, job)

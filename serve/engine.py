@@ -11,8 +11,9 @@ rows), and runs what it collected in as few forward passes as the jobs allow:
   (`_RowLimits`) or when its client went away; a streamed job gets its tokens as they are produced
   (`_RowStreamer`). A row that starts an image (`<|boi|>`) is finished by `mllm.generation.chat` on its
   own (text, the drawn image, more text), since drawing is the rare case in a chat.
-- image jobs with the same guidance scale share one `generate_images` call (one row per image, seeded
-  per image), whatever their prompts and counts.
+- image jobs with the same guidance scale and decoding method share one `generate_images` call (one row per
+  image, seeded per image), whatever their prompts and counts. A chat job's `decoding` only concerns the
+  images it draws, which `chat` draws for that row alone, so it does not split the batched text pass.
 
 Admission is bounded (`queue_size`): a request takes a slot (`reserve()`) before the server does any
 costly work for it (decoding its images), and gives it back when the worker takes its job; with every slot
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mllm.config import DRAW_GUIDANCE_SCALE
+from mllm.config import DEFAULT_DECODING, DRAW_GUIDANCE_SCALE
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Self
@@ -64,6 +65,7 @@ class ChatJob:
     stop: list[str]
     n: int = 1
     guidance_scale: float = DRAW_GUIDANCE_SCALE
+    decoding: str = DEFAULT_DECODING  # of the images drawn in the reply: "jacobi" | "sequential"
     on_delta: Callable[[int, str], None] | None = None  # (choice index, new text), called from the worker
     # filled by the engine
     result: list[dict] | None = None  # per choice: {"text", "images", "finish_reason", "completion_tokens"}
@@ -82,6 +84,7 @@ class ImageJob:
     n: int = 1
     guidance_scale: float = DRAW_GUIDANCE_SCALE
     seed: int | None = None
+    decoding: str = DEFAULT_DECODING  # "jacobi" | "sequential"
     result: list | None = None  # PIL images
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -226,7 +229,8 @@ class Engine:
             base = job.seed if job.seed is not None else random.randrange(2**31 - 1 - job.n)
             prompts += [job.prompt] * job.n
             seeds += [base + k for k in range(job.n)]
-        codes = generate_images(self.model.model, prompts, 1, jobs[0].guidance_scale, seed=seeds)
+        codes = generate_images(self.model.model, prompts, 1, jobs[0].guidance_scale, seed=seeds,
+                                decoding=jobs[0].decoding)
         images = self.model.model.vision_tokenizer.decode_images(torch.stack([c[0] for c in codes]))
         start = 0
         for job in jobs:
@@ -268,7 +272,7 @@ class Engine:
                     # continues from the row's own ids, so the reply begins with the text already streamed
                     reply = chat(model, job.messages, max_new_tokens=budget, temperature=job.temperature,
                                  top_p=job.top_p, stop=job.stop or None, seed=job.seed,
-                                 guidance_scale=job.guidance_scale, reply_prefix=ids)
+                                 guidance_scale=job.guidance_scale, reply_prefix=ids, decoding=job.decoding)
                     images = reply["images"]
                     text = reply["text"]
                     tokens = len(ids) + len(images) * (config.image_tokens_per_image + 2)
@@ -313,7 +317,7 @@ def _rows(job) -> int:
 
 def _key(job) -> tuple:
     if isinstance(job, ImageJob):
-        return ("image", job.guidance_scale)
+        return ("image", job.guidance_scale, job.decoding)  # one generate_images call: one of each
     if job.seed is not None:
         return ("seeded", id(job))  # its own RNG stream: never shares a batch
     if job.temperature == 0:

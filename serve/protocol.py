@@ -72,7 +72,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from mllm.config import DRAW_GUIDANCE_SCALE
+from mllm.config import DECODING_METHODS, DEFAULT_DECODING, DRAW_GUIDANCE_SCALE
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -153,6 +153,8 @@ class Limits:
     # The temperature of a chat request that gives none; None: 1, OpenAI's default (`create_app` sets it from
     # the model's generation config).
     default_temperature: float | None = None
+    # How drawn images are decoded when a request gives no `decoding` (`mllm serve --decoding`).
+    default_decoding: str = DEFAULT_DECODING
 
 
 # A positive temperature below this samples from a distribution that is greedy in all but name, and
@@ -207,6 +209,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     guidance_scale: float = DRAW_GUIDANCE_SCALE  # extra field: CFG scale for images drawn inside the chat
+    decoding: str = DEFAULT_DECODING  # extra field: "jacobi" | "sequential", for images drawn inside the chat
     image_count: int = 0
     image_refs: list[ImageRef] = field(default_factory=list, compare=False, repr=False)
 
@@ -222,6 +225,7 @@ class ImageRequest:
     guidance_scale: float = DRAW_GUIDANCE_SCALE
     seed: int | None = None
     model: str | None = None
+    decoding: str = DEFAULT_DECODING  # extra field: "jacobi" | "sequential"
 
 
 # ---------------------------------------------------------------------------------------- JSON body
@@ -432,6 +436,15 @@ GuidanceScale = Annotated[StrictFloat, Field(ge=0, le=100, allow_inf_nan=False)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]  # int64: what torch's generators take
 StopString = Annotated[StrictStr, Field(min_length=1, description="a non-empty string")]
+_DECODINGS = ", ".join(repr(name) for name in DECODING_METHODS)
+Decoding = Annotated[StrictStr, Field(description=f"one of {_DECODINGS}")]
+
+
+def _known_decoding(value: str | None) -> str | None:
+    """The extra field `decoding`: a name of `DECODING_METHODS` (or absent)."""
+    if value is not None and value not in DECODING_METHODS:
+        raise _refusal("invalid_value", f"'{{param}}' must be one of {_DECODINGS}, got {_describe(value)}")
+    return value
 
 
 def _at_most(value: int | None, cap: int, expected: str) -> int | None:
@@ -616,6 +629,7 @@ class ChatCompletionRequest(_Schema):
     stream: StrictBool | None = Field(None, description="a boolean")
     stream_options: StreamOptions | None = Field(None, description='an object such as {"include_usage": true}')
     guidance_scale: GuidanceScale | None = Field(None, description="a number >= 0 and <= 100")
+    decoding: Decoding | None = Field(None, description=f"one of {_DECODINGS}")
     messages: list[ChatMessage] = Field(min_length=1, description="a non-empty array of messages")
 
     _parts: list[tuple[str, list[_Part]]] = PrivateAttr(default_factory=list)
@@ -652,6 +666,8 @@ class ChatCompletionRequest(_Schema):
     @classmethod
     def _tiny_is_greedy(cls, value: float | None) -> float | None:
         return None if value is None else effective_temperature(value)
+
+    _decoding = field_validator("decoding")(_known_decoding)
 
     @field_validator("n")
     @classmethod
@@ -773,9 +789,12 @@ class ImageGenerationRequest(_Schema):
     size: StrictStr | None = None  # "WxH" or "auto"; checked by `_size_form`
     response_format: StrictStr | None = Field(None, description="'b64_json'")
     guidance_scale: GuidanceScale | None = Field(None, description="a number >= 0 and <= 100")
+    decoding: Decoding | None = Field(None, description=f"one of {_DECODINGS}")
     seed: Seed | None = Field(None, description="a 64-bit signed integer")
     model: StrictStr | None = Field(None, description="a string")
     stream: StrictBool | None = Field(None, description="a boolean")
+
+    _decoding = field_validator("decoding")(_known_decoding)
 
     @field_validator("prompt")
     @classmethod
@@ -879,7 +898,8 @@ def read_chat_request(payload: Any, limits: Limits) -> ChatRequest:
       `max_tokens` an integer in [1, max_tokens]; `seed` an integer (int64); `stop` a string or up to
       `max_stop` non-empty strings of at most `max_stop_chars` characters; `stream` a boolean;
       `stream_options.include_usage` a boolean; `guidance_scale` (extra) a number in [0, 100],
-      default DRAW_GUIDANCE_SCALE; `model` a string. Booleans are not numbers.
+      default DRAW_GUIDANCE_SCALE; `decoding` (extra) "jacobi" or "sequential", how images drawn in the
+      reply are decoded, default `limits.default_decoding`; `model` a string. Booleans are not numbers.
     - unsupported fields that change the answer's meaning (tools, logprobs, response_format other
       than text, ...) are refused; harmless and unknown fields are ignored.
     """
@@ -911,6 +931,7 @@ def read_chat_request(payload: Any, limits: Limits) -> ChatRequest:
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         guidance_scale=request.guidance_scale if request.guidance_scale is not None else DRAW_GUIDANCE_SCALE,
+        decoding=request.decoding or limits.default_decoding,
         image_count=len(refs),
         image_refs=refs,
     )
@@ -940,7 +961,8 @@ def parse_image_request(payload: Any, limits: Limits) -> ImageRequest:
     sides 1..4096, or "auto"/absent (None: the model's native size), and width * height * n at most
     `limits.max_output_pixels`; `response_format` "b64_json" (default) - "url" is refused, since this
     server stores no files; `guidance_scale` (extra) a number in [0, 100], default
-    DRAW_GUIDANCE_SCALE; `seed` an integer; `model` a string. `quality`, `style`, `user` and unknown
+    DRAW_GUIDANCE_SCALE; `decoding` (extra) "jacobi" or "sequential", default `limits.default_decoding`;
+    `seed` an integer; `model` a string. `quality`, `style`, `user` and unknown
     fields are ignored; `stream: true` is refused.
     """
     request: ImageGenerationRequest = _validate(ImageGenerationRequest, payload, limits)
@@ -952,6 +974,7 @@ def parse_image_request(payload: Any, limits: Limits) -> ImageRequest:
         guidance_scale=request.guidance_scale if request.guidance_scale is not None else DRAW_GUIDANCE_SCALE,
         seed=request.seed,
         model=request.model,
+        decoding=request.decoding or limits.default_decoding,
     )
 
 

@@ -207,6 +207,8 @@ CASES = [
     ("draw --model {m_notok} 'a red circle' --out {out}/d.png", ["{m_notok}", "tokenizer/"]),
     ("draw --model {model} 'a red circle' --out {out}/d.png --n 0", ["--n"]),
     ("draw --model {model} 'a red circle' --out {out}/d.xyz", ["'.xyz'"]),
+    ("draw --model {model} 'a red circle' --out {out}/d.png --decoding jacobbi",
+     ["--decoding", "did you mean jacobi?", "'sequential'"]),
     # train
     ("train --recipe sftt --model {model} --data {shards} --out {out}/t", ["did you mean sft?"]),
     ("train --recipe sft --model {model} --data {shards} --out {out}/t --set learnig_rate=1e-4",
@@ -245,6 +247,7 @@ CASES = [
     ("chat --model {model} --save-dir {afile}", ["--save-dir {afile}"]),
     ("chat --model {m_notok}", ["{m_notok}"]),
     ("chat --model {model} --image-temperature -1", ["--image-temperature"]),
+    ("chat --model {model} --decoding parallel", ["--decoding", "'jacobi', 'sequential'"]),
     # serve
     ("serve --model {model} --port 99999", ["--port", "99999"]),
     ("serve --model {model} --port {port}", ["--port {port}", "already in use"]),
@@ -252,6 +255,7 @@ CASES = [
     ("serve --model {out}/nope", ["{out}/nope"]),
     ("serve --model {model} --adapter {adapter_notlora}", ["{adapter_notlora}"]),
     ("serve --model {model} --device cdua", ["did you mean cuda?"]),
+    ("serve --model {model} --decoding sequental", ["--decoding", "did you mean sequential?"]),
     # demo
     ("demo --size tny --out {out}/demo", ["did you mean tiny?"]),
     ("demo --minutes -1 --out {out}/demo", ["--minutes"]),
@@ -261,6 +265,7 @@ CASES = [
     ("eval --suite shapes-vqa --model {out}/nope --out {out}/e", ["{out}/nope"]),
     ("eval --suite mmbench --model {model} --out {out}/e --option circlar=true", ["did you mean circular?"]),
     ("eval --suite shapes-vqa --model {model} --out {out}/e --batch-size 0", ["--batch-size"]),
+    ("eval --suite shapes-t2i --model {model} --out {out}/e --decoding jacobian", ["did you mean jacobi?"]),
     # eval-score
     ("eval-score --suite vqa2 --predictions {out}/p.jsonl", ["did you mean vqav2?"]),
     ("eval-score --suite shapes-vqa --predictions {out}/p.jsonl", ["{out}/p.jsonl"]),

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from mllm.commands.types import device, non_negative_float, positive_int, unit_float
-from mllm.config import DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.config import DECODING_METHODS, DEFAULT_DECODING, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,8 @@ def add_text_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens:
 
 def add_draw_sampling_arguments(parser: argparse.ArgumentParser, guidance_flag: str = "--guidance-scale",
                                 temperature_flag: str = "--temperature") -> None:
-    """Classifier-free guidance scale and image-code temperature, with the defaults every entry point shares."""
+    """Classifier-free guidance scale, image-code temperature and decoding method, with the defaults every entry
+    point shares."""
     parser.add_argument(
         guidance_flag,
         type=float,
@@ -61,6 +62,19 @@ def add_draw_sampling_arguments(parser: argparse.ArgumentParser, guidance_flag: 
         type=non_negative_float,
         default=DRAW_TEMPERATURE,
         help=f"sampling temperature of drawn images' codes; 0 is greedy (default: {DRAW_TEMPERATURE})",
+    )
+    add_decoding_argument(parser)
+
+
+def add_decoding_argument(parser, what: str = "how drawn images are decoded") -> None:
+    """--decoding: how drawn images' codes are decoded (`mllm.generation.sample_image_codes`)."""
+    parser.add_argument(
+        "--decoding",
+        choices=DECODING_METHODS,
+        default=DEFAULT_DECODING,
+        help=f"{what}: jacobi (speculative Jacobi decoding: several image codes per forward pass, each accepted "
+             "by the speculative-sampling rule, so fewer passes) or sequential (one code per pass); both draw "
+             f"from the same distribution, and greedy drawings are identical (default: {DEFAULT_DECODING})",
     )
 
 

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     options = ChatOptions(
         save_dir=args.save_dir, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, guidance_scale=args.guidance_scale,
-        image_temperature=args.image_temperature,
+        image_temperature=args.image_temperature, decoding=args.decoding,
     )  # fmt: skip
     model = load_model(args)
     session = ChatSession(model, options)

@@ -1,7 +1,9 @@
-"""`mllm draw --model DIR "PROMPT" --out FILE.png [--n N --guidance S --seed S --temperature T --top-k K]`.
+"""`mllm draw --model DIR "PROMPT" --out FILE.png [--n N --guidance S --seed S --temperature T --top-k K
+--decoding jacobi|sequential]`.
 
 Writes FILE.png, or FILE-0.png, FILE-1.png, ... for --n > 1, and prints the paths. The images have
-the visual tokenizer's size. Same prompt and --seed: the same images.
+the visual tokenizer's size. Same prompt and --seed: the same images. --decoding: speculative Jacobi
+decoding (default) or one code per forward pass; the same distribution either way.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                          ".webp)")
     model = common.load_model(args)
     images = model.draw(args.prompt, n=args.n, guidance_scale=args.guidance, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, decoding=args.decoding)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths):
         try:

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, help="only the first N items")
     parser.add_argument("--adapter", help="a peft adapter folder to load onto the model")
     parser.add_argument("--max-new-tokens", type=positive_int, help="override the suite's answer length")
-    add_draw_sampling_arguments(parser)  # draw suites
+    add_draw_sampling_arguments(parser)  # draw suites (--guidance-scale, --temperature, --decoding)
     parser.add_argument("--top-k", type=positive_int, help="draw suites: sample image codes from the k likeliest only")
     parser.add_argument("--seed", type=int, default=0, help="draw suites: seed of the first image per prompt")
     parser.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         suite=args.suite, out=args.out, model=args.model, data=args.data, batch_size=args.batch_size,
         limit=args.limit, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
         guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        decoding=args.decoding,
         options=parse_options(args.option), progress=not args.no_progress,
     ))  # fmt: skip
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mllm.commands._common import add_decoding_argument
 from mllm.commands.types import device, non_negative_float, port, positive_float, positive_int
 
 
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     batching.add_argument("--default-temperature", type=non_negative_float, default=None, metavar="T",
                           help="temperature of chat requests that give none (default: the model's generation "
                                "config, as transformers' generate reads it: greedy unless it sets do_sample)")
+    add_decoding_argument(batching, "how images are drawn for requests that give no `decoding` field")
     batching.add_argument("--cpu-threads", type=positive_int, default=2,
                           help="threads that decode, resize and PNG-encode images, off the event loop (default 2; "
                                "bodies are parsed in 2 threads of their own)")
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                     max_content_parts=args.max_content_parts,
                     max_prompt_chars=args.max_text_chars, max_stop=args.max_stop,
                     max_stop_chars=args.max_stop_chars, max_output_pixels=args.max_output_pixels,
-                    allow_remote_images=args.allow_remote_images, default_temperature=args.default_temperature)
+                    allow_remote_images=args.allow_remote_images, default_temperature=args.default_temperature,
+                    default_decoding=args.decoding)
     sock = bind_socket(args.host, args.port)
     with sock:
         port = sock.getsockname()[1]  # the one picked for --port 0

@@ -102,6 +102,69 @@ def test_draw_returns_images_of_the_tokenizer_size(model):
     assert [len(per_prompt) for per_prompt in batched] == [2, 2, 2]
 
 
+def test_draw_passes_its_decoding_method_on(model, monkeypatch):
+    import mllm.generation
+
+    seen = []
+    real = mllm.generation.generate_images
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("decoding"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mllm.generation, "generate_images", spy)
+    model.draw("a red circle", seed=0)
+    model.draw("a red circle", seed=0, decoding="sequential")
+    assert seen == [mllm.generation.DEFAULT_DECODING, "sequential"]
+    with pytest.raises(ValueError, match="decoding must be one of"):
+        model.draw("a red circle", seed=0, decoding="parallel")
+
+
+def test_greedy_drawings_are_the_same_with_either_decoding_method(model):
+    prompts = ["a red circle", "a blue square"]
+    drawn = {
+        decoding: model.draw(prompts, n=2, temperature=0.0, guidance_scale=2.0, seed=0, decoding=decoding)
+        for decoding in ("jacobi", "sequential")
+    }
+    as_bytes = {k: [im.tobytes() for per_prompt in v for im in per_prompt] for k, v in drawn.items()}
+    assert as_bytes["jacobi"] == as_bytes["sequential"]
+
+
+def test_chat_draws_with_the_decoding_method_it_is_given(model, monkeypatch):
+    from torch import nn
+
+    import mllm.generation
+
+    seen = []
+    real = mllm.generation.sample_image_codes
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("decoding"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mllm.generation, "sample_image_codes", spy)
+    core = model.model
+    head = core.llm.get_output_embeddings()
+    biased = nn.Linear(head.in_features, head.out_features, bias=True)  # <|boi|> the likeliest token: it draws
+    with torch.no_grad():
+        biased.weight = head.weight
+        biased.bias.zero_()
+        biased.bias[model.config.boi_token_id] = 200.0
+    core.llm.set_output_embeddings(biased)
+    try:
+        request = [{"role": "user", "content": "Draw: a red circle"}]
+        budget = model.config.image_tokens_per_image + 2
+        replies = [model.chat(request, max_new_tokens=budget, seed=0, image_temperature=0.0, decoding=decoding)
+                   for decoding in ("sequential", "jacobi")]
+        with pytest.raises(ValueError, match="decoding must be one of"):
+            model.chat(request, max_new_tokens=budget, seed=0, decoding="parallel")
+    finally:
+        core.llm.set_output_embeddings(head)
+    assert seen == ["sequential", "jacobi"]
+    assert [len(reply["images"]) for reply in replies] == [1, 1]
+    assert replies[0]["images"][0].tobytes() == replies[1]["images"][0].tobytes()  # greedy: the same image
+
+
 def test_chat_returns_text_and_images(model):
     reply = model.chat([{"role": "user", "content": "Hello"}], max_new_tokens=5, seed=0)
     assert set(reply) == {"text", "images"} and isinstance(reply["text"], str) and reply["images"] == []

@@ -263,6 +263,26 @@ def test_drawing_is_reproducible_with_a_seed(model):
     assert first[0].tobytes() == second[0].tobytes()
 
 
+def test_decoding_option_reaches_the_drawing_and_the_chat(model, model_dir, tmp_path, monkeypatch):
+    import mllm.generation
+
+    seen = []
+    real = mllm.generation.sample_image_codes
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("decoding"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mllm.generation, "sample_image_codes", spy)
+    default, _, _ = session_for(model, model_dir, tmp_path)
+    assert default.options.decoding == "jacobi" and default.chat_options()["decoding"] == "jacobi"
+    session, out, err = session_for(model, model_dir, tmp_path, "--decoding", "sequential", "--seed", "0")
+    assert session.chat_options()["decoding"] == "sequential"  # what model.chat gets for a drawing in a reply
+    session.handle("/draw a red circle")
+    assert seen == ["sequential"], err.getvalue()
+    assert "[image saved:" in out.getvalue()
+
+
 def test_saved_images_never_overwrite(tmp_path):
     images = [Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")]
     first = chat.save_images(images, tmp_path / "d", "stamp", 1)

@@ -101,6 +101,38 @@ def test_draw_is_reproducible_with_a_seed(model_dir, tmp_path, capsys):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
+def test_draw_decoding_reaches_the_generator_and_greedy_methods_agree(model_dir, tmp_path, capsys, monkeypatch):
+    import mllm.generation
+
+    seen = []
+    real = mllm.generation.generate_images
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("decoding"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mllm.generation, "generate_images", spy)
+    for name, extra in (("default.png", []), ("jacobi.png", ["--decoding", "jacobi"]),
+                        ("sequential.png", ["--decoding", "sequential"])):
+        argv = ["draw", "--model", str(model_dir), "a red circle", "--out", str(tmp_path / name), "--n", "2",
+                "--temperature", "0", "--seed", "0", *extra]
+        assert main(argv) == 0
+    capsys.readouterr()
+    assert seen == ["jacobi", "jacobi", "sequential"]
+    for i in range(2):  # greedy: both methods draw the same images
+        assert (tmp_path / f"jacobi-{i}.png").read_bytes() == (tmp_path / f"sequential-{i}.png").read_bytes()
+
+
+def test_a_bad_decoding_name_is_one_line(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["draw", "--model", str(model_dir), "a red circle", "--out", str(tmp_path / "x.png"),
+              "--decoding", "jacobbi"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mllm draw: error: argument --decoding: invalid choice 'jacobbi'; did you mean jacobi?")
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_caption_and_ask_print_text(model_dir, image_files, capsys):
     assert main(["caption", "--model", str(model_dir), image_files[0], "--max-new-tokens", "6"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -97,6 +97,27 @@ def test_draw_writes_files_relative_to_the_callers_folder(model_tiny_dir, worker
     assert _pids(worker_dir)
 
 
+def test_draw_options_reach_the_worker(model_tiny_dir, worker_dir, tmp_path, capsys, monkeypatch):
+    """The worker parses the caller's own argv: --decoding (and the sampling options) reach its `run`."""
+    argv = ["draw", "--model", str(model_tiny_dir), "a blue square", "--seed", "2", "--temperature", "0.9",
+            "--decoding", "sequential", "--out"]
+    monkeypatch.setenv("MLLM_WORKER", "0")
+    assert main([*argv, str(tmp_path / "here.png")]) == 0
+    jacobi = [part if part != "sequential" else "jacobi" for part in argv]
+    assert main([*jacobi, str(tmp_path / "jacobi.png")]) == 0
+    # Sampled: the other method draws another image from the same distribution, so the comparison below
+    # tells whether the worker decoded as asked.
+    assert (tmp_path / "jacobi.png").read_bytes() != (tmp_path / "here.png").read_bytes()
+    monkeypatch.setenv("MLLM_WORKER", "1")
+    import mllm.commands.draw as draw_command
+
+    monkeypatch.setattr(draw_command, "run", lambda args: 1 / 0)  # this process cannot draw any more
+    assert main([*argv, str(tmp_path / "worker.png")]) == 0
+    capsys.readouterr()
+    assert _pids(worker_dir)
+    assert (tmp_path / "worker.png").read_bytes() == (tmp_path / "here.png").read_bytes()
+
+
 def test_model_cache_reloads_a_changed_folder(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()

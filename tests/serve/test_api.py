@@ -261,3 +261,63 @@ def test_a_full_queue_answers_429(model):
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
     finally:
         live.stop()
+
+
+def test_decoding_field_chooses_how_images_are_drawn(server, client, model):
+    import json
+
+    import openai
+
+    def generated(**extra) -> list[bytes]:
+        result = client.images.generate(model="tiny", prompt="a red circle", n=2,
+                                        extra_body={"seed": 3, "guidance_scale": 2.0, **extra})
+        return [Image.open(io.BytesIO(base64.b64decode(d.b64_json))).convert("RGB").tobytes() for d in result.data]
+
+    def drawn(decoding: str) -> list[bytes]:
+        return [im.tobytes() for im in model.draw("a red circle", n=2, seed=3, guidance_scale=2.0, decoding=decoding)]
+
+    # Sampled (the default temperature): each method draws its own images, as MLLM.draw does with it.
+    assert generated() == generated(decoding="jacobi") == drawn("jacobi")  # the server's default
+    assert generated(decoding="sequential") == drawn("sequential") != drawn("jacobi")
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Draw: a red circle"}],
+                                           max_tokens=4, extra_body={"decoding": "sequential"})
+    assert reply.choices[0].message.content is not None
+
+    for path, payload in (("/v1/images/generations", {"prompt": "a red circle", "decoding": "fast"}),
+                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                    "decoding": "fast"})):
+        response = _post(server, path, json.dumps(payload).encode())
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == "decoding" and "'jacobi', 'sequential'" in error["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.images.generate(model="tiny", prompt="a red circle", extra_body={"decoding": 1})
+
+
+def test_serve_decoding_flag_sets_the_servers_default(model, monkeypatch, tmp_path):
+    import argparse
+    from types import SimpleNamespace
+
+    import mllm.model
+    import serve.app
+    import serve.server
+    from mllm.commands import serve as serve_command
+    from serve.protocol import Limits
+
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    seen = []
+    real_create_app = serve.app.create_app
+
+    def fake_create_app(model_dir, **kwargs):
+        seen.append(kwargs["limits"].default_decoding)
+        return SimpleNamespace(state=SimpleNamespace(model_name="tiny"))
+
+    monkeypatch.setattr(serve.app, "create_app", fake_create_app)
+    monkeypatch.setattr(serve.server, "make_server", lambda app, options: SimpleNamespace(run=lambda sockets: None))
+    monkeypatch.setattr(mllm.model, "check_model_folder", lambda folder: None)
+    for argv in ([], ["--decoding", "sequential"]):
+        assert serve_command.run(parser.parse_args(["--model", str(tmp_path), "--port", "0", *argv])) == 0
+    assert seen == ["jacobi", "sequential"]
+    with pytest.raises(ValueError, match="default decoding must be one of"):
+        real_create_app(model=model, limits=Limits(default_decoding="fast"))

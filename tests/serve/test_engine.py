@@ -36,6 +36,14 @@ def test_grouping_rules():
     assert {id(images[2])} in as_sets  # another guidance scale
     assert all(sum(job.n for job in group) <= 4 for group in groups)
 
+    # Image jobs share one generate_images call, so one decoding method per batch; a chat job's decoding
+    # only concerns an image drawn in its reply, which is drawn for its row alone: its text pass is shared.
+    jacobi, sequential = ImageJob("a", decoding="jacobi"), ImageJob("b", decoding="sequential")
+    as_sets = [set(map(id, group)) for group in _groups([jacobi, sequential], max_batch=4)]
+    assert as_sets == [{id(jacobi)}, {id(sequential)}]
+    chats = [_chat("x"), _chat("y", decoding="sequential")]
+    assert [set(map(id, group)) for group in _groups(chats, max_batch=4)] == [set(map(id, chats))]
+
 
 def test_batched_answers_equal_single_answers_and_a_bad_prompt_fails_alone(model):
     engine = Engine(model, max_batch=8, batch_window_s=0.2)
@@ -93,6 +101,30 @@ def test_image_jobs_share_one_pass_and_keep_their_seeds(model):
         _wait(again)
         assert [image.tobytes() for image in again.result] == [image.tobytes() for image in first.result]
         assert len(second.result) == 1
+    finally:
+        engine.close()
+
+
+def test_image_jobs_draw_with_their_decoding_method(model, monkeypatch):
+    import mllm.generation
+
+    seen = []
+    real = mllm.generation.generate_images
+
+    def spy(*args, **kwargs):
+        seen.append((len(args[1]), kwargs.get("decoding")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mllm.generation, "generate_images", spy)
+    engine = Engine(model, max_batch=8, batch_window_s=0.2)
+    try:
+        jobs = [ImageJob("a red circle", n=2, seed=5), ImageJob("a red circle", n=2, seed=5, decoding="sequential"),
+                ImageJob("a blue square", seed=1, decoding="sequential")]
+        for job in jobs:
+            engine.submit(job)
+        _wait(*jobs)
+        assert all(job.error is None and job.result for job in jobs)
+        assert sorted(seen, key=str) == [(2, "jacobi"), (3, "sequential")]  # two batches, one per method
     finally:
         engine.close()
 

@@ -197,6 +197,8 @@ BAD_CHAT = [
         "invalid_type",
     ),
     case("guidance-string", user("x", guidance_scale="lots"), 400, "guidance_scale", "invalid_type"),
+    case("decoding-unknown", user("x", decoding="fast"), 400, "decoding", "invalid_value"),
+    case("decoding-number", user("x", decoding=1), 400, "decoding", "invalid_type"),
     case("model-number", user("x", model=5), 400, "model", "invalid_type"),
     # OpenAI features we cannot honour
     case("tools-refused", user("x", tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
@@ -558,6 +560,8 @@ BAD_IMAGE = [
     ("response-format-url", {"prompt": "a", "response_format": "url"}, 400, "response_format"),
     ("response-format-other", {"prompt": "a", "response_format": "png"}, 400, "response_format"),
     ("guidance-string", {"prompt": "a", "guidance_scale": "x"}, 400, "guidance_scale"),
+    ("decoding-unknown", {"prompt": "a", "decoding": "Jacobi"}, 400, "decoding"),
+    ("decoding-list", {"prompt": "a", "decoding": ["jacobi"]}, 400, "decoding"),
     ("seed-float", {"prompt": "a", "seed": 1.5}, 400, "seed"),
     ("model-number", {"prompt": "a", "model": 1}, 400, "model"),
     ("stream-refused", {"prompt": "a", "stream": True}, 400, "stream"),
@@ -570,6 +574,18 @@ def test_bad_image_requests(payload, status, param):
         limits = Limits()
         parse_image_request(parse_json_body(body(payload), limits), limits)
     assert (info.value.status, info.value.param) == (status, param), info.value.message
+
+
+def test_decoding_field_names_the_allowed_values_and_defaults_to_the_servers():
+    for parse, payload in ((parse_image_request, {"prompt": "a"}),
+                           (parse_chat_request, chat())):
+        with pytest.raises(APIError) as info:
+            parse({**payload, "decoding": "fast"}, Limits())
+        assert info.value.message == "'decoding' must be one of 'jacobi', 'sequential', got the string 'fast'"
+        assert parse(payload, Limits()).decoding == "jacobi"  # DEFAULT_DECODING
+        assert parse(payload, Limits(default_decoding="sequential")).decoding == "sequential"  # mllm serve --decoding
+        assert parse({**payload, "decoding": "sequential"}, Limits()).decoding == "sequential"
+        assert parse({**payload, "decoding": "jacobi"}, Limits(default_decoding="sequential")).decoding == "jacobi"
 
 
 def test_url_response_format_says_why():
