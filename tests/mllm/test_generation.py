@@ -592,3 +592,24 @@ def test_eos_ends_a_text_reply_like_the_end_of_turn(tiny):
         assert ids == [[eos]]
         assert generate_text(tiny, conversation, max_new_tokens=16) == [""]
         assert chat(tiny, conversation, max_new_tokens=16)["text"] == ""
+
+
+def test_jacobi_drafts_start_from_the_models_greedy_unconditional_drawing(tiny, monkeypatch):
+    """The prior is the greedy drawing of the unconditional draw prompt, computed once per model; a seed
+    gives the same image with the prior computed fresh or reused, and greedy codes match sequential ones."""
+    generation._DRAFT_PRIORS.pop(tiny, None)
+    calls = []
+    real = generation.sample_image_codes
+    monkeypatch.setattr(generation, "sample_image_codes", lambda *a, **k: calls.append(k) or real(*a, **k))
+    first = generate_images(tiny, "a red circle", n=2, seed=7)
+    assert sum(1 for k in calls if k.get("prior") is False) == 1  # the prior's own decode
+    again = generate_images(tiny, "a red circle", n=2, seed=7)
+    assert sum(1 for k in calls if k.get("prior") is False) == 1  # reused
+    assert all(torch.equal(a, b) for a, b in zip(first[0], again[0]))
+    with generation._generation_mode(tiny):
+        unconditional = generation._draw_prefixes(tiny, [tiny.processor.unconditional_draw_conversation()])[0]
+        expected = real(tiny, [unconditional], None, 1.0, 0.0, None, None, [0], decoding="sequential")
+        assert torch.equal(generation._draft_prior(tiny, 4), expected.reshape(-1))
+    greedy = {d: generate_images(tiny, ["a red circle", "two blue squares"], temperature=0.0, decoding=d)
+              for d in ("jacobi", "sequential")}
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(greedy["jacobi"], greedy["sequential"]))
