@@ -101,10 +101,12 @@ class MLLM:
         """`n` images for a prompt -> [PIL, ...]; a list of prompts -> [[PIL, ...], ...], one batch.
 
         Same prompt and seed -> the same images (image j uses seed + j), whatever else is in the batch.
-        `decoding`: "jacobi" (the default: speculative Jacobi decoding, several image codes per forward pass,
-        each accepted by the speculative-sampling rule) or "sequential" (one code per forward pass). Both
-        draw from the same distribution, and greedy drawings (temperature 0) are identical; another name is
-        a ValueError.
+        `decoding`: "jacobi" (speculative Jacobi decoding, several image codes per forward pass, each
+        accepted by the speculative-sampling rule), "sequential" (one code per forward pass) or "auto" (the
+        default: "jacobi" for up to JACOBI_AUTO_MAX_IMAGES images per call, the faster one on a CPU). They
+        draw from the same distribution and greedy drawings (temperature 0) are identical; a sampled image
+        with a given seed differs between "jacobi" and "sequential", so under "auto" it also depends on the
+        number of images drawn at once. Another name is a ValueError.
         """
         from mllm.generation import generate_images
 
@@ -121,8 +123,8 @@ class MLLM:
 
         Options are those of `mllm.generation.chat` (max_new_tokens, temperature, top_k, top_p, stop,
         seed, guidance_scale, image_temperature, image_top_k, image_top_p, max_images, decoding).
-        `decoding` is how the images of the reply are decoded, as in `draw`: "jacobi" (default) or
-        "sequential", the same distribution either way.
+        `decoding` is how the images of the reply are decoded, as in `draw`: "auto" (default; one image at a
+        time, so "jacobi"), "jacobi" or "sequential", the same distribution either way.
         `max_new_tokens` (256) bounds the whole reply: its text and each image it draws (h*w + 2 tokens:
         <|boi|>, the codes, <|eoi|>); an image that would not fit the budget or the context is not
         started. Message text is read as text: a special token's string typed in it (`<|end|>`,

@@ -42,13 +42,16 @@ VOCAB_PAD_MULTIPLE = 64
 # docs/experiments.md, "Drawing: sampling settings".
 DRAW_GUIDANCE_SCALE = 3.0
 DRAW_TEMPERATURE = 0.6
-# How image codes are decoded (`mllm.generation.sample_image_codes`): "jacobi",
-# speculative Jacobi decoding (several codes per forward pass, each accepted by the speculative-sampling rule),
-# or "sequential" (one code per forward pass). Both draw from the same distribution and give the same codes
-# when greedy; "jacobi" needs fewer passes (BENCHMARKS.md, "Image generation"). Here so that the commands
-# can offer the choice without importing torch.
-DECODING_METHODS = ("jacobi", "sequential")
-DEFAULT_DECODING = "jacobi"
+# How image codes are decoded (`mllm.generation.sample_image_codes`): "jacobi", speculative Jacobi decoding
+# (several codes per forward pass, each accepted by the speculative-sampling rule), or "sequential" (one code
+# per forward pass). Both draw from the same distribution and give the same codes when greedy. "jacobi" needs
+# fewer passes but each pass carries a window of tokens per image, so it is faster for a few images at a time
+# and slower for large batches on a CPU; "auto" (the default) picks "jacobi" for calls of up to
+# JACOBI_AUTO_MAX_IMAGES images and "sequential" above (BENCHMARKS.md, "Image generation"). Here so that the
+# commands can offer the choice without importing torch.
+DECODING_METHODS = ("auto", "jacobi", "sequential")
+DEFAULT_DECODING = "auto"
+JACOBI_AUTO_MAX_IMAGES = 3  # measured crossover on a 2-core CPU, demo model: jacobi 1.3x at 3 images, 0.75x at 4
 
 
 @dataclass

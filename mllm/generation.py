@@ -39,7 +39,13 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mllm.config import DECODING_METHODS, DEFAULT_DECODING, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.config import (
+    DECODING_METHODS,
+    DEFAULT_DECODING,
+    DRAW_GUIDANCE_SCALE,
+    DRAW_TEMPERATURE,
+    JACOBI_AUTO_MAX_IMAGES,
+)
 from mllm.vocab import special_token_ids
 
 Conversation = list[dict[str, Any]]
@@ -174,13 +180,16 @@ def sample_image_codes(
     The `<|eoi|>` after the codes is implied: callers append it (nothing is sampled for it).
 
     `decoding`: "jacobi" (speculative Jacobi decoding: a window of `window` tokens per forward pass,
-    see `_jacobi_codes`) or "sequential" (one forward pass per code). Both sample the same
-    distribution; greedy decoding (temperature 0) gives the same codes either way.
+    see `_jacobi_codes`), "sequential" (one forward pass per code) or "auto" ("jacobi" for up to
+    JACOBI_AUTO_MAX_IMAGES prefixes, else "sequential": the faster one on a CPU). Both sample the same
+    distribution; greedy decoding (temperature 0) gives the same codes either way, but a sampled image
+    with a given seed differs between them (they use the random numbers differently), so with "auto"
+    it also depends on how many images the call draws: name the method to rule that out.
     `cache`: "dynamic" (transformers' DynamicCache) or "static" (a preallocated StaticCache with
     preallocated mask and positions; sequential decoding only). `stats`, when given, receives
-    "forwards" (sequential forward passes of the LLM, prefill included) and, for "jacobi",
-    "accepted_drafts" (draft tokens accepted over all rows). `prior`: "jacobi" starts its drafts from the
-    model's greedy unconditional drawing (`_draft_prior`; False: from nothing).
+    "forwards" (sequential forward passes of the LLM, prefill included), "decoding" (the method used)
+    and, for "jacobi", "accepted_drafts" (draft tokens accepted over all rows). `prior`: "jacobi" starts
+    its drafts from the model's greedy unconditional drawing (`_draft_prior`; False: from nothing).
     """
     if decoding not in DECODING_METHODS:
         raise ValueError(f"decoding must be one of {DECODING_METHODS}, got {decoding!r}")
@@ -188,6 +197,8 @@ def sample_image_codes(
         raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
+    if decoding == "auto":  # jacobi for a few images; static cache is a sequential path
+        decoding = "jacobi" if len(prefixes) <= JACOBI_AUTO_MAX_IMAGES and cache != "static" else "sequential"
     if decoding == "jacobi" and cache == "static":
         raise ValueError('cache="static" is for sequential decoding; jacobi decoding uses the dynamic cache')
     config, llm = model.config, model.llm
@@ -230,7 +241,7 @@ def sample_image_codes(
     else:
         codes = _sequential_codes(loop, input_ids, attention_mask, position_ids)
     if stats is not None:
-        stats.update(loop.stats)
+        stats.update(loop.stats, decoding="jacobi" if decoding == "jacobi" and window > 1 else "sequential")
     return codes.view(rows, height, width)
 
 

@@ -155,7 +155,7 @@ def draw_images(model, messages: list[Message], guidance_scale: float, seed: int
                 temperature: float = DRAW_TEMPERATURE, decoding: str = DEFAULT_DECODING) -> list:
     """The assistant's reply to a drawing request: one image sampled right after `<|boi|>` at the end
     of the conversation (what the model was trained to answer "Draw: ..." with), CFG against the
-    unconditional draw prompt, decoded with `decoding` ("jacobi" or "sequential"). -> [PIL image]."""
+    unconditional draw prompt, decoded with `decoding` ("auto", "jacobi" or "sequential"). -> [PIL image]."""
     import torch
 
     from mllm.generation import sample_image_codes

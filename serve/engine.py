@@ -12,8 +12,12 @@ rows), and runs what it collected in as few forward passes as the jobs allow:
   (`_RowStreamer`). A row that starts an image (`<|boi|>`) is finished by `mllm.generation.chat` on its
   own (text, the drawn image, more text), since drawing is the rare case in a chat.
 - image jobs with the same guidance scale and decoding method share one `generate_images` call (one row per
-  image, seeded per image), whatever their prompts and counts. A chat job's `decoding` only concerns the
-  images it draws, which `chat` draws for that row alone, so it does not split the batched text pass.
+  image, seeded per image), whatever their prompts and counts. Under "auto" (the default) that call
+  decodes by speculative Jacobi decoding when it holds a few images and sequentially when the batch is
+  larger (the faster way on a CPU), so a seeded "auto" image depends on the load; a request that names
+  "jacobi" or "sequential" gets an image that depends on its prompt and seed only. A chat job's `decoding`
+  only concerns the images it draws, which `chat` draws for that row alone, so it does not split the
+  batched text pass.
 
 Admission is bounded (`queue_size`): a request takes a slot (`reserve()`) before the server does any
 costly work for it (decoding its images), and gives it back when the worker takes its job; with every slot
@@ -65,7 +69,7 @@ class ChatJob:
     stop: list[str]
     n: int = 1
     guidance_scale: float = DRAW_GUIDANCE_SCALE
-    decoding: str = DEFAULT_DECODING  # of the images drawn in the reply: "jacobi" | "sequential"
+    decoding: str = DEFAULT_DECODING  # of the images drawn in the reply: "auto" | "jacobi" | "sequential"
     on_delta: Callable[[int, str], None] | None = None  # (choice index, new text), called from the worker
     # filled by the engine
     result: list[dict] | None = None  # per choice: {"text", "images", "finish_reason", "completion_tokens"}
@@ -84,7 +88,7 @@ class ImageJob:
     n: int = 1
     guidance_scale: float = DRAW_GUIDANCE_SCALE
     seed: int | None = None
-    decoding: str = DEFAULT_DECODING  # "jacobi" | "sequential"
+    decoding: str = DEFAULT_DECODING  # "auto" | "jacobi" | "sequential"
     result: list | None = None  # PIL images
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)

@@ -209,7 +209,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     guidance_scale: float = DRAW_GUIDANCE_SCALE  # extra field: CFG scale for images drawn inside the chat
-    decoding: str = DEFAULT_DECODING  # extra field: "jacobi" | "sequential", for images drawn inside the chat
+    decoding: str = DEFAULT_DECODING  # extra field: "auto" | "jacobi" | "sequential", for images drawn inside the chat
     image_count: int = 0
     image_refs: list[ImageRef] = field(default_factory=list, compare=False, repr=False)
 
@@ -225,7 +225,7 @@ class ImageRequest:
     guidance_scale: float = DRAW_GUIDANCE_SCALE
     seed: int | None = None
     model: str | None = None
-    decoding: str = DEFAULT_DECODING  # extra field: "jacobi" | "sequential"
+    decoding: str = DEFAULT_DECODING  # extra field: "auto" | "jacobi" | "sequential"
 
 
 # ---------------------------------------------------------------------------------------- JSON body
@@ -898,7 +898,7 @@ def read_chat_request(payload: Any, limits: Limits) -> ChatRequest:
       `max_tokens` an integer in [1, max_tokens]; `seed` an integer (int64); `stop` a string or up to
       `max_stop` non-empty strings of at most `max_stop_chars` characters; `stream` a boolean;
       `stream_options.include_usage` a boolean; `guidance_scale` (extra) a number in [0, 100],
-      default DRAW_GUIDANCE_SCALE; `decoding` (extra) "jacobi" or "sequential", how images drawn in the
+      default DRAW_GUIDANCE_SCALE; `decoding` (extra) "auto", "jacobi" or "sequential", how images drawn in the
       reply are decoded, default `limits.default_decoding`; `model` a string. Booleans are not numbers.
     - unsupported fields that change the answer's meaning (tools, logprobs, response_format other
       than text, ...) are refused; harmless and unknown fields are ignored.
@@ -961,7 +961,7 @@ def parse_image_request(payload: Any, limits: Limits) -> ImageRequest:
     sides 1..4096, or "auto"/absent (None: the model's native size), and width * height * n at most
     `limits.max_output_pixels`; `response_format` "b64_json" (default) - "url" is refused, since this
     server stores no files; `guidance_scale` (extra) a number in [0, 100], default
-    DRAW_GUIDANCE_SCALE; `decoding` (extra) "jacobi" or "sequential", default `limits.default_decoding`;
+    DRAW_GUIDANCE_SCALE; `decoding` (extra) "auto", "jacobi" or "sequential", default `limits.default_decoding`;
     `seed` an integer; `model` a string. `quality`, `style`, `user` and unknown
     fields are ignored; `stream: true` is refused.
     """

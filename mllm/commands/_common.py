@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 
 from mllm.commands.types import device, non_negative_float, positive_int, unit_float
-from mllm.config import DECODING_METHODS, DEFAULT_DECODING, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.config import (
+    DECODING_METHODS,
+    DEFAULT_DECODING,
+    DRAW_GUIDANCE_SCALE,
+    DRAW_TEMPERATURE,
+    JACOBI_AUTO_MAX_IMAGES,
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,8 +79,9 @@ def add_decoding_argument(parser, what: str = "how drawn images are decoded") ->
         choices=DECODING_METHODS,
         default=DEFAULT_DECODING,
         help=f"{what}: jacobi (speculative Jacobi decoding: several image codes per forward pass, each accepted "
-             "by the speculative-sampling rule, so fewer passes) or sequential (one code per pass); both draw "
-             f"from the same distribution, and greedy drawings are identical (default: {DEFAULT_DECODING})",
+             "by the speculative-sampling rule, so fewer passes), sequential (one code per pass) or auto (jacobi "
+             f"for up to {JACOBI_AUTO_MAX_IMAGES} images at a time, the faster one); all draw from the same "
+             f"distribution, and greedy drawings are identical (default: {DEFAULT_DECODING})",
     )
 
 

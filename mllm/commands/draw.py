@@ -1,9 +1,10 @@
 """`mllm draw --model DIR "PROMPT" --out FILE.png [--n N --guidance S --seed S --temperature T --top-k K
---decoding jacobi|sequential]`.
+--decoding auto|jacobi|sequential]`.
 
 Writes FILE.png, or FILE-0.png, FILE-1.png, ... for --n > 1, and prints the paths. The images have
-the visual tokenizer's size. Same prompt and --seed: the same images. --decoding: speculative Jacobi
-decoding (default) or one code per forward pass; the same distribution either way.
+the visual tokenizer's size. Same prompt, --seed, --n and --decoding: the same images. --decoding:
+speculative Jacobi decoding (jacobi), one code per forward pass (sequential), or auto (the default: jacobi
+for up to 3 images at a time, the faster one); the same distribution either way.
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def test_draw_suites_take_the_sampling_settings_and_record_them(model_dir, tmp_p
                           temperature=0.0))
     assert len(set(drawn(tmp_path / "greedy"))) == 1  # greedy: every seed draws the same codes
     assert json.loads((tmp_path / "greedy" / runner.RESULTS_NAME).read_text())["temperature"] == 0.0
-    assert saved["decoding"] == "jacobi"
+    assert saved["decoding"] == "auto"
 
     runner.evaluate(_args(model_dir, tmp_path / "sequential", suite="shapes-t2i", limit=1, options={"seeds": "3"},
                           temperature=0.0, decoding="sequential"))

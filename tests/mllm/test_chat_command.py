@@ -275,7 +275,7 @@ def test_decoding_option_reaches_the_drawing_and_the_chat(model, model_dir, tmp_
 
     monkeypatch.setattr(mllm.generation, "sample_image_codes", spy)
     default, _, _ = session_for(model, model_dir, tmp_path)
-    assert default.options.decoding == "jacobi" and default.chat_options()["decoding"] == "jacobi"
+    assert default.options.decoding == "auto" and default.chat_options()["decoding"] == "auto"
     session, out, err = session_for(model, model_dir, tmp_path, "--decoding", "sequential", "--seed", "0")
     assert session.chat_options()["decoding"] == "sequential"  # what model.chat gets for a drawing in a reply
     session.handle("/draw a red circle")

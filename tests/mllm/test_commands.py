@@ -118,7 +118,7 @@ def test_draw_decoding_reaches_the_generator_and_greedy_methods_agree(model_dir,
                 "--temperature", "0", "--seed", "0", *extra]
         assert main(argv) == 0
     capsys.readouterr()
-    assert seen == ["jacobi", "jacobi", "sequential"]
+    assert seen == ["auto", "jacobi", "sequential"]
     for i in range(2):  # greedy: both methods draw the same images
         assert (tmp_path / f"jacobi-{i}.png").read_bytes() == (tmp_path / f"sequential-{i}.png").read_bytes()
 

@@ -308,15 +308,27 @@ def test_generate_images_shapes_and_ranges(tiny):
             assert 0 <= int(codes.min()) and int(codes.max()) < tiny.config.codebook_size
 
 
-def test_generate_images_seeding(tiny):
-    first = generate_images(tiny, "a red circle", n=2, seed=3)[0]
-    other = generate_images(tiny, ["a red circle"], n=2, seed=4)[0]
+@pytest.mark.parametrize("decoding", ["jacobi", "sequential"])
+def test_generate_images_seeding(tiny, decoding):
+    first = generate_images(tiny, "a red circle", n=2, seed=3, decoding=decoding)[0]
+    other = generate_images(tiny, ["a red circle"], n=2, seed=4, decoding=decoding)[0]
     assert not torch.equal(first[0], other[0])  # another seed, another image
     assert not torch.equal(first[0], first[1])  # image j uses seed + j ...
     assert torch.equal(first[1], other[0])  # ... so image 1 of seed 3 is image 0 of seed 4
     # Same prompt and seed -> the same images, also when batched with another prompt.
-    batched = generate_images(tiny, ["a blue square", "a red circle"], n=2, seed=[9, 3])
+    batched = generate_images(tiny, ["a blue square", "a red circle"], n=2, seed=[9, 3], decoding=decoding)
     assert all(torch.equal(a, b) for a, b in zip(batched[1], first))
+
+
+def test_auto_decoding_is_jacobi_for_a_few_images_and_sequential_above(tiny):
+    from mllm.config import JACOBI_AUTO_MAX_IMAGES
+
+    for count, method in ((JACOBI_AUTO_MAX_IMAGES, "jacobi"), (JACOBI_AUTO_MAX_IMAGES + 1, "sequential")):
+        stats = {}
+        auto = generate_images(tiny, "a red circle", n=count, seed=3, stats=stats)[0]
+        named = generate_images(tiny, "a red circle", n=count, seed=3, decoding=method)[0]
+        assert stats["decoding"] == method
+        assert all(torch.equal(a, b) for a, b in zip(auto, named))
 
 
 def test_generate_images_restores_the_global_rng(tiny):

@@ -318,6 +318,6 @@ def test_serve_decoding_flag_sets_the_servers_default(model, monkeypatch, tmp_pa
     monkeypatch.setattr(mllm.model, "check_model_folder", lambda folder: None)
     for argv in ([], ["--decoding", "sequential"]):
         assert serve_command.run(parser.parse_args(["--model", str(tmp_path), "--port", "0", *argv])) == 0
-    assert seen == ["jacobi", "sequential"]
+    assert seen == ["auto", "sequential"]
     with pytest.raises(ValueError, match="default decoding must be one of"):
         real_create_app(model=model, limits=Limits(default_decoding="fast"))

@@ -124,7 +124,7 @@ def test_image_jobs_draw_with_their_decoding_method(model, monkeypatch):
             engine.submit(job)
         _wait(*jobs)
         assert all(job.error is None and job.result for job in jobs)
-        assert sorted(seen, key=str) == [(2, "jacobi"), (3, "sequential")]  # two batches, one per method
+        assert sorted(seen, key=str) == [(2, "auto"), (3, "sequential")]  # two batches, one per method
     finally:
         engine.close()
 

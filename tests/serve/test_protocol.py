@@ -581,8 +581,8 @@ def test_decoding_field_names_the_allowed_values_and_defaults_to_the_servers():
                            (parse_chat_request, chat())):
         with pytest.raises(APIError) as info:
             parse({**payload, "decoding": "fast"}, Limits())
-        assert info.value.message == "'decoding' must be one of 'jacobi', 'sequential', got the string 'fast'"
-        assert parse(payload, Limits()).decoding == "jacobi"  # DEFAULT_DECODING
+        assert info.value.message == "'decoding' must be one of 'auto', 'jacobi', 'sequential', got the string 'fast'"
+        assert parse(payload, Limits()).decoding == "auto"  # DEFAULT_DECODING
         assert parse(payload, Limits(default_decoding="sequential")).decoding == "sequential"  # mllm serve --decoding
         assert parse({**payload, "decoding": "sequential"}, Limits()).decoding == "sequential"
         assert parse({**payload, "decoding": "jacobi"}, Limits(default_decoding="sequential")).decoding == "jacobi"
