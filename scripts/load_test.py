@@ -228,9 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the server's --max-images (default 8); 'too many images' sends one more")
     server.add_argument("--device", help="--model only: the server's --device (default: the server's own, cuda "
                                          "when available)")
-    server.add_argument("--decoding", choices=("jacobi", "sequential"),
+    server.add_argument("--decoding", choices=("auto", "jacobi", "sequential"),
                         help="--model only: the server's --decoding, how drawings are decoded (default: the "
-                             "server's own, jacobi)")
+                             "server's own, auto)")
     server.add_argument("--api-key", help="--url only: the running server's key, sent as 'Authorization: Bearer'")
     server.add_argument("--startup-timeout", type=_positive_float, default=180.0,
                         help="--model only: seconds to wait for /health (default 180)")
