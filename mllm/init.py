@@ -46,7 +46,7 @@ from mllm.model import (
     reading,
 )
 from tokenizer_vision import DualCodebookTokenizer
-from tokenizer_vision.config import TOKENIZER_SIZES
+from tokenizer_vision.config import FRESH_TOKENIZER_SIZES, TOKENIZER_SIZES
 from tokenizer_vision.schema import closest
 
 
@@ -54,15 +54,22 @@ def _load_vision_tokenizer(vision_tokenizer: str | Path | DualCodebookTokenizer)
     if isinstance(vision_tokenizer, DualCodebookTokenizer):
         return vision_tokenizer.eval()
     if str(vision_tokenizer) in TOKENIZER_SIZES and not Path(vision_tokenizer).exists():
+        if str(vision_tokenizer) not in FRESH_TOKENIZER_SIZES:
+            raise ValueError(
+                f"--vision-tokenizer {vision_tokenizer}: this size needs a semantic teacher (a local CLIP/SigLIP/ViT "
+                f"folder), so it has no fresh random form; train one with `mllm train-tokenizer --recipe "
+                f"tokenizer-photo --teacher DIR ...` and give its folder, or use a named size "
+                f"{list(FRESH_TOKENIZER_SIZES)} for a smoke run"
+            )
         # A fresh, randomly initialised tokenizer of a named size: for tests and smoke runs only.
         return DualCodebookTokenizer.from_name(str(vision_tokenizer)).eval()
     path = Path(vision_tokenizer)
     if not path.is_dir():
-        suggestion = closest(str(vision_tokenizer), TOKENIZER_SIZES)
+        suggestion = closest(str(vision_tokenizer), FRESH_TOKENIZER_SIZES)
         hint = f"; did you mean {suggestion}?" if suggestion else " (train one with `mllm train-tokenizer`)"
         raise ValueError(
             f"--vision-tokenizer {vision_tokenizer!r} is neither a saved tokenizer folder nor one of the "
-            f"named sizes {sorted(TOKENIZER_SIZES)}{hint}"
+            f"named sizes {list(FRESH_TOKENIZER_SIZES)}{hint}"
         )
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():

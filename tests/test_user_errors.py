@@ -166,6 +166,7 @@ CASES = [
     # init
     ("init --llm tny --vision-tokenizer tiny --out {out}/i", ["did you mean tiny?"]),
     ("init --llm tiny --vision-tokenizer tny --out {out}/i", ["did you mean tiny?"]),
+    ("init --llm tiny --vision-tokenizer photo --out {out}/i", ["needs a semantic teacher", "tokenizer-photo"]),
     ("init --llm {empty} --vision-tokenizer tiny --out {out}/i", ["--llm {empty}", "config.json"]),
     ("init --llm {hf_base} --vision-tokenizer tiny --out {out}/i", ["--llm {hf_base}", "no weights"]),
     ("init --llm {model} --vision-tokenizer tiny --out {out}/i", ["already a model folder"]),

@@ -315,4 +315,9 @@ TOKENIZER_SIZES: dict[str, dict[str, Any]] = {
     },
 }
 
-__all__ = ["CODEBOOK_UPDATES", "QUANTIZER_MODES", "TOKENIZER_SIZES", "TokenizerConfig"]
+# Named tokenizer sizes that can be built fresh (random weights) without any file: their semantic tower is
+# described by a config. The others (photo, base) need a local teacher folder and are trained, not named.
+FRESH_TOKENIZER_SIZES = tuple(sorted(name for name, size in TOKENIZER_SIZES.items()
+                                     if size.get("teacher_config") is not None))
+
+__all__ = ["CODEBOOK_UPDATES", "FRESH_TOKENIZER_SIZES", "QUANTIZER_MODES", "TOKENIZER_SIZES", "TokenizerConfig"]

@@ -6,7 +6,7 @@ import argparse
 
 from mllm.commands.types import positive_int
 from mllm.config import EMBEDDING_MODES, IMAGE_INITS, LLM_SIZES
-from tokenizer_vision.config import TOKENIZER_SIZES
+from tokenizer_vision.config import FRESH_TOKENIZER_SIZES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vision-tokenizer", required=True,
         help="a folder written by `mllm train-tokenizer`, or a named size "
-        f"{sorted(TOKENIZER_SIZES)} for a fresh RANDOMLY INITIALISED tokenizer (tests and smoke runs only)",
+        f"{list(FRESH_TOKENIZER_SIZES)} for a fresh RANDOMLY INITIALISED tokenizer (tests and smoke runs only)",
     )
     parser.add_argument("--out", required=True, help="the model folder to write")
     parser.add_argument(
