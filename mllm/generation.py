@@ -228,7 +228,7 @@ def sample_image_codes(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
     start, end = model.vocab.image_id_range
     max_cache_len = input_ids.shape[1] + steps if cache == "static" else None
-    image_logits = _ImageLogits(llm, start, end, max_cache_len=max_cache_len, batch_size=len(sequences))
+    image_logits = _ImageLogits(llm, start, end, max_cache_len=max_cache_len)
     loop = _DrawLoop(
         image_logits=image_logits,
         rows=rows,
@@ -823,8 +823,7 @@ class _ImageLogits:
     The cache is a DynamicCache, or with `max_cache_len` a StaticCache of that length (its mask then
     covers the whole cache: callers pass a preallocated one)."""
 
-    def __init__(self, llm: nn.Module, start: int, end: int, max_cache_len: int | None = None,
-                 batch_size: int | None = None):
+    def __init__(self, llm: nn.Module, start: int, end: int, max_cache_len: int | None = None):
         self.start, self.end = start, end
         self.static = max_cache_len is not None
         if self.static:
