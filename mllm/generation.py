@@ -67,7 +67,7 @@ _PLAIN_HEAD_MODEL_TYPES = frozenset(
 # Image decoding (see sample_image_codes): DECODING_METHODS and DEFAULT_DECODING live in mllm.config (the
 # commands offer them without importing torch). JACOBI_WINDOW: tokens per forward pass of "jacobi" (the
 # known token and JACOBI_WINDOW - 1 drafts), the measured best on the demo model (BENCHMARKS.md).
-JACOBI_WINDOW = 12
+JACOBI_WINDOW = 10
 # KV cache of the image loop: "static" preallocates it with its mask and positions (sequential only); the
 # dynamic cache is the default, faster on CPU (BENCHMARKS.md, "Image generation").
 CACHE_KINDS = ("dynamic", "static")
@@ -373,6 +373,8 @@ def _jacobi_codes(loop: _DrawLoop, input_ids, attention_mask, position_ids, wind
     rows, steps, width = loop.rows, loop.steps, loop.width
     device = input_ids.device
     cache = loop.image_logits.cache
+    size = loop.image_logits.end - loop.image_logits.start  # K
+    slots = window - 1  # drafts per row and pass
     # The first pass is also the prefill: the prompts without their final <|boi|> (every row's first known
     # token), then the pass's tokens.
     prefix_ids, prefix_positions = input_ids[:, :-1], position_ids[:, :-1]
@@ -381,32 +383,51 @@ def _jacobi_codes(loop: _DrawLoop, input_ids, attention_mask, position_ids, wind
     done = [0] * rows  # codes decided per row; the known token is code done - 1 (or <|boi|>)
     known = [None] * rows  # the known code (None: <|boi|>)
     codes = torch.zeros(rows, steps, dtype=torch.long, device=device)
-    drafts: list[list[int]] = [[] for _ in range(rows)]  # codes for positions done, done + 1, ...
-    draft_q: list[list[torch.Tensor | None]] = [[] for _ in range(rows)]  # their q (None: one-hot)
+    # Drafts for codes done, done + 1, ... (the first min(slots, steps - done) of each row count) and the
+    # distribution each was drawn from (one-hot for a deterministic draft).
+    drafts = torch.zeros(rows, max(slots, 1), dtype=torch.long, device=device)
+    draft_q = torch.zeros(rows, max(slots, 1), size, device=device)
     accepted_total = 0
 
-    def guess(row: int, index: int, new_drafts: list[int], first: int) -> int:
-        """A deterministic draft for code `index`: the prior's, else the code above it, else the one before it."""
+    def guesses(row: int, first: int, count: int, known_drafts: torch.Tensor) -> torch.Tensor:
+        """Deterministic drafts for codes first .. first + count - 1 that follow `known_drafts` (drafts for
+        the codes just before them): the prior's codes, else the code above (or before) each."""
         if prior is not None:
-            return int(prior[index])
-        source = index - width if index >= width else index - 1
-        if source < 0:
-            return 0
-        return int(codes[row, source]) if source < first else new_drafts[source - first]
+            return prior[first : first + count]
+        values = list(known_drafts.tolist())
+        origin = first - len(values)  # code index of values[0]
+        out = []
+        for index in range(first, first + count):
+            source = index - width if index >= width else index - 1
+            if source < 0:
+                value = 0
+            elif source >= origin:
+                value = values[source - origin]
+            else:
+                value = int(codes[row, source])
+            values.append(value)
+            out.append(value)
+        return torch.tensor(out, dtype=torch.long, device=device)
 
+    def set_drafts(row: int, first: int, derived: torch.Tensor, derived_q: torch.Tensor) -> None:
+        """Drafts of `row` for codes first ...: `derived` (with their q), then deterministic guesses."""
+        total = min(slots, steps - first)
+        rest = guesses(row, first + len(derived), total - len(derived), derived)
+        drafts[row, : len(derived)] = derived
+        draft_q[row, : len(derived)] = derived_q
+        drafts[row, len(derived) : total] = rest
+        draft_q[row, len(derived) : total] = F.one_hot(rest, size).to(draft_q.dtype)
+
+    empty = torch.zeros(0, dtype=torch.long, device=device)
     for row in range(rows):
-        for index in range(min(window - 1, steps)):
-            drafts[row].append(guess(row, index, drafts[row], 0))
-            draft_q[row].append(None)
+        set_drafts(row, 0, empty, draft_q.new_zeros(0, size))
 
     while any(d < steps for d in done):
-        length = 1 + max(min(window - 1, steps - d) for d in done if d < steps)  # known + drafts
-        tokens = torch.zeros(rows, length, dtype=torch.long, device=device)
+        length = 1 + max(min(slots, steps - d) for d in done if d < steps)  # known + drafts
+        tokens = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=device), drafts[:, : length - 1]], 1)
+        tokens = tokens + loop.offset
         for row in range(rows):
             tokens[row, 0] = boi if known[row] is None else known[row] + loop.offset
-            row_drafts = drafts[row][: length - 1]
-            if row_drafts:
-                tokens[row, 1 : 1 + len(row_drafts)] = torch.tensor(row_drafts, device=device) + loop.offset
         positions = known_position[:, None] + torch.arange(length, device=device)  # (R, L)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], length)], 1)
         pass_ids = loop.both_rows(tokens)
@@ -419,56 +440,48 @@ def _jacobi_codes(loop: _DrawLoop, input_ids, attention_mask, position_ids, wind
             if done[row] >= steps:
                 continue
             generator, count = loop.generators[row], min(length - 1, steps - done[row])
-            row_drafts = drafts[row][:count]
+            x, q = drafts[row, :count], draft_q[row, :count]  # (count,), (count, K)
             accepted = 0
             if count:
-                x = torch.tensor(row_drafts, device=device)
                 p_x = p[row, :count].gather(-1, x[:, None])[:, 0]
-                q_x = torch.stack([q[value] if q is not None else p_x.new_ones(()) for q, value in
-                                   zip(draft_q[row][:count], row_drafts)])
+                q_x = q.gather(-1, x[:, None])[:, 0]
                 coins = torch.rand(count, generator=generator, device=device)
                 accepted = int(torch.cumprod((coins * q_x < p_x).long(), 0).sum())
             keep[row] = 1 + accepted
             start = done[row]
-            if accepted:
-                codes[row, start : start + accepted] = torch.tensor(row_drafts[:accepted], device=device)
+            codes[row, start : start + accepted] = x[:accepted]
             accepted_total += accepted
             if accepted < count:  # the first rejected draft: a sample of the residual
-                q = draft_q[row][accepted]
-                if q is None:
-                    q = F.one_hot(torch.tensor(row_drafts[accepted], device=device), p.shape[-1]).to(p.dtype)
-                new_code = _sample_one(p[row, accepted], q, generator, loop.greedy)
+                new_code = _sample_rows(p[row, accepted : accepted + 1], q[accepted : accepted + 1], generator,
+                                        loop.greedy)[0]
             elif start + accepted < steps:  # all accepted: the last output is exact
-                new_code = _sample_one(p[row, accepted], None, generator, loop.greedy)
+                new_code = _sample_rows(p[row, accepted : accepted + 1], None, generator, loop.greedy)[0]
             else:
                 new_code = None  # the image is complete
             done[row] = start + accepted
             if new_code is not None:
                 codes[row, done[row]] = new_code
                 done[row] += 1
-                known[row] = new_code
+                known[row] = int(new_code)
             known_position[row] += accepted + 1
             if loop.guidance_scale is not None:  # its unconditional row (another prompt length) moves alike
                 known_position[rows + row] += accepted + 1
-            # Next drafts for codes done[row] ... (count `window - 1`): outputs of this pass, then guesses.
-            first, new_drafts, new_q = done[row], [], []
-            for index in range(first, min(first + window - 1, steps)):
-                output = index - start  # p[row, output] is this pass's distribution for code `index`
-                if output < length and accepted < count:
-                    q_new = p[row, output]
-                    old = index - start
-                    if old < count:  # the position had a draft: maximal coupling with it
-                        old_q = draft_q[row][old]
-                        if old_q is None:
-                            old_q = F.one_hot(torch.tensor(row_drafts[old], device=device), p.shape[-1]).to(p.dtype)
-                        new_drafts.append(_couple(q_new, old_q, row_drafts[old], generator, loop.greedy))
-                    else:
-                        new_drafts.append(_sample_one(q_new, None, generator, loop.greedy))
-                    new_q.append(q_new)
-                else:
-                    new_drafts.append(guess(row, index, new_drafts, first))
-                    new_q.append(None)
-            drafts[row], draft_q[row] = new_drafts, new_q
+            if done[row] >= steps:
+                continue
+            # Next drafts for codes done[row], ...: this pass's later outputs (p[row, m] is its distribution
+            # for code start + m), coupled with the drafts these codes had, then guesses.
+            first = done[row]
+            derived = 0
+            if accepted < count:
+                derived = max(0, min(slots, steps - first, length - (first - start)))
+            outputs = p[row, first - start : first - start + derived]  # (derived, K)
+            with_old = max(0, min(derived, count - (first - start)))  # codes that had a draft this pass
+            new = torch.cat([
+                _couple_rows(outputs[:with_old], q[first - start : first - start + with_old],
+                             x[first - start : first - start + with_old], generator, loop.greedy),
+                _sample_rows(outputs[with_old:], None, generator, loop.greedy),
+            ])
+            set_drafts(row, first, new, outputs)
         # Masks: a row's columns after what it kept are dropped; columns no row kept leave the cache.
         kept_columns = max(keep)
         for row in range(rows):
@@ -483,25 +496,29 @@ def _jacobi_codes(loop: _DrawLoop, input_ids, attention_mask, position_ids, wind
     return codes
 
 
-def _sample_one(p: torch.Tensor, q: torch.Tensor | None, generator: torch.Generator, greedy: bool) -> int:
-    """A code from p (K,), or from the residual max(0, p - q) normalised when q is given."""
+def _sample_rows(p: torch.Tensor, q: torch.Tensor | None, generator: torch.Generator, greedy: bool) -> torch.Tensor:
+    """One code per row of p (n, K), or of the residual max(0, p - q) normalised where q (n, K) is given
+    (a row whose residual is empty, p == q, samples p itself)."""
+    if len(p) == 0:
+        return torch.zeros(0, dtype=torch.long, device=p.device)
     if q is not None:
         residual = (p - q).clamp(min=0)
-        if float(residual.sum()) > 1e-12:
-            p = residual
+        p = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p)
     if greedy:
-        return int(p.argmax())
-    return int(torch.multinomial(p, 1, generator=generator))
+        return p.argmax(-1)
+    return torch.multinomial(p, 1, generator=generator)[:, 0]
 
 
-def _couple(q_new: torch.Tensor, q_old: torch.Tensor, old: int, generator: torch.Generator, greedy: bool) -> int:
-    """A draft with law q_new that equals the old draft (drawn from q_old) as often as possible."""
-    if greedy:
-        return int(q_new.argmax())
-    keep_probability = float(q_new[old]) / max(float(q_old[old]), 1e-30)
-    if float(torch.rand((), generator=generator, device=q_new.device)) < keep_probability:
-        return old
-    return _sample_one(q_new, q_old, generator, greedy)
+def _couple_rows(q_new: torch.Tensor, q_old: torch.Tensor, old: torch.Tensor, generator: torch.Generator,
+                 greedy: bool) -> torch.Tensor:
+    """Drafts with law q_new (n, K) that equal the old drafts `old` (n,), drawn from q_old, as often as
+    possible: each is kept with probability min(1, q_new(old) / q_old(old)), else resampled from the
+    residual max(0, q_new - q_old) (a maximal coupling)."""
+    if greedy or len(q_new) == 0:
+        return q_new.argmax(-1) if len(q_new) else old[:0]
+    coins = torch.rand(len(old), generator=generator, device=old.device)
+    kept = coins * q_old.gather(-1, old[:, None])[:, 0] < q_new.gather(-1, old[:, None])[:, 0]
+    return torch.where(kept, old, _sample_rows(q_new, q_old, generator, greedy))
 
 
 # ---------------------------------------------------------------------------- chat

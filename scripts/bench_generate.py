@@ -40,8 +40,8 @@ A method the installed `generate_images` cannot run (no `decoding` / `cache` par
 printed note; without a `decoding` parameter, `sequential` is today's loop (a DynamicCache loop). A method
 that raises is skipped with its error printed, and the others still run.
 
-Figures, per method and batch size (medians of --repeats timed calls after one untimed warm-up call; the
-same prompts, seeds 1..repeats):
+Figures, per method and batch size (medians of --repeats timed calls after one untimed warm-up call; call r
+uses seed r and the prompt list rotated by r, at batch 1 prompt r mod 8, the same for every method):
 
   forwards / image   sequential LLM forward passes an image goes through, prefill included (one call
                      draws the whole batch, so this is the count per call). Ours: `stats["forwards"]` from
@@ -324,7 +324,11 @@ def time_method(method: Callable, model, prompts: list[str], guidance_scale: flo
             counter.reset()
         _sync(model.device)
         start = time.perf_counter()
-        codes, stats = method(model, prompts, guidance_scale, temperature, seed=repeat)
+        # Each repeat rotates the prompt list and changes the seed: at batch 1 the repeats then cover
+        # several prompts, since a drawing's Jacobi passes vary with its prompt and seed.
+        shifted = prompts[repeat % len(prompts):] + prompts[:repeat % len(prompts)] if len(prompts) > 1 else \
+            [PROMPTS[repeat % len(PROMPTS)]]
+        codes, stats = method(model, shifted, guidance_scale, temperature, seed=repeat)
         _sync(model.device)
         elapsed = time.perf_counter() - start
         if tuple(codes.shape) != (len(prompts), steps):
