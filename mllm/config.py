@@ -51,7 +51,7 @@ DRAW_TEMPERATURE = 0.6
 # commands can offer the choice without importing torch.
 DECODING_METHODS = ("auto", "jacobi", "sequential")
 DEFAULT_DECODING = "auto"
-JACOBI_AUTO_MAX_IMAGES = 3  # measured crossover on a 2-core CPU, demo model: jacobi 1.3x at 3 images, 0.75x at 4
+JACOBI_AUTO_MAX_IMAGES = 3  # measured crossover on a 2-core CPU, demo model: jacobi 1.05x at 3 images, 0.75x at 4
 
 
 @dataclass

@@ -16,7 +16,7 @@ loop here is measured against it in `scripts/bench_generate.py` (figures in BENC
 
 Two ways to run that loop, the same distribution (`decoding=`): "sequential", one forward pass per code,
 and "jacobi", speculative Jacobi decoding (`_jacobi_codes`): a window of draft codes verified per pass
-by the speculative-sampling rule, about 2.8x fewer passes on the demo model. "auto" (the default) takes
+by the speculative-sampling rule, about 3x fewer passes on the demo model. "auto" (the default) takes
 "jacobi" for a few images per call and "sequential" for larger batches, where on a CPU it is faster.
 
 Seeding: a seed is scoped (the global RNG state is restored afterwards). Image rows are seeded
