@@ -206,3 +206,26 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def decodings_seen(monkeypatch):
+    """decodings_seen(name) -> a list that records the `decoding` argument of every call of
+    mllm.generation.<name> ("generate_images" or "sample_image_codes") from then on. The greedy decode
+    that Jacobi decoding runs once per model for its first drafts (prior=False) is not a drawing and is
+    left out, so the record does not depend on which test drew with the model first."""
+    import mllm.generation
+
+    def record(name: str) -> list:
+        seen = []
+        real = getattr(mllm.generation, name)
+
+        def spy(*args, **kwargs):
+            if kwargs.get("prior", True):
+                seen.append(kwargs.get("decoding"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(mllm.generation, name, spy)
+        return seen
+
+    return record

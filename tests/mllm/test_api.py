@@ -102,17 +102,10 @@ def test_draw_returns_images_of_the_tokenizer_size(model):
     assert [len(per_prompt) for per_prompt in batched] == [2, 2, 2]
 
 
-def test_draw_passes_its_decoding_method_on(model, monkeypatch):
+def test_draw_passes_its_decoding_method_on(model, decodings_seen):
     import mllm.generation
 
-    seen = []
-    real = mllm.generation.generate_images
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("decoding"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mllm.generation, "generate_images", spy)
+    seen = decodings_seen("generate_images")
     model.draw("a red circle", seed=0)
     model.draw("a red circle", seed=0, decoding="sequential")
     assert seen == [mllm.generation.DEFAULT_DECODING, "sequential"]
@@ -130,19 +123,11 @@ def test_greedy_drawings_are_the_same_with_either_decoding_method(model):
     assert as_bytes["jacobi"] == as_bytes["sequential"]
 
 
-def test_chat_draws_with_the_decoding_method_it_is_given(model, monkeypatch):
+def test_chat_draws_with_the_decoding_method_it_is_given(model, decodings_seen):
     from torch import nn
 
-    import mllm.generation
 
-    seen = []
-    real = mllm.generation.sample_image_codes
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("decoding"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mllm.generation, "sample_image_codes", spy)
+    seen = decodings_seen("sample_image_codes")
     core = model.model
     head = core.llm.get_output_embeddings()
     biased = nn.Linear(head.in_features, head.out_features, bias=True)  # <|boi|> the likeliest token: it draws

@@ -263,17 +263,9 @@ def test_drawing_is_reproducible_with_a_seed(model):
     assert first[0].tobytes() == second[0].tobytes()
 
 
-def test_decoding_option_reaches_the_drawing_and_the_chat(model, model_dir, tmp_path, monkeypatch):
-    import mllm.generation
+def test_decoding_option_reaches_the_drawing_and_the_chat(model, model_dir, tmp_path, decodings_seen):
 
-    seen = []
-    real = mllm.generation.sample_image_codes
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("decoding"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mllm.generation, "sample_image_codes", spy)
+    seen = decodings_seen("sample_image_codes")
     default, _, _ = session_for(model, model_dir, tmp_path)
     assert default.options.decoding == "auto" and default.chat_options()["decoding"] == "auto"
     session, out, err = session_for(model, model_dir, tmp_path, "--decoding", "sequential", "--seed", "0")

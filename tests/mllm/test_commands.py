@@ -101,17 +101,9 @@ def test_draw_is_reproducible_with_a_seed(model_dir, tmp_path, capsys):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
-def test_draw_decoding_reaches_the_generator_and_greedy_methods_agree(model_dir, tmp_path, capsys, monkeypatch):
-    import mllm.generation
+def test_draw_decoding_reaches_the_generator_and_greedy_methods_agree(model_dir, tmp_path, capsys, decodings_seen):
 
-    seen = []
-    real = mllm.generation.generate_images
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("decoding"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mllm.generation, "generate_images", spy)
+    seen = decodings_seen("generate_images")
     for name, extra in (("default.png", []), ("jacobi.png", ["--decoding", "jacobi"]),
                         ("sequential.png", ["--decoding", "sequential"])):
         argv = ["draw", "--model", str(model_dir), "a red circle", "--out", str(tmp_path / name), "--n", "2",

@@ -277,7 +277,7 @@ def test_decoding_field_chooses_how_images_are_drawn(server, client, model):
         return [im.tobytes() for im in model.draw("a red circle", n=2, seed=3, guidance_scale=2.0, decoding=decoding)]
 
     # Sampled (the default temperature): each method draws its own images, as MLLM.draw does with it.
-    assert generated() == generated(decoding="jacobi") == drawn("jacobi")  # the server's default
+    assert generated() == generated(decoding="jacobi") == drawn("jacobi")  # the default, auto: jacobi for 2 images
     assert generated(decoding="sequential") == drawn("sequential") != drawn("jacobi")
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Draw: a red circle"}],
                                            max_tokens=4, extra_body={"decoding": "sequential"})
