@@ -58,6 +58,9 @@ METRICS_NAME = "metrics.jsonl"
 RECIPE_NAME = "train_recipe.yaml"  # the config a run trained with, under OUT (loads back with --recipe)
 TRAIN_ATTN_IMPLEMENTATIONS = ("auto", "packed_eager", "eager", "sdpa", "flash_attention_2")
 TOKENIZE_BATCH = 32  # conversations per processor call (one vision-tokenizer call for their images)
+# Tasks whose questions about one record's images are grouped into multi-turn examples (vqa_turns) and, with
+# vqa_branches and packing, trained as branches off the images.
+BRANCHED_TASKS = ("vqa", "multi")
 
 
 @dataclass
@@ -71,6 +74,11 @@ class LLMTrainConfig:
     out: str = ""
     tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "t2i": 1.0})  # mixture weights
     cfg_dropout: float = 0.1  # fraction of t2i examples trained with the unconditional prompt
+    # Editing's unconditional branches (`mllm.generation.edit_images`, guidance="instruction" | "both"): the
+    # fraction of edit examples trained with the image alone (instruction dropped), and with the
+    # unconditional draw prompt instead of image and instruction (both dropped).
+    edit_drop_instruction: float = 0.05
+    edit_drop_both: float = 0.05
     lora: LoraSettings | None = None  # null = full fine-tune of the LLM
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -110,6 +118,9 @@ class LLMTrainConfig:
             raise ValueError(f"tasks: weights must be >= 0 with at least one positive, got {self.tasks}")
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
+        drops = (self.edit_drop_instruction, self.edit_drop_both)
+        if not (all(0.0 <= d <= 1.0 for d in drops) and sum(drops) <= 1.0):
+            raise ValueError(f"edit_drop_instruction and edit_drop_both must be in [0, 1] with a sum <= 1, got {drops}")
         if min(self.max_steps, self.per_device_batch_size, self.gradient_accumulation_steps) <= 0:
             raise ValueError("max_steps, per_device_batch_size and gradient_accumulation_steps must be positive")
         if self.num_samples is not None and self.num_samples <= 0:
@@ -136,7 +147,8 @@ class LLMTrainConfig:
 def load_task_pools(data: str, tasks: dict[str, float], vqa_turns: int = 1, seed: int = 0) -> dict[str, list]:
     """{task: [Sample, ...]} for the tasks with a positive weight, read once from the shards.
 
-    `vqa_turns` > 1 groups each image's QA pairs into multi-turn vqa conversations (`group_vqa_turns`).
+    `vqa_turns` > 1 groups each image's QA pairs into multi-turn vqa conversations (`group_vqa_turns`), and
+    likewise the questions over one pair of images (task multi).
     `split=False`: every process reads every shard; the Trainer's sampler splits the examples."""
     check_data_path(data)
     wanted = tuple(task for task, weight in tasks.items() if weight > 0)
@@ -148,8 +160,9 @@ def load_task_pools(data: str, tasks: dict[str, float], vqa_turns: int = 1, seed
     main = _is_main_process()  # every process reads the data; one says what it found
     if stats.total_skipped and main:
         print(f"skipped records: {stats.report()}")
-    if vqa_turns > 1 and pools.get("vqa"):
-        pools["vqa"] = group_vqa_turns(pools["vqa"], vqa_turns, seed)
+    for task in BRANCHED_TASKS:
+        if vqa_turns > 1 and pools.get(task):
+            pools[task] = group_vqa_turns(pools[task], vqa_turns, seed, task)
     empty = [task for task, samples in pools.items() if not samples]
     pools = {task: samples for task, samples in pools.items() if samples}
     if not pools:
@@ -178,9 +191,10 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def group_vqa_turns(samples: list, turns: int, seed: int) -> list:
+def group_vqa_turns(samples: list, turns: int, seed: int, task: str = "vqa") -> list:
     """Single-turn vqa samples -> multi-turn ones: the QA pairs about one image (consecutive samples sharing
     a record key `{key}/vqa{i}`) in a seeded random order, cut into conversations of up to `turns` pairs.
+    `task` "multi": the same for the questions over one record's images (`{key}/multi{i}`).
 
     The image comes once, in the first user turn; every answer is supervised. Many answers per image
     tokens make VQA training several times cheaper per token than one pair per example. `mllm train`
@@ -191,7 +205,7 @@ def group_vqa_turns(samples: list, turns: int, seed: int) -> list:
     grouped: list[Sample] = []
     records: dict[str, list] = {}
     for sample in samples:
-        records.setdefault(sample.key.rsplit("/vqa", 1)[0], []).append(sample)
+        records.setdefault(sample.key.rsplit(f"/{task}", 1)[0], []).append(sample)
     for key, pairs in records.items():
         order = rng.sample(pairs, len(pairs))
         for start in range(0, len(order), turns):
@@ -200,16 +214,19 @@ def group_vqa_turns(samples: list, turns: int, seed: int) -> list:
                 user, assistant = pair.messages
                 content = user["content"] if index == 0 else [p for p in user["content"] if p["type"] == "text"]
                 messages += [{"role": "user", "content": content}, assistant]
-            grouped.append(Sample(f"{key}/vqa-turns{start // turns}", "vqa", messages))
+            grouped.append(Sample(f"{key}/{task}-turns{start // turns}", task, messages))
     return grouped
 
 
 def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processor, cfg_dropout: float,
-                       num_samples: int | None, seed: int) -> list[tuple[str, list[dict]]]:
+                       num_samples: int | None, seed: int,
+                       edit_drops: tuple[float, float] = (0.0, 0.0)) -> list[tuple[str, list[dict]]]:
     """(task, messages) drawn from the mixture: each example picks a task with probability proportional to
     its weight, then that task's next sample (a seeded shuffle, reshuffled when exhausted). A fraction
     `cfg_dropout` of text-to-image examples has its prompt replaced by the unconditional one, so
-    classifier-free guidance has an unconditional branch to subtract."""
+    classifier-free guidance has an unconditional branch to subtract. `edit_drops` = (instruction, both):
+    the fractions of edit examples whose user turn keeps the source image only, and whose user turn is the
+    unconditional draw prompt (`mllm.generation.edit_conversation` builds the same branches)."""
     rng = random.Random(seed)
     names = sorted(name for name in pools if tasks.get(name, 0) > 0)
     if not names:
@@ -226,6 +243,12 @@ def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processo
         if task == "t2i" and rng.random() < cfg_dropout:
             reply = [message for message in messages if message["role"] == "assistant"]
             messages = processor.unconditional_draw_conversation() + reply
+        elif task == "edit" and (coin := rng.random()) < sum(edit_drops):
+            user, reply = messages[0], [message for message in messages if message["role"] == "assistant"]
+            if coin < edit_drops[0]:  # the instruction dropped: the source image alone
+                messages = [{"role": "user", "content": [p for p in user["content"] if p["type"] == "image"]}, *reply]
+            else:  # both dropped
+                messages = processor.unconditional_draw_conversation() + reply
         drawn.append((task, messages))
     return drawn
 
@@ -244,7 +267,8 @@ def draw_mixture(cfg: LLMTrainConfig, processor) -> tuple[list[tuple[str, list[d
     """The run's examples as (task, messages), drawn once with the recipe's seed, and the sorted task names
     (a task's index in it is the `task` of its examples)."""
     pools = load_task_pools(cfg.data, cfg.tasks, cfg.vqa_turns, cfg.seed)
-    drawn = draw_conversations(pools, cfg.tasks, processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed)
+    drawn = draw_conversations(pools, cfg.tasks, processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed,
+                               (cfg.edit_drop_instruction, cfg.edit_drop_both))
     return drawn, sorted(pools)
 
 

@@ -56,7 +56,7 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     attention = components.set_training_attention(model.llm, cfg.attn_implementation, tree)
     drawn, task_names = components.draw_mixture(cfg, model.processor)
     examples = components.tokenize_examples(model.processor, [messages for _, messages in drawn], cfg.max_length,
-                                            [tree and task == "vqa" for task, _ in drawn])
+                                            [tree and task in components.BRANCHED_TASKS for task, _ in drawn])
     for example, (task, _) in zip(examples, drawn):
         example["task"] = task_names.index(task)
     if cfg.lora is not None:

@@ -149,16 +149,18 @@ def pretokenize_records(
     images = 0
 
     def flush() -> Iterator[dict[str, Any]]:
-        with_image = [record for record in pending if record["image"] is not None]
-        if with_image:
+        every_image = [image for record in pending for image in _images(record)]
+        if every_image:
             with torch.no_grad(), autocast(precision, device):
-                codes = tokenizer.encode([record["image"] for record in with_image])  # (B, h, w)
+                codes = tokenizer.encode(every_image)  # (B, h, w)
             grids = iter(codes.cpu().numpy().astype(dtype))
         for record in pending:
             out = {**record["json"], "key": record["key"]}
-            if record["image"] is not None:
-                out["codes"] = next(grids)
-                counts["images_encoded"] = counts.get("images_encoded", 0) + 1
+            if record_images := _images(record):
+                # One grid per image, in order; a record of several images keeps them all (img1.codes.npy, ...).
+                codes_list = [next(grids) for _ in record_images]
+                out["codes"] = codes_list if len(codes_list) > 1 else codes_list[0]
+                counts["images_encoded"] = counts.get("images_encoded", 0) + len(codes_list)
             else:
                 counts["records_without_image"] = counts.get("records_without_image", 0) + 1
             counts["records_written"] = counts.get("records_written", 0) + 1
@@ -174,8 +176,13 @@ def pretokenize_records(
             stats.skip("reserved_field", f"{record['key']}: JSON field(s) {sorted(reserved)} cannot be kept")
             continue
         pending.append(record)
-        images += record["image"] is not None
+        images += len(_images(record))
         if images >= batch_size:
             yield from flush()
             images = 0
     yield from flush()
+
+
+def _images(record: dict[str, Any]) -> list:
+    """Every image of a decoded record, in order (records of a plain folder carry only "image")."""
+    return list(record.get("images") or ([] if record["image"] is None else [record["image"]]))

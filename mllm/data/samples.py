@@ -1,7 +1,8 @@
 """The one sample type every reader yields, and the prompt templates of the four tasks.
 
 A `Sample` is a conversation in the Hugging Face / OpenAI content-part style, so the
-processor turns every task (caption, VQA, chat, drawing) into a token sequence the same way:
+processor turns every task (caption, VQA, chat, drawing, editing, questions over several images) into a
+token sequence the same way:
 
     {"role": "user" | "assistant" | "system",
      "content": [{"type": "text", "text": "..."}, {"type": "image", "image": PIL.Image}]}
@@ -22,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-TASKS = ("caption", "vqa", "chat", "t2i")
+TASKS = ("caption", "vqa", "chat", "t2i", "edit", "multi")
 ROLES = ("user", "assistant", "system")
 
 CAPTION_PROMPT = "Describe the image."
@@ -93,6 +94,32 @@ def t2i_sample(key: str, prompt: str, image: Image.Image) -> Sample:
         [
             {"role": "user", "content": [text_part(DRAW_TEMPLATE.format(prompt=prompt))]},
             {"role": "assistant", "content": [image_part(image)]},
+        ],
+    )
+
+
+def edit_sample(key: str, source: Image.Image, instruction: str, target: Image.Image) -> Sample:
+    """user: the source image + the instruction as it is ("make the circle blue") -> assistant: the edited
+    image (the generation target). No template around the instruction: in a chat, an image and an
+    instruction are exactly this turn, so the model answers them with the edited image."""
+    return Sample(
+        key,
+        "edit",
+        [
+            {"role": "user", "content": [image_part(source), text_part(instruction)]},
+            {"role": "assistant", "content": [image_part(target)]},
+        ],
+    )
+
+
+def multi_image_sample(key: str, images: list[Image.Image], question: str, answer: str) -> Sample:
+    """user: every image, in order, then the question ("Which image has more objects?") -> assistant: answer."""
+    return Sample(
+        key,
+        "multi",
+        [
+            {"role": "user", "content": [*(image_part(image) for image in images), text_part(question)]},
+            {"role": "assistant", "content": [text_part(answer)]},
         ],
     )
 

@@ -5,9 +5,13 @@ the encoded image) and `{key}.json` (every other field: `caption`, `qa`, `prompt
 in JSON form, `scene`, ...). A record may have no image (a text-only chat). `write_shards` also
 writes `index.json` listing every shard and its record count.
 
+A record of several images (an edit: source and target; a question over two images) stores the first as
+above and the k-th further one as `{key}.img{k}.png` (k = 1, 2, ...); readers yield them all, in order, as
+`"images"`, and the first also as `"image"`.
+
 Pre-tokenized shards (`mllm pretokenize`) carry `{key}.codes.npy` (the image's code grid (h, w),
-an integer .npy) in place of the image. Readers then yield `"codes"` (LongTensor (h, w)) with
-`"image": None`, and samples get `{"type": "image", "codes": ...}` parts, which the processor
+an integer .npy) in place of the image (`{key}.img{k}.codes.npy` for further images). Readers then yield
+`"codes"` (LongTensor (h, w); every image's in `"codes_list"`) with `"image": None`, and samples get `{"type": "image", "codes": ...}` parts, which the processor
 takes as they are: training on such shards never runs the vision tokenizer.
 
 Reading is a `webdataset.DataPipeline` (a torch `IterableDataset`):
@@ -36,9 +40,10 @@ summary is logged (logging.warning) when an iteration ends:
     corrupt_image      an image that does not decode (truncated, corrupt, not an image)
     corrupt_codes      a codes.npy that does not load (never unpickled) or is not a 2-D integer grid
     image_too_large    an image above `max_image_pixels` (refused before decoding)
-    missing_fields     JSON with none of caption / qa / prompt / messages
+    missing_fields     JSON with none of caption / qa / prompt / messages / edit / multi_qa
     malformed_field    one of those fields with the wrong shape (counted per field or qa entry)
-    missing_image      an image task (caption / vqa / t2i) on a record without an image
+    missing_image      an image task (caption / vqa / t2i) on a record without an image, or an edit or a
+                       multi-image question on a record with fewer than two
 
 With DataLoader workers each worker process counts into its own copy of the `DataStats` and logs
 its own summary; the copy in the main process stays empty.
@@ -68,7 +73,16 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mllm.data.samples import TASKS, Sample, caption_sample, chat_sample, t2i_sample, vqa_sample
+from mllm.data.samples import (
+    TASKS,
+    Sample,
+    caption_sample,
+    chat_sample,
+    edit_sample,
+    multi_image_sample,
+    t2i_sample,
+    vqa_sample,
+)
 from mllm.io import TMP_SUFFIX, aside, fsync_path, fsync_tree, write_file
 from tokenizer_vision.image_processing import ImageError, load_image
 
@@ -79,7 +93,9 @@ logger = logging.getLogger(__name__)
 # decompression bomb) than data.
 MAX_IMAGE_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-TASK_FIELDS = ("caption", "qa", "prompt", "messages")
+TASK_FIELDS = ("caption", "qa", "prompt", "messages", "edit", "multi_qa")
+# Further images of a record: `{key}.img1.png`, `{key}.img2.png`, ... (and `img1.codes.npy` once pre-tokenized).
+MAX_RECORD_IMAGES = 16
 CODES_EXTENSION = "codes.npy"  # the member `{key}.codes.npy` of a pre-tokenized record
 
 # Webdataset splits a member name into key and extension at the first dot of its base name and
@@ -151,8 +167,10 @@ def write_shards(
     """Write records to `{out_dir}/{prefix}-%06d.tar` with webdataset's ShardWriter; return the shard paths.
 
     Each input dict needs a `key` (letters, digits, `_`, `-`, `/`; no dots) and may have an
-    `image`: a PIL image (stored as lossless PNG) or an `EncodedImage` (stored as is), or `codes`:
-    an integer numpy array (h, w), stored as `{key}.codes.npy`. Every other
+    `image`: a PIL image (stored as lossless PNG) or an `EncodedImage` (stored as is), or `images`: a list
+    of them (the first stored as the image, the k-th further one as `{key}.img{k}.png`), or `codes`:
+    an integer numpy array (h, w), stored as `{key}.codes.npy`, or a list of them (one per image, further
+    ones as `{key}.img{k}.codes.npy`). Every other
     field goes into `{key}.json`, so it must be JSON-serialisable; chat `messages` must already be
     in JSON form (see `mllm.data.samples`). Also writes `{out_dir}/index.json` with each shard's
     record count. Existing shards with the same prefix are an error unless `overwrite`, because a
@@ -213,19 +231,29 @@ def _tar_record(sample: dict[str, Any]) -> dict[str, Any]:
             f"record key must match {_KEY_PATTERN.pattern} (webdataset splits names at dots), got {key!r}"
         )
     record: dict[str, Any] = {"__key__": key}
-    image = sample.get("image")
-    if isinstance(image, EncodedImage):
-        record[image.ext] = image.data
-    elif isinstance(image, Image.Image):
-        record["png"] = image  # ShardWriter's default encoder saves PIL images by extension
-    elif image is not None:
-        raise TypeError(f"{key}: image must be a PIL image or EncodedImage, got {type(image).__name__}")
+    if "image" in sample and "images" in sample:
+        raise ValueError(f"{key}: give `image` or `images`, not both")
+    images = sample["images"] if "images" in sample else [sample.get("image")]
+    if len(images) > MAX_RECORD_IMAGES:
+        raise ValueError(f"{key}: at most {MAX_RECORD_IMAGES} images per record, got {len(images)}")
+    for index, image in enumerate(images):
+        prefix = f"img{index}." if index else ""
+        if isinstance(image, EncodedImage):
+            record[prefix + image.ext] = image.data
+        elif isinstance(image, Image.Image):
+            record[prefix + "png"] = image  # ShardWriter's default encoder saves PIL images by extension
+        elif image is not None:
+            raise TypeError(f"{key}: image must be a PIL image or EncodedImage, got {type(image).__name__}")
     codes = sample.get("codes")
-    if codes is not None:
-        if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu" or codes.ndim != 2:
-            raise TypeError(f"{key}: codes must be a 2-D integer numpy array, got {codes!r}"[:200])
-        record[CODES_EXTENSION] = encode_codes(codes)
-    record["json"] = {name: value for name, value in sample.items() if name not in ("key", "image", "codes")}
+    grids = codes if isinstance(codes, (list, tuple)) else [] if codes is None else [codes]
+    if len(grids) > MAX_RECORD_IMAGES:
+        raise ValueError(f"{key}: at most {MAX_RECORD_IMAGES} code grids per record, got {len(grids)}")
+    for index, grid in enumerate(grids):
+        if not isinstance(grid, np.ndarray) or grid.dtype.kind not in "iu" or grid.ndim != 2:
+            raise TypeError(f"{key}: codes must be a 2-D integer numpy array, got {grid!r}"[:200])
+        record[(f"img{index}." if index else "") + CODES_EXTENSION] = encode_codes(grid)
+    record["json"] = {name: value for name, value in sample.items()
+                      if name not in ("key", "image", "images", "codes")}
     return record
 
 
@@ -298,10 +326,11 @@ def read_records(
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     split: bool = True,
 ) -> wds.DataPipeline:
-    """Records `{"key", "image": RGB PIL image or None, "json": dict}` from shards.
+    """Records `{"key", "image": RGB PIL image or None, "images": [every image, in order], "json": dict}`
+    from shards.
 
-    A pre-tokenized record (`{key}.codes.npy`) also has `"codes"`: LongTensor (h, w), and
-    `"image": None`.
+    A pre-tokenized record (`{key}.codes.npy`) also has `"codes"`: LongTensor (h, w), `"codes_list"` (every
+    image's grid, in order), and `"image": None`, `"images": []`.
 
     `split=False` turns off the per-process / per-worker shard split (every caller reads all).
 
@@ -336,18 +365,22 @@ def record_samples(
     record: dict[str, Any], tasks: Sequence[str] = TASKS, stats: DataStats | None = None
 ) -> list[Sample]:
     """Expand one decoded record: `caption` -> caption sample, each `qa` entry -> vqa sample,
-    `prompt` -> t2i sample (the record's image is the target), `messages` -> chat sample.
+    `prompt` -> t2i sample (the record's image is the target), `messages` -> chat sample (bound to all the
+    record's images), `edit` ({"instruction", ...}) -> edit sample (image 1 is the edit of image 0), each
+    `multi_qa` entry -> a multi-image sample (every image, then the question).
 
-    Sample keys are `{key}/caption`, `{key}/vqa{i}`, `{key}/t2i`, `{key}/chat`. Malformed fields
+    Sample keys are `{key}/caption`, `{key}/vqa{i}`, `{key}/t2i`, `{key}/chat`, `{key}/edit`, `{key}/multi{i}`. Malformed fields
     and image tasks without an image are skipped and counted in `stats`; the rest still expand.
     A record with `"codes"` gives image parts `{"type": "image", "codes": LongTensor (h, w)}`.
     """
     stats = DataStats() if stats is None else stats
     key, image, meta = record["key"], record["image"], record["json"]
     codes = record.get("codes")
+    images = list(record.get("images", [] if image is None else [image]))
     if codes is not None:
         # The sample builders place whatever stands for the image; the codes parts replace it below.
         image = codes
+        images = list(record.get("codes_list", [codes]))
     if not any(name in meta for name in TASK_FIELDS):
         stats.skip("missing_fields", f"{key}: has none of {TASK_FIELDS}")
         return []
@@ -384,9 +417,33 @@ def record_samples(
             samples.append(t2i_sample(f"{key}/t2i", prompt, image))
     if "chat" in tasks and "messages" in meta:
         try:
-            samples.append(chat_sample(f"{key}/chat", meta["messages"], [] if image is None else [image]))
+            samples.append(chat_sample(f"{key}/chat", meta["messages"], images))
         except ValueError as exn:
             stats.skip("malformed_field", f"{key}: messages: {exn}")
+
+    def two_images(what: str) -> bool:
+        if len(images) < 2:
+            stats.skip("missing_image", f"{key}: {what} needs two images, the record has {len(images)}")
+        return len(images) >= 2
+
+    if "edit" in tasks and "edit" in meta:
+        edit = meta["edit"]
+        if not (isinstance(edit, dict) and _is_text(edit.get("instruction"))):
+            stats.skip("malformed_field", f"{key}: edit {edit!r}"[:200])
+        elif two_images("edit"):
+            samples.append(edit_sample(f"{key}/edit", images[0], edit["instruction"], images[1]))
+    if "multi" in tasks and "multi_qa" in meta:
+        qa = meta["multi_qa"]
+        if not isinstance(qa, list):
+            stats.skip("malformed_field", f"{key}: multi_qa is not a list: {qa!r}"[:200])
+            qa = []
+        for index, pair in enumerate(qa):
+            if not (
+                isinstance(pair, dict) and _is_text(pair.get("question")) and _is_text(pair.get("answer"))
+            ):
+                stats.skip("malformed_field", f"{key}: multi_qa[{index}] {pair!r}"[:200])
+            elif two_images("multi_qa"):
+                samples.append(multi_image_sample(f"{key}/multi{index}", images, pair["question"], pair["answer"]))
     if codes is not None:
         for sample in samples:
             _image_parts_to_codes(sample)
@@ -570,11 +627,19 @@ def _decode_record(record: dict[str, Any], max_image_pixels: int) -> dict[str, A
         raise SkipSample("invalid_json", f"expected an object, got {type(meta).__name__}")
     if CODES_EXTENSION in record:
         # Pre-tokenized: the codes stand for the image, which is not decoded even if present.
-        return {"key": record["__key__"], "image": None, "codes": decode_codes(record[CODES_EXTENSION]),
+        grids = [decode_codes(record[CODES_EXTENSION])]
+        while len(grids) < MAX_RECORD_IMAGES and (name := f"img{len(grids)}.{CODES_EXTENSION}") in record:
+            grids.append(decode_codes(record[name]))
+        return {"key": record["__key__"], "image": None, "images": [], "codes": grids[0], "codes_list": grids,
                 "json": meta}  # fmt: skip
-    ext = next((ext for ext in IMAGE_EXTENSIONS if ext in record), None)
-    image = None if ext is None else decode_image(record[ext], max_image_pixels)
-    return {"key": record["__key__"], "image": image, "json": meta}
+    images = []
+    while len(images) < MAX_RECORD_IMAGES:
+        prefix = f"img{len(images)}." if images else ""
+        ext = next((ext for ext in IMAGE_EXTENSIONS if prefix + ext in record), None)
+        if ext is None:
+            break
+        images.append(decode_image(record[prefix + ext], max_image_pixels))
+    return {"key": record["__key__"], "image": images[0] if images else None, "images": images, "json": meta}
 
 
 def _expand_records(

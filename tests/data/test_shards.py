@@ -64,7 +64,7 @@ def test_read_records_round_trip(shard_dir, shapes):
     records = list(pipeline)
     assert [r["key"] for r in records] == [s["key"] for s in shapes]
     for record, sample in zip(records, shapes):
-        assert set(record) == {"key", "image", "json"}
+        assert set(record) == {"key", "image", "images", "json"} and record["images"] == [record["image"]]
         assert record["image"].mode == "RGB"
         assert np.array_equal(pixels(record["image"]), pixels(sample["image"]))
         assert record["json"] == {k: v for k, v in sample.items() if k not in ("key", "image")}

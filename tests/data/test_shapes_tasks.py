@@ -1,0 +1,187 @@
+"""Editing and multi-image tasks of the shapes world (`mllm.data.shapes_tasks`), their records in shards
+(several images per record, pre-tokenized too) and the samples they expand into."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from mllm.data.judge import parse_image
+from mllm.data.shapes import CELLS, COLORS, SHAPES, Scene, ShapeObject, make_scene, render, scene_seed
+from mllm.data.shapes_tasks import (
+    EDIT_OPERATIONS,
+    make_edit,
+    multi_qa,
+    possible_operations,
+    reference,
+    task_records,
+)
+from mllm.data.shards import DataStats, read_records, read_samples, record_samples, write_shards
+
+
+def _scene(*objects: tuple[str, str, str, str], seed: int = 0) -> Scene:
+    return Scene(objects=tuple(ShapeObject(*obj) for obj in objects), seed=seed)
+
+
+def _changed(source: Scene, target: Scene) -> tuple[set, set]:
+    """(objects only in the source, objects only in the target)."""
+    return set(source.objects) - set(target.objects), set(target.objects) - set(source.objects)
+
+
+@pytest.mark.parametrize("operation", EDIT_OPERATIONS)
+def test_every_operation_changes_exactly_one_thing(operation):
+    seen = 0
+    for index in range(200):
+        scene = make_scene(scene_seed("train", index))
+        if operation not in possible_operations(scene):
+            continue
+        edit = make_edit(scene, operation=operation)
+        gone, new = _changed(scene, edit.target)
+        assert edit.target.seed == scene.seed and edit.operation == operation
+        if operation == "add":
+            assert not gone and len(new) == 1
+            (added,) = new
+            assert edit.instruction == f"add {added.describe()}"
+            assert edit.change == f"{added.describe(with_cell=False)} was added {added.describe().split(' ', 4)[-1]}"
+        elif operation == "remove":
+            assert len(gone) == 1 and not new
+            assert edit.instruction == f"remove the {reference(scene, next(iter(gone)))}"
+        else:
+            (old,), (changed,) = gone, new
+            differing = [f for f in ("color", "shape", "size", "cell") if getattr(old, f) != getattr(changed, f)]
+            field = {"recolour": "color", "replace": "shape", "resize": "size", "move": "cell"}[operation]
+            assert differing == [field]
+            name = reference(scene, old)
+            value = getattr(changed, field)
+            expected = {
+                "recolour": f"make the {name} {value}", "move": f"move the {name} to the {value}",
+                "resize": f"make the {name} {value}",
+                "replace": f"turn the {name} into {'an' if value[0] in 'aeiou' else 'a'} {value}",
+            }[operation]
+            assert edit.instruction == expected
+            if operation == "move":
+                assert value not in [obj.cell for obj in scene.objects]
+        seen += 1
+    assert seen >= 20
+
+
+def test_objects_are_named_by_shape_or_by_colour_and_shape():
+    scene = _scene(("red", "circle", "small", "top left"), ("blue", "circle", "large", "center"),
+                   ("red", "square", "small", "bottom"))
+    assert reference(scene, scene.objects[0]) == "red circle"
+    assert reference(scene, scene.objects[2]) == "square"
+    twins = _scene(("red", "circle", "small", "top left"), ("red", "circle", "large", "center"))
+    assert reference(twins, twins.objects[0]) is None
+    # Only "add" names no object; two indistinguishable objects leave nothing else.
+    assert possible_operations(twins) == ["add"]
+    with pytest.raises(ValueError, match="allows no 'recolour'"):
+        make_edit(twins, operation="recolour")
+    with pytest.raises(ValueError, match="unknown edit operation"):
+        make_edit(twins, operation="rotate")
+    lone = _scene(("red", "circle", "small", "top left"))
+    assert "remove" not in possible_operations(lone)  # a scene is never empty
+
+
+def test_edits_are_deterministic_and_cover_every_operation():
+    scenes = [make_scene(scene_seed("train", index)) for index in range(600)]
+    first = [make_edit(scene) for scene in scenes]
+    assert first == [make_edit(scene) for scene in scenes]
+    counts = Counter(edit.operation for edit in first)
+    assert set(counts) == set(EDIT_OPERATIONS)
+    assert min(counts.values()) >= 50  # remove needs two objects: the rarest, still common
+
+
+def test_the_judge_reads_every_edit_target_exactly():
+    for index in range(60):
+        edit = make_edit(make_scene(scene_seed("test", index)))
+        assert parse_image(render(edit.target, 48)) == list(edit.target.objects)
+
+
+def test_multi_image_questions_have_exact_answers():
+    one = _scene(("red", "circle", "small", "top left"))
+    three = _scene(("red", "circle", "small", "top left"), ("blue", "square", "large", "center"),
+                   ("green", "triangle", "small", "bottom"), seed=1)
+    pairs = multi_qa(one, three)
+    by_question = {pair["question"]: pair["answer"] for pair in pairs}
+    assert by_question["How many objects are in the first image?"] == "1"
+    assert by_question["How many objects are in the second image?"] == "3"
+    assert by_question["Which image has more objects?"] == "the second"
+    assert multi_qa(three, one)[2]["answer"] == "the first"
+    assert multi_qa(one, one)[2]["answer"] == "neither"
+    assert not any(pair["type"] == "change" for pair in pairs)
+    singles = [pair for pair in pairs if pair["type"] == "single"]
+    assert len(singles) == 2
+    assert all(pair["question"].endswith(f" in the {which} image?") for pair, which in zip(singles, ("first", "second")))
+    edit = make_edit(three, operation="recolour")
+    change = [p for p in multi_qa(three, edit.target, change=edit.change) if p["type"] == "change"]
+    assert change == [{"question": "What changed between the two images?", "answer": edit.change, "type": "change"}]
+    assert edit.change.startswith("the ") and edit.change.split()[-1] in COLORS
+
+
+def test_single_image_questions_are_answered_from_their_own_image():
+    for index in range(40):
+        first, second = make_scene(scene_seed("train", index)), make_scene(scene_seed("train", index + 1000))
+        for pair in multi_qa(first, second):
+            if pair["type"] != "single":
+                continue
+            scene = first if pair["question"].endswith("in the first image?") else second
+            if pair["question"].startswith("How many objects"):
+                assert pair["answer"] == str(len(scene.objects))
+            if pair["question"].startswith("What shape is the"):
+                assert pair["answer"] in SHAPES
+
+
+def test_task_records_round_trip_through_shards_and_pretokenized_codes(tmp_path):
+    seeds = [scene_seed("train", index) for index in range(4)]
+    records = [record for seed in seeds for record in task_records(seed, 48)]
+    write_shards(iter(records), tmp_path / "shards", progress=False)
+    read = list(read_records(tmp_path / "shards", split=False))
+    assert [r["key"] for r in read] == [r["key"] for r in records]
+    for original, back in zip(records, read):
+        assert len(back["images"]) == 2 and back["image"] is back["images"][0]
+        for image, again in zip(original["images"], back["images"]):
+            assert np.array_equal(np.asarray(image), np.asarray(again))
+    samples = list(read_samples(tmp_path / "shards", tasks=("edit", "multi")))
+    edits = [s for s in samples if s.task == "edit"]
+    assert len(edits) == 4
+    user, reply = edits[0].messages
+    assert [p["type"] for p in user["content"]] == ["image", "text"]
+    assert user["content"][1]["text"] == records[0]["edit"]["instruction"]
+    assert [p["type"] for p in reply["content"]] == ["image"]
+    assert np.array_equal(np.asarray(reply["content"][0]["image"]), np.asarray(records[0]["images"][1]))
+    multi = [s for s in samples if s.task == "multi"]
+    assert len(multi) == sum(len(r["multi_qa"]) for r in records)
+    assert [p["type"] for p in multi[0].messages[0]["content"]] == ["image", "image", "text"]
+
+    # Pre-tokenized: one grid per image, in order (fake codes: the image's index in the record).
+    coded = [{**{k: v for k, v in r.items() if k != "images"}, "codes": [np.full((6, 6), i, np.int16) for i in (0, 1)]}
+             for r in records]
+    write_shards(iter(coded), tmp_path / "codes", progress=False)
+    (back,) = [r for r in read_records(tmp_path / "codes", split=False) if r["key"] == records[0]["key"]]
+    assert [int(grid[0, 0]) for grid in back["codes_list"]] == [0, 1] and back["images"] == []
+    (edit,) = [s for s in record_samples(back, ("edit",))]
+    assert torch.equal(edit.messages[1]["content"][0]["codes"], torch.ones(6, 6, dtype=torch.long))
+
+
+def test_a_two_image_task_on_a_one_image_record_is_skipped_and_counted(tmp_path):
+    record = task_records(scene_seed("train", 0), 48)[0]
+    stats = DataStats()
+    one = {"key": "k", "image": record["images"][0], "images": record["images"][:1],
+           "json": {"edit": record["edit"], "multi_qa": record["multi_qa"]}}
+    assert record_samples(one, ("edit", "multi"), stats) == []
+    assert stats.skipped["missing_image"] == 1 + len(record["multi_qa"])
+    bad = {"key": "k", "image": None, "images": record["images"], "json": {"edit": {"instruction": ""}}}
+    assert record_samples(bad, ("edit",), stats) == [] and stats.skipped["malformed_field"] == 1
+
+
+def test_untouched_objects_keep_their_cells_after_a_move():
+    scene = _scene(("red", "circle", "small", "top left"), ("blue", "square", "large", "center"))
+    edit = make_edit(scene, operation="move")
+    moved = [obj for obj in edit.target.objects if obj not in scene.objects]
+    assert len(moved) == 1 and moved[0].cell in CELLS
+    assert sum(obj in edit.target.objects for obj in scene.objects) == 1
+    assert replace(moved[0], cell=next(o for o in scene.objects if o not in edit.target.objects).cell) in scene.objects
