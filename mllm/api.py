@@ -5,10 +5,12 @@
     model.caption(image)                                      # -> "a red circle at the top left"
     model.answer(image, "What colour is the circle?")        # -> "red"
     model.draw("a blue square in the center", n=2, seed=0)   # -> [PIL.Image, PIL.Image]
+    model.edit(image, "make the circle blue")                # -> [PIL.Image] (n=1)
     model.chat([{"role": "user", "content": "Draw: a green triangle"}])  # -> {"text": ..., "images": [...]}
 
 Lists go in as one batch: `caption([img1, img2])` -> [str, str], `answer([img1, img2], [q1, q2])`
--> [str, str], `draw([p1, p2], n=3)` -> [[PIL x3], [PIL x3]]. Images may be PIL images, paths or
+-> [str, str], `draw([p1, p2], n=3)` -> [[PIL x3], [PIL x3]], `edit([img1, img2], "...")` -> [[PIL], [PIL]].
+Several images in ONE question go through `chat` (image parts in one message). Images may be PIL images, paths or
 bytes (anything the processor accepts); images go in as image parts, and text is always text (a
 `<|image|>` typed in a question or a message is not a placeholder). All generation goes through
 `mllm.generation`; a chat reply's `max_new_tokens` counts the images it draws.
@@ -20,7 +22,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from mllm.config import DEFAULT_DECODING, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.config import (
+    DEFAULT_DECODING,
+    DRAW_GUIDANCE_SCALE,
+    DRAW_TEMPERATURE,
+    EDIT_GUIDANCE,
+    EDIT_GUIDANCE_SCALE,
+    EDIT_TEMPERATURE,
+)
 from mllm.data.samples import image_part, text_part
 
 
@@ -117,6 +126,36 @@ class MLLM:
         images = self._decode(flat)
         per_prompt = [images[i * n : (i + 1) * n] for i in range(len(prompts))]
         return per_prompt[0] if isinstance(prompt, str) else per_prompt
+
+    def edit(
+        self,
+        image,
+        instruction: str | Sequence[str],
+        n: int = 1,
+        seed: int | Sequence[int] | None = None,
+        guidance_scale: float = EDIT_GUIDANCE_SCALE,
+        guidance: str = EDIT_GUIDANCE,
+        temperature: float = EDIT_TEMPERATURE,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        decoding: str = DEFAULT_DECODING,
+    ):
+        """`n` edited versions of an image -> [PIL, ...]; a list of images -> [[PIL, ...], ...], one batch
+        (one instruction for all, or one per image).
+
+        The model reads the image and the instruction ("make the circle blue", "remove the square", "add a
+        small red circle at the top left", ...) and draws the edited image. Same image, instruction and seed
+        -> the same result (edit j uses seed + j). `guidance` is what classifier-free guidance's
+        unconditional branch drops ("instruction" or "both"; guidance_scale 1: none); `decoding` as in `draw`.
+        """
+        from mllm.generation import edit_images
+
+        images, single = _as_list(image)
+        codes = edit_images(self.model, images, instruction, n, guidance_scale, guidance, temperature, top_k,
+                            top_p, seed, decoding=decoding)
+        flat = self._decode([c for per_image in codes for c in per_image])
+        per_image = [flat[i * n : (i + 1) * n] for i in range(len(images))]
+        return per_image[0] if single else per_image
 
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
         """The assistant's next turn for a conversation -> {"text": str, "images": [PIL, ...]}.

@@ -42,6 +42,14 @@ VOCAB_PAD_MULTIPLE = 64
 # docs/experiments.md, "Drawing: sampling settings".
 DRAW_GUIDANCE_SCALE = 3.0
 DRAW_TEMPERATURE = 0.6
+# Editing defaults (`MLLM.edit`, `mllm edit`, `POST /v1/images/edits`): what the unconditional branch of
+# classifier-free guidance drops ("instruction": the source image alone; "both": the unconditional draw
+# request; training drops each for a share of its edit examples), its scale and the sampling temperature.
+# Chosen by measurement on the demo's model (docs/experiments.md, "Editing: guidance").
+EDIT_GUIDANCE_MODES = ("instruction", "both")
+EDIT_GUIDANCE = "instruction"
+EDIT_GUIDANCE_SCALE = 1.0
+EDIT_TEMPERATURE = 0.6
 # How image codes are decoded (`mllm.generation.sample_image_codes`): "jacobi", speculative Jacobi decoding
 # (several codes per forward pass, each accepted by the speculative-sampling rule), or "sequential" (one code
 # per forward pass). Both draw from the same distribution and give the same codes when greedy. "jacobi" needs

@@ -2,6 +2,7 @@
 
     generate_text(model, conversations)            -> ["answer", ...]          transformers generate()
     generate_images(model, ["a red circle"], n=2)  -> [[codes (h, w), codes]]  constrained, batched CFG
+    edit_images(model, [image], ["make the circle blue"]) -> [[codes (h, w)]]  the same loop, an image in
     chat(model, conversation)                      -> {"text": str, "images": [PIL, ...]}
 
 Text goes through `model.llm.generate()` (KV cache, greedy or sampling, end of turn, stop
@@ -49,6 +50,10 @@ from mllm.config import (
     DEFAULT_DECODING,
     DRAW_GUIDANCE_SCALE,
     DRAW_TEMPERATURE,
+    EDIT_GUIDANCE,
+    EDIT_GUIDANCE_MODES,
+    EDIT_GUIDANCE_SCALE,
+    EDIT_TEMPERATURE,
     JACOBI_AUTO_MAX_IMAGES,
 )
 from mllm.vocab import special_token_ids
@@ -162,10 +167,73 @@ def generate_images(
 
 
 @torch.no_grad()
+def edit_images(
+    model,
+    images: Sequence[Any],
+    instructions: str | Sequence[str],
+    n: int = 1,
+    guidance_scale: float = EDIT_GUIDANCE_SCALE,
+    guidance: str = EDIT_GUIDANCE,
+    temperature: float = EDIT_TEMPERATURE,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | Sequence[int] | None = None,
+    decoding: str = DEFAULT_DECODING,
+    window: int = JACOBI_WINDOW,
+    stats: dict[str, Any] | None = None,
+) -> list[list[torch.Tensor]]:
+    """`n` edits per (image, instruction) pair: `result[i][j]` is edit j of image i as codes (h, w), CPU.
+
+    Each pair is `processor.edit_conversation(image, instruction)` (the image, then the instruction)
+    rendered with the generation prompt and `<|boi|>` appended; the loop is `sample_image_codes`'s. One
+    instruction goes with every image. `guidance` names what the unconditional branch of classifier-free
+    guidance drops, as training drops it: "instruction" (each image alone: guidance pushes towards what the
+    instruction changes) or "both" (the unconditional draw request); guidance_scale 1 runs no guidance.
+    Seeds as in `generate_images`. Jacobi decoding drafts from the source image's own codes: an edit keeps
+    most of them, so most drafts are accepted (the distribution is the same whatever the drafts).
+    """
+    images = list(images)
+    instructions = [instructions] * len(images) if isinstance(instructions, str) else list(instructions)
+    if len(instructions) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(instructions)} instructions")
+    if guidance not in EDIT_GUIDANCE_MODES:
+        raise ValueError(f"guidance must be one of {EDIT_GUIDANCE_MODES}, got {guidance!r}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if not images:
+        return []
+    base_seeds = _prompt_seeds(seed, len(images))
+    with _generation_mode(model):
+        processor = model.processor
+        source_codes = processor.encode_images(images)  # (B, h, w), once: the prompts reuse them as codes
+        sources = [{"type": "image", "codes": codes} for codes in source_codes]
+        prefixes = _draw_prefixes(model, [
+            [{"role": "user", "content": [source, {"type": "text", "text": text}]}]
+            for source, text in zip(sources, instructions)
+        ])
+        _check_image_room(model, instructions, prefixes)
+        unconditional = None
+        if guidance_scale != 1.0:
+            if guidance == "both":
+                unconditional = _draw_prefixes(model, [processor.unconditional_draw_conversation()])[0]
+            else:
+                dropped = _draw_prefixes(model, [[{"role": "user", "content": [source]}] for source in sources])
+                unconditional = [prefix for prefix in dropped for _ in range(n)]
+        rows = [prefix for prefix in prefixes for _ in range(n)]
+        row_seeds = [base + j for base in base_seeds for j in range(n)]
+        prior = source_codes.repeat_interleave(n, dim=0).to(model.device)
+        codes = sample_image_codes(
+            model, rows, unconditional, guidance_scale, temperature, top_k, top_p, row_seeds,
+            decoding=decoding, window=window, stats=stats, prior=prior,
+        ).cpu()
+    return [list(codes[i * n : (i + 1) * n]) for i in range(len(images))]
+
+
+@torch.no_grad()
 def sample_image_codes(
     model,
     prefixes: Sequence[torch.Tensor],
-    unconditional_prefix: torch.Tensor | None,
+    unconditional_prefix: torch.Tensor | Sequence[torch.Tensor] | None,
     guidance_scale: float,
     temperature: float,
     top_k: int | None,
@@ -175,13 +243,13 @@ def sample_image_codes(
     window: int = JACOBI_WINDOW,
     cache: str = DEFAULT_CACHE,
     stats: dict[str, Any] | None = None,
-    prior: bool = True,
+    prior: bool | torch.Tensor = True,
 ) -> torch.Tensor:
     """The constrained image loop: one image per prefix -> codes (N, h, w).
 
     `prefixes`: N 1-D id tensors, each ending with `<|boi|>` (the conditional rows).
     `unconditional_prefix`: one 1-D id tensor ending with `<|boi|>` for CFG (N unconditional rows
-    are added to the same batch), or None for no guidance. `seeds`: one per conditional row.
+    are added to the same batch), a list of N of them (one per row), or None for no guidance. `seeds`: one per conditional row.
     The `<|eoi|>` after the codes is implied: callers append it (nothing is sampled for it).
 
     `decoding`: "jacobi" (speculative Jacobi decoding: a window of `window` tokens per forward pass,
@@ -194,7 +262,8 @@ def sample_image_codes(
     preallocated mask and positions; sequential decoding only). `stats`, when given, receives
     "forwards" (sequential forward passes of the LLM, prefill included), "decoding" (the method used)
     and, for "jacobi", "accepted_drafts" (draft tokens accepted over all rows). `prior`: "jacobi" starts
-    its drafts from the model's greedy unconditional drawing (`_draft_prior`; False: from nothing).
+    its drafts from the model's greedy unconditional drawing (`_draft_prior`; False: from nothing; codes
+    (N, h, w): each row's own first drafts, e.g. an edit's source image).
     """
     if decoding not in DECODING_METHODS:
         raise ValueError(f"decoding must be one of {DECODING_METHODS}, got {decoding!r}")
@@ -215,7 +284,11 @@ def sample_image_codes(
     if any(int(p[-1]) != config.boi_token_id for p in prefixes):
         raise ValueError("every image prefix must end with <|boi|>")
     use_cfg = unconditional_prefix is not None
-    sequences = list(prefixes) + ([unconditional_prefix] * rows if use_cfg else [])
+    if isinstance(unconditional_prefix, torch.Tensor):
+        unconditional_prefix = [unconditional_prefix] * rows
+    if use_cfg and len(unconditional_prefix) != rows:
+        raise ValueError(f"got {len(unconditional_prefix)} unconditional prefixes for {rows} images")
+    sequences = list(prefixes) + (list(unconditional_prefix) if use_cfg else [])
     longest = max(len(s) for s in sequences)
     if longest + steps + 1 > model.context_length:
         raise ValueError(
@@ -241,7 +314,12 @@ def sample_image_codes(
         width=width,
     )
     if decoding == "jacobi" and window > 1:
-        prior = _draft_prior(model, window) if prior else None
+        if isinstance(prior, torch.Tensor):
+            if prior.shape != (rows, height, width):
+                raise ValueError(f"prior must be codes ({rows}, {height}, {width}), got {tuple(prior.shape)}")
+            prior = prior.reshape(rows, steps).to(device)
+        else:
+            prior = _draft_prior(model, window) if prior else None
         codes = _jacobi_codes(loop, input_ids, attention_mask, position_ids, window, config.boi_token_id, prior)
     else:
         codes = _sequential_codes(loop, input_ids, attention_mask, position_ids)
@@ -363,8 +441,8 @@ def _jacobi_codes(loop: _DrawLoop, input_ids, attention_mask, position_ids, wind
     min(1, q_new(x) / q_old(x)) and otherwise samples the residual max(0, q_new - q_old): its draft has
     law q_new but changes as little as possible between passes (a maximal coupling, as in MC-SJD),
     so drafts settle and get accepted. Positions with no output yet get a deterministic draft (q
-    one-hot): the `prior`'s code there (`_draft_prior`), else the code one image row above (or the code
-    before it in the first row).
+    one-hot): the `prior`'s code there (`_draft_prior`: (h*w,) for every row, or (N, h*w) per row), else
+    the code one image row above (or the code before it in the first row).
 
     Cache: rejected drafts' keys stay in the DynamicCache but are masked out of the attention mask
     (rows of a batch accept different numbers of drafts); the columns no row kept are cropped.
@@ -393,7 +471,7 @@ def _jacobi_codes(loop: _DrawLoop, input_ids, attention_mask, position_ids, wind
         """Deterministic drafts for codes first .. first + count - 1 that follow `known_drafts` (drafts for
         the codes just before them): the prior's codes, else the code above (or before) each."""
         if prior is not None:
-            return prior[first : first + count]
+            return prior[first : first + count] if prior.dim() == 1 else prior[row, first : first + count]
         values = list(known_drafts.tolist())
         origin = first - len(values)  # code index of values[0]
         out = []

@@ -305,6 +305,19 @@ class MultimodalProcessor:
         text-to-image prompts to (so the two match exactly)."""
         return self.draw_conversation("")
 
+    def edit_conversation(self, image, instruction: str, drop: str | None = None) -> list[dict[str, Any]]:
+        """The edit request: user [the image, the instruction as it is] (the form `mllm train` learns edits
+        in). `drop` gives guidance's unconditional branches, as training drops them: "instruction" (the
+        image alone) or "both" (the unconditional draw request)."""
+        if drop == "both":
+            return self.unconditional_draw_conversation()
+        if drop not in (None, "instruction"):
+            raise ValueError(f"drop must be None, 'instruction' or 'both', got {drop!r}")
+        content = [{"type": "image", "image": image}]
+        if drop is None:
+            content.append({"type": "text", "text": instruction})
+        return [{"role": "user", "content": content}]
+
     # ------------------------------------------------------------------ images
     def load_image(self, source) -> Image.Image:
         """A PIL image, path, bytes, `data:` URL or bare base64 string -> validated RGB PIL image (ValueError
