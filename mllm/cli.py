@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("mllm.commands.caption", "describe image(s) with a model folder"),
     "ask": ("mllm.commands.ask", "answer a question about an image with a model folder"),
     "draw": ("mllm.commands.draw", "draw image(s) from a text prompt with a model folder"),
+    "edit": ("mllm.commands.edit", 'edit an image with a model folder ("make the circle blue", "remove the square")'),
     "train": ("mllm.commands.train", "train the unified model with a staged recipe (align, pretrain, sft, ett; LoRA, QLoRA or full)"),
     "merge": ("mllm.commands.merge", "base model folder + LoRA adapter -> full model folder"),
     "chat": ("mllm.commands.chat", "chat with a model in the terminal (/image PATH, /draw PROMPT, /reset, /quit)"),

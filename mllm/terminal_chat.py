@@ -3,21 +3,27 @@
 Reads one line at a time from stdin (with a prompt and line editing on a terminal; plain lines from
 a pipe, so a script can drive it). Commands:
 
-    /image PATH    attach an image to the next message (checked right away)
+    /image PATH [PATH ...]  attach images to the next message (checked right away; quote a path with
+                   spaces, or give it alone); /image again attaches more: one message may hold several images
     /draw PROMPT   ask for a drawing (the config's draw template, "Draw: PROMPT"); the reply is an image
+    /edit INSTRUCTION  edit the attached image, else the conversation's last image (a drawing, an edit or an
+                   image sent earlier), with the edit settings (`MLLM.edit`); the reply is the edited image
     /reset         forget the conversation (and any attached images)
     /help          list the commands
     /quit          leave (so do end of input and Ctrl-C at the prompt)
 
-Any other line is a message (attached images first, then the text; `//text` sends "/text"). Replies
-go to stdout as `assistant> TEXT`, followed by `[image saved: PATH]` for each image the assistant
-drew (PNG files under --save-dir, never overwriting a file); notes and errors go to stderr. The
+Any other line is a message (attached images first, in the order attached, then the text; `//text` sends
+"/text"). A message of an image and an instruction ("make the circle blue") is an edit request the model
+answers with an image, as it answers "Draw: ..." (through `chat`, with the drawing settings; /edit uses the
+edit settings). Replies go to stdout as `assistant> TEXT`, followed by `[image saved: PATH]` for each image
+the assistant drew (PNG files under --save-dir, never overwriting a file); notes and errors go to stderr. The
 conversation keeps every turn, images included, until /reset; when it no longer fits the model's
 context the oldest turns are dropped (a system message stays) and a note says so.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,17 +31,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from mllm.config import DEFAULT_DECODING, DRAW_GUIDANCE_SCALE, DRAW_TEMPERATURE
+from mllm.config import (
+    DEFAULT_DECODING,
+    DRAW_GUIDANCE_SCALE,
+    DRAW_TEMPERATURE,
+    EDIT_GUIDANCE,
+    EDIT_GUIDANCE_SCALE,
+    EDIT_TEMPERATURE,
+)
 
 Message = dict[str, Any]
 
 HELP = """commands:
-  /image PATH    attach an image to your next message
+  /image PATH [PATH ...]  attach images to your next message (quote paths with spaces)
   /draw PROMPT   ask the model to draw PROMPT; the image is saved under --save-dir
+  /edit INSTRUCTION  edit the attached image (else the last image of the conversation),
+                 e.g. /edit make the circle blue; the edited image is saved under --save-dir
   /reset         forget the conversation (and attached images)
   /help          this list
   /quit          leave (also: end of input, Ctrl-C)
-anything else is sent as your message (//text sends a line that starts with /)"""
+anything else is sent as your message, with the images attached (//text sends a line that starts with /)"""
 
 
 @dataclass
@@ -52,6 +67,9 @@ class ChatOptions:
     guidance_scale: float = DRAW_GUIDANCE_SCALE  # of drawn images
     image_temperature: float = DRAW_TEMPERATURE
     decoding: str = DEFAULT_DECODING  # of drawn images: "jacobi" or "sequential" (same distribution)
+    edit_guidance_scale: float = EDIT_GUIDANCE_SCALE  # of /edit
+    edit_guidance: str = EDIT_GUIDANCE  # of /edit: what guidance's unconditional branch drops
+    edit_temperature: float = EDIT_TEMPERATURE  # of /edit
 
 
 # ---------------------------------------------------------------------------- messages
@@ -117,6 +135,21 @@ def fit_history(
         rest = rest[users[1] :]  # the first turn goes (an assistant opening, if any, with it)
         dropped += 1
     return system + rest, dropped
+
+
+def image_paths(argument: str) -> list[Path] | None:
+    """The paths of `/image ARGUMENT`: the whole argument when it names an existing file (a path with
+    spaces needs no quotes when it is alone), else the shell-like words of it ("a b.png" c.png); None for
+    unbalanced quotes."""
+    argument = argument.strip()
+    whole = argument[1:-1] if len(argument) >= 2 and argument[0] == argument[-1] and argument[0] in "'\"" else argument
+    if whole and Path(whole).expanduser().exists():
+        return [Path(whole).expanduser()]
+    try:
+        words = shlex.split(argument)
+    except ValueError:
+        return None
+    return [Path(word).expanduser() for word in words]
 
 
 # ---------------------------------------------------------------------------- files
@@ -240,6 +273,11 @@ class ChatSession:
                 self.fail("/draw needs a prompt, e.g. /draw a red circle")
             else:
                 return self.send(self.model.config.draw_template.format(prompt=argument), draw=True)
+        elif command == "edit":
+            if not argument:
+                self.fail("/edit needs an instruction, e.g. /edit make the circle blue")
+            else:
+                return self.edit(argument)
         else:
             self.fail(f"unknown command /{command}")
             self.note(HELP)
@@ -251,25 +289,47 @@ class ChatSession:
         self.note("[conversation cleared]")
 
     def attach(self, argument: str) -> None:
-        if len(argument) >= 2 and argument[0] == argument[-1] and argument[0] in "'\"":
-            argument = argument[1:-1]
-        if not argument:
-            self.fail("/image needs a path, e.g. /image photo.png")
+        """/image PATH [PATH ...]: every image is checked first; one that cannot be read attaches none."""
+        paths = image_paths(argument)
+        if paths is None:
+            self.fail(f"/image: unbalanced quotes in {argument!r} (quote each path: /image \"a b.png\" c.png)")
             return
-        path = Path(argument).expanduser()
+        if not paths:
+            self.fail("/image needs a path, e.g. /image photo.png (several: /image a.png b.png)")
+            return
+        images = []
+        for path in paths:
+            image = self.read_image(path)
+            if image is None:
+                if len(paths) > 1:
+                    self.note("[no image attached]")
+                return
+            images.append(image)
+        self.pending += images
+        for path, image in zip(paths, images):
+            self.note(
+                f"[image attached: {path} ({image.width}x{image.height}); "
+                f"{len(self.pending)} waiting for your next message]"
+            )
+
+    def read_image(self, path: Path):
+        """The image at `path` (RGB, checked), or None after saying why not."""
         if not path.is_file():
             self.fail(f"image {path} does not exist" if not path.exists() else f"{path} is not a file")
-            return
+            return None
         try:
-            image = self.model.model.processor.load_image(path)
+            return self.model.model.processor.load_image(path)
         except (ValueError, OSError) as exn:
             self.fail(f"cannot read image: {exn}")
-            return
-        self.pending.append(image)
-        self.note(
-            f"[image attached: {path} ({image.width}x{image.height}); "
-            f"{len(self.pending)} waiting for your next message]"
-        )
+            return None
+
+    def last_image(self):
+        """The last image of the conversation (drawn, edited or sent), or None."""
+        for message in reversed(self.history):
+            images = [part["image"] for part in message["content"] if part.get("type") == "image"]
+            if images:
+                return images[-1]
+        return None
 
     # -- a turn
     def send(self, text: str, draw: bool = False) -> bool:
@@ -293,6 +353,39 @@ class ChatSession:
             self.history = before
             self.note("[interrupted]")
             return True
+        self.answer(reply)
+        return True
+
+    def edit(self, instruction: str) -> bool:
+        """/edit: the attached image (exactly one), else the conversation's last image, edited by `MLLM.edit`.
+        The turn joins the conversation: the user's instruction (with the attached image, if any), then the
+        edited image, so a next /edit edits the edit."""
+        if len(self.pending) > 1:
+            self.fail(f"/edit edits one image, and {len(self.pending)} are attached (/reset clears them)")
+            return True
+        source = self.pending[0] if self.pending else self.last_image()
+        if source is None:
+            self.fail("/edit needs an image: attach one with /image PATH (or draw one with /draw PROMPT)")
+            return True
+        message = user_message(instruction, self.pending)
+        self.pending = []
+        options = self.options
+        try:
+            images = self.model.edit(source, instruction, seed=self.seed(), guidance_scale=options.edit_guidance_scale,
+                                     guidance=options.edit_guidance, temperature=options.edit_temperature,
+                                     decoding=options.decoding)
+        except ValueError as exn:
+            self.fail(str(exn))
+            return True
+        except KeyboardInterrupt:
+            self.note("[interrupted]")
+            return True
+        self.history = self.history + [message]
+        self.answer({"text": "", "images": images})
+        return True
+
+    def answer(self, reply: dict[str, Any]) -> None:
+        """The assistant's turn: kept in the conversation, its text printed and its images saved."""
         self.turn += 1
         images = list(reply["images"])
         self.history.append(assistant_message(reply["text"], images))
@@ -305,7 +398,6 @@ class ChatSession:
             else:
                 for path in paths:
                     self.say(f"[image saved: {path}]")
-        return True
 
     def fit(self, draw: bool) -> None:
         """Drop the oldest turns when the conversation plus room for the reply exceeds the context."""

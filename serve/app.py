@@ -7,6 +7,9 @@
                                   no temperature: the model's generation config (greedy unless it samples)
     POST /v1/images/generations   prompt -> n images, response_format b64_json
                                   (both POSTs: extra fields guidance_scale and decoding, for drawn images)
+    POST /v1/images/edits         image + instruction (`prompt`) -> n edited images, as the `openai` client's
+                                  `images.edit` sends it (multipart/form-data; JSON with a data: URL too);
+                                  extra fields seed, guidance_scale, guidance and decoding
     GET  /                        the web chat page (serve/static)
 
 Images the model draws inside a chat come back two ways: appended to `message.content` as markdown
@@ -29,8 +32,11 @@ Every bad request is answered with a 4xx and an OpenAI error body `{"error": {"m
 (the server's log has it). Served on loopback (`host`, the default), only loopback `Host` names are
 answered (localhost, 127.0.0.1, [::1], any port, plus `allowed_hosts`), so a web page cannot reach the
 server through DNS rebinding; request bodies must be JSON (`Content-Type: application/json`, else 415),
-so a web page cannot post a form or plain text to it. A client that disconnects cancels its generation,
-and nothing is logged for it.
+so a web page cannot post a form or plain text to it - except /v1/images/edits, which also takes
+multipart/form-data (OpenAI's clients upload images that way) but refuses (403) a form a browser posts
+from a page of another origin (its `Origin` / `Sec-Fetch-Site` headers). An edit goes: body -> form (or
+JSON) and fields -> the image's header checked -> admission -> the image decoded and shrunk -> the engine.
+A client that disconnects cancels its generation, and nothing is logged for it.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import io
 import json
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -58,12 +65,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from mllm.config import DECODING_METHODS
-from serve.engine import Cancelled, ChatJob, Engine, ImageJob, QueueFull, Reservation
+from serve.engine import Cancelled, ChatJob, EditJob, Engine, ImageJob, QueueFull, Reservation
 from serve.protocol import (
     APIError,
     ChatRequest,
+    EditRequest,
     ImageRef,
-    ImageRequest,
     Limits,
     check_image_headers,
     decode_image,
@@ -72,6 +79,8 @@ from serve.protocol import (
     parse_image_request,
     parse_json_body,
     read_chat_request,
+    read_edit_form,
+    read_edit_json,
 )
 from serve.server import is_loopback_host
 
@@ -227,7 +236,26 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
             slot.submit(job)
         await _wait(request, job)
         _raise_job_error(job)
-        payload = await cpu(_images_body, job.result, spec)  # resize + PNG + base64 + JSON, off the loop
+        # resize + PNG + base64 + JSON, off the loop
+        payload = await cpu(_images_body, job.result, spec.size, spec.prompt)
+        return Response(payload, media_type="application/json")
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request):
+        authorize(request)
+        body = await _read_body(request, limits)
+        spec = await parse(_read_edit_request, body, request.headers.get("content-type"), limits)
+        if spec.image.remote:
+            await asyncio.get_running_loop().run_in_executor(fetch_pool, fetch_remote_images, [spec.image], limits)
+        await parse(check_image_headers, [spec.image], limits)  # pixels judged from the header, not decoded
+        with _reserve(engine) as slot:  # admitted before the image is decoded
+            image, _ = await cpu(_decode_shrunk, spec.image, limits, shrink)
+            job = EditJob(image=image, prompt=spec.prompt, n=spec.n, guidance_scale=spec.guidance_scale,
+                          guidance=spec.guidance, seed=spec.seed, decoding=spec.decoding)
+            slot.submit(job)
+        await _wait(request, job)
+        _raise_job_error(job)
+        payload = await cpu(_images_body, job.result, spec.size)
         return Response(payload, media_type="application/json")
 
     @app.get("/")
@@ -261,16 +289,45 @@ def _host_name(host: str) -> str:
     return host.split(":", 1)[0].rstrip(".")
 
 
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 def _is_json(content_type: str | None) -> bool:
-    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    media_type = _media_type(content_type)
     return media_type == "application/json" or (media_type.startswith("application/")
                                                 and media_type.endswith("+json"))
+
+
+def _is_multipart(content_type: str | None) -> bool:
+    return _media_type(content_type) == "multipart/form-data"
+
+
+# The endpoints that also take multipart/form-data bodies (OpenAI's clients upload files that way).
+_FORM_PATHS = frozenset({"/v1/images/edits"})
+
+
+def _cross_origin(headers: Headers) -> str | None:
+    """Why a form post comes from a web page of another origin (None: it does not): a browser sends `Origin`
+    (and `Sec-Fetch-Site`) with every cross-origin POST, and API clients (curl, `openai`) send neither."""
+    site = (headers.get("sec-fetch-site") or "").strip().lower()
+    if site and site not in ("same-origin", "none"):
+        return f"Sec-Fetch-Site {site[:40]!r}"
+    origin = headers.get("origin")
+    if origin is None:
+        return None
+    netloc = urllib.parse.urlsplit(origin.strip()).netloc.lower() if origin.strip() != "null" else ""
+    if not netloc or netloc != (headers.get("host") or "").strip().lower():
+        return f"Origin {origin[:100]!r}"
+    return None
 
 
 class _RequestGuard:
     """ASGI middleware, before any route: on loopback, only loopback Host names (400 "invalid_host"),
     so a page on another origin cannot reach the server by rebinding its DNS name to 127.0.0.1; request
-    bodies only as JSON (415), so a page cannot send one without a CORS preflight (forms, text/plain)."""
+    bodies only as JSON (415), so a page cannot send one without a CORS preflight (forms, text/plain) -
+    except multipart/form-data on /v1/images/edits (`_FORM_PATHS`, how OpenAI's clients upload images),
+    which a browser sends only from a page of this server's own origin (403 "cross_origin" otherwise)."""
 
     def __init__(self, app, allowed_hosts: frozenset[str] | None) -> None:
         self.app, self.allowed_hosts = app, allowed_hosts
@@ -286,12 +343,23 @@ class _RequestGuard:
                                  code="invalid_host")
                 await JSONResponse(error.body(), status_code=400)(scope, receive, send)
                 return
-            if scope["method"] in _BODY_METHODS and not _is_json(headers.get("content-type")):
-                shown = (headers.get("content-type") or "none")[:100]
-                error = APIError(415, f"request bodies must be JSON (Content-Type: application/json), got "
-                                      f"{shown!r}", code="unsupported_media_type")
-                await JSONResponse(error.body(), status_code=415)(scope, receive, send)
-                return
+            content_type = headers.get("content-type")
+            if scope["method"] in _BODY_METHODS and not _is_json(content_type):
+                form_path = scope["path"] in _FORM_PATHS
+                if not (form_path and _is_multipart(content_type)):
+                    shown = (content_type or "none")[:100]
+                    wanted = " or multipart/form-data" if form_path else ""
+                    error = APIError(415, f"request bodies must be JSON (Content-Type: application/json){wanted}, "
+                                          f"got {shown!r}", code="unsupported_media_type")
+                    await JSONResponse(error.body(), status_code=415)(scope, receive, send)
+                    return
+                cross = _cross_origin(headers)
+                if cross is not None:
+                    error = APIError(403, f"form uploads from another web origin are refused ({cross}); send the "
+                                          "request from an API client or from this server's own page",
+                                     code="cross_origin")
+                    await JSONResponse(error.body(), status_code=403)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 
@@ -300,8 +368,14 @@ def _read_chat(body: bytes, limits: Limits) -> ChatRequest:
     return read_chat_request(parse_json_body(body, limits), limits)
 
 
-def _read_image_request(body: bytes, limits: Limits) -> ImageRequest:
+def _read_image_request(body: bytes, limits: Limits):
     return parse_image_request(parse_json_body(body, limits), limits)
+
+
+def _read_edit_request(body: bytes, content_type: str | None, limits: Limits) -> EditRequest:
+    if _is_multipart(content_type):
+        return read_edit_form(body, content_type, limits)
+    return read_edit_json(parse_json_body(body, limits), limits)  # the guard lets only these two through
 
 
 def _decode_shrunk(ref: ImageRef, limits: Limits, shrink) -> tuple[Any, int]:
@@ -425,14 +499,18 @@ def _chat_completion_body(job: ChatJob, completion_id: str, created: int, name: 
                         "choices": choices, "usage": _usage(job.prompt_tokens, completion_tokens)})
 
 
-def _images_body(images: list, spec: ImageRequest) -> bytes:
+def _images_body(images: list, size: tuple[int, int] | None, revised_prompt: str | None = None) -> bytes:
+    """The images endpoints' answer: each image resized to `size` (when given), PNG, base64."""
     data = []
     for image in images:
-        if spec.size is not None and image.size != spec.size:
+        if size is not None and image.size != size:
             from PIL import Image
 
-            image = image.resize(spec.size, Image.Resampling.LANCZOS)
-        data.append({"b64_json": _png_b64(image), "revised_prompt": spec.prompt})
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        item = {"b64_json": _png_b64(image)}
+        if revised_prompt is not None:
+            item["revised_prompt"] = revised_prompt
+        data.append(item)
     return _json_bytes({"created": int(time.time()), "data": data})
 
 

@@ -15,7 +15,9 @@ rows), and runs what it collected in as few forward passes as the jobs allow:
   image, seeded per image), whatever their prompts and counts. Under "auto" (the default) that call
   decodes by speculative Jacobi decoding when it holds a few images and sequentially when the batch is
   larger (the faster way on a CPU), so a seeded "auto" image depends on the load; a request that names
-  "jacobi" or "sequential" gets an image that depends on its prompt and seed only. A chat job's `decoding`
+  "jacobi" or "sequential" gets an image that depends on its prompt and seed only. Edit jobs (an image and
+  an instruction) likewise share one `edit_images` call when their guidance scale, guidance mode and decoding
+  agree, one row per edited image (its source repeated). A chat job's `decoding`
   only concerns the images it draws, which `chat` draws for that row alone, so it does not split the
   batched text pass.
 
@@ -45,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mllm.config import DEFAULT_DECODING, DRAW_GUIDANCE_SCALE
+from mllm.config import DEFAULT_DECODING, DRAW_GUIDANCE_SCALE, EDIT_GUIDANCE, EDIT_GUIDANCE_SCALE
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Self
@@ -98,6 +100,27 @@ class ImageJob:
         self.cancelled.set()
 
 
+@dataclass(eq=False)
+class EditJob:
+    image: Any  # the source image, PIL RGB (shrunk to the tokenizer's size by the app)
+    prompt: str  # the instruction
+    n: int = 1
+    guidance_scale: float = EDIT_GUIDANCE_SCALE
+    guidance: str = EDIT_GUIDANCE  # what guidance's unconditional branch drops: "instruction" | "both"
+    seed: int | None = None
+    decoding: str = DEFAULT_DECODING  # "auto" | "jacobi" | "sequential"
+    result: list | None = None  # PIL images
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+Job = ChatJob | ImageJob | EditJob
+
+
 class Reservation:
     """A slot in the engine's bounded admission, held from `Engine.reserve()` until the job is queued
     (`submit`, after which the worker gives the slot back when it takes the job) or the request gives up
@@ -106,7 +129,7 @@ class Reservation:
     def __init__(self, engine: Engine) -> None:
         self._engine, self._held = engine, True
 
-    def submit(self, job: ChatJob | ImageJob) -> None:
+    def submit(self, job: Job) -> None:
         if not self._held:
             raise RuntimeError("this reservation was used or released already")
         self._held = False  # the queued job holds the slot now
@@ -145,11 +168,11 @@ class Engine:
             raise QueueFull(f"the server is busy ({self.queue_size} requests waiting); retry later")
         return Reservation(self)
 
-    def submit(self, job: ChatJob | ImageJob) -> None:
+    def submit(self, job: Job) -> None:
         """Reserve a slot and queue `job` (QueueFull when none is free)."""
         self.reserve().submit(job)
 
-    def _put(self, job: ChatJob | ImageJob) -> None:
+    def _put(self, job: Job) -> None:
         self._queue.put_nowait(job)
         self.stats["requests"] += 1
 
@@ -206,6 +229,8 @@ class Engine:
             with torch.inference_mode():
                 if isinstance(group[0], ImageJob):
                     self._run_images(group)
+                elif isinstance(group[0], EditJob):
+                    self._run_edits(group)
                 else:
                     self._run_chat(group)
         except ValueError as error:
@@ -239,6 +264,27 @@ class Engine:
         start = 0
         for job in jobs:
             job.result = images[start:start + job.n]
+            start += job.n
+            job.done.set()
+
+    def _run_edits(self, jobs: list[EditJob]) -> None:
+        """One `edit_images` call for the group: one row per edited image (its source repeated), seeded per
+        image as `MLLM.edit` seeds it (edit k of a job: its seed + k)."""
+        from mllm.generation import edit_images
+
+        images, instructions, seeds = [], [], []
+        for job in jobs:
+            base = job.seed if job.seed is not None else random.randrange(2**31 - 1 - job.n)
+            images += [job.image] * job.n
+            instructions += [job.prompt] * job.n
+            seeds += [base + k for k in range(job.n)]
+        first = jobs[0]
+        codes = edit_images(self.model.model, images, instructions, 1, first.guidance_scale, first.guidance,
+                            seed=seeds, decoding=first.decoding)
+        edited = self.model.model.vision_tokenizer.decode_images(torch.stack([c[0] for c in codes]))
+        start = 0
+        for job in jobs:
+            job.result = edited[start:start + job.n]
             start += job.n
             job.done.set()
 
@@ -322,6 +368,8 @@ def _rows(job) -> int:
 def _key(job) -> tuple:
     if isinstance(job, ImageJob):
         return ("image", job.guidance_scale, job.decoding)  # one generate_images call: one of each
+    if isinstance(job, EditJob):
+        return ("edit", job.guidance_scale, job.guidance, job.decoding)  # one edit_images call: one of each
     if job.seed is not None:
         return ("seeded", id(job))  # its own RNG stream: never shares a batch
     if job.temperature == 0:
@@ -430,4 +478,4 @@ def _byte_token_ids(tokenizer) -> frozenset[int]:
                      if len(token) == 6 and token.startswith("<0x") and token.endswith(">"))
 
 
-__all__ = ["Cancelled", "ChatJob", "Engine", "ImageJob", "QueueFull", "Reservation"]
+__all__ = ["Cancelled", "ChatJob", "EditJob", "Engine", "ImageJob", "QueueFull", "Reservation"]

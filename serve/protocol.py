@@ -1,7 +1,8 @@
 """Request parsing and validation for the OpenAI-compatible server.
 
 Everything a client sends passes through this module before it reaches the model. The request schema
-is declared as pydantic models, one per endpoint (`ChatCompletionRequest`, `ImageGenerationRequest`):
+is declared as pydantic models, one per endpoint (`ChatCompletionRequest`, `ImageGenerationRequest`,
+`ImageEditRequest`; an edit's multipart form is read by `read_edit_form`, its fields typed from their text):
 types and ranges are field constraints, cross-field rules and the server's configurable caps
 (`Limits`, passed as the validation context) are validators. Every refusal is an `APIError`, which the
 app turns into a 4xx with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`; bad
@@ -72,7 +73,14 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from mllm.config import DECODING_METHODS, DEFAULT_DECODING, DRAW_GUIDANCE_SCALE
+from mllm.config import (
+    DECODING_METHODS,
+    DEFAULT_DECODING,
+    DRAW_GUIDANCE_SCALE,
+    EDIT_GUIDANCE,
+    EDIT_GUIDANCE_MODES,
+    EDIT_GUIDANCE_SCALE,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -81,6 +89,8 @@ __all__ = [
     "APIError",
     "ChatCompletionRequest",
     "ChatRequest",
+    "EditRequest",
+    "ImageEditRequest",
     "ImageGenerationRequest",
     "ImageRef",
     "ImageRequest",
@@ -95,6 +105,8 @@ __all__ = [
     "parse_image_request",
     "parse_json_body",
     "read_chat_request",
+    "read_edit_form",
+    "read_edit_json",
     "split_markdown_images",
 ]
 
@@ -223,6 +235,24 @@ class ImageRequest:
     size: tuple[int, int] | None = None
     response_format: str = "b64_json"
     guidance_scale: float = DRAW_GUIDANCE_SCALE
+    seed: int | None = None
+    model: str | None = None
+    decoding: str = DEFAULT_DECODING  # extra field: "auto" | "jacobi" | "sequential"
+
+
+@dataclass
+class EditRequest:
+    """A validated /v1/images/edits request: the image to edit (an `ImageRef`, not decoded yet: its bytes for
+    an uploaded file, its URL otherwise), the instruction (`prompt`) and the options (`size` is (width,
+    height); None for "auto")."""
+
+    image: ImageRef
+    prompt: str
+    n: int = 1
+    size: tuple[int, int] | None = None
+    response_format: str = "b64_json"
+    guidance_scale: float = EDIT_GUIDANCE_SCALE  # extra field
+    guidance: str = EDIT_GUIDANCE  # extra field: what guidance's unconditional branch drops
     seed: int | None = None
     model: str | None = None
     decoding: str = DEFAULT_DECODING  # extra field: "auto" | "jacobi" | "sequential"
@@ -976,6 +1006,222 @@ def parse_image_request(payload: Any, limits: Limits) -> ImageRequest:
         model=request.model,
         decoding=request.decoding or limits.default_decoding,
     )
+
+
+# ------------------------------------------------------------------------------------ images/edits
+_EDIT_GUIDANCES = ", ".join(repr(name) for name in EDIT_GUIDANCE_MODES)
+# Form fields that carry numbers or booleans (a form sends text): converted before validation, so "2" is the
+# integer 2 and "two" is refused as a string where an integer belongs.
+_FORM_INTEGERS = ("n", "seed", "partial_images", "output_compression")
+_FORM_NUMBERS = ("guidance_scale",)
+_FORM_BOOLEANS = ("stream",)
+_IMAGE_FIELDS = ("image", "image[]")  # the `openai` client sends a list of images as image[]
+_MAX_FORM_FIELDS = 64  # text fields of one edit request (OpenAI's client sends about 20 at most)
+_INTEGER_RE = re.compile(r"\s*[+-]?\d{1,40}\s*")
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """POST /v1/images/edits, its fields once the form (or JSON body) is read; the image is `read_edit_form`'s
+    and `read_edit_json`'s business. The fields of /v1/images/generations, with `prompt` the instruction, plus
+    the extra field `guidance`; a `mask` and output formats other than PNG are refused; `background`,
+    `quality`, `input_fidelity`, `user` and unknown fields are ignored."""
+
+    expected: ClassVar[str] = "an object (or multipart/form-data fields)"
+
+    guidance: StrictStr | None = Field(None, description=f"one of {_EDIT_GUIDANCES}")
+    mask: Any = None
+    output_format: StrictStr | None = Field(None, description="'png'")
+
+    @field_validator("guidance")
+    @classmethod
+    def _known_guidance(cls, value: str | None) -> str | None:
+        if value is not None and value not in EDIT_GUIDANCE_MODES:
+            raise _refusal("invalid_value", f"'{{param}}' must be one of {_EDIT_GUIDANCES}, got {_describe(value)}")
+        return value
+
+    @field_validator("mask")
+    @classmethod
+    def _no_mask(cls, value: Any) -> Any:
+        if value is not None:
+            raise _refusal(
+                "unsupported_parameter",
+                "'mask' is not supported: the model edits the whole image from the instruction; omit 'mask'",
+            )
+        return value
+
+    @field_validator("output_format")
+    @classmethod
+    def _png_only(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() != "png":
+            raise _refusal(
+                "unsupported_value",
+                f"output_format {_describe(value)} is not supported: this server returns PNG images; omit "
+                "output_format",
+            )
+        return value
+
+
+@dataclass
+class _Upload:
+    """A file part of a multipart form."""
+
+    filename: str | None
+    data: bytes
+
+
+def read_edit_form(body: bytes, content_type: str, limits: Limits) -> EditRequest:
+    """A multipart/form-data /v1/images/edits body, as the `openai` client's `images.edit` sends it ->
+    EditRequest (the image not decoded yet), or APIError.
+
+    The form is parsed by Starlette's multipart parser (python-multipart) from the body already read (the
+    app caps its size): at most `_MAX_FORM_FIELDS` text fields, `limits.max_images` + 1 files, text fields
+    of at most 4 bytes per `limits.max_prompt_chars` character. Fields: `image` (or `image[]`): one image
+    file (PNG, JPEG, WEBP or GIF; a data: URL as a text field works too); `prompt`: the instruction; `n`,
+    `size`, `response_format`, `model`, `user` and the extra fields `seed`, `guidance_scale`, `guidance`
+    and `decoding`, as in `parse_image_request` (numbers sent as text). Several images -> 400
+    "too_many_images" (one image per request); a `mask` -> 400; a text field given twice -> 400; an image
+    over `limits.max_image_bytes` -> 413. The image's pixels are the app's to check from its header
+    (`check_image_headers`) before it is decoded.
+    """
+    fields: dict[str, Any] = {}
+    refs: list[ImageRef] = []
+    for name, value in _form_items(body, content_type, limits):
+        if name in _IMAGE_FIELDS:
+            if isinstance(value, _Upload):
+                refs.append(ImageRef("", "image", value.data))
+            else:
+                _check_image_url(value, limits, "image")
+                refs.append(ImageRef(value.strip(), "image"))
+            continue
+        if isinstance(value, _Upload):
+            if name == "mask":
+                fields["mask"] = "file"  # refused by the schema, naming the field
+                continue
+            raise APIError(400, f"unexpected file in the form field '{name}'; send the image to edit as 'image'",
+                           param=name, code="invalid_value")
+        if name in fields:
+            raise APIError(400, f"the form field '{name}' is given more than once; send it once", param=name,
+                           code="invalid_value")
+        fields[name] = _form_value(name, value)
+    return _edit_request(fields, refs, limits)
+
+
+def read_edit_json(payload: Any, limits: Limits) -> EditRequest:
+    """A JSON /v1/images/edits body -> EditRequest, or APIError: the fields of `read_edit_form`, with the
+    image as `"image": "data:image/png;base64,..."` or, as OpenAI's JSON form has it, `"images":
+    [{"image_url": "data:..."}]` (http(s) URLs when `limits.allow_remote_images`)."""
+    if not isinstance(payload, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_describe(payload)}", code="invalid_type")
+    fields = dict(payload)
+    refs: list[ImageRef] = []
+    image = fields.pop("image", None)
+    images = fields.pop("images", None)
+    if image is not None:
+        if not isinstance(image, str):
+            raise APIError(400, f"'image' must be a string (a data: URL), got {_describe(image)}", param="image",
+                           code="invalid_type")
+        _check_image_url(image, limits, "image")
+        refs.append(ImageRef(image.strip(), "image"))
+    if images is not None:
+        if not isinstance(images, list):
+            raise APIError(400, f"'images' must be an array, got {_describe(images)}", param="images",
+                           code="invalid_type")
+        if len(refs) + len(images) > 1:
+            raise _too_many_images(len(refs) + len(images))
+        for index, item in enumerate(images):
+            param = f"images[{index}]"
+            url = item.get("image_url") if isinstance(item, dict) else None
+            if isinstance(url, dict):
+                url = url.get("url")
+            if not isinstance(url, str):
+                raise APIError(400, f"'{param}' must be an object {{\"image_url\": \"data:image/png;base64,...\"}}",
+                               param=param, code="invalid_type")
+            _check_image_url(url, limits, f"{param}.image_url")
+            refs.append(ImageRef(url.strip(), f"{param}.image_url"))
+    return _edit_request(fields, refs, limits)
+
+
+def _edit_request(fields: dict[str, Any], refs: list[ImageRef], limits: Limits) -> EditRequest:
+    request: ImageEditRequest = _validate(ImageEditRequest, fields, limits)
+    if not refs:
+        raise APIError(400, "'image' is required: send the image to edit (a PNG, JPEG, WEBP or GIF file)",
+                       param="image", code="missing_required_parameter")
+    if len(refs) > 1:
+        raise _too_many_images(len(refs))
+    ref = refs[0]
+    if ref.data is not None and len(ref.data) > limits.max_image_bytes:
+        raise _image_too_large(len(ref.data), limits, ref.param)
+    return EditRequest(
+        image=ref,
+        prompt=request.prompt,
+        n=request.n if request.n is not None else 1,
+        size=request.dimensions,
+        response_format=request.response_format or "b64_json",
+        guidance_scale=request.guidance_scale if request.guidance_scale is not None else EDIT_GUIDANCE_SCALE,
+        guidance=request.guidance or EDIT_GUIDANCE,
+        seed=request.seed,
+        model=request.model,
+        decoding=request.decoding or limits.default_decoding,
+    )
+
+
+def _too_many_images(count: int) -> APIError:
+    return APIError(400, f"this request has {count} images; this server edits one image per request (send one "
+                         "'image'; to ask about several images, use /v1/chat/completions)",
+                    param="image", code="too_many_images")
+
+
+def _form_value(name: str, text: str) -> Any:
+    """A form field's text -> the JSON value it stands for (an integer, a number, a boolean), or the text
+    itself when it is not one (then the schema refuses it, naming the field)."""
+    if name in _FORM_INTEGERS and _INTEGER_RE.fullmatch(text):
+        return int(text)
+    if name in _FORM_NUMBERS:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    if name in _FORM_BOOLEANS and text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    return text
+
+
+def _form_items(body: bytes, content_type: str, limits: Limits) -> list[tuple[str, str | _Upload]]:
+    """The parts of a multipart/form-data body, in order: (name, text) or (name, _Upload). Starlette's parser
+    (python-multipart underneath) runs to completion here, in the calling thread: the body is in memory, so
+    uploads are kept in memory too (never spooled to disk)."""
+    import asyncio
+
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def chunks():
+        yield bytes(body)
+
+    parser = MultiPartParser(Headers({"content-type": content_type}), chunks(), max_files=limits.max_images + 1,
+                             max_fields=_MAX_FORM_FIELDS, max_part_size=max(2**20, 4 * limits.max_prompt_chars + 1024))
+    parser.spool_max_size = len(body) + 1
+    try:
+        form = asyncio.run(parser.parse())
+    except MultiPartException as error:
+        message = str(error)
+        if "files" in message:
+            raise APIError(400, f"too many files in the form ({message}); this server edits one image per request",
+                           param="image", code="too_many_images") from None
+        raise APIError(400, f"invalid multipart/form-data body: {message}", code="invalid_multipart") from None
+    items: list[tuple[str, str | _Upload]] = []
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                value.file.seek(0)
+                items.append((name, _Upload(value.filename, value.file.read())))
+            else:
+                items.append((name, value))
+    finally:
+        for _, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                value.file.close()
+    return items
 
 
 # ---------------------------------------------------------------------------------- markdown images

@@ -202,6 +202,11 @@ CASES = [
     pytest.param(
         "ask --model {model} {ok_png} 'What colour?' --device cuda", ["--device", "cuda"],
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    # edit
+    ("edit --model {model} {bad_png} 'make the circle blue' --out {out}/e.png", ["cannot read image", "{bad_png}"]),
+    ("edit --model {model} {out}/nope.png 'make the circle blue' --out {out}/e.png", ["{out}/nope.png", "does not exist"]),
+    ("edit --model {model} {ok_png} '' --out {out}/e.png", ["instruction is empty"]),
+    ("edit --model {model} {ok_png} 'make the circle blue' --out {out}/e.png --guidance both2", ["did you mean both?"]),
     # draw
     ("draw --model {model} '' --out {out}/d.png", ["prompt is empty"]),
     ("draw --model {model} 'a red circle' --out {afile}/d.png", ["{afile}"]),

@@ -1,6 +1,7 @@
 """`mllm chat --model DIR`: chat with a model in the terminal (mllm.terminal_chat).
 
-/image PATH attaches an image, /draw PROMPT asks for a drawing, /reset, /help, /quit.
+/image PATH [PATH ...] attaches images (one message may hold several), /draw PROMPT asks for a drawing,
+/edit INSTRUCTION edits the attached (or the last) image, /reset, /help, /quit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from mllm.commands._common import (
     check_model_folder,
     load_model,
 )
+from mllm.config import EDIT_GUIDANCE, EDIT_GUIDANCE_MODES, EDIT_GUIDANCE_SCALE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--system", metavar="TEXT", default=None, help="system message opening the conversation"
     )
+    parser.add_argument(
+        "--edit-guidance-scale",
+        type=float,
+        default=EDIT_GUIDANCE_SCALE,
+        help=f"classifier-free guidance scale of /edit; 1 turns guidance off (default: {EDIT_GUIDANCE_SCALE:g})",
+    )
+    parser.add_argument(
+        "--edit-guidance",
+        choices=EDIT_GUIDANCE_MODES,
+        default=EDIT_GUIDANCE,
+        help=f"what /edit's guidance drops: the instruction or both (see `mllm edit --help`; default: {EDIT_GUIDANCE})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         save_dir=args.save_dir, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, guidance_scale=args.guidance_scale,
         image_temperature=args.image_temperature, decoding=args.decoding,
+        edit_guidance_scale=args.edit_guidance_scale, edit_guidance=args.edit_guidance,
     )  # fmt: skip
     model = load_model(args)
     session = ChatSession(model, options)

@@ -183,6 +183,7 @@
   }
 
   function renderAttachments() {
+    updatePlaceholder();
     els.attachments.replaceChildren();
     pending.forEach((src, i) => {
       const item = document.createElement("div");
@@ -390,6 +391,44 @@
     scrollDown();
   }
 
+  // ------------------------------------------------------------------ edit
+  // draw mode with one image attached: the text is an instruction for /v1/images/edits ("make the circle blue")
+  async function edit(text, source, turn) {
+    renderUser(text, [source]);
+    const out = pendingBubble(note("drawing", "editing…"));
+    let reply;
+    try {
+      const response = await fetch("/v1/images/edits", {
+        method: "POST",
+        headers: headers(),
+        body: JSON.stringify({
+          model: modelId || undefined,
+          image: source,
+          prompt: text,
+          n: Math.max(1, Math.round(numberOr(els.drawN, 1))),
+          response_format: "b64_json",
+        }),
+        signal: controller.signal,
+      });
+      if (!response.ok) throw new Error(await errorMessage(response));
+      const result = await response.json();
+      reply = withImages("", result.data).replace(/!\[image\]/g, "![" + text.replace(/[\]\n]/g, " ") + "]");
+      if (!reply) throw new Error("the server returned no image");
+    } catch (e) {
+      if (turn !== generation) return;
+      out.remove();
+      if (e.name !== "AbortError") renderError(String(e.message || e));
+      return;
+    }
+    if (turn !== generation) return;
+    out.classList.remove("pending");
+    renderContent(out, reply, false);
+    // kept in the conversation as the chat turn it stands for: the image and the instruction, the edit
+    conversation.push(userMessage(text, [source]));
+    conversation.push({ role: "assistant", content: reply });
+    scrollDown();
+  }
+
   // ------------------------------------------------------------------ wiring
   async function send() {
     if (busy) return;
@@ -397,17 +436,23 @@
     const drawing = els.draw.checked;
     if (drawing && !text) return;
     if (!text && !pending.length) return;
+    if (drawing && pending.length > 1) {
+      renderError("draw mode edits one attached image; remove the others (or switch draw off to ask about them)");
+      return;
+    }
     setBusy(true);
     const turn = generation;
     controller = new AbortController();
     els.input.value = "";
     try {
-      if (drawing) {
-        await draw(text, turn); // attachments stay for the next chat message
+      const images = pending;
+      pending = [];
+      renderAttachments();
+      if (drawing && images.length === 1) {
+        await edit(text, images[0], turn);
+      } else if (drawing) {
+        await draw(text, turn);
       } else {
-        const images = pending;
-        pending = [];
-        renderAttachments();
         await chat(text, images, turn);
       }
     } finally {
@@ -446,11 +491,17 @@
     loadModels();
   });
 
+  function updatePlaceholder() {
+    els.input.placeholder = !els.draw.checked
+      ? "Message (Enter to send, Shift+Enter for a new line)"
+      : pending.length
+        ? "How to change the image, e.g. make the circle blue (Enter to edit)"
+        : "Describe a picture to draw (Enter to draw)";
+  }
+
   els.draw.addEventListener("change", () => {
     document.body.classList.toggle("drawing-mode", els.draw.checked);
-    els.input.placeholder = els.draw.checked
-      ? "Describe a picture to draw (Enter to draw)"
-      : "Message (Enter to send, Shift+Enter for a new line)";
+    updatePlaceholder();
   });
 
   loadModels();

@@ -179,11 +179,11 @@ def browser():
         driver.quit()
 
 
-def _png_file(path: Path) -> Path:
+def _png_file(path: Path, colour: str = "blue") -> Path:
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (64, 64), "white")
-    ImageDraw.Draw(image).ellipse((8, 8, 56, 56), fill="blue")
+    ImageDraw.Draw(image).ellipse((8, 8, 56, 56), fill=colour)
     image.save(path)
     return path
 
@@ -218,9 +218,10 @@ def test_web_chat_page(browser, server, tmp_path):
     driver.get(server_url + "/")
     # record the bodies of the chat requests the page sends
     driver.execute_script(
-        "window.__sent = []; const fetch0 = window.fetch;"
+        "window.__sent = []; window.__edits = []; const fetch0 = window.fetch;"
         "window.fetch = (url, opts) => {"
         "  if (String(url).endsWith('/chat/completions')) window.__sent.push(opts.body);"
+        "  if (String(url).endsWith('/images/edits')) window.__edits.push(opts.body);"
         "  return fetch0(url, opts); };"
     )
     key = driver.find_element(By.ID, "api-key")
@@ -254,6 +255,19 @@ def test_web_chat_page(browser, server, tmp_path):
     assert user_img and user_img[0].get_attribute("src").startswith("data:image/png;base64,")
     assert not driver.find_elements(By.CSS_SELECTOR, "#attachments img")  # sent, so cleared
 
+    # 2b. several images in one message (the file input takes several): two thumbnails, then one user
+    # message with both images, in the order picked, before the text
+    pair = [_png_file(tmp_path / "first.png", "red"), _png_file(tmp_path / "second.png", "green")]
+    driver.find_element(By.ID, "attach").send_keys("\n".join(str(path) for path in pair))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attachments img")) == 2)
+    send("What differs between the two images?")
+    assert not bubbles("error"), bubbles("error")[0].text
+    assert len(bubbles("user")[-1].find_elements(By.TAG_NAME, "img")) == 2
+    content = json.loads(driver.execute_script("return window.__sent.at(-1)"))["messages"][-1]["content"]
+    assert [part["type"] for part in content] == ["image_url", "image_url", "text"]
+    expected = ["data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() for path in pair]
+    assert [part["image_url"]["url"] for part in content[:2]] == expected
+
     # 3. draw: the prompt goes to /v1/images/generations and the picture appears in the assistant bubble
     draw = driver.find_element(By.ID, "draw-toggle")
     if not draw.is_selected():
@@ -268,6 +282,19 @@ def test_web_chat_page(browser, server, tmp_path):
     wait.until(
         lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", images[0])
     )
+
+    # 3b. draw mode with one image attached: the text edits it (/v1/images/edits); the edit is an image reply
+    driver.find_element(By.ID, "attach").send_keys(str(pair[0]))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments img"))
+    assert "edit" in driver.find_element(By.ID, "input").get_attribute("placeholder")
+    send("make the circle blue")
+    assert not bubbles("error"), bubbles("error")[0].text
+    edit_body = json.loads(driver.execute_script("return window.__edits.at(-1)"))
+    assert edit_body["prompt"] == "make the circle blue" and edit_body["image"] == expected[0]
+    edited = bubbles("assistant")[-1].find_elements(By.TAG_NAME, "img")
+    assert edited and edited[0].get_attribute("src").startswith("data:image/png;base64,")
+    assert len(bubbles("user")[-1].find_elements(By.TAG_NAME, "img")) == 1
+    assert not driver.find_elements(By.CSS_SELECTOR, "#attachments img")
     draw.click()  # back to chat
 
     # 4. the next chat turn sends the whole conversation, the drawing as markdown in the assistant turn
@@ -275,9 +302,12 @@ def test_web_chat_page(browser, server, tmp_path):
     assert not bubbles("error"), bubbles("error")[0].text
     body = json.loads(driver.execute_script("return window.__sent.at(-1)"))
     roles = [m["role"] for m in body["messages"]]
-    assert roles == ["user", "assistant"] * 3 + ["user"], roles
+    assert roles == ["user", "assistant"] * 5 + ["user"], roles
     assert isinstance(body["messages"][1]["content"], str)  # replies go back as the text the server sent
-    assert "](data:image/png;base64," in body["messages"][5]["content"]
+    assert "](data:image/png;base64," in body["messages"][7]["content"]
+    # the edit turn: the image and the instruction, then the edited image as markdown
+    assert [part["type"] for part in body["messages"][8]["content"]] == ["image_url", "text"]
+    assert "](data:image/png;base64," in body["messages"][9]["content"]
     image_parts = [p for p in body["messages"][2]["content"] if p["type"] == "image_url"]
     assert image_parts and image_parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
 
@@ -386,5 +416,13 @@ def _stand_in_app():
         body = await request.json()
         n = int(body.get("n", 1))
         return {"created": 0, "data": [{"b64_json": png_b64("red")} for _ in range(n)]}
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        if not authorized(request):
+            return refuse(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        body = await request.json()
+        n = int(body.get("n", 1))
+        return {"created": 0, "data": [{"b64_json": png_b64("blue")} for _ in range(n)]}
 
     return app
