@@ -6,8 +6,10 @@
 
 `mllm eval`: items from the suite's reader (eval/suites/); every image they name is checked before the
 model loads (the missing ones are named in one error), then they run in batches: "answer" suites send each
-image with the suite's prompt and decode greedily; "draw" suites draw `images_per_prompt` images per prompt (seeds
-0..n-1) and save them under OUT. Each finished batch is appended to OUT/predictions.jsonl at once (one
+image (or each item's images, in order, in one user turn) with the suite's prompt and decode greedily; "draw"
+suites draw `images_per_prompt` images per prompt (seeds 0..n-1) and save them under OUT; "edit" suites edit
+each item's image by its instruction (`MLLM.edit`, `images_per_prompt` seeds, the suite's guidance) and save
+the edits the same way. Each finished batch is appended to OUT/predictions.jsonl at once (one
 `write` per line, O_APPEND), so a killed run loses at most the batch in flight: on restart the ids already
 in the file are skipped (a line cut short by the kill is dropped first), and every id ends up predicted
 exactly once. Launched with `torchrun --nproc_per_node N -m mllm.cli eval ...` (or `accelerate launch`), each
@@ -186,6 +188,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         raise ValueError(f"suite {args.suite} needs --data (its benchmark files)")
     if args.model is None:
         raise ValueError("--model is required (a model folder)")
+    suite.use_model(args.model)  # e.g. the model's image size, for suites that render their own images
     items = suite.load_items(args.data, args.limit)
     if suite.kind == "answer" and any(not item.prompt for item in items):
         raise ValueError(f"some {args.suite} items have no question text (is the questions file "
@@ -230,7 +233,9 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         "model": args.model, "adapter": args.adapter, "data": args.data, "limit": args.limit,
         "predictions": str(predictions_path), "options": options, "seconds": round(time.time() - started, 1),
         **({"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
-            "seed": args.seed, "decoding": args.decoding} if suite.kind == "draw" else {})})
+            "seed": args.seed, "decoding": args.decoding} if suite.kind == "draw" else {}),
+        **({"guidance": suite.guidance, "guidance_scale": suite.guidance_scale, "temperature": args.temperature,
+            "top_k": args.top_k, "seed": args.seed, "decoding": args.decoding} if suite.kind == "edit" else {})})
     print(table)
     print(primary_line(suite, results))
     return results
@@ -263,11 +268,17 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _images(item) -> list:
+    """An answer item's images: its one image, or every image of a list (several images, one question)."""
+    return list(item.image) if isinstance(item.image, (list, tuple)) else [item.image]
+
+
 def _predict(suite, model, batch, out: Path, args) -> list[dict]:
     if suite.kind == "answer":
-        conversations = [[{"role": "user", "content": [{"type": "image", "image": item.image},
-                                                       {"type": "text", "text": item.prompt}]}]
-                         for item in batch]
+        conversations = [[{"role": "user", "content": [
+            *({"type": "image", "image": image} for image in _images(item)),
+            {"type": "text", "text": item.prompt},
+        ]}] for item in batch]
         max_new_tokens = args.max_new_tokens or suite.max_new_tokens
         answers = model.generate_text(conversations, max_new_tokens=max_new_tokens)
         return [{"id": item.id, "answer": answer} for item, answer in zip(batch, answers)]
@@ -277,6 +288,14 @@ def _predict(suite, model, batch, out: Path, args) -> list[dict]:
                             decoding=args.decoding)
         return [{"id": item.id, "prompt": item.prompt, "images": suite.save_images(out, item, drawn)}
                 for item, drawn in zip(batch, images)]
+    if suite.kind == "edit":
+        # The CLI's --guidance-scale is the draw default; an edit suite's guidance is its own options'.
+        edited = model.edit([item.image for item in batch], [item.prompt for item in batch],
+                            n=suite.images_per_prompt, seed=args.seed, guidance_scale=suite.guidance_scale,
+                            guidance=suite.guidance, temperature=args.temperature, top_k=args.top_k,
+                            decoding=args.decoding)
+        return [{"id": item.id, "instruction": item.prompt, "images": suite.save_images(out, item, images)}
+                for item, images in zip(batch, edited)]
     raise ValueError(f"suite kind {suite.kind!r} has no predictions")
 
 

@@ -6,9 +6,13 @@ means adding one module. Modules import heavy dependencies inside functions only
 
 Kinds:
     "answer"  image + prompt -> text. The runner sends [{"role": "user", "content": [image, prompt]}]
-              (greedy, `max_new_tokens`) and records {"id", "answer"}.
+              (greedy, `max_new_tokens`) and records {"id", "answer"}. An item whose `image` is a list
+              sends every image of it, in order, before the prompt in that one user turn.
     "draw"    prompt -> `images_per_prompt` images (seeds 0..n-1). The runner saves them with
               `save_images` and records {"id", "images": [paths relative to OUT]}.
+    "edit"    image + instruction (the prompt) -> `images_per_prompt` edited images (seeds 0..n-1), through
+              `MLLM.edit` with the suite's `guidance` and `guidance_scale` (`EditSuite`). Saved and recorded
+              as for "draw", the record with the "instruction" too.
     "custom"  the suite does everything in `run` (e.g. the tokenizer metrics); no predictions file.
 
 Predictions are JSONL, one object per item id; `score` gets them keyed by id, with the items, and
@@ -32,7 +36,7 @@ from typing import Any
 
 from tokenizer_vision.schema import check_keys, unknown_name
 
-KINDS = ("answer", "draw", "custom")
+KINDS = ("answer", "draw", "edit", "custom")
 
 
 @dataclass
@@ -94,6 +98,10 @@ class Suite:
         """Custom suites: evaluate and return the results dict."""
         raise NotImplementedError
 
+    def use_model(self, model_dir: str | Path) -> None:
+        """`mllm eval` calls this with --model before items are read: a suite that renders its own images
+        reads the model's image size here (`model_image_size`). Scoring never calls it."""
+
 
 class DrawSuite(Suite):
     """A draw suite whose images per prompt (seeds 0..n-1) `--option seeds=N` sets; a subclass gives its
@@ -109,6 +117,54 @@ class DrawSuite(Suite):
     def configure(self, options: dict[str, Any] | None) -> None:
         """Apply `--option seeds=N` (images per prompt); call before drawing."""
         self.images_per_prompt = int_option(options, "seeds", self.images_per_prompt)
+
+
+class EditSuite(Suite):
+    """An edit suite: `images_per_prompt` edits per item (seeds 0..n-1, `--option seeds=N`), with classifier-free
+    guidance set by `--option guidance=instruction|both` (what the unconditional branch drops) and
+    `--option guidance_scale=S` (1: none); defaults those of `MLLM.edit`. A subclass gives its own defaults
+    as class attributes and may read more options (extend `option_names`, call `super().configure`)."""
+
+    kind = "edit"
+    option_names = ("seeds", "guidance", "guidance_scale")
+    images_per_prompt = 1
+
+    def __init__(self) -> None:
+        from mllm.config import EDIT_GUIDANCE, EDIT_GUIDANCE_SCALE
+
+        self.guidance: str = EDIT_GUIDANCE
+        self.guidance_scale: float = EDIT_GUIDANCE_SCALE
+
+    def configure(self, options: dict[str, Any] | None) -> None:
+        from mllm.config import EDIT_GUIDANCE_MODES
+
+        options = options or {}
+        self.images_per_prompt = int_option(options, "seeds", self.images_per_prompt)
+        guidance = str(options.get("guidance") or self.guidance).strip()
+        if guidance not in EDIT_GUIDANCE_MODES:
+            raise unknown_name("--option guidance value", guidance, EDIT_GUIDANCE_MODES)
+        self.guidance = guidance
+        scale = options.get("guidance_scale")
+        if scale is not None and scale != "":
+            try:
+                self.guidance_scale = float(scale)
+            except (TypeError, ValueError):
+                raise ValueError(f"--option guidance_scale={scale!r}: expected a number") from None
+            if not self.guidance_scale > 0:
+                raise ValueError(f"--option guidance_scale={scale}: must be positive (1: no guidance)")
+
+
+def model_image_size(model_dir: str | Path | None) -> int | None:
+    """The image side of a model folder (`mllm_config.json`'s image_size), read without loading the model;
+    None when `model_dir` is not a model folder (loading it reports that properly later)."""
+    if model_dir is None:
+        return None
+    from mllm.config import MLLMConfig
+
+    try:
+        return int(MLLMConfig.load(model_dir).image_size)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def int_option(options: dict[str, Any] | None, key: str, default: int, minimum: int = 1) -> int:
@@ -345,6 +401,7 @@ __all__ = [
     "NORMALIZE_MODES",
     "NORMALIZE_OPTION",
     "DrawSuite",
+    "EditSuite",
     "ImageDir",
     "Item",
     "MissingImage",
@@ -358,6 +415,7 @@ __all__ = [
     "jsonl_rows",
     "load_json",
     "missing_images",
+    "model_image_size",
     "normalize_option",
     "prediction_notes",
     "read_jsonl_or_json",
