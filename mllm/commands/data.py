@@ -1,6 +1,7 @@
 """`mllm data ...`: make the shapes world, convert LLaVA JSON to shards.
 
     mllm data shapes --out DIR --n N --seed S [--size PX] [--split train|test] [--format wds|llava]
+                     [--look exact|varied|other] [--tasks]
     mllm data convert-llava --json FILE --image-root DIR --out DIR
 
 The data modules (webdataset, PIL, the shapes renderer) are imported when a subcommand runs, so
@@ -50,6 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "no drawing prompts) (default: wds)",
     )  # fmt: skip
     shapes.add_argument(
+        "--look", choices=("exact", "varied", "other"), default="exact",
+        help="how scenes are drawn: exact (fixed sizes, centred, palette colours on pure white), varied "
+        "(the training world: sizes drawn from a range per size word, centres jittered in their cells, "
+        "anti-aliasing on about half the images, slight background and colour noise) or other (a second "
+        "rasteriser, PIL's anti-aliased drawing with other sizes and offsets, held out for evaluation); "
+        "a non-exact look is recorded as \"look\" in each record's JSON (default: exact)",
+    )  # fmt: skip
+    shapes.add_argument(
+        "--tasks", action="store_true",
+        help="also write, after each scene, its two-image records (wds only): an edit (the scene, one of six "
+        "edits with its instruction, and questions over the two images) and a pair (the scene and an "
+        "unrelated one, with questions over the two); the LLM then learns editing and multi-image questions",
+    )  # fmt: skip
+    shapes.add_argument(
         "--maxcount", type=positive_int, default=1000, help="records per shard, wds only (default: 1000)"
     )
     add_output_arguments(shapes)
@@ -87,6 +102,7 @@ def _run_shapes(args: argparse.Namespace) -> int:
     written = write_shapes_data(
         args.out, args.n, seed=args.seed, size=args.size, split=args.split, resized_share=args.resized_share,
         format=args.format, maxcount=args.maxcount, overwrite=args.overwrite, progress=not args.no_progress,
+        look=args.look, tasks=args.tasks,
     )  # fmt: skip
     if args.format == "llava":
         print(f"wrote {args.n} records to {written} and {args.n} images to {args.out / 'images'}")

@@ -185,3 +185,29 @@ def test_untouched_objects_keep_their_cells_after_a_move():
     assert len(moved) == 1 and moved[0].cell in CELLS
     assert sum(obj in edit.target.objects for obj in scene.objects) == 1
     assert replace(moved[0], cell=next(o for o in scene.objects if o not in edit.target.objects).cell) in scene.objects
+
+
+def test_the_cli_writes_each_scenes_task_records_after_it(tmp_path):
+    from mllm.cli import main as mllm_main
+    from mllm.data.shapes import iter_samples
+
+    out = tmp_path / "llm"
+    argv = ["data", "shapes", "--n", "3", "--out", str(out), "--size", "48", "--look", "varied", "--tasks",
+            "--no-progress"]
+    assert mllm_main(argv) == 0
+    records = list(read_records(out, split=False))
+    scenes = list(iter_samples(3, size=48, look="varied"))
+    expected_keys = [key for s in scenes for key in (s["key"], f"{s['key']}-edit", f"{s['key']}-pair")]
+    assert [r["key"] for r in records] == expected_keys
+    for index, sample in enumerate(scenes):
+        base, edit, pair = records[3 * index : 3 * index + 3]
+        assert len(base["images"]) == 1 and len(edit["images"]) == 2 and len(pair["images"]) == 2
+        # The edit's source is the scene's own render; its target is what the judge reads as the target scene.
+        assert np.array_equal(np.asarray(edit["images"][0]), np.asarray(sample["image"]))
+        target = Scene.from_dict(edit["json"]["edit"]["target"])
+        assert parse_image(edit["images"][1]) == list(target.objects)
+        assert edit["json"]["look"] == "varied"
+    with pytest.raises(ValueError, match="only the wds format"):
+        from mllm.data.shapes import write_shapes_data
+
+        write_shapes_data(tmp_path / "x", 2, format="llava", tasks=True)
