@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from demo.plans import OTHER_SIZE_VQA, Plan, model_dir
+from demo.plans import OTHER_LOOK_TOKENIZER, OTHER_LOOK_VQA, OTHER_SIZE_VQA, Plan, model_dir
 from demo.report import ablation_table, write_report
 from eval import runner
 from eval.runner import EvalSettings
@@ -35,12 +35,18 @@ class Stage:
 
 
 def llm_data(out: Path, plan: Plan) -> Path:
-    """The LLM's training scenes: data/train-mixed (exact and resized renders) or, without resizing, data/train."""
-    return out / "data" / ("train-mixed" if plan.resized_share > 0 else "train")
+    """The LLM's training data: data/train-llm (the scenes, some resized with `resized_share`, plus the edit
+    and pair records with `tasks`) or, with neither, data/train (the teacher's and tokenizer's scenes)."""
+    return out / "data" / ("train-llm" if plan.resized_share > 0 or plan.tasks else "train")
 
 
 def other_size_test(out: Path, plan: Plan) -> Path:
     return out / "data" / f"test-{plan.other_size}px"
+
+
+def other_look_test(out: Path) -> Path:
+    """The test scenes drawn by the held-out rasteriser."""
+    return out / "data" / "test-other-look"
 
 
 def _sets(overrides: tuple[str, ...] | list[str]) -> str:
@@ -48,12 +54,14 @@ def _sets(overrides: tuple[str, ...] | list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- stage builders
-def _data(name: str, out: Path, n: int, size: int, split: str = "train", resized_share: float = 0.0) -> Stage:
+def _data(name: str, out: Path, n: int, size: int, split: str = "train", resized_share: float = 0.0,
+          look: str = "exact", tasks: bool = False) -> Stage:
     share = f" --resized-share {resized_share}" if resized_share else ""
-    command = f"mllm data shapes --out {out} --n {n} --size {size} --split {split}{share} --overwrite"
+    extra = (f" --look {look}" if look != "exact" else "") + (" --tasks" if tasks else "")
+    command = f"mllm data shapes --out {out} --n {n} --size {size} --split {split}{share}{extra} --overwrite"
     return Stage(name, out / "index.json", command,
                  lambda: shapes.write_shapes_data(out, n, size=size, split=split, resized_share=resized_share,
-                                                  overwrite=True))
+                                                  overwrite=True, look=look, tasks=tasks))
 
 
 def _train(name: str, marker: Path, command: str, recipe: str, paths: dict[str, Path | str], max_steps: int,
@@ -125,7 +133,14 @@ def _model_chain(prefix: str, root: Path, out: Path, plan: Plan, codes: Path,
 def _evals(prefix: str, model: Path, root: Path, out: Path, plan: Plan, suites: tuple[str, ...]) -> list[Stage]:
     """One stage per evaluation suite of `model`, results under root/eval/<suite>."""
     test = out / "data" / "test"
+    look = {"look": plan.look}
     evals = {
+        "shapes-edit": lambda name, folder: _eval(name, "shapes-edit", model, folder, limit=plan.edit_items,
+                                                  options=look),
+        "shapes-multi": lambda name, folder: _eval(name, "shapes-multi", model, folder, limit=plan.multi_items,
+                                                   options=look),
+        OTHER_LOOK_VQA: lambda name, folder: _eval(name, "shapes-vqa", model, folder, other_look_test(out),
+                                                   plan.vqa_items),
         "shapes-vqa": lambda name, folder: _eval(name, "shapes-vqa", model, folder, test, plan.vqa_items),
         "shapes-caption": lambda name, folder: _eval(name, "shapes-caption", model, folder, test, plan.caption_items),
         "shapes-t2i": lambda name, folder: _eval(name, "shapes-t2i", model, folder, limit=plan.t2i_prompts,
@@ -151,22 +166,28 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
         ]
     else:
         model = [_copy_model("model", pretrained, out / "model")]
-    mixed = ([_data("mixed data", llm_data(out, plan), plan.train_scenes, plan.image_size,
-                    resized_share=plan.resized_share)] if plan.resized_share > 0 else [])
+    mixed = ([_data("LLM data", llm_data(out, plan), plan.train_scenes, plan.image_size,
+                    resized_share=plan.resized_share, look=plan.look, tasks=plan.tasks)]
+             if plan.resized_share > 0 or plan.tasks else [])
     other_test = ([_data("test data, other size", other_size_test(out, plan), plan.test_scenes, plan.other_size,
-                         split="test")] if plan.other_size else [])
+                         split="test", look=plan.look)] if plan.other_size else [])
     teacher = out / "teacher"
     return [
-        _data("data", data, plan.train_scenes, plan.image_size),
+        _data("data", data, plan.train_scenes, plan.image_size, look=plan.look),
         *mixed,
-        _data("test data", test, plan.test_scenes, plan.image_size, split="test"),
+        _data("test data", test, plan.test_scenes, plan.image_size, split="test", look=plan.look),
         *other_test,
+        _data("test data, held-out rasteriser", other_look_test(out), plan.test_scenes, plan.image_size,
+              split="test", look="other"),
         _train("teacher", teacher / "model.safetensors", "train-teacher", "teacher-shapes",
                {"data": data, "out": teacher}, plan.teacher_steps, plan.teacher_overrides, resume=False),
         *_model_chain("", out, out, plan, codes, {"teacher": teacher}),
+        _eval("tokenizer metrics, held-out rasteriser", "tokenizer", out / "tokenizer",
+              out / "eval" / OTHER_LOOK_TOKENIZER, data=other_look_test(out)),
         *model,
         *_evals("", model_dir(out, plan), out, out, plan,
-                ("shapes-vqa", "shapes-caption", "shapes-t2i", OTHER_SIZE_VQA)),
+                ("shapes-vqa", "shapes-caption", "shapes-t2i", OTHER_SIZE_VQA, "shapes-edit", "shapes-multi",
+                 OTHER_LOOK_VQA)),
     ]
 
 
@@ -249,5 +270,5 @@ def run_ablations(out: Path, plan: Plan) -> str:
     return table
 
 
-__all__ = ["Stage", "ablation_stages", "llm_data", "other_size_test", "run_ablations", "run_demo", "run_stages",
+__all__ = ["Stage", "ablation_stages", "llm_data", "other_look_test", "other_size_test", "run_ablations", "run_demo", "run_stages",
            "stages"]

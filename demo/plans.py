@@ -14,6 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from mllm.data.shapes_tasks import EDIT_OPERATIONS
+
+OTHER_SIZE_VQA = "shapes-vqa-other-size"  # shapes-vqa on data/test-<other_size>px, results in eval/<this name>
+# The held-out rasteriser (`render(..., look="other")`: PIL's, other sizes and offsets, never trained on): the
+# test scenes drawn by it (data/test-other-look), through the tokenizer and as VQA, results in eval/<these>.
+OTHER_LOOK_TOKENIZER = "tokenizer-other-look"
+OTHER_LOOK_VQA = "shapes-vqa-other-look"
+
 # The quality bars of the demo (held-out scenes): (results folder, metric, minimum, label).
 BARS = (
     ("eval/shapes-vqa", "accuracy", 90.0, "VQA accuracy (shapes-vqa)"),
@@ -21,9 +29,13 @@ BARS = (
     ("eval/shapes-t2i", "accuracy_single_object", 80.0, "drawing 'a {colour} {shape}' judged correct"),
     ("eval/shapes-t2i", "accuracy_position", 60.0, "drawing '... at the <position>' judged correct"),
     ("eval/tokenizer", "judge_agreement", 95.0, "tokenizer: judge agreement original vs reconstruction"),
+    ("eval/shapes-edit", "accuracy", 70.0, "editing: the output is exactly the target scene (shapes-edit)"),
+    *(("eval/shapes-edit", f"accuracy_{operation}", 50.0, f"editing, {operation}") for operation in EDIT_OPERATIONS),
+    ("eval/shapes-multi", "accuracy", 85.0, "questions over two images (shapes-multi)"),
+    (f"eval/{OTHER_LOOK_TOKENIZER}", "judge_agreement", 95.0,
+     "held-out rasteriser: tokenizer judge agreement"),
+    (f"eval/{OTHER_LOOK_VQA}", "accuracy", 85.0, "held-out rasteriser: VQA accuracy"),
 )
-
-OTHER_SIZE_VQA = "shapes-vqa-other-size"  # shapes-vqa on data/test-<other_size>px, results in eval/<this name>
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,16 @@ class Plan:
     llm: str = "shapes"  # a named size of `mllm init --llm`
     tokenizer: str = "shapes"  # a named tokenizer size
     image_size: int = 48
+    # The look of every training and test scene (`mllm.data.shapes.render`): "varied" draws sizes from ranges,
+    # jitters positions, anti-aliases half the scenes and adds slight noise, so models learn shapes, not one
+    # renderer's pixels. The held-out rasteriser ("other") is only ever evaluated on.
+    look: str = "varied"
     train_scenes: int = 20000
+    # Each training scene also gives an edit record (the scene, one edit, the questions over the two) and a pair
+    # record (the scene and an unrelated one, with their questions) to the LLM's data (`mllm data shapes --tasks`).
+    tasks: bool = True
+    edit_items: int = 300  # shapes-edit items (50 per operation), one edit each
+    multi_items: int = 550  # shapes-multi questions (100 pairs)
     # Share of the LLM's training scenes rendered at other sizes and resized to image_size (`mllm data
     # shapes --resized-share`; the LLM then trains on data/train-mixed, the teacher and the tokenizer on
     # the exact renders of data/train). Off in the shapes plan: the tokenizer's rescale_share below
@@ -78,7 +99,7 @@ PLANS = {
     # docs/demo.md). Its quality figures are meaningless: no bars.
     "tiny": Plan(llm="tiny", tokenizer="tiny", image_size=32, train_scenes=96, test_scenes=12, teacher_steps=4,
                  resized_share=0.5, tokenizer_steps=4, pretrain_steps=4, sft_steps=3, ett_steps=2, vqa_items=12,
-                 caption_items=6, t2i_prompts=5, t2i_seeds=1, minutes=1.0,
+                 caption_items=6, t2i_prompts=5, t2i_seeds=1, edit_items=6, multi_items=8, minutes=1.0,
                  teacher_overrides=("image_size=32", "vision_hidden_size=32", "vision_layers=1", "vision_heads=2",
                                     "text_hidden_size=32", "text_layers=1", "text_heads=2", "projection_dim=32",
                                     "batch_size=16", "warmup_steps=1", "log_every=1"),
@@ -115,4 +136,4 @@ def scaled(plan: Plan, minutes: float | None) -> Plan:
                    ett_steps=max(1, round(plan.ett_steps * factor)), minutes=minutes)
 
 
-__all__ = ["BARS", "OTHER_SIZE_VQA", "PLANS", "TINY_PURPOSE", "Plan", "get_plan", "model_dir", "scaled"]
+__all__ = ["BARS", "OTHER_LOOK_TOKENIZER", "OTHER_LOOK_VQA", "OTHER_SIZE_VQA", "PLANS", "TINY_PURPOSE", "Plan", "get_plan", "model_dir", "scaled"]

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from demo.plans import BARS, OTHER_SIZE_VQA, Plan, model_dir
+from demo.plans import BARS, OTHER_LOOK_TOKENIZER, OTHER_SIZE_VQA, Plan, model_dir
 from mllm.io import read_jsonl
 
 
@@ -76,7 +76,13 @@ def write_report(out: Path, plan: Plan, timings: dict[str, float], commands: dic
              ("caption exact (sizes too)", _metric(_results(out, "eval/shapes-caption"), "exact")),
              ("caption CIDEr", _metric(_results(out, "eval/shapes-caption"), "cider")),
              ("drawing, all categories (GenEval-style mean)", _metric(_results(out, "eval/shapes-t2i"), "accuracy")),
-             ("tokenizer PSNR (dB)", _metric(_results(out, "eval/tokenizer"), "psnr"))]
+             ("tokenizer PSNR (dB)", _metric(_results(out, "eval/tokenizer"), "psnr")),
+             ("tokenizer PSNR on the held-out rasteriser's scenes (dB)",
+              _metric(_results(out, f"eval/{OTHER_LOOK_TOKENIZER}"), "psnr")),
+             ("editing: untouched objects kept (%)", _metric(_results(out, "eval/shapes-edit"), "kept")),
+             ("editing: output is the unchanged source (%)", _metric(_results(out, "eval/shapes-edit"), "copied")),
+             *((f"two images, {kind} questions (%)", _metric(_results(out, "eval/shapes-multi"), f"accuracy_{kind}"))
+               for kind in ("count", "more", "change", "single"))]
     for label, value in extra:
         if value is not None:
             rows.append(f"| {label} | {value:.2f} | | |")
@@ -86,7 +92,11 @@ def write_report(out: Path, plan: Plan, timings: dict[str, float], commands: dic
     title = (f"# Demo report ({plan.llm} size: a plumbing check, not a model)" if not plan.bars
              else f"# Demo report ({plan.llm} model, {plan.minutes:g}-minute plan)")
     lines = [title, "", *([f"> {plan.purpose}", ""] if plan.purpose else []), "![report](report.png)", "",
-             "## Results on held-out scenes", "", table, "", *_sample_tables(samples),
+             "## Results on held-out scenes", "", table, "",
+             *([("Editing examples (source, instruction, output, target): "
+                "[eval/shapes-edit/examples.png](eval/shapes-edit/examples.png)"), ""]
+               if (out / "eval" / "shapes-edit" / "examples.png").is_file() else []),
+             *_sample_tables(samples),
              "## Stages (wall time, seconds)", "",
              "| stage | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in timings.items()],
              f"| total | {total:.0f} |", "",

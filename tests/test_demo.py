@@ -63,26 +63,37 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
     printed = capsys.readouterr().out
     # The rerun starts at the interrupted stage: nothing before it runs again.
     assert _stages_run(printed) == [
-        "sft", "merge", "eval shapes-vqa", "eval shapes-caption", "eval shapes-t2i", "eval shapes-vqa-other-size"]
+        "sft", "merge", "eval shapes-vqa", "eval shapes-caption", "eval shapes-t2i", "eval shapes-vqa-other-size",
+        "eval shapes-edit", "eval shapes-multi", f"eval {demo.OTHER_LOOK_VQA}"]
     for stage in demo.stages(out, plan):
         assert stage.marker.is_file(), stage.name
-    # The tokenizer trained on exact renders, the LLM on the mixed set (some scenes rendered at other
-    # sizes and resized), whose codes the pretrain stage read.
+    # The tokenizer trained on the scenes at their own size, the LLM on the mixed set (some scenes rendered at
+    # other sizes and resized, each followed by its edit and pair records), whose codes the pretrain stage read.
     import webdataset as wds
 
-    mixed = [json.loads(r["json"]) for r in wds.WebDataset(str(out / "data" / "train-mixed" / "shard-000000.tar"),
+    mixed = [json.loads(r["json"]) for r in wds.WebDataset(str(out / "data" / "train-llm" / "shard-000000.tar"),
                                                            shardshuffle=False)]
     exact = [json.loads(r["json"]) for r in wds.WebDataset(str(out / "data" / "train" / "shard-000000.tar"),
                                                            shardshuffle=False)]
     assert not any("rendered_size" in r for r in exact) and 0 < sum("rendered_size" in r for r in mixed) < len(mixed)
+    assert all(r["look"] == "varied" for r in exact + mixed)
+    assert len(mixed) == 3 * len(exact) and sum("edit" in r for r in mixed) == len(exact)
     codes = [json.loads(r["json"]) for r in wds.WebDataset(str(out / "data" / "train-codes" / "shard-000000.tar"),
                                                            shardshuffle=False)]
     assert [r.get("rendered_size") for r in codes] == [r.get("rendered_size") for r in mixed]
     # VQA also ran on the test scenes rendered at the other size, and the report shows it.
     other = json.loads((out / "eval" / demo.OTHER_SIZE_VQA / "results.json").read_text())
     assert other["data"].endswith(f"test-{plan.other_size}px") and other["count"] == plan.vqa_items
+    # Editing, questions over two images and the held-out rasteriser's scenes were evaluated too.
+    edit = json.loads((out / "eval" / "shapes-edit" / "results.json").read_text())
+    assert edit["count"] == plan.edit_items and (out / "eval" / "shapes-edit" / "examples.png").is_file()
+    multi = json.loads((out / "eval" / "shapes-multi" / "results.json").read_text())
+    assert multi["count"] == plan.multi_items
+    held_out = json.loads((out / "eval" / demo.OTHER_LOOK_VQA / "results.json").read_text())
+    assert held_out["data"].endswith("test-other-look")
+    assert (out / "eval" / demo.OTHER_LOOK_TOKENIZER / "results.json").is_file()
     text = (out / "report.md").read_text()
-    assert f"rendered at {plan.other_size} px" in text
+    assert f"rendered at {plan.other_size} px" in text and "eval/shapes-edit/examples.png" in text
     # the report says how to rerun every stage by hand
     assert "mllm train --recipe shapes-sft" in text and "mllm eval --model" in text
     for _, _, minimum, label in demo.BARS:
@@ -203,6 +214,9 @@ def test_the_shapes_report_keeps_its_bars(tmp_path):
     expected = {"VQA accuracy (shapes-vqa)": True, "caption: every object's colour, shape and position right": False,
                 "drawing 'a {colour} {shape}' judged correct": True, "drawing '... at the <position>' judged correct":
                 False, "tokenizer: judge agreement original vs reconstruction": True}
+    # The bars of editing, questions over two images and the held-out rasteriser: this run has no results for
+    # them, and a missing figure is a miss.
+    expected |= {label: False for *_, label in demo.BARS[5:]}
     assert report["passed"] == expected and report["summary"] == report["table"]
     for _, _, minimum, label in demo.BARS:
         verdict = "pass" if expected[label] else "MISS"
