@@ -1,4 +1,4 @@
-"""A warm worker for the one-shot model commands (`mllm ask`, `caption`, `draw`).
+"""A warm worker for the one-shot model commands (`mllm ask`, `caption`, `draw`, `edit`).
 
 Importing torch and transformers' model code takes about 4 s of a one-shot command on a small CPU
 machine, whatever the size of the model; the model itself loads in a fraction of that. So these
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 # The commands a worker runs: one model call each, no stdin.
-WORKER_COMMANDS = ("ask", "caption", "draw")
+WORKER_COMMANDS = ("ask", "caption", "draw", "edit")
 DEFAULT_IDLE_SECONDS = 300.0
 PROTOCOL = 1
 # Environment that changes what a command computes or where: a worker started under other values is
