@@ -184,7 +184,7 @@ def edit_images(
 ) -> list[list[torch.Tensor]]:
     """`n` edits per (image, instruction) pair: `result[i][j]` is edit j of image i as codes (h, w), CPU.
 
-    Each pair is `processor.edit_conversation(image, instruction)` (the image, then the instruction)
+    Each pair is `processor.edit_conversation(image, instruction)` (the instruction, then the image)
     rendered with the generation prompt and `<|boi|>` appended; the loop is `sample_image_codes`'s. One
     instruction goes with every image. `guidance` names what the unconditional branch of classifier-free
     guidance drops, as training drops it: "instruction" (each image alone: guidance pushes towards what the
@@ -208,7 +208,7 @@ def edit_images(
         source_codes = processor.encode_images(images)  # (B, h, w), once: the prompts reuse them as codes
         sources = [{"type": "image", "codes": codes} for codes in source_codes]
         prefixes = _draw_prefixes(model, [
-            [{"role": "user", "content": [source, {"type": "text", "text": text}]}]
+            [{"role": "user", "content": [{"type": "text", "text": text}, source]}]
             for source, text in zip(sources, instructions)
         ])
         _check_image_room(model, instructions, prefixes)

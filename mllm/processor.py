@@ -306,7 +306,7 @@ class MultimodalProcessor:
         return self.draw_conversation("")
 
     def edit_conversation(self, image, instruction: str, drop: str | None = None) -> list[dict[str, Any]]:
-        """The edit request: user [the image, the instruction as it is] (the form `mllm train` learns edits
+        """The edit request: user [the instruction as it is, the image] (the form `mllm train` learns edits
         in). `drop` gives guidance's unconditional branches, as training drops them: "instruction" (the
         image alone) or "both" (the unconditional draw request)."""
         if drop == "both":
@@ -315,7 +315,7 @@ class MultimodalProcessor:
             raise ValueError(f"drop must be None, 'instruction' or 'both', got {drop!r}")
         content = [{"type": "image", "image": image}]
         if drop is None:
-            content.append({"type": "text", "text": instruction})
+            content.insert(0, {"type": "text", "text": instruction})
         return [{"role": "user", "content": content}]
 
     # ------------------------------------------------------------------ images

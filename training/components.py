@@ -79,6 +79,9 @@ class LLMTrainConfig:
     # unconditional draw prompt instead of image and instruction (both dropped).
     edit_drop_instruction: float = 0.05
     edit_drop_both: float = 0.05
+    # The share of edit examples (of those that keep both) whose user turn is the image, then the instruction:
+    # the order a chat client sends them in. The rest keep the instruction first (`edit_sample`).
+    edit_image_first: float = 0.0
     lora: LoraSettings | None = None  # null = full fine-tune of the LLM
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -119,6 +122,8 @@ class LLMTrainConfig:
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
         drops = (self.edit_drop_instruction, self.edit_drop_both)
+        if not 0.0 <= self.edit_image_first <= 1.0:
+            raise ValueError(f"edit_image_first must be in [0, 1], got {self.edit_image_first}")
         if not (all(0.0 <= d <= 1.0 for d in drops) and sum(drops) <= 1.0):
             raise ValueError(f"edit_drop_instruction and edit_drop_both must be in [0, 1] with a sum <= 1, got {drops}")
         if min(self.max_steps, self.per_device_batch_size, self.gradient_accumulation_steps) <= 0:
@@ -220,13 +225,15 @@ def group_vqa_turns(samples: list, turns: int, seed: int, task: str = "vqa") -> 
 
 def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processor, cfg_dropout: float,
                        num_samples: int | None, seed: int,
-                       edit_drops: tuple[float, float] = (0.0, 0.0)) -> list[tuple[str, list[dict]]]:
+                       edit_drops: tuple[float, float] = (0.0, 0.0),
+                       edit_image_first: float = 0.0) -> list[tuple[str, list[dict]]]:
     """(task, messages) drawn from the mixture: each example picks a task with probability proportional to
     its weight, then that task's next sample (a seeded shuffle, reshuffled when exhausted). A fraction
     `cfg_dropout` of text-to-image examples has its prompt replaced by the unconditional one, so
     classifier-free guidance has an unconditional branch to subtract. `edit_drops` = (instruction, both):
     the fractions of edit examples whose user turn keeps the source image only, and whose user turn is the
-    unconditional draw prompt (`mllm.generation.edit_conversation` builds the same branches)."""
+    unconditional draw prompt (`processor.edit_conversation` builds the same branches); `edit_image_first`:
+    the share of the other edit examples whose user turn puts the image before the instruction."""
     rng = random.Random(seed)
     names = sorted(name for name in pools if tasks.get(name, 0) > 0)
     if not names:
@@ -249,6 +256,9 @@ def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processo
                 messages = [{"role": "user", "content": [p for p in user["content"] if p["type"] == "image"]}, *reply]
             else:  # both dropped
                 messages = processor.unconditional_draw_conversation() + reply
+        elif task == "edit" and rng.random() < edit_image_first:
+            user, *rest = messages
+            messages = [{"role": "user", "content": list(reversed(user["content"]))}, *rest]
         drawn.append((task, messages))
     return drawn
 
@@ -268,7 +278,7 @@ def draw_mixture(cfg: LLMTrainConfig, processor) -> tuple[list[tuple[str, list[d
     (a task's index in it is the `task` of its examples)."""
     pools = load_task_pools(cfg.data, cfg.tasks, cfg.vqa_turns, cfg.seed)
     drawn = draw_conversations(pools, cfg.tasks, processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed,
-                               (cfg.edit_drop_instruction, cfg.edit_drop_both))
+                               (cfg.edit_drop_instruction, cfg.edit_drop_both), cfg.edit_image_first)
     return drawn, sorted(pools)
 
 

@@ -99,14 +99,17 @@ def t2i_sample(key: str, prompt: str, image: Image.Image) -> Sample:
 
 
 def edit_sample(key: str, source: Image.Image, instruction: str, target: Image.Image) -> Sample:
-    """user: the source image + the instruction as it is ("make the circle blue") -> assistant: the edited
-    image (the generation target). No template around the instruction: in a chat, an image and an
-    instruction are exactly this turn, so the model answers them with the edited image."""
+    """user: the instruction as it is ("make the circle blue") + the source image -> assistant: the edited
+    image (the generation target). The instruction comes first so that every source code lies the same
+    number of tokens before the target code at its grid position, whatever the instruction's length: the
+    model learns to copy what the edit leaves alone with one fixed-offset attention pattern (with the image
+    first it learned no copying in the same steps: docs/experiments.md). No template around the instruction.
+    Training also turns a share of the edits round (`edit_image_first`), as a chat client sends them."""
     return Sample(
         key,
         "edit",
         [
-            {"role": "user", "content": [image_part(source), text_part(instruction)]},
+            {"role": "user", "content": [text_part(instruction), image_part(source)]},
             {"role": "assistant", "content": [image_part(target)]},
         ],
     )

@@ -149,8 +149,8 @@ def test_task_records_round_trip_through_shards_and_pretokenized_codes(tmp_path)
     edits = [s for s in samples if s.task == "edit"]
     assert len(edits) == 4
     user, reply = edits[0].messages
-    assert [p["type"] for p in user["content"]] == ["image", "text"]
-    assert user["content"][1]["text"] == records[0]["edit"]["instruction"]
+    assert [p["type"] for p in user["content"]] == ["text", "image"]  # the instruction first: a fixed copy offset
+    assert user["content"][0]["text"] == records[0]["edit"]["instruction"]
     assert [p["type"] for p in reply["content"]] == ["image"]
     assert np.array_equal(np.asarray(reply["content"][0]["image"]), np.asarray(records[0]["images"][1]))
     multi = [s for s in samples if s.task == "multi"]
@@ -211,3 +211,38 @@ def test_the_cli_writes_each_scenes_task_records_after_it(tmp_path):
         from mllm.data.shapes import write_shapes_data
 
         write_shapes_data(tmp_path / "x", 2, format="llava", tasks=True)
+
+
+def test_training_draws_edits_with_their_dropped_branches_and_both_orders():
+    """draw_conversations: edit_drops = (instruction, both) and edit_image_first, in their shares."""
+    from training.components import draw_conversations, group_vqa_turns
+
+    class Processor:  # what draw_conversations asks of a processor
+        @staticmethod
+        def unconditional_draw_conversation():
+            return [{"role": "user", "content": [{"type": "text", "text": "Draw: "}]}]
+
+    records = [task_records(scene_seed("train", index), 48)[0] for index in range(20)]
+    pools = {"edit": [s for r in records for s in record_samples(
+        {"key": r["key"], "image": r["images"][0], "images": r["images"], "json": r}, ("edit",))]}
+    drawn = draw_conversations(pools, {"edit": 1.0}, Processor, 0.0, 4000, seed=0, edit_drops=(0.1, 0.2),
+                               edit_image_first=0.5)
+    kinds = Counter()
+    for task, messages in drawn:
+        assert task == "edit" and messages[-1]["role"] == "assistant"
+        types = [part["type"] for part in messages[0]["content"]]
+        if messages[0] == Processor.unconditional_draw_conversation()[0]:
+            kinds["both dropped"] += 1
+        else:
+            kinds[{("image",): "instruction dropped", ("text", "image"): "instruction first",
+                   ("image", "text"): "image first"}[tuple(types)]] += 1
+    shares = {kind: count / len(drawn) for kind, count in kinds.items()}
+    assert abs(shares["instruction dropped"] - 0.1) < 0.03 and abs(shares["both dropped"] - 0.2) < 0.03
+    assert abs(shares["image first"] - 0.35) < 0.04 and abs(shares["instruction first"] - 0.35) < 0.04
+    # Questions over two images group like VQA turns: the images once, every question of the record.
+    multi = [s for r in records for s in record_samples(
+        {"key": r["key"], "image": r["images"][0], "images": r["images"], "json": r}, ("multi",))]
+    grouped = group_vqa_turns(multi, 12, seed=0, task="multi")
+    assert len(grouped) == len(records) and all(s.task == "multi" for s in grouped)
+    first_turn = [part["type"] for part in grouped[0].messages[0]["content"]]
+    assert first_turn == ["image", "image", "text"] and len(grouped[0].messages) == 2 * len(records[0]["multi_qa"])

@@ -29,8 +29,8 @@ def scenes(tiny):
 def test_edit_conversation_and_its_dropped_branches(tiny, scenes):
     processor = tiny.processor
     full = processor.edit_conversation(scenes[0], "make the circle blue")
-    assert [part["type"] for part in full[0]["content"]] == ["image", "text"]
-    assert full[0]["content"][1]["text"] == "make the circle blue"
+    assert [part["type"] for part in full[0]["content"]] == ["text", "image"]
+    assert full[0]["content"][0]["text"] == "make the circle blue"
     image_only = processor.edit_conversation(scenes[0], "make the circle blue", drop="instruction")
     assert [part["type"] for part in image_only[0]["content"]] == ["image"]
     assert processor.edit_conversation(scenes[0], "x", drop="both") == processor.unconditional_draw_conversation()
@@ -80,15 +80,13 @@ def test_the_unconditional_rows_follow_the_guidance_mode(tiny, scenes, monkeypat
     edit_images(tiny, scenes, "make the circle blue", guidance_scale=2.0, guidance="instruction", seed=0)
     image_token_count = tiny.config.grid_size[0] * tiny.config.grid_size[1]
     assert isinstance(seen["unconditional"], list) and len(seen["unconditional"]) == 2
-    for prefix, unconditional in zip(seen["prefixes"], seen["unconditional"]):
-        shared = prefix[: len(unconditional) - 1]
-        # The image's codes are in both; the unconditional row lacks the instruction's tokens.
+    codes = tiny.processor.encode_images(scenes) + tiny.config.image_offset
+    for prefix, unconditional, source in zip(seen["prefixes"], seen["unconditional"], codes):
+        # The image's codes are in both rows; the unconditional row lacks the instruction's tokens.
         assert len(unconditional) < len(prefix)
-        image_ids = (prefix >= tiny.config.image_offset).sum()
-        assert int(image_ids) == image_token_count == int((unconditional >= tiny.config.image_offset).sum())
-        assert torch.equal(shared[: int(torch.nonzero(shared == tiny.config.boi_token_id)[0]) + 1 + image_token_count],
-                           unconditional[: int(torch.nonzero(shared == tiny.config.boi_token_id)[0]) + 1
-                                         + image_token_count])
+        for row in (prefix, unconditional):
+            assert int((row >= tiny.config.image_offset).sum()) == image_token_count
+            assert torch.equal(row[row >= tiny.config.image_offset], source.reshape(-1))
     assert torch.equal(seen["prior"], tiny.processor.encode_images(scenes))
     edit_images(tiny, scenes, "make the circle blue", guidance_scale=2.0, guidance="both", seed=0)
     draw = generation._draw_prefixes(tiny, [tiny.processor.unconditional_draw_conversation()])[0]
