@@ -246,3 +246,36 @@ def test_training_draws_edits_with_their_dropped_branches_and_both_orders():
     assert len(grouped) == len(records) and all(s.task == "multi" for s in grouped)
     first_turn = [part["type"] for part in grouped[0].messages[0]["content"]]
     assert first_turn == ["image", "image", "text"] and len(grouped[0].messages) == 2 * len(records[0]["multi_qa"])
+
+
+def test_pretokenizing_encodes_a_repeated_image_once():
+    """A scene's edit and pair records repeat its image: pretokenize encodes it once, with the same codes."""
+    from mllm.data.pretokenize import pretokenize_records
+
+    class Tokenizer:  # codes from the pixels: the mean of each 8x8 patch's red channel, mod K
+        codebook_size = 1024
+        encoded = 0
+
+        def encode(self, images):
+            Tokenizer.encoded += len(images)
+            arrays = np.stack([np.asarray(image)[..., 0].astype(np.int64) for image in images])
+            patches = arrays.reshape(len(images), 6, 8, 6, 8).sum(axis=(2, 4))
+            return torch.from_numpy(patches % 1024)
+
+    records = []
+    for index in range(5):
+        seed = scene_seed("train", index)
+        from mllm.data.shapes import make_sample
+
+        sample = make_sample(seed, 48)
+        records.append({"key": sample["key"], "image": sample["image"], "images": [sample["image"]], "json": {}})
+        for record in task_records(seed, 48):
+            records.append({"key": record["key"], "image": record["images"][0], "images": record["images"],
+                            "json": {}})
+    out = list(pretokenize_records(iter(records), Tokenizer(), 4, "cpu", "fp32", DataStats()))
+    assert Tokenizer.encoded == 5 * 3  # per scene: its image, the edit's target, the pair's second scene
+    for index in range(5):
+        base, edit, pair = out[3 * index : 3 * index + 3]
+        assert np.array_equal(edit["codes"][0], base["codes"]) and np.array_equal(pair["codes"][0], base["codes"])
+        fresh = Tokenizer().encode(records[3 * index + 1]["images"])
+        assert np.array_equal(edit["codes"][1], fresh[1].numpy())
