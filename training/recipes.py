@@ -69,6 +69,7 @@ RECIPES: dict[str, Recipe] = {
     "chat": KINDS["llm"],
     "qwen2.5-1.5b-lora": KINDS["llm"],
     "shapes-pretrain": KINDS["llm"],
+    "shapes-pretrain-tasks": KINDS["llm"],
     "shapes-sft": KINDS["llm"],
     "ett": KINDS["ett"],
     "shapes-ett": KINDS["ett"],
