@@ -45,7 +45,8 @@ DRAW_TEMPERATURE = 0.6
 # Editing defaults (`MLLM.edit`, `mllm edit`, `POST /v1/images/edits`): what the unconditional branch of
 # classifier-free guidance drops ("instruction": the source image alone; "both": the unconditional draw
 # request; training drops each for a share of its edit examples), its scale and the sampling temperature.
-# Chosen by measurement on the demo's model (docs/experiments.md, "Editing: guidance").
+# Measured on the demo's shapes-tasks model (docs/editing.md, "Measured"): no setting clearly better at its
+# accuracy, so the default is the cheapest, no guidance (one forward row per image).
 EDIT_GUIDANCE_MODES = ("instruction", "both")
 EDIT_GUIDANCE = "instruction"
 EDIT_GUIDANCE_SCALE = 1.0
