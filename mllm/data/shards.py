@@ -398,16 +398,8 @@ def record_samples(
         elif usable_image("caption"):
             samples.append(caption_sample(f"{key}/caption", image, caption))
     if "vqa" in tasks and "qa" in meta:
-        qa = meta["qa"]
-        if not isinstance(qa, list):
-            stats.skip("malformed_field", f"{key}: qa is not a list: {qa!r}"[:200])
-            qa = []
-        for index, pair in enumerate(qa):
-            if not (
-                isinstance(pair, dict) and _is_text(pair.get("question")) and _is_text(pair.get("answer"))
-            ):
-                stats.skip("malformed_field", f"{key}: qa[{index}] {pair!r}"[:200])
-            elif usable_image("qa"):
+        for index, pair in _qa_pairs(meta, "qa", key, stats):
+            if usable_image("qa"):
                 samples.append(vqa_sample(f"{key}/vqa{index}", image, pair["question"], pair["answer"]))
     if "t2i" in tasks and "prompt" in meta:
         prompt = meta["prompt"]
@@ -433,21 +425,27 @@ def record_samples(
         elif two_images("edit"):
             samples.append(edit_sample(f"{key}/edit", images[0], edit["instruction"], images[1]))
     if "multi" in tasks and "multi_qa" in meta:
-        qa = meta["multi_qa"]
-        if not isinstance(qa, list):
-            stats.skip("malformed_field", f"{key}: multi_qa is not a list: {qa!r}"[:200])
-            qa = []
-        for index, pair in enumerate(qa):
-            if not (
-                isinstance(pair, dict) and _is_text(pair.get("question")) and _is_text(pair.get("answer"))
-            ):
-                stats.skip("malformed_field", f"{key}: multi_qa[{index}] {pair!r}"[:200])
-            elif two_images("multi_qa"):
+        for index, pair in _qa_pairs(meta, "multi_qa", key, stats):
+            if two_images("multi_qa"):
                 samples.append(multi_image_sample(f"{key}/multi{index}", images, pair["question"], pair["answer"]))
     if codes is not None:
         for sample in samples:
             _image_parts_to_codes(sample)
     return samples
+
+
+def _qa_pairs(meta: dict[str, Any], name: str, key: str, stats: DataStats) -> Iterator[tuple[int, dict]]:
+    """(index, pair) for each well-formed {question, answer} of the list `meta[name]`; the rest are skipped
+    and counted as malformed_field."""
+    pairs = meta[name]
+    if not isinstance(pairs, list):
+        stats.skip("malformed_field", f"{key}: {name} is not a list: {pairs!r}"[:200])
+        return
+    for index, pair in enumerate(pairs):
+        if isinstance(pair, dict) and _is_text(pair.get("question")) and _is_text(pair.get("answer")):
+            yield index, pair
+        else:
+            stats.skip("malformed_field", f"{key}: {name}[{index}] {pair!r}"[:200])
 
 
 def _image_parts_to_codes(sample: Sample) -> None:
