@@ -187,7 +187,7 @@ DATA="$WORK/data"
 RECIPES=$(cd training/configs && ls ./*shapes*.yaml | sed 's|^\./||; s|\.yaml$||' | tr '\n' ' ')
 note "shapes recipes: $RECIPES"
 LLM_SMALL=(--set per_device_batch_size=4 num_samples=16 logging_steps=1 max_length=512)
-part data 60 mllm data shapes --out "$DATA" --n 64 --no-progress || true
+part data 60 mllm data shapes --out "$DATA" --n 64 --tasks --no-progress || true
 if needs train-teacher-shapes "$DATA"; then
     part train-teacher-shapes 90 mllm train-teacher --recipe teacher-shapes --data "$DATA" \
         --out "$WORK/teacher" --max-steps 1 --set batch_size=32 log_every=1 || true
@@ -207,6 +207,10 @@ if needs train-shapes-pretrain "$WORK/init/mllm_config.json" && needs train-shap
     part train-shapes-pretrain 90 mllm train --recipe shapes-pretrain --model "$WORK/init" --data "$WORK/codes" \
         --out "$WORK/train-shapes-pretrain" --max-steps 1 "${LLM_SMALL[@]}" || true
 fi
+if needs train-shapes-pretrain-tasks "$WORK/init/mllm_config.json" && needs train-shapes-pretrain-tasks "$WORK/codes"; then
+    part train-shapes-pretrain-tasks 90 mllm train --recipe shapes-pretrain-tasks --model "$WORK/init" \
+        --data "$WORK/codes" --out "$WORK/train-shapes-pretrain-tasks" --max-steps 1 "${LLM_SMALL[@]}" || true
+fi
 if needs train-shapes-sft "$WORK/train-shapes-pretrain/model" && needs train-shapes-sft "$WORK/codes"; then
     part train-shapes-sft 90 mllm train --recipe shapes-sft --model "$WORK/train-shapes-pretrain/model" \
         --data "$WORK/codes" --out "$WORK/train-shapes-sft" --max-steps 1 "${LLM_SMALL[@]}" || true
@@ -217,7 +221,7 @@ if needs train-shapes-ett "$WORK/init-codebook/mllm_config.json"; then
 fi
 for recipe in $RECIPES; do
     case "$recipe" in
-        teacher-shapes | tokenizer-shapes | shapes-pretrain | shapes-sft | shapes-ett) ;;
+        teacher-shapes | tokenizer-shapes | shapes-pretrain | shapes-pretrain-tasks | shapes-sft | shapes-ett) ;;
         *) note "train-$recipe: NOT RUN (no command for this recipe in scripts/device_check.sh yet)" ;;
     esac
 done
