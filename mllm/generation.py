@@ -207,17 +207,16 @@ def edit_images(
         processor = model.processor
         source_codes = processor.encode_images(images)  # (B, h, w), once: the prompts reuse them as codes
         sources = [{"type": "image", "codes": codes} for codes in source_codes]
-        prefixes = _draw_prefixes(model, [
-            [{"role": "user", "content": [{"type": "text", "text": text}, source]}]
-            for source, text in zip(sources, instructions)
-        ])
+        prefixes = _draw_prefixes(model, [processor.edit_conversation(source, text)
+                                          for source, text in zip(sources, instructions)])
         _check_image_room(model, instructions, prefixes)
         unconditional = None
         if guidance_scale != 1.0:
             if guidance == "both":
-                unconditional = _draw_prefixes(model, [processor.unconditional_draw_conversation()])[0]
+                unconditional = _draw_prefixes(model, [processor.edit_conversation(None, "", drop="both")])[0]
             else:
-                dropped = _draw_prefixes(model, [[{"role": "user", "content": [source]}] for source in sources])
+                dropped = _draw_prefixes(model, [processor.edit_conversation(source, "", drop="instruction")
+                                                 for source in sources])
                 unconditional = [prefix for prefix in dropped for _ in range(n)]
         rows = [prefix for prefix in prefixes for _ in range(n)]
         row_seeds = [base + j for base in base_seeds for j in range(n)]

@@ -313,7 +313,9 @@ class MultimodalProcessor:
             return self.unconditional_draw_conversation()
         if drop not in (None, "instruction"):
             raise ValueError(f"drop must be None, 'instruction' or 'both', got {drop!r}")
-        content = [{"type": "image", "image": image}]
+        # An image part passes as it is (e.g. precomputed codes: {"type": "image", "codes": ...}).
+        part = image if isinstance(image, dict) and image.get("type") == "image" else {"type": "image", "image": image}
+        content = [part]
         if drop is None:
             content.insert(0, {"type": "text", "text": instruction})
         return [{"role": "user", "content": content}]
