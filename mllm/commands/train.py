@@ -40,5 +40,22 @@ def run(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--out {args.out} is a file, not a folder (choose another --out)")
 
     overrides = [f"model={args.model}", f"data={args.data}", f"out={args.out}", *args.set]
-    run_recipe(args.recipe, overrides, resume=args.resume, max_steps=args.max_steps, kinds=KINDS)
+    try:
+        run_recipe(args.recipe, overrides, resume=args.resume, max_steps=args.max_steps, kinds=KINDS)
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under torchrun the trainer opens a process group and never closes it; left to interpreter exit, a
+    gloo group's worker threads can be torn down while still joinable, and that process aborts
+    ("terminate called without an active exception") after a run that finished. Waiting for every rank and
+    closing the group here ends each process cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
