@@ -460,12 +460,14 @@ class UnifiedMLLM(nn.Module):
         self.llm = self.llm.merge_and_unload()
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, model_dir: str | os.PathLike, bake: bool = True) -> Path:
+    def save_pretrained(self, model_dir: str | os.PathLike, bake: bool = True,
+                        llm_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the model folder atomically (temp folder + rename).
 
         A codebook-mode model is written baked by default (learned mode, no projector: llm/ alone
         reproduces the logits); the model in memory keeps its mode (only its image rows are synced).
-        `bake=False` keeps codebook mode and writes projector.safetensors.
+        `bake=False` keeps codebook mode and writes projector.safetensors. `llm_state_dict`: the LLM's full
+        weights when the module in memory holds only this process's shard (FSDP training), written as llm/.
         """
         if _is_peft_model(self.llm):
             raise ValueError(
@@ -485,7 +487,7 @@ class UnifiedMLLM(nn.Module):
         generation_config.pad_token_id = config.pad_token_id
 
         def write(tmp: Path) -> None:
-            self.llm.save_pretrained(tmp / LLM_DIR)
+            self.llm.save_pretrained(tmp / LLM_DIR, state_dict=llm_state_dict)
             self.processor.save_pretrained(tmp)
             self.vision_tokenizer.save_pretrained(tmp / VISION_TOKENIZER_DIR)
             if codebook and not bake:

@@ -14,7 +14,10 @@
 #   train-*     one optimizer step of each shipped shapes recipe (training/configs/*shapes*.yaml) on a small
 #               `mllm data shapes` set: teacher-shapes (mllm train-teacher), tokenizer-shapes
 #               (mllm train-tokenizer), then mllm init + mllm pretokenize, shapes-pretrain and shapes-sft
-#               (mllm train), shapes-ett (mllm train on a codebook-mode init and raw shards)
+#               (mllm train), shapes-ett (mllm train on a codebook-mode init and raw shards); then
+#               train-shapes-pretrain-fsdp: two steps of shapes-pretrain under `accelerate launch` with the
+#               shipped GPU config training/configs/accelerate/fsdp.yaml (one process per GPU, at most 2), a
+#               sharded checkpoint after step 1
 #   pytest      the test files that can use a GPU: those naming torch.cuda.is_available, a cuda/gpu marker
 #               or flash_attention_2 (grep), without the slow ones
 #   bench-*-flash  the two benchmarks again with --attn flash_attention_2, when `import flash_attn` works
@@ -218,6 +221,13 @@ fi
 if needs train-shapes-ett "$WORK/init-codebook/mllm_config.json"; then
     part train-shapes-ett 90 mllm train --recipe shapes-ett --model "$WORK/init-codebook" --data "$DATA" \
         --out "$WORK/train-shapes-ett" --max-steps 1 "${LLM_SMALL[@]}" || true
+fi
+if needs train-shapes-pretrain-fsdp "$WORK/init/mllm_config.json" && needs train-shapes-pretrain-fsdp "$WORK/codes"; then
+    GPUS=$("$PY" -c "import torch; print(max(1, min(2, torch.cuda.device_count())))" 2>/dev/null || echo 1)
+    part train-shapes-pretrain-fsdp 120 "$PY" -m accelerate.commands.launch \
+        --config_file training/configs/accelerate/fsdp.yaml --num_processes "$GPUS" -m mllm.cli train \
+        --recipe shapes-pretrain --model "$WORK/init" --data "$WORK/codes" --out "$WORK/train-shapes-pretrain-fsdp" \
+        --max-steps 2 "${LLM_SMALL[@]}" save_steps=1 || true
 fi
 for recipe in $RECIPES; do
     case "$recipe" in

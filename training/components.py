@@ -191,6 +191,30 @@ def _listed(words: list[str], conjunction: str) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {conjunction} {words[-1]}"
 
 
+def _cpu_fsdp_requested(state) -> bool:
+    """True when `accelerate launch` with an FSDP config started several CPU processes: accelerate then
+    sets up plain DDP (its state enables FSDP only for accelerator devices), although torch's FSDP2
+    (`fully_shard`) shards over gloo on CPU."""
+    from accelerate.utils import DistributedType
+
+    return (state.distributed_type == DistributedType.MULTI_CPU
+            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+
+
+def _enable_cpu_fsdp(state) -> None:
+    """Turn accelerate's CPU state to FSDP with the launcher's plugin settings (FSDP_* variables), so
+    `accelerator.prepare` shards the model with `fully_shard` and checkpoints save and load sharded, as on
+    GPUs. Only FSDP2 runs on CPU (FSDP1 needs a CUDA device)."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config "
+                         "(training/configs/accelerate/fsdp_cpu.yaml)")
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+
+
 def _is_main_process() -> bool:
     """The process that prints what every process would (torchrun and accelerate set RANK; alone: 0)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -463,11 +487,21 @@ class TaskLossTrainer(Trainer):
     per-token losses, summed per task, feed `loss_<task>` / `label_tokens_<task>` (supervised tokens) in the
     logs (token-weighted over the logging window, summed over processes)."""
 
-    def __init__(self, *args, task_names: list[str] = (), **kwargs) -> None:
+    def __init__(self, *args, task_names: list[str] = (), fsdp_refusal: str | None = None, **kwargs) -> None:
+        self.fsdp_refusal = fsdp_refusal  # read while the base class sets up accelerate, so set first
         super().__init__(*args, **kwargs)
         self.task_names = list(task_names)
         self.task_sums: torch.Tensor | None = None  # (2, num_tasks): loss sum, token count since the last log
         self.loss_is_scaled_for_ga = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if _cpu_fsdp_requested(self.accelerator.state):
+            _enable_cpu_fsdp(self.accelerator.state)
+            self.is_fsdp_enabled = True
+        if self.is_fsdp_enabled and self.fsdp_refusal:
+            raise ValueError(f"{self.fsdp_refusal}; launch it with torchrun or `accelerate launch` without an FSDP "
+                             "config (each process holds the whole model)")
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint (trainer_state.json written last marks it complete), made durable (every file
@@ -641,10 +675,24 @@ def write_recipe(cfg, out: Path) -> None:
     save_config(cfg, out / RECIPE_NAME)
 
 
-def save_adapter(llm, folder: Path) -> Path:
+def save_adapter(llm, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """A peft model's adapter (adapter_config.json + adapter_model.safetensors) written atomically to `folder`
-    (`mllm.io.write_dir`: beside it, fsynced, renamed into place)."""
-    return write_dir(folder, llm.save_pretrained)
+    (`mllm.io.write_dir`: beside it, fsynced, renamed into place). `state_dict`: the full weights when the
+    module holds only this process's shard (FSDP)."""
+    return write_dir(folder, lambda tmp: llm.save_pretrained(tmp, state_dict=state_dict))
+
+
+def full_state_dict(trainer: Trainer) -> dict[str, torch.Tensor] | None:
+    """The trained model's full weights (on CPU, in the main process) when the Trainer sharded it with
+    FSDP, else None (the module in memory is whole). Every process must call it: the shards are gathered
+    collectively."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # torch's own gather: accelerate's get_state_dict returns the shards as they are under the configs'
+    # SHARDED_STATE_DICT, which suits checkpoints, not a model folder
+    return get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def freeze_all_but_new_rows(model) -> list[int]:

@@ -276,6 +276,7 @@ def main(cfg: ETTTrainConfig, resume: bool = False) -> Path:
         task_names=task_names,
         settings=settings,
         param_groups=param_groups,
+        fsdp_refusal="ETT recipes tune the tokenizer inside the model's forward, which FSDP's wrapping does not cover",
     )
 
     # --- save

@@ -80,17 +80,21 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
         train_dataset=examples,
         data_collator=components.TaskCollator(collator, cfg.packing),
         task_names=task_names,
+        fsdp_refusal=("QLoRA (quantization: 4bit) does not run sharded" if cfg.quantization else
+                      "freeze_llm masks the gradients of whole embedding matrices, which FSDP shards"
+                      if cfg.lora is None and cfg.freeze_llm else None),
     )
 
     # --- save (atomically, by the main process: a kill never leaves a half-written `final`, which marks a
     # finished run)
     model.llm = trainer.model
     components.restore_inference_attention(model.llm)
+    weights = components.full_state_dict(trainer)  # FSDP: the shards gathered (every process takes part)
     if trainer.is_world_process_zero():
         if cfg.lora is not None:
-            components.save_adapter(model.llm, final)  # adapter_config.json + adapter_model.safetensors
+            components.save_adapter(model.llm, final, weights)  # adapter_config.json + adapter_model.safetensors
         else:
-            model.save_pretrained(final)
+            model.save_pretrained(final, llm_state_dict=weights)
         print(f"saved {final}")
     return final
 
