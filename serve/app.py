@@ -85,6 +85,7 @@ from serve.protocol import (
 from serve.server import is_loopback_host
 
 STATIC_DIR = Path(__file__).parent / "static"
+ENGINES = ("builtin", "vllm")
 POLL_S = 0.01
 LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
 logger = logging.getLogger("serve")
@@ -108,18 +109,35 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
                limits: Limits | None = None, max_batch: int = 8, batch_window_s: float = 0.02,
                queue_size: int = 64, default_max_tokens: int = 256, device: str | None = None,
                model_name: str | None = None, host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
-               cpu_threads: int = 2, fetch_threads: int = 4) -> FastAPI:
+               cpu_threads: int = 2, fetch_threads: int = 4, engine: str | Any = "builtin",
+               engine_options: dict[str, Any] | None = None) -> FastAPI:
     """The app for a model folder (or an already loaded `mllm.MLLM` as `model`).
+
+    `engine`: "builtin" (`serve.engine.Engine`, the default), "vllm" (`serve.vllm_engine.VLLMEngine` on the
+    folder's `llm/`; `engine_options` are its keyword arguments, e.g. `tensor_parallel_size`), or an engine
+    instance with the same interface (reserve / submit / snapshot / close; its `model` is used).
 
     `host` is the address the server binds to: on a loopback address only loopback `Host` names (and
     `allowed_hosts`) are answered. `cpu_threads` bounds the threads that decode and encode images and
     parse bodies; `fetch_threads` those that fetch remote images."""
+    engine_instance = None
+    if not isinstance(engine, str):
+        engine_instance, model = engine, engine.model
+    elif engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if model is None:
         if model_dir is None:
             raise ValueError("create_app needs model_dir or model")
-        import mllm
+        if engine == "vllm":
+            if adapter is not None:
+                raise ValueError("--engine vllm serves a plain model folder: merge the adapter first (`mllm merge`)")
+            from serve.vllm_engine import load_shell
 
-        model = mllm.load(model_dir, adapter=adapter, device=device)
+            model = load_shell(model_dir, device="cpu")
+        else:
+            import mllm
+
+            model = mllm.load(model_dir, adapter=adapter, device=device)
     limits = limits or Limits()
     if limits.default_decoding not in DECODING_METHODS:
         raise ValueError(f"default decoding must be one of {', '.join(DECODING_METHODS)}, got "
@@ -129,8 +147,16 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
         default_temperature = generation_config_temperature(model)
     limits = dataclasses.replace(limits, default_temperature=effective_temperature(default_temperature))
     name = model_name or (Path(model_dir).name if model_dir else "mllm")
-    engine = Engine(model, max_batch=max_batch, batch_window_s=batch_window_s, queue_size=queue_size,
-                    default_max_tokens=default_max_tokens)
+    if engine_instance is not None:
+        engine = engine_instance
+    elif engine == "vllm":
+        from serve.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(model, queue_size=queue_size, default_max_tokens=default_max_tokens,
+                            **(engine_options or {}))
+    else:
+        engine = Engine(model, max_batch=max_batch, batch_window_s=batch_window_s, queue_size=queue_size,
+                        default_max_tokens=default_max_tokens)
     # Bodies are parsed apart from image work, so a small request never waits behind a large image's encoding.
     parse_pool = ThreadPoolExecutor(2, thread_name_prefix="mllm-parse")
     image_pool = ThreadPoolExecutor(cpu_threads, thread_name_prefix="mllm-image")
@@ -460,6 +486,9 @@ def _raise_job_error(job) -> None:
         message = str(error)
         code = "context_length_exceeded" if "context length" in message or "limit is" in message else None
         raise APIError(400, message, code=code)
+    status = getattr(error, "status", None)
+    if isinstance(status, int) and 500 <= status < 600:  # an engine's own, client-safe failure (e.g. vLLM's
+        raise APIError(status, str(error), type="server_error", code=getattr(error, "code", None))  # lost pair)
     logger.error("generation failed", exc_info=error)
     raise APIError(500, _INTERNAL_ERROR["error"]["message"], type="server_error")
 
@@ -552,6 +581,9 @@ async def _stream(request: Request, slot: Reservation, job: ChatJob, chat: ChatR
                 if isinstance(job.error, ValueError):
                     error = {"message": str(job.error) or "invalid request", "type": "invalid_request_error",
                              "param": None, "code": None}
+                elif isinstance(getattr(job.error, "status", None), int):  # an engine's client-safe failure
+                    error = {"message": str(job.error), "type": "server_error", "param": None,
+                             "code": getattr(job.error, "code", None)}
                 else:
                     logger.error("generation failed", exc_info=job.error)
                     error = _INTERNAL_ERROR["error"]

