@@ -22,6 +22,9 @@
 #               or flash_attention_2 (grep), without the slow ones
 #   bench-*-flash  the two benchmarks again with --attn flash_attention_2, when `import flash_attn` works
 #               (optional: skipped when flash-attn is absent, which does not fail the check)
+#   pytest-vllm the vLLM engine's tests (tests/serve/test_vllm_engine.py: greedy chat equal to the built-in
+#               engine, guided drawing pairs, a lost partner failing cleanly) on the GPU, when `import vllm`
+#               works (optional, as flash-attn: the GPU wheel is `vllm`, see docs/serving.md)
 #
 # Everything is written under OUT (default ./device-out): summary.txt (every part's status and time, the
 # benchmarks' key figures), bench.jsonl (the benchmarks' JSON lines), bench.md (their tables),
@@ -251,6 +254,14 @@ if timeout 60 "$PY" -c 'import flash_attn' >/dev/null 2>&1; then
     bench bench-100m-flash --llama-100m --attn flash_attention_2
 else
     note "bench-*-flash: skipped (optional: flash_attn does not import)"
+fi
+
+# ---------------------------------------------------------------- optional: vLLM
+if timeout 120 "$PY" -c 'import vllm' >/dev/null 2>&1; then
+    part pytest-vllm 180 "$PY" -m pytest -q -p no:cacheprovider tests/serve/test_vllm_engine.py || true
+    note "  $(grep -E '(passed|failed|error)' "$LOGS/pytest-vllm.log" | tail -n 1 || true)"
+else
+    note "pytest-vllm: skipped (optional: vllm does not import)"
 fi
 
 # ---------------------------------------------------------------- key figures
