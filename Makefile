@@ -60,9 +60,12 @@ $(VLLM_VENV)/.installed: $(VLLM_BIN)/python pyproject.toml
 	$(VLLM_BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
+# The engine's own tests, then the HTTP suites (API, edits, hardening) served by vLLM (tests/serve/conftest.py).
 test-vllm: $(VLLM_VENV)/.installed
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider \
 		tests/serve/test_vllm_engine.py
+	MLLM_TEST_ENGINE=vllm HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/serve/test_api.py tests/serve/test_edits.py tests/serve/test_hardening.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

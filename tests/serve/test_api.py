@@ -263,6 +263,7 @@ def test_a_full_queue_answers_429(model):
         live.stop()
 
 
+@pytest.mark.builtin_engine
 def test_decoding_field_chooses_how_images_are_drawn(server, client, model):
     import json
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
 import struct
 import threading
@@ -139,8 +140,9 @@ def test_the_openai_client_edits_an_image(client, model, scene):
     again = client.images.edit(image=("scene.png", png, "image/png"), prompt=INSTRUCTION, n=2,
                                extra_body={"seed": 1, "guidance_scale": 2.0})
     assert [item.b64_json for item in again.data] == [item.b64_json for item in result.data]
-    local = model.edit(scene, INSTRUCTION, n=2, seed=1, guidance_scale=2.0)
-    assert [image.convert("RGB").tobytes() for image in images] == [image.tobytes() for image in local]
+    if os.environ.get("MLLM_TEST_ENGINE", "builtin") == "builtin":  # vLLM's sampler draws other (equally seeded) codes
+        local = model.edit(scene, INSTRUCTION, n=2, seed=1, guidance_scale=2.0)
+        assert [image.convert("RGB").tobytes() for image in images] == [image.tobytes() for image in local]
     other = client.images.edit(image=("scene.png", png, "image/png"), prompt=INSTRUCTION, n=2,
                                extra_body={"seed": 2, "guidance_scale": 2.0})
     assert [item.b64_json for item in other.data] != [item.b64_json for item in result.data]

@@ -477,6 +477,7 @@ def test_other_addresses_take_any_host_and_warn_without_a_key(model):
 
 
 # ---------------------------------------------------------------------------------- 10: seeds
+@pytest.mark.builtin_engine
 def test_a_seeded_request_does_not_decide_later_unseeded_ones(live):
     import torch
 
@@ -503,6 +504,7 @@ def test_tiny_temperature_is_greedy(live):
         assert response.json()["choices"][0]["message"]["content"] == greedy
 
 
+@pytest.mark.builtin_engine
 def test_a_500_never_carries_the_exception_text(live, monkeypatch, server_log):
     engine = live.app.state.engine
 
