@@ -77,6 +77,9 @@ JACOBI_WINDOW = 10
 # dynamic cache is the default, faster on CPU (BENCHMARKS.md, "Image generation").
 CACHE_KINDS = ("dynamic", "static")
 DEFAULT_CACHE = "dynamic"
+# Longest description of an edit's result written before its image (a shapes caption of three objects is
+# ~30 tokens).
+EDIT_DESCRIPTION_TOKENS = 64
 
 # ---------------------------------------------------------------------------- text
 @torch.no_grad()
@@ -191,6 +194,10 @@ def edit_images(
     instruction changes) or "both" (the unconditional draw request); guidance_scale 1 runs no guidance.
     Seeds as in `generate_images`. Jacobi decoding drafts from the source image's own codes: an edit keeps
     most of them, so most drafts are accepted (the distribution is the same whatever the drafts).
+
+    A model trained to describe the result before drawing it (edit records with a `target_caption`) writes
+    that description first, greedily, up to its `<|boi|>` (`_edit_prefaces`; `stats["descriptions"]`
+    receives them); a model trained on image-only replies starts its reply with `<|boi|>` and draws at once.
     """
     images = list(images)
     instructions = [instructions] * len(images) if isinstance(instructions, str) else list(instructions)
@@ -209,6 +216,7 @@ def edit_images(
         sources = [{"type": "image", "codes": codes} for codes in source_codes]
         prefixes = _draw_prefixes(model, [processor.edit_conversation(source, text)
                                           for source, text in zip(sources, instructions)])
+        prefixes = _edit_prefaces(model, prefixes, stats)
         _check_image_room(model, instructions, prefixes)
         unconditional = None
         if guidance_scale != 1.0:
@@ -226,6 +234,28 @@ def edit_images(
             decoding=decoding, window=window, stats=stats, prior=prior,
         ).cpu()
     return [list(codes[i * n : (i + 1) * n]) for i in range(len(images))]
+
+
+def _edit_prefaces(model, prefixes: list[torch.Tensor], stats: dict[str, Any] | None = None) -> list[torch.Tensor]:
+    """Each edit prefix (prompt + `<|boi|>`) with the model's own text before its image, if it writes any:
+    the reply is generated greedily from the prompt until `<|boi|>` (at most EDIT_DESCRIPTION_TOKENS). A reply
+    that starts with `<|boi|>` (image-only training) keeps its prefix; one that ends its turn or runs out of
+    tokens without starting an image gets `<|boi|>` appended after its text (the edit is drawn anyway)."""
+    config = model.config
+    boi = config.boi_token_id
+    prompts = [prefix[:-1] for prefix in prefixes]
+    input_ids, attention_mask = _left_pad(prompts, config.pad_token_id, model.device)
+    ends = _end_of_reply_ids(model)
+    new_rows = _generate_ids(model, input_ids, attention_mask, EDIT_DESCRIPTION_TOKENS, 0.0, None, None, None,
+                             [boi, *ends], allow_boi=True)
+    out, descriptions = [], []
+    for prompt, row in zip(prompts, new_rows):
+        text_ids = [token for token in row if token != boi and token not in ends]
+        descriptions.append(model.processor.decode_text(text_ids).strip())
+        out.append(torch.cat([prompt, torch.tensor([*text_ids, boi], dtype=prompt.dtype, device=prompt.device)]))
+    if stats is not None:
+        stats["descriptions"] = descriptions
+    return out
 
 
 @torch.no_grad()

@@ -599,8 +599,21 @@ class VLLMEngine:
             dropped = (processor.edit_conversation(None, "", drop="both") if job.guidance == "both"
                        else processor.edit_conversation(source, "", drop="instruction"))
             uncond = _draw_prefixes(inner, [dropped])[0].tolist()
-        return [self._image(cond[0].tolist(), uncond, job.guidance_scale, EDIT_TEMPERATURE, seed)
-                for seed in self._seeds(job.seed, job.n)]
+        return [self._edit(cond[0].tolist(), uncond, job.guidance_scale, seed) for seed in self._seeds(job.seed, job.n)]
+
+    def _edit(self, cond: list[int], uncond: list[int] | None, scale: float, seed: int):
+        """One edit, as `mllm.generation.edit_images`: the model's description of the result first (greedy, up
+        to its <|boi|>; none for a model trained on image-only replies), then the image after it."""
+        from mllm.generation import EDIT_DESCRIPTION_TOKENS
+
+        prompt = cond[:-1]
+        stop_ids = [self.boi, *self.ends]
+        ids, _ = yield _TextStep(prompt, EDIT_DESCRIPTION_TOKENS, 0.0, None, None, stop_ids,
+                                 self._text_spec(True, None))
+        words = [token for token in ids if token not in stop_ids]
+        if len(prompt) + len(words) + self.steps + 2 > self.context_length:
+            words = []  # no room for the description and the image: the image alone
+        return (yield from self._image(prompt + words + [self.boi], uncond, scale, EDIT_TEMPERATURE, seed))
 
     def _image(self, cond: list[int], uncond: list[int] | None, scale: float, temperature: float, seed: int):
         for attempt in range(self.pair_retries + 1):

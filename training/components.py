@@ -82,6 +82,9 @@ class LLMTrainConfig:
     # The share of edit examples (of those that keep both) whose user turn is the image, then the instruction:
     # the order a chat client sends them in. The rest keep the instruction first (`edit_sample`).
     edit_image_first: float = 0.0
+    # Edit records that describe their result (`target_caption`) train replies that say it before drawing
+    # it (`edit_sample`); false trains image-only replies from the same data.
+    edit_describe: bool = True
     lora: LoraSettings | None = None  # null = full fine-tune of the LLM
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -250,14 +253,15 @@ def group_vqa_turns(samples: list, turns: int, seed: int, task: str = "vqa") -> 
 def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processor, cfg_dropout: float,
                        num_samples: int | None, seed: int,
                        edit_drops: tuple[float, float] = (0.0, 0.0),
-                       edit_image_first: float = 0.0) -> list[tuple[str, list[dict]]]:
+                       edit_image_first: float = 0.0, edit_describe: bool = True) -> list[tuple[str, list[dict]]]:
     """(task, messages) drawn from the mixture: each example picks a task with probability proportional to
     its weight, then that task's next sample (a seeded shuffle, reshuffled when exhausted). A fraction
     `cfg_dropout` of text-to-image examples has its prompt replaced by the unconditional one, so
     classifier-free guidance has an unconditional branch to subtract. `edit_drops` = (instruction, both):
     the fractions of edit examples whose user turn keeps the source image only, and whose user turn is the
     unconditional draw prompt (`processor.edit_conversation` builds the same branches); `edit_image_first`:
-    the share of the other edit examples whose user turn puts the image before the instruction."""
+    the share of the other edit examples whose user turn puts the image before the instruction;
+    `edit_describe` false drops the description of the result from edit replies (image-only replies)."""
     rng = random.Random(seed)
     names = sorted(name for name in pools if tasks.get(name, 0) > 0)
     if not names:
@@ -271,11 +275,18 @@ def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processo
         if not orders[task]:
             orders[task] = rng.sample(range(len(pools[task])), len(pools[task]))
         messages = pools[task][orders[task].pop()].messages
+        if task == "edit" and not edit_describe:
+            messages = [message if message["role"] != "assistant" else
+                        {**message, "content": [p for p in message["content"] if p["type"] == "image"]}
+                        for message in messages]
         if task == "t2i" and rng.random() < cfg_dropout:
             reply = [message for message in messages if message["role"] == "assistant"]
             messages = processor.unconditional_draw_conversation() + reply
         elif task == "edit" and (coin := rng.random()) < sum(edit_drops):
-            user, reply = messages[0], [message for message in messages if message["role"] == "assistant"]
+            user = messages[0]
+            # the reply's image only: a description of the result would not follow from what is left
+            reply = [{"role": "assistant", "content": [p for p in message["content"] if p["type"] == "image"]}
+                     for message in messages if message["role"] == "assistant"]
             if coin < edit_drops[0]:  # the instruction dropped: the source image alone
                 messages = [{"role": "user", "content": [p for p in user["content"] if p["type"] == "image"]}, *reply]
             else:  # both dropped
@@ -302,7 +313,8 @@ def draw_mixture(cfg: LLMTrainConfig, processor) -> tuple[list[tuple[str, list[d
     (a task's index in it is the `task` of its examples)."""
     pools = load_task_pools(cfg.data, cfg.tasks, cfg.vqa_turns, cfg.seed)
     drawn = draw_conversations(pools, cfg.tasks, processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed,
-                               (cfg.edit_drop_instruction, cfg.edit_drop_both), cfg.edit_image_first)
+                               (cfg.edit_drop_instruction, cfg.edit_drop_both), cfg.edit_image_first,
+                               cfg.edit_describe)
     return drawn, sorted(pools)
 
 

@@ -98,19 +98,23 @@ def t2i_sample(key: str, prompt: str, image: Image.Image) -> Sample:
     )
 
 
-def edit_sample(key: str, source: Image.Image, instruction: str, target: Image.Image) -> Sample:
+def edit_sample(key: str, source: Image.Image, instruction: str, target: Image.Image,
+                description: str | None = None) -> Sample:
     """user: the instruction as it is ("make the circle blue") + the source image -> assistant: the edited
     image (the generation target). The instruction comes first so that every source code lies the same
     number of tokens before the target code at its grid position, whatever the instruction's length: the
     model learns to copy what the edit leaves alone with one fixed-offset attention pattern (with the image
     first it learned no copying in the same steps: docs/experiments.md). No template around the instruction.
-    Training also turns a share of the edits round (`edit_image_first`), as a chat client sends them."""
+    Training also turns a share of the edits round (`edit_image_first`), as a chat client sends them.
+    `description` (the edited image in words, e.g. its caption): the reply says it before the image, so the
+    model works the change out in text, then draws what it wrote."""
+    reply = [text_part(description), image_part(target)] if description else [image_part(target)]
     return Sample(
         key,
         "edit",
         [
             {"role": "user", "content": [text_part(instruction), image_part(source)]},
-            {"role": "assistant", "content": [image_part(target)]},
+            {"role": "assistant", "content": reply},
         ],
     )
 

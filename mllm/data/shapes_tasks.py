@@ -61,7 +61,7 @@ class Edit:
 
     def to_dict(self) -> dict:
         return {"operation": self.operation, "instruction": self.instruction, "change": self.change,
-                "target": self.target.to_dict()}
+                "target": self.target.to_dict(), "target_caption": shapes.caption(self.target)}
 
 
 def reference(scene: Scene, obj: ShapeObject) -> str | None:

@@ -11,7 +11,17 @@ import pytest
 import torch
 
 from mllm.data.judge import parse_image
-from mllm.data.shapes import CELLS, COLORS, SHAPES, Scene, ShapeObject, make_scene, render, scene_seed
+from mllm.data.shapes import (
+    CELLS,
+    COLORS,
+    SHAPES,
+    Scene,
+    ShapeObject,
+    caption,
+    make_scene,
+    render,
+    scene_seed,
+)
 from mllm.data.shapes_tasks import (
     EDIT_OPERATIONS,
     make_edit,
@@ -151,8 +161,10 @@ def test_task_records_round_trip_through_shards_and_pretokenized_codes(tmp_path)
     user, reply = edits[0].messages
     assert [p["type"] for p in user["content"]] == ["text", "image"]  # the instruction first: a fixed copy offset
     assert user["content"][0]["text"] == records[0]["edit"]["instruction"]
-    assert [p["type"] for p in reply["content"]] == ["image"]
-    assert np.array_equal(np.asarray(reply["content"][0]["image"]), np.asarray(records[0]["images"][1]))
+    # the reply describes the result (the target scene's caption), then draws it
+    assert [p["type"] for p in reply["content"]] == ["text", "image"]
+    assert reply["content"][0]["text"] == caption(Scene.from_dict(records[0]["edit"]["target"]))
+    assert np.array_equal(np.asarray(reply["content"][1]["image"]), np.asarray(records[0]["images"][1]))
     multi = [s for s in samples if s.task == "multi"]
     assert len(multi) == sum(len(r["multi_qa"]) for r in records)
     assert [p["type"] for p in multi[0].messages[0]["content"]] == ["image", "image", "text"]
@@ -164,7 +176,7 @@ def test_task_records_round_trip_through_shards_and_pretokenized_codes(tmp_path)
     (back,) = [r for r in read_records(tmp_path / "codes", split=False) if r["key"] == records[0]["key"]]
     assert [int(grid[0, 0]) for grid in back["codes_list"]] == [0, 1] and back["images"] == []
     (edit,) = [s for s in record_samples(back, ("edit",))]
-    assert torch.equal(edit.messages[1]["content"][0]["codes"], torch.ones(6, 6, dtype=torch.long))
+    assert torch.equal(edit.messages[1]["content"][-1]["codes"], torch.ones(6, 6, dtype=torch.long))
 
 
 def test_a_two_image_task_on_a_one_image_record_is_skipped_and_counted(tmp_path):
@@ -231,14 +243,23 @@ def test_training_draws_edits_with_their_dropped_branches_and_both_orders():
     for task, messages in drawn:
         assert task == "edit" and messages[-1]["role"] == "assistant"
         types = [part["type"] for part in messages[0]["content"]]
+        reply = [part["type"] for part in messages[-1]["content"]]
         if messages[0] == Processor.unconditional_draw_conversation()[0]:
             kinds["both dropped"] += 1
+            assert reply == ["image"]  # what is left cannot tell the result's description
+        elif types == ["image"]:
+            kinds["instruction dropped"] += 1
+            assert reply == ["image"]
         else:
+            assert reply == ["text", "image"]  # the result described, then drawn
             kinds[{("image",): "instruction dropped", ("text", "image"): "instruction first",
                    ("image", "text"): "image first"}[tuple(types)]] += 1
     shares = {kind: count / len(drawn) for kind, count in kinds.items()}
     assert abs(shares["instruction dropped"] - 0.1) < 0.03 and abs(shares["both dropped"] - 0.2) < 0.03
     assert abs(shares["image first"] - 0.35) < 0.04 and abs(shares["instruction first"] - 0.35) < 0.04
+    # edit_describe false: image-only replies from the same records
+    plain = draw_conversations(pools, {"edit": 1.0}, Processor, 0.0, 50, seed=0, edit_describe=False)
+    assert all([part["type"] for part in messages[-1]["content"]] == ["image"] for _, messages in plain)
     # Questions over two images group like VQA turns: the images once, every question of the record.
     multi = [s for r in records for s in record_samples(
         {"key": r["key"], "image": r["images"][0], "images": r["images"], "json": r}, ("multi",))]

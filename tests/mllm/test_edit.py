@@ -112,3 +112,39 @@ def test_mllm_edit_returns_pil_images(tiny, scenes):
     assert len(many) == 2 and all(len(per) == 2 for per in many)
     # The same seed, the same picture, through the Python API as through edit_images.
     assert list(one[0].getdata()) == list(model.edit(scenes[0], "make the circle blue", seed=0)[0].getdata())
+
+
+def test_a_description_the_model_writes_goes_before_the_image(tiny, scenes, monkeypatch):
+    """A model trained to describe the result first writes it (greedily, up to its <|boi|>) and draws after
+    it; one that starts with <|boi|> draws at once; one that ends its turn still gets its image."""
+    config = tiny.config
+    words = tiny.processor.text_tokenizer.encode("a blue circle", add_special_tokens=False)
+    end = generation._end_of_reply_ids(tiny)[0]
+    replies = [[*words, config.boi_token_id], [config.boi_token_id], [*words, end]]
+    seen = {}
+
+    def fake_generate_ids(model, input_ids, attention_mask, max_new_tokens, *args, **kwargs):
+        seen["rows"], seen["max_new_tokens"] = input_ids.shape[0], max_new_tokens
+        return replies[: input_ids.shape[0]]
+
+    monkeypatch.setattr(generation, "_generate_ids", fake_generate_ids)
+    prompts = generation._draw_prefixes(tiny, [tiny.processor.edit_conversation(image, "make the circle blue")
+                                               for image in (scenes[0], scenes[1], scenes[0])])
+    stats = {}
+    prefixes = generation._edit_prefaces(tiny, prompts, stats)
+    assert seen == {"rows": 3, "max_new_tokens": generation.EDIT_DESCRIPTION_TOKENS}
+    assert prefixes[0].tolist() == prompts[0][:-1].tolist() + words + [config.boi_token_id]
+    assert prefixes[1].tolist() == prompts[1].tolist()  # image-only reply: the prefix as it was
+    assert prefixes[2].tolist() == prompts[2][:-1].tolist() + words + [config.boi_token_id]
+    assert stats["descriptions"] == ["a blue circle", "", "a blue circle"]
+    # and edit_images draws after the description: its rows are those prefixes
+    drawn = {}
+    real = generation.sample_image_codes
+
+    def spy(model, rows, *args, **kwargs):
+        drawn["rows"] = rows
+        return real(model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "sample_image_codes", spy)
+    edit_images(tiny, scenes[:1], "make the circle blue", guidance_scale=1.0, seed=0)
+    assert drawn["rows"][0].tolist() == prefixes[0].tolist()
