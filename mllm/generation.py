@@ -715,8 +715,12 @@ def chat(
             image_codes.append(codes.cpu())
             generated += (codes.reshape(-1) + config.image_offset).tolist() + [eoi]
         text = _finish_text(model, generated, stop_strings)
+        ended = bool(generated) and generated[-1] in _end_of_reply_ids(model)
+        stopped = any(s in model.processor.decode_text(generated) for s in stop_strings)
     images = model.vision_tokenizer.decode_images(torch.stack(image_codes)) if image_codes else []
-    return {"text": text, "images": images}
+    # completion_tokens: the reply's tokens, images included (h*w + 2 each), as a server's usage counts them
+    return {"text": text, "images": images, "completion_tokens": len(generated),
+            "finish_reason": "stop" if ended or stopped else "length"}
 
 
 # ---------------------------------------------------------------------------- helpers

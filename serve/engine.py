@@ -323,10 +323,10 @@ class Engine:
                     reply = chat(model, job.messages, max_new_tokens=budget, temperature=job.temperature,
                                  top_p=job.top_p, stop=job.stop or None, seed=job.seed,
                                  guidance_scale=job.guidance_scale, reply_prefix=ids, decoding=job.decoding)
-                    images = reply["images"]
-                    text = reply["text"]
-                    tokens = len(ids) + len(images) * (config.image_tokens_per_image + 2)
-                    finish = "stop"
+                    images, text = reply["images"], reply["text"]
+                    # the reply's own count: its prefix `ids` ends with a <|boi|> that chat drops when the image
+                    # does not fit the budget (then the reply is text, often to the budget: "length")
+                    tokens, finish = reply["completion_tokens"], reply["finish_reason"]
                     streamed = streamer.text(row)
                     if job.on_delta is not None and text.startswith(streamed) and len(text) > len(streamed):
                         job.on_delta(choice, text[len(streamed):])

@@ -487,6 +487,7 @@ def test_chat_charges_drawn_images_to_max_new_tokens(tiny, monkeypatch):
             assert len(reply["images"]) == drawn, budget
             assert len(replies[-1]) <= budget
             assert len(tiny.vocab.find_images(replies[-1])) == drawn
+            assert reply["completion_tokens"] == len(replies[-1])  # the reply's tokens, its images included
     # a reply prefix's image counts too: one that does not fit is dropped, the reply goes on with text
     blue = tiny.processor.text_tokenizer.encode("blue", add_special_tokens=False)
     prefix = [*blue, config.boi_token_id]
@@ -494,6 +495,10 @@ def test_chat_charges_drawn_images_to_max_new_tokens(tiny, monkeypatch):
                  seed=0)
     assert reply["images"] == [] and reply["text"].startswith("blue")
     assert config.boi_token_id not in replies[-1] and len(replies[-1]) <= len(prefix) + 5
+    # what a server reports for it: the reply's own tokens, and "length" when the budget ended it
+    assert reply["completion_tokens"] == len(replies[-1])
+    ended = replies[-1][-1] in generation._end_of_reply_ids(tiny)
+    assert reply["finish_reason"] == ("stop" if ended else "length")
 
 
 def test_generate_images_checks_room_before_sampling(tiny, monkeypatch):

@@ -226,3 +226,30 @@ def test_an_empty_reply_holds_no_undecodable_tokens(model):
             assert choice["text"] or choice["completion_tokens"] <= 1, (token, choice)
     finally:
         engine.close()
+
+
+def test_a_reply_that_starts_an_image_without_room_counts_its_own_tokens(model):
+    """The model starts an image (<|boi|>) the budget has no room for: the reply goes on as text, and its
+    usage is the text's tokens with finish "length" (not the single <|boi|> and "stop")."""
+    import torch
+    from torch import nn
+
+    inner = model.model
+    llm = inner.llm
+    head = llm.get_output_embeddings()
+    biased = nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight = head.weight
+        biased.bias.zero_()
+        biased.bias[inner.config.boi_token_id] = 200.0  # <|boi|> first whenever it is allowed
+    llm.set_output_embeddings(biased)
+    engine = Engine(model, batch_window_s=0.0)
+    try:
+        job = _chat("Draw: a red circle", max_tokens=6)
+        engine.submit(job)
+        _wait(job)
+    finally:
+        engine.close()
+        llm.set_output_embeddings(head)
+    (choice,) = job.result
+    assert choice["images"] == [] and choice["completion_tokens"] == 6 and choice["finish_reason"] == "length"
