@@ -147,21 +147,17 @@ class Reservation:
         self.release()
 
 
-class Engine:
-    def __init__(self, model, max_batch: int = 8, batch_window_s: float = 0.02, queue_size: int = 64,
-                 default_max_tokens: int = 256) -> None:
-        self.model = model  # mllm.api.MLLM
-        self.max_batch, self.batch_window_s, self.default_max_tokens = max_batch, batch_window_s, default_max_tokens
+class Admission:
+    """What every engine shares with the HTTP layer: bounded admission (`reserve` / `submit`, QueueFull), the
+    queue its worker takes jobs from, and the counters `/health` shows (`snapshot`)."""
+
+    def __init__(self, queue_size: int, **stats: Any) -> None:
         self.queue_size = queue_size
         self._slots = threading.BoundedSemaphore(queue_size)  # admitted requests not yet taken by the worker
         self._queue: queue.Queue = queue.Queue()  # bounded by the slots
         self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "max_batch": 0, "batch_sizes": Counter(),
-                                      "cancelled": 0, "errors": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="mllm-engine", daemon=True)
-        self._thread.start()
+                                      "cancelled": 0, "errors": 0, **stats}
 
-    # ------------------------------------------------------------------ client side
     def reserve(self) -> Reservation:
         """A slot for one request, or QueueFull when `queue_size` requests are admitted and not yet running."""
         if not self._slots.acquire(blocking=False):
@@ -180,15 +176,26 @@ class Engine:
     def waiting(self) -> int:
         return self._queue.qsize()
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
     def snapshot(self) -> dict[str, Any]:
         stats = dict(self.stats)
         stats["batch_sizes"] = {str(k): v for k, v in sorted(self.stats["batch_sizes"].items())}
         stats["waiting"] = self.waiting
         return stats
+
+
+class Engine(Admission):
+    def __init__(self, model, max_batch: int = 8, batch_window_s: float = 0.02, queue_size: int = 64,
+                 default_max_tokens: int = 256) -> None:
+        super().__init__(queue_size)
+        self.model = model  # mllm.api.MLLM
+        self.max_batch, self.batch_window_s, self.default_max_tokens = max_batch, batch_window_s, default_max_tokens
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mllm-engine", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
     # ------------------------------------------------------------------ worker
     def _loop(self) -> None:

@@ -38,7 +38,7 @@ import os
 import queue
 import random
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from mllm.config import DRAW_TEMPERATURE, EDIT_TEMPERATURE
-from serve.engine import Cancelled, ChatJob, EditJob, ImageJob, Job, QueueFull, Reservation, _RowStreamer
+from serve.engine import Admission, Cancelled, ChatJob, EditJob, ImageJob, Reservation, _RowStreamer
 
 EXTRA_KEY = "mllm"  # SamplingParams.extra_args key read by MLLMLogitsProcessor
 MAX_IMAGES_PER_TURN = 4  # as mllm.generation.chat
@@ -230,7 +230,7 @@ class _Program:
         self.done = False
 
 
-class VLLMEngine:
+class VLLMEngine(Admission):
     """`serve.engine.Engine`'s interface (reserve / submit / snapshot / close; ChatJob, ImageJob, EditJob)
     on a vLLM `LLMEngine` driven by one worker thread."""
 
@@ -238,16 +238,13 @@ class VLLMEngine:
                  tensor_parallel_size: int = 1, dtype: str = "auto", kv_cache_gib: float = 1.0,
                  max_num_batched_tokens: int | None = None, pair_retries: int = 1, enforce_eager: bool = True,
                  llm_engine=None, **_ignored: Any) -> None:
+        super().__init__(queue_size, engine="vllm", pairs_lost=0)
         self.model = model  # load_shell(...) or an mllm.MLLM: processor, config, vision tokenizer
         inner = model.model
-        self.default_max_tokens, self.queue_size, self.pair_retries = default_max_tokens, queue_size, pair_retries
+        self.default_max_tokens, self.pair_retries = default_max_tokens, pair_retries
         self.max_num_seqs = max_num_seqs
         self.context_length = int(inner.context_length)
         self.max_num_batched_tokens = max_num_batched_tokens or max(8192, 2 * self.context_length)
-        self._slots = threading.BoundedSemaphore(queue_size)
-        self._queue: queue.Queue = queue.Queue()
-        self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "max_batch": 0, "batch_sizes": Counter(),
-                                      "cancelled": 0, "errors": 0, "engine": "vllm", "pairs_lost": 0}
         self._ids = itertools.count()
         self._programs: dict[str, _Program] = {}  # vLLM request id -> its program
         self._jobs: dict[int, list[_Program]] = {}  # id(job) -> its programs
@@ -309,16 +306,7 @@ class VLLMEngine:
     def reserve(self) -> Reservation:
         if self._error is not None:
             raise RuntimeError("the vLLM engine stopped") from self._error
-        if not self._slots.acquire(blocking=False):
-            raise QueueFull(f"the server is busy ({self.queue_size} requests waiting); retry later")
-        return Reservation(self)
-
-    def submit(self, job: Job) -> None:
-        self.reserve().submit(job)
-
-    def _put(self, job: Job) -> None:
-        self._queue.put_nowait(job)
-        self.stats["requests"] += 1
+        return super().reserve()
 
     @property
     def waiting(self) -> int:
@@ -329,11 +317,7 @@ class VLLMEngine:
         self._thread.join(timeout=10)
 
     def snapshot(self) -> dict[str, Any]:
-        stats = dict(self.stats)
-        stats["batch_sizes"] = {str(k): v for k, v in sorted(self.stats["batch_sizes"].items())}
-        stats["waiting"] = self.waiting
-        stats["running"] = len(self._programs)
-        return stats
+        return {**super().snapshot(), "running": len(self._programs)}
 
     # ------------------------------------------------------------------ worker
     def _loop(self) -> None:
