@@ -83,8 +83,9 @@ class LLMTrainConfig:
     # the order a chat client sends them in. The rest keep the instruction first (`edit_sample`).
     edit_image_first: float = 0.0
     # Edit records that describe their result (`target_caption`) train replies that say it before drawing
-    # it (`edit_sample`); false trains image-only replies from the same data.
-    edit_describe: bool = True
+    # it (`edit_sample`) when true; false (the default) trains image-only replies from the same data. In a
+    # trial of the shapes-tasks plan, describing first did not help (docs/experiments.md).
+    edit_describe: bool = False
     lora: LoraSettings | None = None  # null = full fine-tune of the LLM
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -253,7 +254,7 @@ def group_vqa_turns(samples: list, turns: int, seed: int, task: str = "vqa") -> 
 def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processor, cfg_dropout: float,
                        num_samples: int | None, seed: int,
                        edit_drops: tuple[float, float] = (0.0, 0.0),
-                       edit_image_first: float = 0.0, edit_describe: bool = True) -> list[tuple[str, list[dict]]]:
+                       edit_image_first: float = 0.0, edit_describe: bool = False) -> list[tuple[str, list[dict]]]:
     """(task, messages) drawn from the mixture: each example picks a task with probability proportional to
     its weight, then that task's next sample (a seeded shuffle, reshuffled when exhausted). A fraction
     `cfg_dropout` of text-to-image examples has its prompt replaced by the unconditional one, so
@@ -261,7 +262,8 @@ def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processo
     the fractions of edit examples whose user turn keeps the source image only, and whose user turn is the
     unconditional draw prompt (`processor.edit_conversation` builds the same branches); `edit_image_first`:
     the share of the other edit examples whose user turn puts the image before the instruction;
-    `edit_describe` false drops the description of the result from edit replies (image-only replies)."""
+    `edit_describe` keeps an edit record's description of its result in the reply, before the image
+    (false: image-only replies)."""
     rng = random.Random(seed)
     names = sorted(name for name in pools if tasks.get(name, 0) > 0)
     if not names:

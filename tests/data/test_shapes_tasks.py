@@ -238,7 +238,7 @@ def test_training_draws_edits_with_their_dropped_branches_and_both_orders():
     pools = {"edit": [s for r in records for s in record_samples(
         {"key": r["key"], "image": r["images"][0], "images": r["images"], "json": r}, ("edit",))]}
     drawn = draw_conversations(pools, {"edit": 1.0}, Processor, 0.0, 4000, seed=0, edit_drops=(0.1, 0.2),
-                               edit_image_first=0.5)
+                               edit_image_first=0.5, edit_describe=True)
     kinds = Counter()
     for task, messages in drawn:
         assert task == "edit" and messages[-1]["role"] == "assistant"
@@ -257,8 +257,8 @@ def test_training_draws_edits_with_their_dropped_branches_and_both_orders():
     shares = {kind: count / len(drawn) for kind, count in kinds.items()}
     assert abs(shares["instruction dropped"] - 0.1) < 0.03 and abs(shares["both dropped"] - 0.2) < 0.03
     assert abs(shares["image first"] - 0.35) < 0.04 and abs(shares["instruction first"] - 0.35) < 0.04
-    # edit_describe false: image-only replies from the same records
-    plain = draw_conversations(pools, {"edit": 1.0}, Processor, 0.0, 50, seed=0, edit_describe=False)
+    # edit_describe false (the default): image-only replies from the same records
+    plain = draw_conversations(pools, {"edit": 1.0}, Processor, 0.0, 50, seed=0)
     assert all([part["type"] for part in messages[-1]["content"]] == ["image"] for _, messages in plain)
     # Questions over two images group like VQA turns: the images once, every question of the record.
     multi = [s for r in records for s in record_samples(
