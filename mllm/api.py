@@ -158,7 +158,9 @@ class MLLM:
         return per_image[0] if single else per_image
 
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
-        """The assistant's next turn for a conversation -> {"text": str, "images": [PIL, ...]}.
+        """The assistant's next turn for a conversation -> {"text": str, "images": [PIL, ...],
+        "completion_tokens": int (the reply's tokens, each image's h*w + 2 included), "finish_reason": "stop"
+        (the end of turn or a stop string) or "length" (the budget or the context)}.
 
         Options are those of `mllm.generation.chat` (max_new_tokens, temperature, top_k, top_p, stop,
         seed, guidance_scale, image_temperature, image_top_k, image_top_p, max_images, decoding).

@@ -684,9 +684,12 @@ def start_run(cfg: LLMTrainConfig, final: Path) -> tuple[str, str] | None:
 
 
 def write_recipe(cfg, out: Path) -> None:
-    """OUT/train_recipe.yaml: the config the run trains with (`--recipe OUT/train_recipe.yaml` reruns it)."""
+    """OUT/train_recipe.yaml: the config the run trains with (`--recipe OUT/train_recipe.yaml` reruns it).
+    Written by the main process only: every process has the same config, and two writers of one file race
+    (each writes a temp file and renames it into place)."""
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / RECIPE_NAME)
+    if _is_main_process():
+        save_config(cfg, out / RECIPE_NAME)
 
 
 def save_adapter(llm, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -809,8 +812,9 @@ def resume_checkpoint(out: Path, resume: bool) -> str | None:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the lines of a metrics.jsonl up to `last_step` (rewritten atomically). A line that does not parse,
-    such as a last line the kill cut short, is dropped with a note instead of stopping the resume."""
-    if not path.is_file():
+    such as a last line the kill cut short, is dropped with a note instead of stopping the resume. The main
+    process rewrites it (it alone logs there); two writers would race on the temp file."""
+    if not _is_main_process() or not path.is_file():
         return
     dropped = rewrite_jsonl(path, lambda record: record.get("step", 0) <= last_step)
     if dropped:

@@ -152,7 +152,11 @@ def test_chat_draws_with_the_decoding_method_it_is_given(model, decodings_seen):
 
 def test_chat_returns_text_and_images(model):
     reply = model.chat([{"role": "user", "content": "Hello"}], max_new_tokens=5, seed=0)
-    assert set(reply) == {"text", "images"} and isinstance(reply["text"], str) and reply["images"] == []
+    assert set(reply) == {"text", "images", "completion_tokens", "finish_reason"}
+    assert isinstance(reply["text"], str) and reply["images"] == []
+    assert 1 <= reply["completion_tokens"] <= 5 and reply["finish_reason"] in ("stop", "length")
+    if reply["completion_tokens"] < 5:  # ended before the budget: by the end of turn
+        assert reply["finish_reason"] == "stop"
 
 
 def test_chat_counts_drawn_images_in_max_new_tokens(model):
