@@ -75,3 +75,16 @@ def kill_after_checkpoint(monkeypatch):
         return lambda: monkeypatch.setattr(CallbackHandler, "on_save", real_on_save)
 
     return arm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model folder, shards): a tiny initialised model and 24 shapes scenes at 32 px, once per module."""
+    from mllm.data.shapes import iter_samples
+    from mllm.data.shards import write_shards
+    from mllm.init import init_model
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    model_dir = init_model("tiny", "tiny", root / "m", seed=0)
+    write_shards(iter_samples(24, size=32), root / "data")
+    return model_dir, root / "data"

@@ -23,18 +23,6 @@ STEPS = ["max_steps=4", "save_steps=2", "logging_steps=1", "warmup_steps=0", "pr
          "learning_rate=3e-3"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from mllm.data.shapes import iter_samples
-    from mllm.data.shards import write_shards
-    from mllm.init import init_model
-
-    root = tmp_path_factory.mktemp("fsdp")
-    model_dir = init_model("tiny", "tiny", root / "m", seed=0)
-    write_shards(iter_samples(24, size=32), root / "data")
-    return model_dir, root / "data"
-
-
 def _single(tiny, recipe, out, *sets):
     from training.recipes import run_recipe
 

@@ -21,18 +21,6 @@ from training.train_llm import main
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from mllm.data.shapes import iter_samples
-    from mllm.data.shards import write_shards
-    from mllm.init import init_model
-
-    root = tmp_path_factory.mktemp("train_llm")
-    model_dir = init_model("tiny", "tiny", root / "m", seed=0)
-    write_shards(iter_samples(24, size=32), root / "data")
-    return model_dir, root / "data"
-
-
-@pytest.fixture(scope="module")
 def loaded(tiny):
     from mllm.model import UnifiedMLLM
 
