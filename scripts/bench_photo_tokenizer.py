@@ -2,12 +2,14 @@
 
     .venv/bin/python scripts/bench_photo_tokenizer.py [--out runs/photo-bench] [--max-steps N] [--teacher DIR]
 
-scikit-image (`pip install -e '.[photos]'`) ships real photographs in `skimage/data`. A fixed split, chosen
-by content before any result was seen:
+Real photographs that ship inside PyPI packages (`pip install -e '.[photos]'`): scikit-image's sample images
+(`skimage/data`), scikit-learn's two sample photos and matplotlib's portrait of Grace Hopper. A fixed split,
+chosen by content before any result was seen:
 
-- train (`OUT/photos/train`): the photo files as they are, 6 colour (Hubble deep field, IHC micrograph,
-  a motorcycle from the left and from the right, retina, rocket launch) and 7 grey ones (camera man,
-  coins, moon, brick, grass, gravel, clock); the recipe cuts random crops of them (`crop_max_side`);
+- train (`OUT/photos/train`): the photo files as they are, 9 colour (Hubble deep field, IHC micrograph,
+  a motorcycle from the left and from the right, retina, rocket launch; scikit-learn's temple in China and
+  flower; matplotlib's Grace Hopper) and 7 grey ones (camera man, coins, moon, brick, grass, gravel, clock);
+  the recipe cuts random crops of them (`crop_max_side`);
 - held out (`OUT/photos/held-out`): every 128 x 128 tile, at the photo's own resolution, of 3 colour
   photos that training never sees: astronaut (16 tiles), chelsea the cat (6), coffee (12): 34 crops.
 
@@ -41,17 +43,35 @@ TRAIN_PHOTOS = (
     "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
     "camera.png", "coins.png", "moon.png", "brick.png", "grass.png", "gravel.png", "clock_motion.png",
 )  # fmt: skip
+# Colour photos from two other packages of the `photos` extra: (package, file inside it).
+OTHER_TRAIN_PHOTOS = (
+    ("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+)  # fmt: skip
 HELD_OUT_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png")
 TILE = 128  # the tokenizer-photo recipe's image size
 
 
-def skimage_data_dir() -> Path:
-    """scikit-image's folder of sample images; a one-line error naming the install when it is absent."""
+def package_dir(package: str) -> Path:
+    """The folder of an installed package of the `photos` extra; a one-line error naming the install."""
+    import importlib
+
     try:
-        import skimage
+        module = importlib.import_module(package)
     except ImportError:
-        raise SystemExit("scikit-image is not installed: pip install -e '.[photos]' (or pip install scikit-image)")
-    return Path(skimage.__file__).parent / "data"
+        raise SystemExit(f"{package} is not installed: pip install -e '.[photos]' (scikit-image, scikit-learn, "
+                         "matplotlib: the packages whose sample photos the benchmark uses)")
+    return Path(module.__file__).parent
+
+
+def skimage_data_dir() -> Path:
+    """scikit-image's folder of sample images."""
+    return package_dir("skimage") / "data"
+
+
+def other_train_photos() -> list[Path]:
+    """The train photos that ship in scikit-learn and matplotlib."""
+    return [package_dir(package) / relative for package, relative in OTHER_TRAIN_PHOTOS]
 
 
 def tiles(image, size: int = TILE) -> list:
@@ -61,9 +81,10 @@ def tiles(image, size: int = TILE) -> list:
             for top in range(0, height - size + 1, size) for left in range(0, width - size + 1, size)]
 
 
-def write_split(source: Path, out: Path, size: int = TILE) -> tuple[Path, Path]:
-    """OUT/train (the train photos' files, copied) and OUT/held-out (PNG tiles of the held-out photos);
-    returns both folders. Rewrites them from scratch."""
+def write_split(source: Path, out: Path, size: int = TILE, others: list[Path] | None = None) -> tuple[Path, Path]:
+    """OUT/train (the train photos' files, copied: TRAIN_PHOTOS from `source`, scikit-image's folder, and the
+    `others`, default `other_train_photos()`) and OUT/held-out (PNG tiles of the held-out photos); returns
+    both folders. Rewrites them from scratch."""
     from PIL import Image
 
     train, held_out = out / "train", out / "held-out"
@@ -72,6 +93,8 @@ def write_split(source: Path, out: Path, size: int = TILE) -> tuple[Path, Path]:
         folder.mkdir(parents=True)
     for name in TRAIN_PHOTOS:
         shutil.copyfile(source / name, train / name)
+    for path in other_train_photos() if others is None else others:
+        shutil.copyfile(path, train / path.name)
     for name in HELD_OUT_PHOTOS:
         with Image.open(source / name) as photo:
             for index, tile in enumerate(tiles(photo.convert("RGB"), size)):

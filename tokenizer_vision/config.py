@@ -15,6 +15,7 @@ from tokenizer_vision.schema import check_keys, field_names, unknown_name
 
 QUANTIZER_MODES = ("dual", "pixel", "semantic")
 CODEBOOK_UPDATES = ("ema", "loss")
+CODE_SEARCH_PRECISIONS = ("fp32", "bf16")
 ALLOWED_DOWNSAMPLE_FACTORS = (8, 16)
 
 # Hugging Face vision towers the semantic branch accepts. A full CLIP/SigLIP config (`clip`,
@@ -44,6 +45,10 @@ class TokenizerConfig:
     base_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 1
+    # Residual blocks at the image's own resolution (the encoder's first level, the decoder's last), where a
+    # conv costs the most on a CPU; None: num_res_blocks. 0 leaves that level its stem, stride-2 and upsampling
+    # convs only.
+    full_resolution_res_blocks: int | None = None
 
     # --- dual codebook (one shared index into a semantic and a pixel codebook) ---
     d_pix: int = 8
@@ -60,6 +65,10 @@ class TokenizerConfig:
     restart_every: int = 100
     entropy_loss_weight: float = 0.0
     entropy_temperature: float = 0.01  # softmax temperature over distances for the entropy loss
+    # Precision of the code search in training steps: "fp32", or "bf16" scores (on a CPU with bf16 matrix
+    # units the search then costs about half; a near tie may go to the other of two nearly equal codes).
+    # Encoding outside training always searches in fp32, so the codes of an image do not depend on it.
+    training_code_search: str = "fp32"
 
     # --- image normalisation of the tokenizer's own input ---
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -106,6 +115,12 @@ class TokenizerConfig:
     def grid_size(self) -> tuple[int, int]:
         side = self.image_size // self.downsample_factor
         return (side, side)
+
+    def res_blocks(self, level: int) -> int:
+        """Residual blocks at level `level` of the pixel encoder and decoder (0: full resolution)."""
+        if level == 0 and self.full_resolution_res_blocks is not None:
+            return self.full_resolution_res_blocks
+        return self.num_res_blocks
 
     @property
     def uses_semantic(self) -> bool:
@@ -157,6 +172,10 @@ class TokenizerConfig:
             fail(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.restart_every < 0 or self.dead_code_threshold < 0:
             fail("restart_every and dead_code_threshold must be >= 0")
+        if self.full_resolution_res_blocks is not None and self.full_resolution_res_blocks < 0:
+            fail(f"full_resolution_res_blocks must be >= 0 or None, got {self.full_resolution_res_blocks}")
+        if self.training_code_search not in CODE_SEARCH_PRECISIONS:
+            fail(f"training_code_search must be one of {CODE_SEARCH_PRECISIONS}, got {self.training_code_search!r}")
         if self.entropy_temperature <= 0:
             fail(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
         weights = (

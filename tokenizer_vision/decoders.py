@@ -47,7 +47,7 @@ class PixelDecoder(nn.Module):
         levels = []
         for level in reversed(range(len(widths))):
             blocks: list[nn.Module] = [
-                ResnetBlock(widths[level], widths[level]) for _ in range(config.num_res_blocks)
+                ResnetBlock(widths[level], widths[level]) for _ in range(config.res_blocks(level))
             ]
             if level != 0:
                 blocks.append(Upsample(widths[level], widths[level - 1]))  # double H and W

@@ -59,7 +59,7 @@ class ResnetBlock(nn.Module):
 class PixelEncoder(nn.Module):
     """(B, 3, H, W) -> (B, d_pix, H / f, W / f), f = 2 ** (len(channel_mult) - 1).
 
-    One level per entry of channel_mult: `num_res_blocks` residual blocks, then a stride-2 conv
+    One level per entry of channel_mult: `config.res_blocks(level)` residual blocks, then a stride-2 conv
     (except after the last level); a middle block; GroupNorm-SiLU and a 1x1 projection to d_pix.
     """
 
@@ -71,7 +71,7 @@ class PixelEncoder(nn.Module):
         in_width = widths[0]
         for level, width in enumerate(widths):
             blocks: list[nn.Module] = []
-            for _ in range(config.num_res_blocks):
+            for _ in range(config.res_blocks(level)):
                 blocks.append(ResnetBlock(in_width, width))
                 in_width = width
             if level != len(widths) - 1:

@@ -26,7 +26,9 @@ Training signals, all in this file:
   (the entropy penalty of MAGVIT-v2 / LFQ, applied to distances here).
 
 Shapes: B batch, h x w code grid, N = B * h * w positions, K codebook size, d_b a branch's width.
-Distances and assignments are computed in fp32 even under bf16 autocast: bf16 would flip near ties.
+Distances and assignments are computed in fp32 even under bf16 autocast: bf16 would flip near ties. A
+training config may ask for bf16 scores in training steps only (`training_code_search="bf16"`), where a
+near tie going either way costs nothing and the search is the costliest part of a CPU step at K = 16384.
 """
 
 from __future__ import annotations
@@ -39,9 +41,13 @@ from torch import nn
 
 from tokenizer_vision.config import TokenizerConfig
 
-# Rows of the (positions x K) distance matrix handled at once by `nearest_codes`: caps that temporary
-# at 16M fp32 values (64 MB) instead of N * K (e.g. 8192 x 16384 = 512 MB for the base size).
+# Rows of the (positions x K) score matrix handled at once by `nearest_codes`: caps that temporary at 16M
+# fp32 values (64 MB) instead of N * K (e.g. 8192 x 16384 = 512 MB for the base size).
 _DISTANCE_CHUNK_ELEMENTS = 1 << 24
+# On a CPU, 1M values (4 MB): small enough that argmax reads the scores back from cache. On 2 cores, a
+# tokenizer-photo training step (2048 positions, K = 16384) took 330 ms in chunks of 64 rows against 390 ms
+# in chunks of 1024 (docs/experiments.md).
+_CPU_DISTANCE_CHUNK_ELEMENTS = 1 << 20
 # Laplace smoothing of the EMA cluster sizes (as in Sonnet's / VQ-VAE-2's EMA quantizer).
 _LAPLACE_EPSILON = 1e-5
 _BRANCHES_BY_MODE = {"dual": ("sem", "pix"), "pixel": ("pix",), "semantic": ("sem",)}
@@ -106,6 +112,7 @@ class DualCodebookQuantizer(nn.Module):
         self.restart_every = config.restart_every
         self.entropy_loss_weight = config.entropy_loss_weight
         self.entropy_temperature = config.entropy_temperature
+        self.bf16_search = config.training_code_search == "bf16"
 
         # With EMA updates the codebooks are state, not trained weights: no gradient, no optimizer.
         learned_by_gradient = config.codebook_update == "loss"
@@ -160,7 +167,7 @@ class DualCodebookQuantizer(nn.Module):
             codes = {
                 branch: F.normalize(self.codebook(branch).float(), dim=-1) for branch in self.branches
             }  # (K, d_b)
-            indices = self.nearest_codes(features, codes)  # (N,)
+            indices = self.nearest_codes(features, codes, bf16=updating and self.bf16_search)  # (N,)
 
             zero = reference.new_zeros((), dtype=torch.float32)
             codebook_loss, commitment_loss, quantized = zero, zero, {}
@@ -215,7 +222,7 @@ class DualCodebookQuantizer(nn.Module):
 
     @torch.no_grad()
     def nearest_codes(
-        self, features: dict[str, torch.Tensor], codes: dict[str, torch.Tensor]
+        self, features: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], bf16: bool = False
     ) -> torch.Tensor:
         """(N,) int64 index minimising `combined_distances`, computed a chunk of positions at a time.
 
@@ -223,14 +230,20 @@ class DualCodebookQuantizer(nn.Module):
         w_b * ||f_b - e_b||^2 = w_b * (2 - 2 f_b . e_b) and the nearest code is the one with the largest
         score sum_b w_b f_b . e_b: one matmul of the weighted, concatenated features with the concatenated
         codes, and one pass over the (N, K) scores instead of the distances' several (at K = 16384 the
-        distances took most of a CPU training step).
+        distances took most of a CPU training step). `bf16`: the scores in bf16 (training steps with
+        `training_code_search="bf16"`); argmax reads them as fp32, whose argmax kernel is the fast one.
         """
         weighted = torch.cat([self.branch_weights[b] * features[b] for b in self.branches], dim=1)  # (N, d)
         stacked = torch.cat([codes[b] for b in self.branches], dim=1)  # (K, d)
-        chunk = max(1, _DISTANCE_CHUNK_ELEMENTS // self.codebook_size)
+        if bf16:
+            weighted, stacked = weighted.bfloat16(), stacked.bfloat16()
+        elements = _DISTANCE_CHUNK_ELEMENTS
+        if weighted.device.type == "cpu":
+            elements = min(elements, _CPU_DISTANCE_CHUNK_ELEMENTS)
+        chunk = max(1, elements // self.codebook_size)
         return torch.cat(
             [
-                torch.mm(weighted[start : start + chunk], stacked.t()).argmax(1)
+                torch.mm(weighted[start : start + chunk], stacked.t()).float().argmax(1)
                 for start in range(0, weighted.shape[0], chunk)
             ]
         )

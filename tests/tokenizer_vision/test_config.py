@@ -60,6 +60,8 @@ def test_unknown_keys_are_refused():
         ({"perceptual_weight": 1.0}, "perceptual_path"),
         ({"image_mean": (0.5, 0.5)}, "3 values"),
         ({"ema_decay": 1.0}, "ema_decay"),
+        ({"full_resolution_res_blocks": -1}, "full_resolution_res_blocks"),
+        ({"training_code_search": "fp16"}, "training_code_search"),
     ],
 )
 def test_invalid_values_raise(overrides, message):

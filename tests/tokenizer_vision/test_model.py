@@ -45,6 +45,25 @@ def test_shapes_through_encode_decode_embed(mode, make_tokenizer, shape_images):
     assert ("semantic" in out["losses"]) == (mode != "pixel")
 
 
+def test_full_resolution_res_blocks_sets_only_the_full_resolution_level(make_tokenizer, shape_images, tmp_path):
+    from tokenizer_vision import DualCodebookTokenizer
+    from tokenizer_vision.encoders import ResnetBlock
+
+    def blocks(module) -> int:
+        return sum(isinstance(m, ResnetBlock) for m in module.modules())
+
+    default, lean = make_tokenizer(), make_tokenizer(full_resolution_res_blocks=0, num_res_blocks=2)
+    levels = len(default.config.channel_mult)
+    assert blocks(default.pixel_encoder.levels[0]) == 1 and blocks(default.pixel_decoder.levels[-1]) == 1
+    assert blocks(lean.pixel_encoder.levels[0]) == 0 and blocks(lean.pixel_decoder.levels[-1]) == 0
+    assert all(blocks(lean.pixel_encoder.levels[level]) == 2 for level in range(1, levels))
+    assert all(blocks(lean.pixel_decoder.levels[level]) == 2 for level in range(levels - 1))
+    out = lean(lean.processor.preprocess(shape_images(2)))
+    assert out["reconstruction"].shape == (2, 3, 32, 32) and torch.isfinite(out["loss"])
+    lean.save_pretrained(tmp_path)  # the setting travels with the folder
+    assert DualCodebookTokenizer.from_pretrained(tmp_path).config.full_resolution_res_blocks == 0
+
+
 def test_forward_total_is_the_weighted_sum(make_tokenizer, shape_images):
     tokenizer = make_tokenizer(pixel_l1_weight=0.5, pixel_l2_weight=2.0, vq_weight=3.0, semantic_weight=0.7)
     out = tokenizer(tokenizer.processor.preprocess(shape_images(2)))

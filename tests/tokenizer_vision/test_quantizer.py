@@ -67,6 +67,25 @@ def test_chunked_search_matches_one_pass(monkeypatch):
     assert torch.equal(quantizer(z_sem, z_pix).indices, whole)
 
 
+def test_bf16_code_search_picks_a_near_best_code_in_training_and_the_best_outside_it():
+    # K large enough for near ties, as at the photo size; restarts off so the codebook stays as built.
+    quantizer = make_quantizer(training_code_search="bf16", codebook_size=4096, restart_every=0, ema_decay=0.0)
+    z_sem, z_pix = features(batch=8)
+    codebooks = quantizer.codebook_sem.detach().clone(), quantizer.codebook_pix.detach().clone()
+    scores = unit_rows(z_sem) @ F.normalize(codebooks[0], dim=-1).t() + unit_rows(z_pix) @ F.normalize(
+        codebooks[1], dim=-1
+    ).t()  # (N, K) fp32: the larger, the nearer
+    best = scores.argmax(1)
+    trained = quantizer.train()(z_sem, z_pix).indices.flatten()  # a training step: bf16 scores
+    chosen = scores.gather(1, trained[:, None]).squeeze(1)
+    assert (scores.max(1).values - chosen).max() < 0.02  # never far from the best: bf16 rounding only
+    assert (trained == best).float().mean() > 0.5  # and mostly the best itself
+    assert not torch.equal(trained, best)  # K = 4096 of 12 dims: some near ties go the other way
+    quantizer.codebook_sem.data.copy_(codebooks[0])  # undo the EMA step, then encode as inference does
+    quantizer.codebook_pix.data.copy_(codebooks[1])
+    assert torch.equal(quantizer.eval()(z_sem, z_pix).indices.flatten(), best)  # fp32 outside training
+
+
 def test_distances_are_fp32_under_bf16_autocast():
     quantizer = make_quantizer().eval()
     z_sem, z_pix = (z.bfloat16() for z in features())

@@ -246,13 +246,15 @@ def _bench_module():
 
 
 def test_the_benchmark_splits_real_photos_without_overlap(tmp_path):
-    pytest.importorskip("skimage", reason="scikit-image (the `photos` extra) ships the sample photos")
+    for package in ("skimage", "sklearn", "matplotlib"):
+        pytest.importorskip(package, reason=f"{package} (the `photos` extra) ships sample photos")
     bench = _bench_module()
     source = bench.skimage_data_dir()
     train, held_out = bench.write_split(source, tmp_path)
     train_names = sorted(path.name for path in train.iterdir())
-    assert train_names == sorted(bench.TRAIN_PHOTOS)
-    assert not set(bench.TRAIN_PHOTOS) & set(bench.HELD_OUT_PHOTOS)
+    others = ["china.jpg", "flower.jpg", "grace_hopper.jpg"]
+    assert train_names == sorted([*bench.TRAIN_PHOTOS, *others])
+    assert not set(train_names) & set(bench.HELD_OUT_PHOTOS)
     tiles = sorted(held_out.iterdir())
     assert len(tiles) == 34  # astronaut 4x4 + chelsea 3x2 + coffee 4x3 tiles of 128 px
     assert {path.name.split("-")[0] for path in tiles} == {"astronaut", "chelsea", "coffee"}
@@ -262,3 +264,7 @@ def test_the_benchmark_splits_real_photos_without_overlap(tmp_path):
         assert np.array_equal(np.asarray(tile), expected)
     # The train folder is the photos' own files, which the folder reader takes as they are.
     assert (train / "retina.jpg").read_bytes() == (source / "retina.jpg").read_bytes()
+    import matplotlib
+
+    hopper = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
+    assert (train / "grace_hopper.jpg").read_bytes() == hopper.read_bytes()
