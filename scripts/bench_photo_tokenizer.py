@@ -81,10 +81,10 @@ def tiles(image, size: int = TILE) -> list:
             for top in range(0, height - size + 1, size) for left in range(0, width - size + 1, size)]
 
 
-def write_split(source: Path, out: Path, size: int = TILE, others: list[Path] | None = None) -> tuple[Path, Path]:
-    """OUT/train (the train photos' files, copied: TRAIN_PHOTOS from `source`, scikit-image's folder, and the
-    `others`, default `other_train_photos()`) and OUT/held-out (PNG tiles of the held-out photos); returns
-    both folders. Rewrites them from scratch."""
+def write_split(source: Path, out: Path, size: int = TILE) -> tuple[Path, Path]:
+    """OUT/train (the train photos' files, copied: TRAIN_PHOTOS from `source`, scikit-image's folder, and
+    `other_train_photos()`) and OUT/held-out (PNG tiles of the held-out photos); returns both folders.
+    Rewrites them from scratch."""
     from PIL import Image
 
     train, held_out = out / "train", out / "held-out"
@@ -93,7 +93,7 @@ def write_split(source: Path, out: Path, size: int = TILE, others: list[Path] | 
         folder.mkdir(parents=True)
     for name in TRAIN_PHOTOS:
         shutil.copyfile(source / name, train / name)
-    for path in other_train_photos() if others is None else others:
+    for path in other_train_photos():
         shutil.copyfile(path, train / path.name)
     for name in HELD_OUT_PHOTOS:
         with Image.open(source / name) as photo:
