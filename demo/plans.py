@@ -104,6 +104,10 @@ PLANS = {
     # The shapes plan with editing and questions over two images trained too (`tasks`): about 27 minutes on
     # 2 cores; it misses the VQA and drawing-with-a-position bars (docs/demo.md, "Editing and two images").
     "shapes-tasks": Plan(tasks=True, minutes=27.0),
+    # The same with local codes (`tokenizer.local_context`): each code is chosen from its own patch and a
+    # 4 px margin, so what an edit leaves alone keeps its codes and the model can copy them.
+    "shapes-tasks-local": Plan(tasks=True, minutes=27.0, tokenizer_overrides=(
+        "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=4")),
     # A plumbing check, not a model: every stage for real, on tiny models and a few scenes (47 s on 2 cores,
     # docs/demo.md). Its quality figures are meaningless: no bars.
     "tiny": Plan(llm="tiny", tokenizer="tiny", image_size=32, train_scenes=96, test_scenes=12, teacher_steps=4,

@@ -49,6 +49,12 @@ class TokenizerConfig:
     # conv costs the most on a CPU; None: num_res_blocks. 0 leaves that level its stem, stride-2 and upsampling
     # convs only.
     full_resolution_res_blocks: int | None = None
+    # Local codes: each code is chosen from its own f x f patch plus this many pixels around it, both
+    # branches from one CNN run on each code's crop (`encoders.LocalPatchEncoder`), so what an edit leaves
+    # alone keeps its codes; the semantic branch is still distilled from the teacher through the semantic
+    # decoder. None: whole-image encoders (a CNN for pixels, the vision tower for semantics). A multiple of
+    # f / 2, so the crop halves evenly.
+    local_context: int | None = None
 
     # --- dual codebook (one shared index into a semantic and a pixel codebook) ---
     d_pix: int = 8
@@ -174,6 +180,13 @@ class TokenizerConfig:
             fail("restart_every and dead_code_threshold must be >= 0")
         if self.full_resolution_res_blocks is not None and self.full_resolution_res_blocks < 0:
             fail(f"full_resolution_res_blocks must be >= 0 or None, got {self.full_resolution_res_blocks}")
+        if self.local_context is not None and (
+            self.local_context < 0 or (2 * self.local_context) % self.downsample_factor
+        ):
+            fail(
+                f"local_context must be None or a non-negative multiple of {self.downsample_factor // 2} "
+                f"(half the code patch), got {self.local_context}"
+            )
         if self.training_code_search not in CODE_SEARCH_PRECISIONS:
             fail(f"training_code_search must be one of {CODE_SEARCH_PRECISIONS}, got {self.training_code_search!r}")
         if self.entropy_temperature <= 0:

@@ -88,6 +88,51 @@ class PixelEncoder(nn.Module):
         return self.proj_out(F.silu(self.norm_out(h)))  # (B, d_pix, h, w)
 
 
+class LocalPatchEncoder(nn.Module):
+    """(B, 3, H, W) -> (B, d_out, H / f, W / f) where each output position sees only its own f x f patch
+    and `config.local_context` pixels around it (the image's border is extended by replication).
+
+    The whole-image encoders make codes non-local: GroupNorm statistics span the image and the receptive
+    fields cover several objects, so an edit that changes one object changes most codes. Here every
+    code's crop goes through the CNN as its own sample (GroupNorm statistics are the crop's), so a region
+    an edit leaves alone keeps its codes exactly. Levels as in `PixelEncoder`, on the crop; the last
+    level's small map is flattened (not averaged) so where the content lies in the crop is kept.
+    """
+
+    def __init__(self, config: TokenizerConfig, out_dim: int) -> None:
+        super().__init__()
+        factor, context = config.downsample_factor, config.local_context
+        self.factor, self.context = factor, context
+        self.crop = factor + 2 * context
+        widths = [config.base_channels * m for m in config.channel_mult]
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        levels = []
+        in_width = widths[0]
+        for level, width in enumerate(widths):
+            blocks: list[nn.Module] = []
+            for _ in range(config.res_blocks(level)):
+                blocks.append(ResnetBlock(in_width, width))
+                in_width = width
+            if level != len(widths) - 1:
+                blocks.append(nn.Conv2d(width, width, 3, stride=2, padding=1))  # halve H and W
+            levels.append(nn.Sequential(*blocks))
+        self.levels = nn.Sequential(*levels)
+        self.mid = ResnetBlock(widths[-1], widths[-1])
+        self.norm_out = group_norm(widths[-1])
+        side = self.crop // factor  # the crop's side after the stride-2 convs
+        self.proj_out = nn.Linear(widths[-1] * side * side, out_dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = pixel_values.shape
+        rows, cols = height // self.factor, width // self.factor
+        padded = F.pad(pixel_values, (self.context,) * 4, mode="replicate")
+        crops = F.unfold(padded, kernel_size=self.crop, stride=self.factor)  # (B, 3 * crop^2, rows * cols)
+        crops = crops.transpose(1, 2).reshape(batch * rows * cols, channels, self.crop, self.crop)
+        h = self.mid(self.levels(self.conv_in(crops)))  # (B * rows * cols, C_last, side, side)
+        z = self.proj_out(F.silu(self.norm_out(h)).flatten(1))  # (B * rows * cols, d_out)
+        return z.view(batch, rows, cols, -1).permute(0, 3, 1, 2)  # (B, d_out, rows, cols)
+
+
 # ---------------------------------------------------------------------------- semantic tower
 
 
@@ -281,6 +326,7 @@ class SemanticEncoder(nn.Module):
 
 
 __all__ = [
+    "LocalPatchEncoder",
     "PixelEncoder",
     "ResnetBlock",
     "SemanticEncoder",

@@ -32,8 +32,10 @@ from torch import nn
 from tokenizer_vision.config import TokenizerConfig
 from tokenizer_vision.decoders import PixelDecoder, SemanticDecoder
 from tokenizer_vision.encoders import (
+    LocalPatchEncoder,
     PixelEncoder,
     SemanticEncoder,
+    VisionTowerGrid,
     build_vision_tower,
     resolve_teacher_settings,
 )
@@ -100,17 +102,24 @@ class DualCodebookTokenizer(nn.Module):
 
     def __init__(self, config: TokenizerConfig, load_external_weights: bool = True) -> None:
         super().__init__()
-        self.pixel_encoder = PixelEncoder(config) if config.uses_pixel else None
-        self.semantic_encoder = self.teacher = self.semantic_decoder = None
+        local = config.local_context is not None
+        self.pixel_encoder = PixelEncoder(config) if config.uses_pixel and not local else None
+        self.semantic_encoder = self.teacher = self.semantic_decoder = self.local_encoder = None
         if config.uses_semantic:
             tower = build_vision_tower(config, load_pretrained=load_external_weights)
             config = resolve_teacher_settings(config, tower)
-            self.semantic_encoder = SemanticEncoder(config, tower)
-            # TokenFlow: the semantic encoder starts from the teacher and is distilled from a frozen
-            # copy of it, so the semantic codes keep the teacher's meaning while adapting to the codebook.
-            self.teacher = copy.deepcopy(self.semantic_encoder.backbone).requires_grad_(False).eval()
-            self.semantic_decoder = SemanticDecoder(
-                config, teacher_width=self.semantic_encoder.backbone.hidden_size
+            if local:
+                # Local codes: the teacher is only the distillation target; the codes come from the crops.
+                self.teacher = VisionTowerGrid(config, tower).requires_grad_(False).eval()
+            else:
+                self.semantic_encoder = SemanticEncoder(config, tower)
+                # TokenFlow: the semantic encoder starts from the teacher and is distilled from a frozen
+                # copy of it, so the semantic codes keep the teacher's meaning while adapting to the codebook.
+                self.teacher = copy.deepcopy(self.semantic_encoder.backbone).requires_grad_(False).eval()
+            self.semantic_decoder = SemanticDecoder(config, teacher_width=self.teacher.hidden_size)
+        if local:
+            self.local_encoder = LocalPatchEncoder(
+                config, out_dim=config.d_sem * config.uses_semantic + config.d_pix * config.uses_pixel
             )
         self.quantizer = DualCodebookQuantizer(config)
         self.pixel_decoder = PixelDecoder(config)
@@ -320,6 +329,11 @@ class DualCodebookTokenizer(nn.Module):
         }
 
     def _quantize(self, pixel_values: torch.Tensor) -> QuantizerOutput:
+        if self.local_encoder is not None:
+            z = self.local_encoder(pixel_values)  # (B, d_sem + d_pix, h, w): [semantic; pixel]
+            d_sem = self.config.d_sem if self.config.uses_semantic else 0
+            z_sem, z_pix = z[:, :d_sem], z[:, d_sem:]
+            return self.quantizer(z_sem if d_sem else None, z_pix if self.config.uses_pixel else None)
         z_pix = (
             self.pixel_encoder(pixel_values) if self.pixel_encoder is not None else None
         )  # (B, d_pix, h, w)

@@ -54,7 +54,7 @@ from tokenizer_vision import DualCodebookTokenizer
 from training import components
 from training.components import ADAPTER_DIR, MODEL_DIR, LLMTrainConfig, TaskLossTrainer
 
-TOKENIZER_PARTS = ("pixel_encoder", "semantic_encoder", "quantizer", "pixel_decoder", "semantic_decoder")
+TOKENIZER_PARTS = ("pixel_encoder", "semantic_encoder", "local_encoder", "quantizer", "pixel_decoder", "semantic_decoder")
 
 
 @dataclass

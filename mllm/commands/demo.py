@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=positive_float,
                         help="scale the training stages to about this many minutes in all (default: the plan's "
                              "own, 20 for shapes)")
-    parser.add_argument("--size", choices=("shapes", "shapes-tasks", "tiny"), default="shapes",
+    parser.add_argument("--size", choices=("shapes", "shapes-tasks", "shapes-tasks-local", "tiny"), default="shapes",
                         help="shapes (the demo: a model that meets the earlier quality bars), shapes-tasks (the "
                              "same plan that also trains editing and questions over two images: about 27 minutes, "
                              "and it misses the VQA and drawing-with-a-position bars) or tiny (a plumbing check: "

@@ -64,6 +64,42 @@ def test_full_resolution_res_blocks_sets_only_the_full_resolution_level(make_tok
     assert DualCodebookTokenizer.from_pretrained(tmp_path).config.full_resolution_res_blocks == 0
 
 
+@pytest.mark.parametrize("mode", ["dual", "pixel", "semantic"])
+def test_local_codes_depend_only_on_their_own_patch_and_margin(mode, make_tokenizer, shape_images, tmp_path):
+    from tokenizer_vision import DualCodebookTokenizer
+
+    tokenizer = make_tokenizer(local_context=4, quantizer_mode=mode).eval()
+    assert tokenizer.pixel_encoder is None and tokenizer.semantic_encoder is None
+    assert (tokenizer.teacher is None) == (mode == "pixel")
+    images = tokenizer.processor.preprocess(shape_images(2))  # (2, 3, 32, 32): 4 x 4 codes of 8 px
+    changed = images.clone()
+    changed[:, :, 20:24, 18:30] = torch.randn(2, 3, 4, 12)
+    with torch.no_grad():
+        before, after = tokenizer.encode(images), tokenizer.encode(changed)
+        z_before, z_after = (tokenizer.local_encoder(x) for x in (images, changed))
+    # A code sees its 8 px patch and 4 px around it: code row or column k reads pixels 8k - 4 to 8k + 11.
+    # Rows 20-23 lie in the reach of code rows 2 (12-27) and 3 (20-35), not row 1 (4-19); columns 18-29 in
+    # that of code columns 1 (4-19), 2 and 3, not column 0 (-4-11).
+    reach = torch.zeros(4, 4, dtype=torch.bool)
+    reach[2:4, 1:4] = True
+    moved = (z_before - z_after).abs().amax(dim=1) > 0  # (2, 4, 4)
+    assert torch.equal(moved, reach.expand(2, 4, 4))
+    assert torch.equal(before[:, ~reach], after[:, ~reach])  # every code out of reach is kept exactly
+    out = tokenizer.train()(images)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in tokenizer.local_encoder.parameters())
+    tokenizer.eval().save_pretrained(tmp_path)  # after a training step (EMA codebooks moved)
+    loaded = DualCodebookTokenizer.from_pretrained(tmp_path)
+    assert loaded.config.local_context == 4 and torch.equal(loaded.encode(images), tokenizer.encode(images))
+
+
+def test_local_context_must_halve_evenly(make_tokenizer):
+    from tokenizer_vision.config import TokenizerConfig
+
+    with pytest.raises(ValueError, match="local_context must be None or a non-negative multiple of 4"):
+        TokenizerConfig.from_name("tiny", local_context=3)
+
+
 def test_forward_total_is_the_weighted_sum(make_tokenizer, shape_images):
     tokenizer = make_tokenizer(pixel_l1_weight=0.5, pixel_l2_weight=2.0, vq_weight=3.0, semantic_weight=0.7)
     out = tokenizer(tokenizer.processor.preprocess(shape_images(2)))
