@@ -56,8 +56,8 @@ class Plan:
     # With `tasks`, each training scene also gives an edit record (the scene, one edit, the questions over the
     # two) and a pair record (the scene and an unrelated one, with their questions) to the LLM's data (`mllm
     # data shapes --tasks`), and the LLM trains with `shapes-pretrain-tasks` (editing and questions over two
-    # images too) in the same steps. Off in the shapes plan: at 2000 steps the new tasks cost VQA and drawing
-    # with a position their bars while edits stay rarely right (plan `shapes-tasks`, docs/experiments.md).
+    # images too) in the same steps. On in the shapes plan; with whole-image codes the new tasks cost VQA and
+    # drawing with a position their bars while edits stayed rarely right (docs/experiments.md, section 15).
     tasks: bool = False
     edit_items: int = 300  # shapes-edit items (50 per operation), one edit each
     multi_items: int = 550  # shapes-multi questions (100 pairs)
@@ -100,14 +100,15 @@ TINY_PURPOSE = (
 )
 
 PLANS = {
-    "shapes": Plan(),
-    # The shapes plan with editing and questions over two images trained too (`tasks`): about 27 minutes on
-    # 2 cores; it misses the VQA and drawing-with-a-position bars (docs/demo.md, "Editing and two images").
-    "shapes-tasks": Plan(tasks=True, minutes=27.0),
-    # The same with local codes (`tokenizer.local_context`): each code is chosen from its own patch and a
-    # 4 px margin, so what an edit leaves alone keeps its codes and the model can copy them.
-    "shapes-tasks-local": Plan(tasks=True, minutes=27.0, tokenizer_overrides=(
+    # The demo: captions, VQA, drawing, editing and questions over two images in one decoder, on a tokenizer
+    # with local codes (`tokenizer.local_context`: each code is chosen from its own 8 px patch and a 4 px
+    # margin), so what an edit leaves alone keeps its codes and the model learns to copy them. About 37
+    # minutes on 2 cores (docs/demo.md); the local tokenizer costs 1.8x the whole-image one's steps.
+    "shapes": Plan(tasks=True, minutes=37.0, tokenizer_overrides=(
         "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=4")),
+    # The previous demo: no editing or two-image training, whole-image codes; about 20-25 minutes on 2 cores.
+    # It meets the earlier bars (VQA, captions, drawing, tokenizer) only (docs/demo.md, "Plans").
+    "shapes-lean": Plan(),
     # A plumbing check, not a model: every stage for real, on tiny models and a few scenes (47 s on 2 cores,
     # docs/demo.md). Its quality figures are meaningless: no bars.
     "tiny": Plan(llm="tiny", tokenizer="tiny", image_size=32, train_scenes=96, test_scenes=12, teacher_steps=4,

@@ -234,7 +234,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         "predictions": str(predictions_path), "options": options, "seconds": round(time.time() - started, 1),
         **({"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
             "seed": args.seed, "decoding": args.decoding} if suite.kind == "draw" else {}),
-        **({"guidance": suite.guidance, "guidance_scale": suite.guidance_scale, "temperature": args.temperature,
+        **({"guidance": suite.guidance, "guidance_scale": suite.guidance_scale, "temperature": suite.temperature,
             "top_k": args.top_k, "seed": args.seed, "decoding": args.decoding} if suite.kind == "edit" else {})})
     print(table)
     print(primary_line(suite, results))
@@ -289,10 +289,10 @@ def _predict(suite, model, batch, out: Path, args) -> list[dict]:
         return [{"id": item.id, "prompt": item.prompt, "images": suite.save_images(out, item, drawn)}
                 for item, drawn in zip(batch, images)]
     if suite.kind == "edit":
-        # The CLI's --guidance-scale is the draw default; an edit suite's guidance is its own options'.
+        # The CLI's --guidance-scale and --temperature are the draw defaults; an edit suite's are its own options'.
         edited = model.edit([item.image for item in batch], [item.prompt for item in batch],
                             n=suite.images_per_prompt, seed=args.seed, guidance_scale=suite.guidance_scale,
-                            guidance=suite.guidance, temperature=args.temperature, top_k=args.top_k,
+                            guidance=suite.guidance, temperature=suite.temperature, top_k=args.top_k,
                             decoding=args.decoding)
         return [{"id": item.id, "instruction": item.prompt, "images": suite.save_images(out, item, images)}
                 for item, images in zip(batch, edited)]

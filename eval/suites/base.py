@@ -122,18 +122,20 @@ class DrawSuite(Suite):
 class EditSuite(Suite):
     """An edit suite: `images_per_prompt` edits per item (seeds 0..n-1, `--option seeds=N`), with classifier-free
     guidance set by `--option guidance=instruction|both` (what the unconditional branch drops) and
-    `--option guidance_scale=S` (1: none); defaults those of `MLLM.edit`. A subclass gives its own defaults
+    `--option guidance_scale=S` (1: none), and the codes' `--option temperature=T` (0: greedy); defaults those
+    of `MLLM.edit`. A subclass gives its own defaults
     as class attributes and may read more options (extend `option_names`, call `super().configure`)."""
 
     kind = "edit"
-    option_names = ("seeds", "guidance", "guidance_scale")
+    option_names = ("seeds", "guidance", "guidance_scale", "temperature")
     images_per_prompt = 1
 
     def __init__(self) -> None:
-        from mllm.config import EDIT_GUIDANCE, EDIT_GUIDANCE_SCALE
+        from mllm.config import EDIT_GUIDANCE, EDIT_GUIDANCE_SCALE, EDIT_TEMPERATURE
 
         self.guidance: str = EDIT_GUIDANCE
         self.guidance_scale: float = EDIT_GUIDANCE_SCALE
+        self.temperature: float = EDIT_TEMPERATURE
 
     def configure(self, options: dict[str, Any] | None) -> None:
         from mllm.config import EDIT_GUIDANCE_MODES
@@ -152,6 +154,14 @@ class EditSuite(Suite):
                 raise ValueError(f"--option guidance_scale={scale!r}: expected a number") from None
             if not self.guidance_scale > 0:
                 raise ValueError(f"--option guidance_scale={scale}: must be positive (1: no guidance)")
+        temperature = options.get("temperature")
+        if temperature is not None and temperature != "":
+            try:
+                self.temperature = float(temperature)
+            except (TypeError, ValueError):
+                raise ValueError(f"--option temperature={temperature!r}: expected a number") from None
+            if not self.temperature >= 0:
+                raise ValueError(f"--option temperature={temperature}: must be 0 (greedy) or more")
 
 
 def model_image_size(model_dir: str | Path | None) -> int | None:

@@ -14,11 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=positive_float,
                         help="scale the training stages to about this many minutes in all (default: the plan's "
                              "own, 20 for shapes)")
-    parser.add_argument("--size", choices=("shapes", "shapes-tasks", "shapes-tasks-local", "tiny"), default="shapes",
-                        help="shapes (the demo: a model that meets the earlier quality bars), shapes-tasks (the "
-                             "same plan that also trains editing and questions over two images: about 27 minutes, "
-                             "and it misses the VQA and drawing-with-a-position bars) or tiny (a plumbing check: "
-                             "every stage on tiny models that cannot learn, no bars; 47 s on 2 CPU cores)")
+    parser.add_argument("--size", choices=("shapes", "shapes-lean", "tiny"), default="shapes",
+                        help="shapes (the demo: captions, VQA, drawing, editing and questions over two images; about "
+                             "37 minutes on 2 CPU cores), shapes-lean (no editing or two-image training: about 20-25 "
+                             "minutes, the earlier bars only) or tiny (a plumbing check: every stage on tiny models "
+                             "that cannot learn, no bars; 47 s on 2 CPU cores)")
     parser.add_argument("--ablations", action="store_true",
                         help="after the demo, the paper claims in miniature: dual vs pixel-only codebook, and ETT vs "
                              "a frozen tokenizer (about 40 more minutes on 2 CPU cores); writes DIR/ablations.md")
