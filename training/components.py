@@ -84,7 +84,7 @@ class LLMTrainConfig:
     edit_image_first: float = 0.0
     # Edit records that describe their result (`target_caption`) train replies that say it before drawing
     # it (`edit_sample`) when true; false (the default) trains image-only replies from the same data. In a
-    # trial of the shapes-tasks plan, describing first did not help (docs/experiments.md).
+    # trial with whole-image codes, describing first did not help (docs/experiments.md, section 16).
     edit_describe: bool = False
     lora: LoraSettings | None = None  # null = full fine-tune of the LLM
     learning_rate: float = 2e-4
