@@ -96,7 +96,7 @@ TINY_PURPOSE = (
     "steps, to show that the whole pipeline runs on this machine. Its models are far too small and too briefly "
     "trained to learn anything: empty captions and answers and noise drawings are expected, and the quality "
     "bars are not applicable at this size. For a model that meets them, run the shapes size: "
-    "`mllm demo --out runs/demo` (about 20 minutes on 2 CPU cores)."
+    "`mllm demo --out runs/demo` (about 37 minutes on 2 CPU cores)."
 )
 
 PLANS = {

@@ -56,6 +56,23 @@ class ResnetBlock(nn.Module):
         return self.skip(x) + h
 
 
+def downsampling_levels(config: TokenizerConfig) -> nn.Sequential:
+    """The encoders' levels, one per entry of channel_mult: `config.res_blocks(level)` residual blocks, then a
+    stride-2 conv (except after the last level). (B, C0, H, W) -> (B, C_last, H / f, W / f)."""
+    widths = [config.base_channels * m for m in config.channel_mult]
+    levels = []
+    in_width = widths[0]
+    for level, width in enumerate(widths):
+        blocks: list[nn.Module] = []
+        for _ in range(config.res_blocks(level)):
+            blocks.append(ResnetBlock(in_width, width))
+            in_width = width
+        if level != len(widths) - 1:
+            blocks.append(nn.Conv2d(width, width, 3, stride=2, padding=1))  # halve H and W
+        levels.append(nn.Sequential(*blocks))
+    return nn.Sequential(*levels)
+
+
 class PixelEncoder(nn.Module):
     """(B, 3, H, W) -> (B, d_pix, H / f, W / f), f = 2 ** (len(channel_mult) - 1).
 
@@ -67,17 +84,7 @@ class PixelEncoder(nn.Module):
         super().__init__()
         widths = [config.base_channels * m for m in config.channel_mult]
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
-        levels = []
-        in_width = widths[0]
-        for level, width in enumerate(widths):
-            blocks: list[nn.Module] = []
-            for _ in range(config.res_blocks(level)):
-                blocks.append(ResnetBlock(in_width, width))
-                in_width = width
-            if level != len(widths) - 1:
-                blocks.append(nn.Conv2d(width, width, 3, stride=2, padding=1))  # halve H and W
-            levels.append(nn.Sequential(*blocks))
-        self.levels = nn.Sequential(*levels)
+        self.levels = downsampling_levels(config)
         self.mid = ResnetBlock(widths[-1], widths[-1])
         self.norm_out = group_norm(widths[-1])
         self.proj_out = nn.Conv2d(widths[-1], config.d_pix, 1)
@@ -106,17 +113,7 @@ class LocalPatchEncoder(nn.Module):
         self.crop = factor + 2 * context
         widths = [config.base_channels * m for m in config.channel_mult]
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
-        levels = []
-        in_width = widths[0]
-        for level, width in enumerate(widths):
-            blocks: list[nn.Module] = []
-            for _ in range(config.res_blocks(level)):
-                blocks.append(ResnetBlock(in_width, width))
-                in_width = width
-            if level != len(widths) - 1:
-                blocks.append(nn.Conv2d(width, width, 3, stride=2, padding=1))  # halve H and W
-            levels.append(nn.Sequential(*blocks))
-        self.levels = nn.Sequential(*levels)
+        self.levels = downsampling_levels(config)
         self.mid = ResnetBlock(widths[-1], widths[-1])
         self.norm_out = group_norm(widths[-1])
         side = self.crop // factor  # the crop's side after the stride-2 convs
@@ -332,6 +329,7 @@ __all__ = [
     "SemanticEncoder",
     "VisionTowerGrid",
     "build_vision_tower",
+    "downsampling_levels",
     "group_norm",
     "pool_to_grid",
     "resolve_teacher_settings",

@@ -146,22 +146,24 @@ class EditSuite(Suite):
         if guidance not in EDIT_GUIDANCE_MODES:
             raise unknown_name("--option guidance value", guidance, EDIT_GUIDANCE_MODES)
         self.guidance = guidance
-        scale = options.get("guidance_scale")
-        if scale is not None and scale != "":
-            try:
-                self.guidance_scale = float(scale)
-            except (TypeError, ValueError):
-                raise ValueError(f"--option guidance_scale={scale!r}: expected a number") from None
-            if not self.guidance_scale > 0:
-                raise ValueError(f"--option guidance_scale={scale}: must be positive (1: no guidance)")
-        temperature = options.get("temperature")
-        if temperature is not None and temperature != "":
-            try:
-                self.temperature = float(temperature)
-            except (TypeError, ValueError):
-                raise ValueError(f"--option temperature={temperature!r}: expected a number") from None
-            if not self.temperature >= 0:
-                raise ValueError(f"--option temperature={temperature}: must be 0 (greedy) or more")
+        self.guidance_scale = _number_option(options, "guidance_scale", self.guidance_scale, lambda v: v > 0,
+                                             "must be positive (1: no guidance)")
+        self.temperature = _number_option(options, "temperature", self.temperature, lambda v: v >= 0,
+                                          "must be 0 (greedy) or more")
+
+
+def _number_option(options: dict[str, Any], name: str, default: float, valid, rule: str) -> float:
+    """`--option NAME=V` as a number (default when absent or empty); an invalid one raises with `rule`."""
+    text = options.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"--option {name}={text!r}: expected a number") from None
+    if not valid(value):
+        raise ValueError(f"--option {name}={text}: {rule}")
+    return value
 
 
 def model_image_size(model_dir: str | Path | None) -> int | None:

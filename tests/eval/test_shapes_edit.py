@@ -10,6 +10,7 @@ from PIL import Image
 from eval import runner
 from eval.suites import ScoreContext, get_suite
 from eval.suites.shapes_edit import EXAMPLES_NAME, SCORED_NAME, render_scene
+from mllm.config import EDIT_GUIDANCE_SCALE, EDIT_TEMPERATURE
 from mllm.data.shapes import Scene, make_scene, scene_seed
 from mllm.data.shapes_tasks import EDIT_OPERATIONS, make_edit, possible_operations
 
@@ -71,8 +72,14 @@ def test_items_are_held_out_balanced_round_robin_and_deterministic():
     first = other.load_items(None, limit=1)[0]
     assert first.id == items[0].id and first.image.size == (40, 40) and first.meta["look"] == "other"
     assert (other.images_per_prompt, other.guidance, other.guidance_scale) == (2, "both", 2.0)
+    assert (_suite().guidance_scale, _suite().temperature) == (EDIT_GUIDANCE_SCALE, EDIT_TEMPERATURE)
+    assert _suite({"temperature": "0"}).temperature == 0.0
     with pytest.raises(ValueError, match="look"):
         _suite({"look": "blurry"})
+    with pytest.raises(ValueError, match=r"--option temperature=-1: must be 0 \(greedy\) or more"):
+        _suite({"temperature": "-1"})
+    with pytest.raises(ValueError, match="--option guidance_scale='x': expected a number"):
+        _suite({"guidance_scale": "x"})
     with pytest.raises(ValueError, match="size"):
         _suite({"size": "8"})
 
