@@ -44,6 +44,14 @@ def other_size_test(out: Path, plan: Plan) -> Path:
     return out / "data" / f"test-{plan.other_size}px"
 
 
+def tokenizer_train(out: Path, plan: Plan) -> Path:
+    """The teacher's and the tokenizer's training scenes: data/train, or the same scenes drawn in the
+    tokenizer's own look (`Plan.tokenizer_look`), data/train-<look>."""
+    if not plan.tokenizer_look or plan.tokenizer_look == plan.look:
+        return out / "data" / "train"
+    return out / "data" / f"train-{plan.tokenizer_look}"
+
+
 def other_look_test(out: Path) -> Path:
     """The test scenes drawn by the held-out rasteriser."""
     return out / "data" / "test-other-look"
@@ -113,12 +121,14 @@ def _copy_model(name: str, source: Path, target: Path) -> Stage:
 def _model_chain(prefix: str, root: Path, out: Path, plan: Plan, codes: Path,
                  tokenizer_options: dict[str, Path | str]) -> list[Stage]:
     """tokenizer -> its metrics -> init -> pretokenize -> shapes-pretrain, under `root` (stage names prefixed)."""
-    data, test = out / "data" / "train", out / "data" / "test"
+    data, test = tokenizer_train(out, plan), out / "data" / "test"
     tokenizer = root / "tokenizer"
     source = llm_data(out, plan)
+    paired = (f"paired_data={out / 'data' / 'train'}",) if data != out / "data" / "train" else ()
     return [
         _train(f"{prefix}tokenizer", tokenizer / "model.safetensors", "train-tokenizer", "tokenizer-shapes",
-               {"data": data, "out": tokenizer, **tokenizer_options}, plan.tokenizer_steps, plan.tokenizer_overrides),
+               {"data": data, "out": tokenizer, **tokenizer_options}, plan.tokenizer_steps,
+               (*plan.tokenizer_overrides, *paired)),
         _eval(f"{prefix}tokenizer metrics", "tokenizer", tokenizer, root / "eval" / "tokenizer", data=test),
         _init(f"{prefix}init", plan, tokenizer, root / "init"),
         Stage(f"{prefix}pretokenize", codes / "index.json",
@@ -172,16 +182,20 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
              if plan.resized_share > 0 or plan.tasks else [])
     other_test = ([_data("test data, other size", other_size_test(out, plan), plan.test_scenes, plan.other_size,
                          split="test", look=plan.look)] if plan.other_size else [])
+    tokenizer_data = tokenizer_train(out, plan)
+    paired = ([_data(f"data, {plan.tokenizer_look} look", tokenizer_data, plan.train_scenes, plan.image_size,
+                     look=plan.tokenizer_look)] if tokenizer_data != data else [])
     teacher = out / "teacher"
     return [
         _data("data", data, plan.train_scenes, plan.image_size, look=plan.look),
+        *paired,
         *mixed,
         _data("test data", test, plan.test_scenes, plan.image_size, split="test", look=plan.look),
         *other_test,
         _data("test data, held-out rasteriser", other_look_test(out), plan.test_scenes, plan.image_size,
               split="test", look="other"),
         _train("teacher", teacher / "model.safetensors", "train-teacher", "teacher-shapes",
-               {"data": data, "out": teacher}, plan.teacher_steps, plan.teacher_overrides, resume=False),
+               {"data": tokenizer_data, "out": teacher}, plan.teacher_steps, plan.teacher_overrides, resume=False),
         *_model_chain("", out, out, plan, codes, {"teacher": teacher}),
         _eval("tokenizer metrics, held-out rasteriser", "tokenizer", out / "tokenizer",
               out / "eval" / OTHER_LOOK_TOKENIZER, data=other_look_test(out)),

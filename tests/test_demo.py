@@ -78,6 +78,17 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
     assert not any("rendered_size" in r for r in exact) and 0 < sum("rendered_size" in r for r in mixed) < len(mixed)
     assert all(r.get("look", "exact") == plan.look for r in exact + mixed)
     assert len(mixed) == 3 * len(exact) and sum("edit" in r for r in mixed) == len(exact)
+    # The teacher and the tokenizer learned the exact renders of the same scenes, the tokenizer with the
+    # plan's own (varied) renders as paired inputs.
+    assert plan.look == "varied" and plan.tokenizer_look == "exact"
+    targets = [json.loads(r["json"]) for r in wds.WebDataset(
+        str(out / "data" / "train-exact" / "shard-000000.tar"), shardshuffle=False)]
+    assert [r["scene"] for r in targets] == [r["scene"] for r in exact] and not any("look" in r for r in targets)
+    import yaml
+
+    recipe = yaml.safe_load((out / "tokenizer" / "train_recipe.yaml").read_text())
+    assert recipe["data"] == str(out / "data" / "train-exact") and recipe["paired_data"] == str(out / "data" / "train")
+    assert recipe["paired_share"] == 0.5
     codes = [json.loads(r["json"]) for r in wds.WebDataset(str(out / "data" / "train-codes" / "shard-000000.tar"),
                                                            shardshuffle=False)]
     assert [r.get("rendered_size") for r in codes] == [r.get("rendered_size") for r in mixed]
@@ -255,3 +266,27 @@ def test_the_loss_plot_has_step_and_loss_axes():
     assert dark((left, bottom + 6, 960, bottom + 18))  # step tick labels under the plot
     assert dark((0, 12, left - 8, bottom))  # loss tick labels left of it
     assert dark((0, bottom + 20, 960, 260))  # the step axis's name
+
+
+def test_a_tokenizer_look_renders_the_training_scenes_again_for_the_teacher_and_the_tokenizer():
+    base = replace(demo.PLANS["shapes"], look="varied", tokenizer_look="", tokenizer_overrides=("rescale_share=0.5",))
+    paired = replace(base, tokenizer_look="exact", tokenizer_overrides=("rescale_share=0.5", "paired_share=0.5"))
+    out = Path("out")
+    before, after = ({stage.name: stage for stage in demo.stages(out, plan)} for plan in (base, paired))
+    assert set(after) - set(before) == {"data, exact look"}
+    exact, varied = out / "data" / "train-exact", out / "data" / "train"
+    data = after["data, exact look"]
+    assert data.marker == exact / "index.json" and "--look" not in data.command
+    assert "--look varied" in after["data"].command
+    # the teacher and the tokenizer learn the exact renders; the tokenizer takes the varied ones as inputs
+    assert f"--data {varied} " in before["tokenizer"].command and "paired_data" not in before["tokenizer"].command
+    assert f"--data {exact} " in after["teacher"].command and f"--data {exact} " in after["tokenizer"].command
+    assert f"paired_data={varied}" in after["tokenizer"].command and "paired_share=0.5" in after["tokenizer"].command
+    # the LLM and the evaluations stay in the varied world
+    assert f"--data {out / 'data' / 'train-llm'}" in after["pretokenize"].command
+    assert after["test data"].command == before["test data"].command and "--look varied" in after["test data"].command
+    names = list(after)
+    assert names.index("data, exact look") < names.index("teacher") < names.index("tokenizer")
+    # the same look twice is no pairing at all
+    assert [s.command for s in demo.stages(out, replace(base, tokenizer_look="varied"))] == [
+        s.command for s in demo.stages(out, base)]

@@ -74,6 +74,13 @@ class TokenizerTrainConfig(ImageRecipeConfig):
     # to give pictures made at other sizes the codes of the clean one. 0: off.
     rescale_share: float = 0.0
     rescale_factors: list[float] = field(default_factory=lambda: [0.83, 1.17, 1.33, 1.33, 1.67, 2.0])
+    # Paired renderings: data whose records have the same keys as `data`'s, each the same picture drawn
+    # another way (for the shapes world, the same scenes rendered with `--look varied`). A `paired_share` of
+    # each batch goes in as the paired rendering while the targets (pixels and the teacher's features) stay
+    # `data`'s image: the encoder learns to give every rendering of a scene the codes of the one in `data`,
+    # and the decoder draws that one. Applied before the size round trip, so the two combine. 0: off.
+    paired_data: str = ""
+    paired_share: float = 0.0
     # A folder of images: photos are held in memory with their shorter side at most this many pixels
     # (downscaled once when larger), and each training view is a random square crop of one of them, its side
     # log-uniform between the image size and that shorter side, resized to the image size.
@@ -94,8 +101,24 @@ class TokenizerTrainConfig(ImageRecipeConfig):
             raise ValueError(f"rescale_share must be in [0, 1], got {self.rescale_share}")
         if self.rescale_share > 0 and (not self.rescale_factors or any(f <= 0 for f in self.rescale_factors)):
             raise ValueError(f"rescale_factors must be positive numbers, got {self.rescale_factors}")
+        if not 0.0 <= self.paired_share <= 1.0:
+            raise ValueError(f"paired_share must be in [0, 1], got {self.paired_share}")
+        if self.paired_share > 0 and not self.paired_data:
+            raise ValueError("paired_share needs paired_data: the same images drawn another way, with data's keys")
         if self.crop_max_side <= 0:
             raise ValueError(f"crop_max_side must be a positive number of pixels, got {self.crop_max_side}")
+
+
+def _paired_images(paired_data: str, data, image_size: int, progress: bool) -> np.ndarray:
+    """The images of `paired_data` in the order of `data`'s records, matched by key; a record of `data`
+    without its pair is an error that names it."""
+    paired = load_images(paired_data, image_size, None, progress=progress)
+    position = {key: index for index, key in enumerate(paired.keys)}
+    missing = [key for key in data.keys if key not in position]
+    if missing:
+        raise ValueError(f"{paired_data} has no record for {len(missing)} of the training images (the first: "
+                         f"{missing[0]!r}); paired_data must hold the same records as data, drawn another way")
+    return paired.images[[position[key] for key in data.keys]]
 
 
 def build_tokenizer(cfg: TokenizerTrainConfig) -> DualCodebookTokenizer:
@@ -162,6 +185,11 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
         list_images(cfg.data)
     else:
         check_data_path(cfg.data)
+    pairing = cfg.paired_share > 0
+    if pairing and folder:
+        raise ValueError("paired_data works with training shards (records with keys), not a folder of photos")
+    if pairing:
+        check_data_path(cfg.paired_data)
     probe_device = "cuda" if (cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
     precision = resolve_precision(cfg.precision, probe_device)
     set_seed(cfg.seed)
@@ -186,6 +214,13 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
             return data.images[sampler.next_indices()]
 
         described = f"{len(data.images)} images"
+        if pairing:
+            paired = _paired_images(cfg.paired_data, data, config.image_size, accelerator.is_main_process)
+            described += f", {cfg.paired_share:.0%} a batch in their paired renderings"
+
+            def next_batch() -> tuple[np.ndarray, np.ndarray]:
+                indices = sampler.next_indices()
+                return data.images[indices], paired[indices]
     trainable = model.generator_parameters()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     scheduler = _cosine_with_floor(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_learning_rate_ratio)
@@ -232,13 +267,18 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
     started, images_seen = time.time(), 0
     model.train()
     for step in bar:
-        clean = next_batch()
+        batch = next_batch()
+        clean, drawn = batch if pairing else (batch, batch)
         pixels = to_pixel_values(clean, config.image_mean, config.image_std).to(accelerator.device)
-        inputs = pixels
-        if cfg.rescale_share > 0:  # seeded by step: a resumed run degrades the same images the same way
-            degraded = rescale_round_trip(clean, cfg.rescale_share, cfg.rescale_factors,
-                                          np.random.default_rng([cfg.seed, step, accelerator.process_index]))
-            inputs = to_pixel_values(degraded, config.image_mean, config.image_std).to(accelerator.device)
+        # Both choices seeded by step: a resumed run feeds the same inputs.
+        if pairing:
+            chosen = np.random.default_rng([cfg.seed, step, accelerator.process_index, 1]).random(len(clean))
+            drawn = np.where((chosen < cfg.paired_share)[:, None, None, None], drawn, clean)
+        if cfg.rescale_share > 0:
+            drawn = rescale_round_trip(drawn, cfg.rescale_share, cfg.rescale_factors,
+                                       np.random.default_rng([cfg.seed, step, accelerator.process_index]))
+        inputs = pixels if drawn is clean else to_pixel_values(drawn, config.image_mean, config.image_std).to(
+            accelerator.device)
         with accelerator.autocast():
             output = model(inputs, step=step, target=pixels)
         loss = output["loss"]

@@ -132,3 +132,58 @@ def test_resume_after_a_torn_metrics_line(shards, tmp_path, monkeypatch):
         log.write('{"step": 11, "loss": 0.4, "ps')  # the kill cut this line short
     recipe.main(_config(shards, tmp_path / "run", max_steps=15), resume=True)
     assert [m["step"] for m in _metrics(tmp_path / "run")] == [5, 10, 15]
+
+
+def test_paired_renderings_go_in_against_the_first_rendering_as_target(shards, tmp_path, monkeypatch):
+    """paired_data: a share of each batch goes in drawn the other way (the same scene, matched by key), and
+    the target is always data's image."""
+    import numpy as np
+
+    from tokenizer_vision import DualCodebookTokenizer
+    from training.data import load_images
+
+    varied = tmp_path / "varied"
+    write_shards(iter_samples(64, "train", base_seed=3, size=32, look="varied"), varied, progress=False)
+    clean, drawn = load_images(str(shards), 32, None, progress=False), load_images(str(varied), 32, None,
+                                                                                   progress=False)
+    assert clean.keys == drawn.keys and not np.array_equal(clean.images, drawn.images)
+    exact = {image.tobytes(): index for index, image in enumerate(clean.images)}
+    seen = []
+    real_forward = DualCodebookTokenizer.forward
+
+    def record(self, pixel_values, *args, target=None, **kwargs):
+        seen.append((pixel_values.detach().clone(), target.detach().clone()))
+        return real_forward(self, pixel_values, *args, target=target, **kwargs)
+
+    monkeypatch.setattr(DualCodebookTokenizer, "forward", record)
+    config = _config(shards, tmp_path / "paired", paired_data=varied, paired_share=0.5, max_steps=10)
+    out = recipe.main(config)
+    assert (out / "model.safetensors").is_file() and len(seen) == 10
+    # Back from pixel values to the uint8 images: every target is one of data's images; each input is that
+    # image or, for about half, the same scene's varied rendering.
+    from tokenizer_vision import TokenizerConfig
+
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (TokenizerConfig.from_name("tiny").image_mean,
+                                                             TokenizerConfig.from_name("tiny").image_std))
+
+    def to_uint8(pixels):
+        return (pixels * std + mean).mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+    paired = 0
+    for inputs, targets in seen:
+        for given, target in zip(to_uint8(inputs), to_uint8(targets)):
+            index = exact[target.tobytes()]
+            if np.array_equal(given, target):
+                continue
+            assert np.array_equal(given, drawn.images[index])
+            paired += 1
+    assert 20 < paired < 60  # of 80 rows, share 0.5
+
+
+def test_paired_data_must_hold_every_training_image(shards, tmp_path):
+    fewer = tmp_path / "fewer"
+    write_shards(iter_samples(10, "train", base_seed=3, size=32, look="varied"), fewer, progress=False)
+    with pytest.raises(ValueError, match="paired_data must hold the same records"):
+        recipe.main(_config(shards, tmp_path / "out", paired_data=fewer, paired_share=0.5))
+    with pytest.raises(ValueError, match="paired_share needs paired_data"):
+        _config(shards, tmp_path / "bad", paired_share=0.5).validate()
