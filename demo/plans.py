@@ -114,11 +114,11 @@ PLANS = {
     "shapes": Plan(tasks=True, look="varied", tokenizer_look="exact", minutes=40.0, tokenizer_overrides=(
         "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=4", "paired_share=0.5")),
     # The same in the exact world (every scene the exact render, a tokenizer of exact renders): it edits best
-    # (41.7% against 13.0%) but reads the held-out rasteriser's scenes badly (docs/demo.md, "Plans").
+    # (41.7% against 13.0%) but reads the held-out rasteriser's scenes badly (docs/demo.md, "The exact world").
     "shapes-exact": Plan(tasks=True, minutes=37.0, tokenizer_overrides=(
         "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=4")),
     # The previous demo: no editing or two-image training, whole-image codes; about 20-25 minutes on 2 cores.
-    # It meets the earlier bars (VQA, captions, drawing, tokenizer) only (docs/demo.md, "Plans").
+    # It meets the earlier bars (VQA, captions, drawing, tokenizer) only (docs/demo.md, "The plan").
     "shapes-lean": Plan(),
     # A plumbing check, not a model: every stage for real, on tiny models and a few scenes (47 s on 2 cores,
     # docs/demo.md). Its quality figures are meaningless: no bars.
