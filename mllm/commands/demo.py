@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shapes (the demo: captions, VQA, drawing, editing and questions over two images, in the "
                              "varied world; about 40 minutes on 2 CPU cores), shapes-exact (the same on exact renders: "
                              "edits better, reads other renderers badly; about 37 minutes), shapes-lean (no editing "
-                             "or two-image training: about 20-25 minutes, the earlier bars only) or tiny (a plumbing check: every stage on tiny models "
-                             "that cannot learn, no bars; 47 s on 2 CPU cores)")
+                             "or two-image training: about 20-25 minutes, the earlier bars only) or tiny (a plumbing "
+                             "check: every stage on tiny models that cannot learn, no bars; 47 s on 2 CPU cores)")
     parser.add_argument("--ablations", action="store_true",
                         help="after the demo, the paper claims in miniature: dual vs pixel-only codebook, and ETT vs "
                              "a frozen tokenizer (about 40 more minutes on 2 CPU cores); writes DIR/ablations.md")

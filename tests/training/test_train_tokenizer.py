@@ -163,8 +163,8 @@ def test_paired_renderings_go_in_against_the_first_rendering_as_target(shards, t
     # image or, for about half, the same scene's varied rendering.
     from tokenizer_vision import TokenizerConfig
 
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (TokenizerConfig.from_name("tiny").image_mean,
-                                                             TokenizerConfig.from_name("tiny").image_std))
+    tiny = TokenizerConfig.from_name("tiny")
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (tiny.image_mean, tiny.image_std))
 
     def to_uint8(pixels):
         return (pixels * std + mean).mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
