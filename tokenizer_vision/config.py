@@ -75,6 +75,13 @@ class TokenizerConfig:
     # units the search then costs about half; a near tie may go to the other of two nearly equal codes).
     # Encoding outside training always searches in fp32, so the codes of an image do not depend on it.
     training_code_search: str = "fp32"
+    # Common codes first: outside training steps, among the codes whose combined distance is within this
+    # margin of the nearest one, the code chosen is the one the training images used most
+    # (`DualCodebookQuantizer.code_preference`, counted when training ends). A codebook holds near-duplicate
+    # codes (restarts seed codes from the features of a noisy batch), and a slight change of a patch moves
+    # it from one to another; preferring the common one gives every drawing of a scene the same codes.
+    # 0: the nearest code always (no preference counts are kept).
+    code_preference_margin: float = 0.0
 
     # --- image normalisation of the tokenizer's own input ---
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -189,6 +196,8 @@ class TokenizerConfig:
             )
         if self.training_code_search not in CODE_SEARCH_PRECISIONS:
             fail(f"training_code_search must be one of {CODE_SEARCH_PRECISIONS}, got {self.training_code_search!r}")
+        if self.code_preference_margin < 0:
+            fail(f"code_preference_margin must be >= 0, got {self.code_preference_margin}")
         if self.entropy_temperature <= 0:
             fail(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
         weights = (

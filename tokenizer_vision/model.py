@@ -53,6 +53,7 @@ from tokenizer_vision.quantizer import DualCodebookQuantizer, QuantizerOutput
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+OPTIONAL_STATE = "quantizer.code_preference"  # state a saved tokenizer may lack: it then loads as zeros
 
 
 @dataclass
@@ -428,11 +429,15 @@ class DualCodebookTokenizer(nn.Module):
             config = config.replace(**config_overrides)
         model = cls(config, load_external_weights=False)
         try:
-            load_model(model, weights_file, strict=True)
+            missing, unexpected = load_model(model, weights_file, strict=False)
         except RuntimeError as error:
             raise ValueError(f"weights in {weights_file!r} do not match its config: {error}") from error
         except SafetensorError as error:  # a truncated or garbage file
             raise ValueError(f"{weights_file} is damaged ({error}; save the tokenizer again)") from None
+        missing = set(missing) - {OPTIONAL_STATE}  # tokenizers saved before code preferences keep zeros
+        if missing or unexpected:
+            raise ValueError(f"weights in {weights_file!r} do not match its config: missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)}")
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()

@@ -135,6 +135,10 @@ class DualCodebookQuantizer(nn.Module):
         # Code counts since the last reset_usage(), for usage_fraction() and perplexity.
         self.register_buffer("usage_counts", torch.zeros(self.codebook_size, dtype=torch.long))  # (K,)
         self.register_buffer("num_training_steps", torch.zeros((), dtype=torch.long))
+        self.preference_margin = config.code_preference_margin
+        # (K,) how often the training images chose each code; read when preference_margin > 0. Older saved
+        # tokenizers lack it and load with zeros (`DualCodebookTokenizer.from_pretrained`).
+        self.register_buffer("code_preference", torch.zeros(self.codebook_size))
 
     def codebook(self, branch: str) -> nn.Parameter:
         return getattr(self, f"codebook_{branch}")
@@ -167,7 +171,10 @@ class DualCodebookQuantizer(nn.Module):
             codes = {
                 branch: F.normalize(self.codebook(branch).float(), dim=-1) for branch in self.branches
             }  # (K, d_b)
-            indices = self.nearest_codes(features, codes, bf16=updating and self.bf16_search)  # (N,)
+            if self.preference_margin > 0 and not updating:
+                indices = self.preferred_codes(features, codes)  # (N,)
+            else:
+                indices = self.nearest_codes(features, codes, bf16=updating and self.bf16_search)  # (N,)
 
             zero = reference.new_zeros((), dtype=torch.float32)
             codebook_loss, commitment_loss, quantized = zero, zero, {}
@@ -247,6 +254,32 @@ class DualCodebookQuantizer(nn.Module):
                 for start in range(0, weighted.shape[0], chunk)
             ]
         )
+
+    @torch.no_grad()
+    def preferred_codes(self, features: dict[str, torch.Tensor], codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) int64: among the codes within `code_preference_margin` of the nearest (combined distance), the
+        one with the largest `code_preference`; equal preferences go to the nearer code. With unit rows a
+        distance is sum_b w_b (2 - 2 f_b . e_b), so the margin is half as much on the score."""
+        weighted = torch.cat([self.branch_weights[b] * features[b] for b in self.branches], dim=1)  # (N, d)
+        stacked = torch.cat([codes[b] for b in self.branches], dim=1)  # (K, d)
+        preference = self.code_preference.float()[None]  # (1, K)
+        elements = _CPU_DISTANCE_CHUNK_ELEMENTS if weighted.device.type == "cpu" else _DISTANCE_CHUNK_ELEMENTS
+        chunk = max(1, elements // self.codebook_size)
+        chosen = []
+        for start in range(0, weighted.shape[0], chunk):
+            scores = torch.mm(weighted[start : start + chunk], stacked.t()).float()  # (n, K)
+            near = scores >= scores.max(1, keepdim=True).values - self.preference_margin / 2
+            ranked = torch.where(near, preference, torch.full_like(scores, -1.0))
+            best = near & (ranked == ranked.max(1, keepdim=True).values)
+            chosen.append(torch.where(best, scores, torch.full_like(scores, -torch.inf)).argmax(1))
+        return torch.cat(chosen)
+
+    @torch.no_grad()
+    def set_code_preference(self, counts: torch.Tensor) -> None:
+        """Store (K,) code counts (of the training images' codes) for `preferred_codes`."""
+        if counts.shape != (self.codebook_size,):
+            raise ValueError(f"expected {self.codebook_size} code counts, got shape {tuple(counts.shape)}")
+        self.code_preference.copy_(counts.float())
 
     def entropy_loss(self, features: dict[str, torch.Tensor], codes: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-position entropy of softmax(-distance / T) minus the entropy of its codebook average."""

@@ -47,6 +47,7 @@ from training.data import (
     ImageRecipeConfig,
     load_images,
     load_photos,
+    random_crops,
     rescale_round_trip,
     trained_already,
 )
@@ -171,6 +172,39 @@ def _final_staging(out: Path) -> Path:
 def recover_final(out: Path) -> None:
     """Remove what a final save killed midway left in OUT/.final.tmp (OUT looks trained only if it finished)."""
     shutil.rmtree(_final_staging(out), ignore_errors=True)
+
+
+PREFERENCE_IMAGES = 4096  # training images (or crops) whose codes are counted for code_preference_margin
+
+
+@torch.no_grad()
+def count_code_preference(tokenizer: DualCodebookTokenizer, images: np.ndarray | list[np.ndarray], device: torch.device,
+                          batch_size: int = 64, seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """Count the codes of up to PREFERENCE_IMAGES training images (an (N, H, W, 3) array: evenly spaced through
+    it) or random crops of photos (a list of arrays), and store the counts as the tokenizer's
+    `code_preference`: the common codes its encoding prefers among near-equal ones
+    (`tokenizer.code_preference_margin`). Returns the (K,) counts."""
+    config = tokenizer.config
+    was_training = tokenizer.training
+    tokenizer.eval()
+    # With zero counts every near-equal code ranks alike and the nearest wins: the counts are of nearest codes.
+    tokenizer.quantizer.set_code_preference(torch.zeros(tokenizer.codebook_size))
+    if isinstance(images, np.ndarray):
+        chosen = np.linspace(0, len(images) - 1, min(len(images), PREFERENCE_IMAGES)).round().astype(int)
+        batches = [chosen[start : start + batch_size] for start in range(0, len(chosen), batch_size)]
+    else:
+        rng = np.random.default_rng([seed, 7])
+        batches = [min(batch_size, PREFERENCE_IMAGES - start) for start in range(0, PREFERENCE_IMAGES, batch_size)]
+    counts = torch.zeros(tokenizer.codebook_size)
+    for batch in tqdm(batches, desc="code preference", unit="batch", disable=not progress):
+        arrays = (images[batch] if isinstance(images, np.ndarray)
+                  else random_crops(images, batch, config.image_size, rng))
+        pixels = to_pixel_values(arrays, config.image_mean, config.image_std).to(device)
+        codes = tokenizer.encode(pixels)
+        counts += torch.bincount(codes.flatten().cpu(), minlength=tokenizer.codebook_size).float()
+    tokenizer.quantizer.set_code_preference(counts)
+    tokenizer.train(was_training)
+    return counts
 
 
 def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
@@ -325,6 +359,8 @@ def main(cfg: TokenizerTrainConfig, resume: bool = False) -> Path:
 
     # --- save
     if accelerator.is_main_process:
+        if config.code_preference_margin > 0:
+            count_code_preference(unwrapped, data.images, accelerator.device, seed=cfg.seed, progress=True)
         save_final(unwrapped, out)
         print(f"tokenizer saved to {out} ({time.time() - started:.0f}s of training)")
     accelerator.wait_for_everyone()

@@ -269,3 +269,39 @@ def test_lookup_returns_unit_rows_of_any_index_shape():
     assert sem.shape == (2, 3, 5, D_SEM) and pix.shape == (2, 3, 5, D_PIX)
     assert torch.allclose(sem.norm(dim=-1), torch.ones(2, 3, 5))
     assert torch.equal(pix[1, 2, 4], F.normalize(quantizer.codebook_pix[codes[1, 2, 4]], dim=0))
+
+
+def test_common_codes_are_preferred_among_near_equal_ones_outside_training():
+    """code_preference_margin: outside training steps, among the codes within the margin of the nearest,
+    the most counted one is chosen; beyond the margin, or with equal counts, the nearest."""
+    # Codebooks that a training step leaves in place (no EMA move, no restarts).
+    quantizer = make_quantizer(code_preference_margin=0.3, codebook_update="loss", restart_every=0).eval()
+    codebook = torch.eye(4, D_SEM)
+    with torch.no_grad():
+        quantizer.codebook_sem[:4] = codebook
+        quantizer.codebook_sem[4:] = -torch.eye(4, D_SEM).repeat(15, 1)[: K - 4]  # far from every feature
+        quantizer.codebook_pix.zero_()
+        quantizer.codebook_pix[:, 0] = 1.0  # the pixel branch ranks every code alike
+    # Features near code 0, leaning toward code 1 by a little (distance gap 0.2) and code 2 by a lot (> 0.3).
+    lean = torch.tensor([[1.0, 0.9, 0.0, 0.0], [1.0, 0.0, 0.3, 0.0]])
+    z_sem = F.pad(lean, (0, D_SEM - 4)).view(2, D_SEM, 1, 1)
+    z_pix = torch.zeros(2, D_PIX, 1, 1)
+    z_pix[:, 0] = 1.0
+    sem_rows = unit_rows(z_sem)
+    gaps = (2 - 2 * sem_rows @ codebook.T)  # (2, 4) distances to codes 0-3
+    assert gaps[0, 1] - gaps[0, 0] < 0.3 < gaps[1, 2] - gaps[1, 0]
+    assert quantizer(z_sem, z_pix).indices.flatten().tolist() == [0, 0]  # zero counts: the nearest
+    counts = torch.zeros(K)
+    counts[1], counts[2], counts[0] = 50.0, 80.0, 10.0
+    quantizer.set_code_preference(counts)
+    assert quantizer(z_sem, z_pix).indices.flatten().tolist() == [1, 0]
+    assert quantizer.train()(z_sem, z_pix).indices.flatten().tolist() == [0, 0]  # training steps: the nearest
+    with torch.no_grad():  # encoding in train mode without gradients is not a training step
+        assert quantizer(z_sem, z_pix).indices.flatten().tolist() == [1, 0]
+    with pytest.raises(ValueError, match="expected 64 code counts"):
+        quantizer.set_code_preference(torch.zeros(3))
+    plain = make_quantizer(codebook_update="loss", restart_every=0).eval()  # margin 0: the nearest always
+    plain.load_state_dict(quantizer.state_dict())
+    assert plain(z_sem, z_pix).indices.flatten().tolist() == [0, 0]
+    with pytest.raises(ValueError, match="code_preference_margin must be >= 0"):
+        make_quantizer(code_preference_margin=-0.1)

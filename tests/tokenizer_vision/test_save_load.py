@@ -78,6 +78,16 @@ def test_load_errors_are_clear(make_tokenizer, tmp_path):
     make_tokenizer().save_pretrained(tmp_path / "tok")
     with pytest.raises(ValueError, match="do not match"):
         DualCodebookTokenizer.from_pretrained(tmp_path / "tok", codebook_size=32)
+    # Saved before code preferences: loads with zero counts (the nearest code always); any other key missing
+    # is an error.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "tok" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "quantizer.code_preference"}, tmp_path / "tok" / "model.safetensors")
+    assert DualCodebookTokenizer.from_pretrained(tmp_path / "tok").quantizer.code_preference.sum() == 0
+    save_file({k: v for k, v in weights.items() if k != "quantizer.usage_counts"}, tmp_path / "tok" / "model.safetensors")
+    with pytest.raises(ValueError, match="missing \\['quantizer.usage_counts'\\]"):
+        DualCodebookTokenizer.from_pretrained(tmp_path / "tok")
     config = json.loads((tmp_path / "tok" / "config.json").read_text())
     (tmp_path / "tok" / "config.json").write_text(json.dumps({**config, "mystery": 1}))
     with pytest.raises(ValueError, match="mystery"):

@@ -187,3 +187,26 @@ def test_paired_data_must_hold_every_training_image(shards, tmp_path):
         recipe.main(_config(shards, tmp_path / "out", paired_data=fewer, paired_share=0.5))
     with pytest.raises(ValueError, match="paired_share needs paired_data"):
         _config(shards, tmp_path / "bad", paired_share=0.5).validate()
+
+
+def test_code_preference_counts_the_training_images_nearest_codes(shards, tmp_path):
+    """tokenizer.code_preference_margin: when training ends, the codes of the training images are counted (by
+    distance alone) and saved with the tokenizer, whose encoding then prefers common codes among near ones."""
+    from mllm.data.arrays import to_pixel_values
+    from tokenizer_vision import DualCodebookTokenizer
+    from training.data import load_images
+
+    out = recipe.main(_config(shards, tmp_path / "tok", max_steps=10, **{"tokenizer.code_preference_margin": 0.05}))
+    tokenizer = DualCodebookTokenizer.from_pretrained(out)
+    counts = tokenizer.quantizer.code_preference
+    images = load_images(str(shards), 32, None, progress=False).images
+    assert counts.sum().item() == len(images) * 16  # every training image (under 4096), 4 x 4 codes each
+    nearest = DualCodebookTokenizer.from_pretrained(out, code_preference_margin=0.0)
+    config = tokenizer.config
+    with torch.no_grad():
+        plain = nearest.encode(to_pixel_values(images, config.image_mean, config.image_std))
+        preferred = tokenizer.encode(to_pixel_values(images, config.image_mean, config.image_std))
+    # Preferring common codes changes a code only toward a more common one.
+    changed = preferred != plain
+    assert (counts[preferred[changed]] > counts[plain[changed]]).all()
+    assert torch.equal(counts, torch.bincount(plain.flatten(), minlength=tokenizer.codebook_size).float())
