@@ -118,7 +118,7 @@ PLANS = {
         "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=4", "paired_share=0.5",
         "tokenizer.code_preference_margin=0.0005")),
     # The same in the exact world (every scene the exact render, a tokenizer of exact renders): it edits best
-    # (41.7% against 13.0%) but reads the held-out rasteriser's scenes badly (docs/demo.md, "The exact world").
+    # (41.7% against 30.3%) but reads the held-out rasteriser's scenes badly (docs/demo.md, "The exact world").
     "shapes-exact": Plan(tasks=True, minutes=37.0, tokenizer_overrides=(
         "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=4")),
     # The previous demo: no editing or two-image training, whole-image codes; about 20-25 minutes on 2 cores.
