@@ -171,10 +171,10 @@ class DualCodebookQuantizer(nn.Module):
             codes = {
                 branch: F.normalize(self.codebook(branch).float(), dim=-1) for branch in self.branches
             }  # (K, d_b)
-            if self.preference_margin > 0 and not updating:
-                indices = self.preferred_codes(features, codes)  # (N,)
-            else:
-                indices = self.nearest_codes(features, codes, bf16=updating and self.bf16_search)  # (N,)
+            # Training steps take the nearest code; encoding prefers common ones (code_preference_margin).
+            indices = self.nearest_codes(
+                features, codes, bf16=updating and self.bf16_search, margin=0.0 if updating else self.preference_margin
+            )  # (N,)
 
             zero = reference.new_zeros((), dtype=torch.float32)
             codebook_loss, commitment_loss, quantized = zero, zero, {}
@@ -229,7 +229,8 @@ class DualCodebookQuantizer(nn.Module):
 
     @torch.no_grad()
     def nearest_codes(
-        self, features: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], bf16: bool = False
+        self, features: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], bf16: bool = False,
+        margin: float = 0.0,
     ) -> torch.Tensor:
         """(N,) int64 index minimising `combined_distances`, computed a chunk of positions at a time.
 
@@ -239,6 +240,8 @@ class DualCodebookQuantizer(nn.Module):
         codes, and one pass over the (N, K) scores instead of the distances' several (at K = 16384 the
         distances took most of a CPU training step). `bf16`: the scores in bf16 (training steps with
         `training_code_search="bf16"`); argmax reads them as fp32, whose argmax kernel is the fast one.
+        `margin` > 0: among the codes within it of the nearest (a distance margin, so half of it on the
+        score), the one with the largest `code_preference`; equal preferences go to the nearer code.
         """
         weighted = torch.cat([self.branch_weights[b] * features[b] for b in self.branches], dim=1)  # (N, d)
         stacked = torch.cat([codes[b] for b in self.branches], dim=1)  # (K, d)
@@ -248,35 +251,20 @@ class DualCodebookQuantizer(nn.Module):
         if weighted.device.type == "cpu":
             elements = min(elements, _CPU_DISTANCE_CHUNK_ELEMENTS)
         chunk = max(1, elements // self.codebook_size)
-        return torch.cat(
-            [
-                torch.mm(weighted[start : start + chunk], stacked.t()).float().argmax(1)
-                for start in range(0, weighted.shape[0], chunk)
-            ]
-        )
-
-    @torch.no_grad()
-    def preferred_codes(self, features: dict[str, torch.Tensor], codes: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(N,) int64: among the codes within `code_preference_margin` of the nearest (combined distance), the
-        one with the largest `code_preference`; equal preferences go to the nearer code. With unit rows a
-        distance is sum_b w_b (2 - 2 f_b . e_b), so the margin is half as much on the score."""
-        weighted = torch.cat([self.branch_weights[b] * features[b] for b in self.branches], dim=1)  # (N, d)
-        stacked = torch.cat([codes[b] for b in self.branches], dim=1)  # (K, d)
-        preference = self.code_preference.float()[None]  # (1, K)
-        elements = _CPU_DISTANCE_CHUNK_ELEMENTS if weighted.device.type == "cpu" else _DISTANCE_CHUNK_ELEMENTS
-        chunk = max(1, elements // self.codebook_size)
         chosen = []
         for start in range(0, weighted.shape[0], chunk):
             scores = torch.mm(weighted[start : start + chunk], stacked.t()).float()  # (n, K)
-            near = scores >= scores.max(1, keepdim=True).values - self.preference_margin / 2
-            ranked = torch.where(near, preference, torch.full_like(scores, -1.0))
-            best = near & (ranked == ranked.max(1, keepdim=True).values)
-            chosen.append(torch.where(best, scores, torch.full_like(scores, -torch.inf)).argmax(1))
+            if margin > 0:
+                near = scores >= scores.max(1, keepdim=True).values - margin / 2
+                ranked = torch.where(near, self.code_preference[None], -1.0)
+                best = near & (ranked == ranked.max(1, keepdim=True).values)
+                scores = torch.where(best, scores, -torch.inf)
+            chosen.append(scores.argmax(1))
         return torch.cat(chosen)
 
     @torch.no_grad()
     def set_code_preference(self, counts: torch.Tensor) -> None:
-        """Store (K,) code counts (of the training images' codes) for `preferred_codes`."""
+        """Store (K,) code counts (of the training images' codes) for `nearest_codes`' preference."""
         if counts.shape != (self.codebook_size,):
             raise ValueError(f"expected {self.codebook_size} code counts, got shape {tuple(counts.shape)}")
         self.code_preference.copy_(counts.float())
