@@ -86,6 +86,11 @@ class LLMTrainConfig:
     # it (`edit_sample`) when true; false (the default) trains image-only replies from the same data. In a
     # trial with whole-image codes, describing first did not help (docs/experiments.md, section 16).
     edit_describe: bool = False
+    # The loss weight of an edited image's codes that differ from the source image's code at the same grid
+    # position (`edit_loss_weights`); the codes an edit leaves alone keep weight 1. Most of an edit's codes are
+    # copies, so without it the few codes that carry the instruction are a small part of the edit's loss. At 4
+    # every figure of the demo fell (docs/experiments.md, section 21): 1 by default.
+    edit_changed_weight: float = 1.0
     lora: LoraSettings | None = None  # null = full fine-tune of the LLM
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -130,6 +135,8 @@ class LLMTrainConfig:
             raise ValueError(f"edit_image_first must be in [0, 1], got {self.edit_image_first}")
         if not (all(0.0 <= d <= 1.0 for d in drops) and sum(drops) <= 1.0):
             raise ValueError(f"edit_drop_instruction and edit_drop_both must be in [0, 1] with a sum <= 1, got {drops}")
+        if not self.edit_changed_weight > 0:
+            raise ValueError(f"edit_changed_weight must be > 0, got {self.edit_changed_weight}")
         if min(self.max_steps, self.per_device_batch_size, self.gradient_accumulation_steps) <= 0:
             raise ValueError("max_steps, per_device_batch_size and gradient_accumulation_steps must be positive")
         if self.num_samples is not None and self.num_samples <= 0:
@@ -383,6 +390,26 @@ def branch_turns(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "branch_ids": branch_ids}
 
 
+def edit_loss_weights(example: dict[str, list[int]], vocab, weight: float) -> list[float] | None:
+    """The per-token loss weights of a tokenized edit example, aligned with its labels: `weight` on each code
+    of the reply's image (the last, supervised image) that differs from the code at the same grid position of
+    the source image (the first image), 1 elsewhere. None when there is nothing to weight (weight 1, or no
+    source image: the unconditional branch)."""
+    if weight == 1.0:
+        return None
+    images = vocab.find_images(example["input_ids"])
+    if len(images) < 2:
+        return None
+    (_, source), (start, target) = images[0], images[-1]
+    if example["labels"][start + 1] == -100:  # the last image is not the reply's
+        return None
+    weights = [1.0] * len(example["input_ids"])
+    for offset, changed in enumerate((target != source).reshape(-1).tolist()):
+        if changed:
+            weights[start + 1 + offset] = weight
+    return weights
+
+
 # ---------------------------------------------------------------------------------------- collators
 class PaddingCollator:
     """Right-pads a list of examples to the longest; padding gets label -100 and attention 0."""
@@ -436,29 +463,39 @@ def make_collator(packing: bool, pad_token_id: int):
 
 class TaskCollator:
     """Wraps a collator: examples may carry `task` (an index into the mixture's task names); the batch then
-    also holds `task_ids`, shaped like `labels`, the task of each token (-1 on padding). Packed rows
-    concatenate examples in order, padded rows right-pad, so the per-token task follows the same layout."""
+    also holds `task_ids`, shaped like `labels`, the task of each token (-1 on padding). Examples may carry
+    `loss_weights` (one per token, `edit_loss_weights`); when any does, the batch holds `loss_weights` shaped
+    like `labels` (1 for the tokens of examples without them). Packed rows concatenate examples in order,
+    padded rows right-pad, so the per-token values follow the same layout."""
 
     def __init__(self, inner, packing: bool) -> None:
         self.inner, self.packing = inner, packing
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if not features or "task" not in features[0]:
-            return self.inner(features)
-        tasks = [int(f["task"]) for f in features]
-        batch = self.inner([{k: v for k, v in f.items() if k != "task"} for f in features])
-        task_ids = torch.full_like(batch["labels"], -1)
+        extra = ("task", "loss_weights")
+        batch = self.inner([{k: v for k, v in f.items() if k not in extra} for f in features])
+        if features and "task" in features[0]:
+            batch["task_ids"] = self._layout(batch["labels"], features, lambda f: [int(f["task"])] * len(f["input_ids"]), -1)
+        if any(f.get("loss_weights") is not None for f in features):
+            batch["loss_weights"] = self._layout(
+                batch["labels"].float(), features,
+                lambda f: f["loss_weights"] if f.get("loss_weights") is not None else [1.0] * len(f["input_ids"]), 1.0)
+        return batch
+
+    def _layout(self, like: torch.Tensor, features: list[dict], values, fill) -> torch.Tensor:
+        """A tensor shaped like `like` holding each example's per-token `values(feature)` where its tokens lie."""
+        out = torch.full_like(like, fill)
         if self.packing:
             start = 0
-            for task, feature in zip(tasks, (f for f in features if len(f["input_ids"]) > 0)):
+            for feature in (f for f in features if len(f["input_ids"]) > 0):
                 n = len(feature["input_ids"])
-                task_ids[0, start:start + n] = task
+                out[0, start:start + n] = torch.tensor(values(feature), dtype=out.dtype)
                 start += n
         else:
-            for row, (task, feature) in enumerate(zip(tasks, features)):
-                task_ids[row, :len(feature["input_ids"])] = task
-        batch["task_ids"] = task_ids
-        return batch
+            for row, feature in enumerate(features):
+                n = len(feature["input_ids"])
+                out[row, :n] = torch.tensor(values(feature), dtype=out.dtype)
+        return out
 
 
 # ---------------------------------------------------------------------------------------- attention
@@ -542,31 +579,36 @@ class TaskLossTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         task_ids = inputs.pop("task_ids", None)
+        loss_weights = inputs.pop("loss_weights", None)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss = self.language_model_loss(logits, labels, task_ids, num_items_in_batch, model.training)
+        loss = self.language_model_loss(logits, labels, task_ids, num_items_in_batch, model.training, loss_weights)
         if isinstance(outputs, dict):
             outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
 
     def language_model_loss(self, logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor | None,
-                            num_items_in_batch=None, training: bool = True) -> torch.Tensor:
-        """Next-token cross-entropy of logits (B, T, V) against labels (B, T) (-100: not supervised);
-        accumulates the per-task sums for the logs when `task_ids` (B, T) are given in training."""
+                            num_items_in_batch=None, training: bool = True,
+                            loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token cross-entropy of logits (B, T, V) against labels (B, T) (-100: not supervised), each
+        token's term times its `loss_weights` (B, T) when given (the normalisation stays the token count);
+        accumulates the per-task sums of the unweighted terms for the logs when `task_ids` (B, T) are given in
+        training."""
         targets = labels[:, 1:].to(logits.device)  # position t predicts label t+1
         valid = targets != -100  # (B, T-1): supervised positions (assistant tokens)
         # Cross-entropy in float32 on the supervised positions only: the LM head still runs on every
         # position (its FLOPs are spent either way), but the float copy and log-softmax of (B, T, V)
         # logits shrink to the labelled rows (the answer text, or an image's codes).
         per_token = F.cross_entropy(logits[:, :-1][valid].float(), targets[valid], reduction="none")  # (N,)
+        weighted = per_token if loss_weights is None else per_token * loss_weights[:, 1:].to(per_token.device)[valid]
         if num_items_in_batch is not None:
-            loss = per_token.sum() / torch.as_tensor(num_items_in_batch, device=per_token.device)
+            loss = weighted.sum() / torch.as_tensor(num_items_in_batch, device=per_token.device)
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
             self.loss_is_scaled_for_ga = True
         else:
-            loss = per_token.sum() / max(per_token.numel(), 1)
+            loss = weighted.sum() / max(weighted.numel(), 1)
             self.loss_is_scaled_for_ga = False
         if task_ids is not None and self.task_names and training:
             tasks = task_ids[:, 1:].to(per_token.device)[valid]  # (N,)
@@ -839,6 +881,7 @@ __all__ = [
     "complete_checkpoints",
     "draw_conversations",
     "draw_mixture",
+    "edit_loss_weights",
     "examples_needed",
     "freeze_all_but_new_rows",
     "group_vqa_turns",

@@ -59,6 +59,8 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
                                             [tree and task in components.BRANCHED_TASKS for task, _ in drawn])
     for example, (task, _) in zip(examples, drawn):
         example["task"] = task_names.index(task)
+        if task == "edit":
+            example["loss_weights"] = components.edit_loss_weights(example, model.vocab, cfg.edit_changed_weight)
     if cfg.lora is not None:
         add_lora(model, cfg.lora)
     mode = ("QLoRA" if cfg.quantization else "LoRA") if cfg.lora is not None else "full"

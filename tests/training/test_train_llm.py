@@ -441,3 +441,59 @@ def test_resume_after_a_torn_metrics_line(tiny, tmp_path, kill_after_checkpoint)
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
 
     assert drop_speed(_records(tmp_path / "resumed")) == drop_speed(_records(tmp_path / "straight"))
+
+
+def test_edit_loss_weights_mark_the_reply_codes_that_differ_from_the_source(loaded):
+    from training.components import edit_loss_weights
+
+    vocab = loaded.vocab
+    n = loaded.config.image_tokens_per_image
+    source = torch.arange(n) % loaded.config.codebook_size
+    target = source.clone()
+    target[[1, n - 2]] = (source[[1, n - 2]] + 1) % loaded.config.codebook_size  # two codes edited
+    prompt = [5, *vocab.image_ids(source).tolist(), 7, 8]
+    reply = vocab.image_ids(target).tolist()
+    example = {"input_ids": prompt + reply, "labels": [-100] * len(prompt) + reply}
+    weights = edit_loss_weights(example, vocab, 4.0)
+    changed = [len(prompt) + 1 + 1, len(prompt) + 1 + n - 2]  # after the reply's <|boi|>
+    assert len(weights) == len(example["input_ids"])
+    assert [i for i, w in enumerate(weights) if w != 1.0] == changed and all(weights[i] == 4.0 for i in changed)
+    assert edit_loss_weights(example, vocab, 1.0) is None  # the default weighs nothing
+    alone = {"input_ids": [5, *reply], "labels": [-100, *reply]}  # the unconditional branch: no source
+    assert edit_loss_weights(alone, vocab, 4.0) is None
+    with pytest.raises(ValueError, match="edit_changed_weight must be > 0"):
+        LLMTrainConfig(data="d", out="o", edit_changed_weight=0.0).validate()
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_loss_weights_follow_their_tokens_into_the_batch_and_scale_their_terms(packing):
+    from types import SimpleNamespace
+
+    from training.components import TaskCollator, TaskLossTrainer
+
+    plain = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "task": 0}
+    weighted = {"input_ids": [4, 5, 6, 7], "labels": [-100, -100, 6, 7], "task": 1,
+                "loss_weights": [1.0, 1.0, 1.0, 3.0]}
+    batch = TaskCollator(make_collator(packing, 0), packing)([plain, weighted])
+    if packing:
+        assert batch["loss_weights"].tolist() == [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0]]
+    else:
+        assert batch["loss_weights"].tolist() == [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 3.0]]
+    assert batch["task_ids"].shape == batch["labels"].shape
+    assert "loss_weights" not in TaskCollator(make_collator(packing, 0), packing)([plain])
+
+    torch.manual_seed(0)
+    logits = torch.randn(*batch["labels"].shape, 9)
+    owner = SimpleNamespace(task_names=["a", "b"], task_sums=None, args=SimpleNamespace())
+    loss = TaskLossTrainer.language_model_loss(owner, logits, batch["labels"], batch["task_ids"],
+                                               loss_weights=batch["loss_weights"])
+    terms = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 9), batch["labels"][:, 1:].reshape(-1),
+                                              reduction="none", ignore_index=-100)
+    weights = batch["loss_weights"][:, 1:].reshape(-1)
+    supervised = batch["labels"][:, 1:].reshape(-1) != -100
+    expected = (terms * weights)[supervised].sum() / supervised.sum()
+    torch.testing.assert_close(loss, expected)
+    # the logs keep the plain per-task means: task b's two terms, unweighted
+    b = (batch["task_ids"][:, 1:].reshape(-1) == 1) & supervised
+    torch.testing.assert_close(owner.task_sums[0, 1].float(), terms[b].sum())
+    assert owner.task_sums[1].tolist() == [2.0, 2.0]
