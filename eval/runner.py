@@ -234,7 +234,8 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         "predictions": str(predictions_path), "options": options, "seconds": round(time.time() - started, 1),
         **({"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
             "seed": args.seed, "decoding": args.decoding} if suite.kind == "draw" else {}),
-        **({"guidance": suite.guidance, "guidance_scale": suite.guidance_scale, "temperature": suite.temperature,
+        **({"guidance": suite.guidance, "guidance_scale": suite.guidance_scale,
+            "image_guidance_scale": suite.image_guidance_scale, "temperature": suite.temperature,
             "top_k": args.top_k, "seed": args.seed, "decoding": args.decoding} if suite.kind == "edit" else {})})
     print(table)
     print(primary_line(suite, results))
@@ -293,7 +294,7 @@ def _predict(suite, model, batch, out: Path, args) -> list[dict]:
         edited = model.edit([item.image for item in batch], [item.prompt for item in batch],
                             n=suite.images_per_prompt, seed=args.seed, guidance_scale=suite.guidance_scale,
                             guidance=suite.guidance, temperature=suite.temperature, top_k=args.top_k,
-                            decoding=args.decoding)
+                            decoding=args.decoding, image_guidance_scale=suite.image_guidance_scale)
         return [{"id": item.id, "instruction": item.prompt, "images": suite.save_images(out, item, images)}
                 for item, images in zip(batch, edited)]
     raise ValueError(f"suite kind {suite.kind!r} has no predictions")

@@ -139,6 +139,7 @@ class MLLM:
         top_k: int | None = None,
         top_p: float | None = None,
         decoding: str = DEFAULT_DECODING,
+        image_guidance_scale: float | None = None,
     ):
         """`n` edited versions of an image -> [PIL, ...]; a list of images -> [[PIL, ...], ...], one batch
         (one instruction for all, or one per image).
@@ -146,13 +147,15 @@ class MLLM:
         The model reads the image and the instruction ("make the circle blue", "remove the square", "add a
         small red circle at the top left", ...) and draws the edited image. Same image, instruction and seed
         -> the same result (edit j uses seed + j). `guidance` is what classifier-free guidance's
-        unconditional branch drops ("instruction" or "both"; guidance_scale 1: none); `decoding` as in `draw`.
+        unconditional branch drops ("instruction" or "both"; guidance_scale 1: none); `image_guidance_scale`
+        (None: off) guides by the image and by the instruction at once, each with its own scale
+        (`mllm.generation.edit_images`); `decoding` as in `draw`.
         """
         from mllm.generation import edit_images
 
         images, single = _as_list(image)
         codes = edit_images(self.model, images, instruction, n, guidance_scale, guidance, temperature, top_k,
-                            top_p, seed, decoding=decoding)
+                            top_p, seed, decoding=decoding, image_guidance_scale=image_guidance_scale)
         flat = self._decode([c for per_image in codes for c in per_image])
         per_image = [flat[i * n : (i + 1) * n] for i in range(len(images))]
         return per_image[0] if single else per_image

@@ -184,6 +184,7 @@ def edit_images(
     decoding: str = DEFAULT_DECODING,
     window: int = JACOBI_WINDOW,
     stats: dict[str, Any] | None = None,
+    image_guidance_scale: float | None = None,
 ) -> list[list[torch.Tensor]]:
     """`n` edits per (image, instruction) pair: `result[i][j]` is edit j of image i as codes (h, w), CPU.
 
@@ -192,7 +193,10 @@ def edit_images(
     instruction goes with every image. `guidance` names what the unconditional branch of classifier-free
     guidance drops, as training drops it: "instruction" (each image alone: guidance pushes towards what the
     instruction changes) or "both" (the unconditional draw request); guidance_scale 1 runs no guidance.
-    Seeds as in `generate_images`. Jacobi decoding drafts from the source image's own codes: an edit keeps
+    `image_guidance_scale` (None: off) runs both branches at once, each with its own scale, as InstructPix2Pix
+    does: logits = u + image_guidance_scale * (i - u) + guidance_scale * (c - i), with c the conditional
+    rows, i the image alone and u the unconditional draw request (three rows per edit; `guidance` is then
+    unused). Seeds as in `generate_images`. Jacobi decoding drafts from the source image's own codes: an edit keeps
     most of them, so most drafts are accepted (the distribution is the same whatever the drafts).
 
     A model trained to describe the result before drawing it (edit records with a `target_caption`) writes
@@ -218,8 +222,15 @@ def edit_images(
                                           for source, text in zip(sources, instructions)])
         prefixes = _edit_prefaces(model, prefixes, stats)
         _check_image_room(model, instructions, prefixes)
-        unconditional = None
-        if guidance_scale != 1.0:
+        unconditional, branches = None, None
+        if image_guidance_scale is not None:
+            image_alone = _draw_prefixes(model, [processor.edit_conversation(source, "", drop="instruction")
+                                                 for source in sources])
+            neither = _draw_prefixes(model, [processor.edit_conversation(None, "", drop="both")])[0]
+            # c * s_T + i * (s_I - s_T) + u * (1 - s_I): the form above, as coefficients of the branches
+            branches = [([prefix for prefix in image_alone for _ in range(n)], image_guidance_scale - guidance_scale),
+                        ([neither] * (len(prefixes) * n), 1.0 - image_guidance_scale)]
+        elif guidance_scale != 1.0:
             if guidance == "both":
                 unconditional = _draw_prefixes(model, [processor.edit_conversation(None, "", drop="both")])[0]
             else:
@@ -231,7 +242,7 @@ def edit_images(
         prior = source_codes.repeat_interleave(n, dim=0).to(model.device)
         codes = sample_image_codes(
             model, rows, unconditional, guidance_scale, temperature, top_k, top_p, row_seeds,
-            decoding=decoding, window=window, stats=stats, prior=prior,
+            decoding=decoding, window=window, stats=stats, prior=prior, branches=branches,
         ).cpu()
     return [list(codes[i * n : (i + 1) * n]) for i in range(len(images))]
 
@@ -273,6 +284,7 @@ def sample_image_codes(
     cache: str = DEFAULT_CACHE,
     stats: dict[str, Any] | None = None,
     prior: bool | torch.Tensor = True,
+    branches: Sequence[tuple[Sequence[torch.Tensor], float]] | None = None,
 ) -> torch.Tensor:
     """The constrained image loop: one image per prefix -> codes (N, h, w).
 
@@ -293,6 +305,9 @@ def sample_image_codes(
     and, for "jacobi", "accepted_drafts" (draft tokens accepted over all rows). `prior`: "jacobi" starts
     its drafts from the model's greedy unconditional drawing (`_draft_prior`; False: from nothing; codes
     (N, h, w): each row's own first drafts, e.g. an edit's source image).
+    `branches`, in place of `unconditional_prefix` and `guidance_scale`: guidance with several other
+    branches, each (N prefixes, coefficient w_g); the logits sampled are (1 - sum w_g) * conditional +
+    sum w_g * branch_g (editing's two guidances, `edit_images(image_guidance_scale=...)`).
     """
     if decoding not in DECODING_METHODS:
         raise ValueError(f"decoding must be one of {DECODING_METHODS}, got {decoding!r}")
@@ -312,12 +327,21 @@ def sample_image_codes(
         raise ValueError(f"got {len(seeds)} seeds for {rows} images")
     if any(int(p[-1]) != config.boi_token_id for p in prefixes):
         raise ValueError("every image prefix must end with <|boi|>")
+    if branches is not None and unconditional_prefix is not None:
+        raise ValueError("pass either unconditional_prefix (with guidance_scale) or branches, not both")
     use_cfg = unconditional_prefix is not None
     if isinstance(unconditional_prefix, torch.Tensor):
         unconditional_prefix = [unconditional_prefix] * rows
     if use_cfg and len(unconditional_prefix) != rows:
         raise ValueError(f"got {len(unconditional_prefix)} unconditional prefixes for {rows} images")
     sequences = list(prefixes) + (list(unconditional_prefix) if use_cfg else [])
+    coefficients = None
+    if branches is not None:
+        if any(len(branch) != rows for branch, _ in branches):
+            raise ValueError(f"every guidance branch needs {rows} prefixes, got {[len(b) for b, _ in branches]}")
+        sequences += [prefix for branch, _ in branches for prefix in branch]
+        weights = [weight for _, weight in branches]
+        coefficients = [1.0 - sum(weights), *weights]
     longest = max(len(s) for s in sequences)
     if longest + steps + 1 > model.context_length:
         raise ValueError(
@@ -335,6 +359,7 @@ def sample_image_codes(
         image_logits=image_logits,
         rows=rows,
         guidance_scale=guidance_scale if use_cfg else None,
+        coefficients=coefficients,
         warpers=_image_warpers(temperature, top_k, top_p),
         generators=[_generator(device, s) for s in seeds],
         greedy=temperature == 0,
@@ -360,10 +385,14 @@ def sample_image_codes(
 class _DrawLoop:
     """What both decoding methods share: the cached LLM, CFG, the warpers and one generator per image."""
 
-    def __init__(self, image_logits, rows, guidance_scale, warpers, generators, greedy, offset, height, width):
+    def __init__(self, image_logits, rows, guidance_scale, warpers, generators, greedy, offset, height, width,
+                 coefficients: Sequence[float] | None = None):
         self.image_logits = image_logits
         self.rows = rows
         self.guidance_scale = guidance_scale  # None: no CFG rows
+        # Several guidance branches: one coefficient per group of `rows` rows (the conditional rows first).
+        self.coefficients = coefficients
+        self.groups = len(coefficients) if coefficients is not None else (1 if guidance_scale is None else 2)
         self.warpers = warpers
         self.generators = generators
         self.greedy = greedy
@@ -377,14 +406,17 @@ class _DrawLoop:
         or (N, last, K) for the `last` positions."""
         self.stats["forwards"] += 1
         logits = self.image_logits(input_ids, attention_mask, position_ids, last=last)
+        if self.coefficients is not None:
+            groups = logits.view(self.groups, self.rows, *logits.shape[1:])
+            return sum(weight * group for weight, group in zip(self.coefficients, groups))
         if self.guidance_scale is None:
             return logits
         conditional, unconditional = logits[: self.rows], logits[self.rows :]
         return unconditional + self.guidance_scale * (conditional - unconditional)
 
     def both_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The conditional rows' tokens, repeated for the unconditional rows under CFG."""
-        return tokens if self.guidance_scale is None else torch.cat([tokens, tokens])
+        """The conditional rows' tokens, repeated for the rows of each guidance branch."""
+        return tokens if self.groups == 1 else torch.cat([tokens] * self.groups)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, L, K) guided logits -> (N, L, K) the distribution sampled from (one-hot at the argmax when greedy)."""
@@ -571,8 +603,8 @@ def _jacobi_codes(loop: _DrawLoop, input_ids, attention_mask, position_ids, wind
                 done[row] += 1
                 known[row] = int(new_code)
             known_position[row] += accepted + 1
-            if loop.guidance_scale is not None:  # its unconditional row (another prompt length) moves alike
-                known_position[rows + row] += accepted + 1
+            for group in range(1, loop.groups):  # its guidance rows (other prompt lengths) move alike
+                known_position[group * rows + row] += accepted + 1
             if done[row] >= steps:
                 continue
             # Next drafts for codes done[row], ...: this pass's later outputs (p[row, m] is its distribution
@@ -594,8 +626,8 @@ def _jacobi_codes(loop: _DrawLoop, input_ids, attention_mask, position_ids, wind
         for row in range(rows):
             if keep[row] < kept_columns:
                 attention_mask[row, attention_mask.shape[1] - length + keep[row] :] = 0
-                if loop.guidance_scale is not None:
-                    attention_mask[rows + row, attention_mask.shape[1] - length + keep[row] :] = 0
+                for group in range(1, loop.groups):
+                    attention_mask[group * rows + row, attention_mask.shape[1] - length + keep[row] :] = 0
         if kept_columns < length:
             cache.crop(-(length - kept_columns))
             attention_mask = attention_mask[:, : attention_mask.shape[1] - (length - kept_columns)]

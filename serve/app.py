@@ -9,7 +9,8 @@
                                   (both POSTs: extra fields guidance_scale and decoding, for drawn images)
     POST /v1/images/edits         image + instruction (`prompt`) -> n edited images, as the `openai` client's
                                   `images.edit` sends it (multipart/form-data; JSON with a data: URL too);
-                                  extra fields seed, guidance_scale, guidance and decoding
+                                  extra fields seed, guidance_scale, guidance, image_guidance_scale and
+                                  decoding
     GET  /                        the web chat page (serve/static)
 
 Images the model draws inside a chat come back two ways: appended to `message.content` as markdown
@@ -277,7 +278,8 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
         with _reserve(engine) as slot:  # admitted before the image is decoded
             image, _ = await cpu(_decode_shrunk, spec.image, limits, shrink)
             job = EditJob(image=image, prompt=spec.prompt, n=spec.n, guidance_scale=spec.guidance_scale,
-                          guidance=spec.guidance, seed=spec.seed, decoding=spec.decoding)
+                          guidance=spec.guidance, image_guidance_scale=spec.image_guidance_scale, seed=spec.seed,
+                          decoding=spec.decoding)
             slot.submit(job)
         await _wait(request, job)
         _raise_job_error(job)

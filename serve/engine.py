@@ -107,6 +107,7 @@ class EditJob:
     n: int = 1
     guidance_scale: float = EDIT_GUIDANCE_SCALE
     guidance: str = EDIT_GUIDANCE  # what guidance's unconditional branch drops: "instruction" | "both"
+    image_guidance_scale: float | None = None  # both guidances at once (`edit_images`); None: off
     seed: int | None = None
     decoding: str = DEFAULT_DECODING  # "auto" | "jacobi" | "sequential"
     result: list | None = None  # PIL images
@@ -287,7 +288,7 @@ class Engine(Admission):
             seeds += [base + k for k in range(job.n)]
         first = jobs[0]
         codes = edit_images(self.model.model, images, instructions, 1, first.guidance_scale, first.guidance,
-                            seed=seeds, decoding=first.decoding)
+                            seed=seeds, decoding=first.decoding, image_guidance_scale=first.image_guidance_scale)
         edited = self.model.model.vision_tokenizer.decode_images(torch.stack([c[0] for c in codes]))
         start = 0
         for job in jobs:
@@ -376,7 +377,8 @@ def _key(job) -> tuple:
     if isinstance(job, ImageJob):
         return ("image", job.guidance_scale, job.decoding)  # one generate_images call: one of each
     if isinstance(job, EditJob):
-        return ("edit", job.guidance_scale, job.guidance, job.decoding)  # one edit_images call: one of each
+        # one edit_images call: one of each
+        return ("edit", job.guidance_scale, job.guidance, job.image_guidance_scale, job.decoding)
     if job.seed is not None:
         return ("seeded", id(job))  # its own RNG stream: never shares a batch
     if job.temperature == 0:

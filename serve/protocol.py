@@ -253,6 +253,7 @@ class EditRequest:
     response_format: str = "b64_json"
     guidance_scale: float = EDIT_GUIDANCE_SCALE  # extra field
     guidance: str = EDIT_GUIDANCE  # extra field: what guidance's unconditional branch drops
+    image_guidance_scale: float | None = None  # extra field: both guidances at once, this the image's scale
     seed: int | None = None
     model: str | None = None
     decoding: str = DEFAULT_DECODING  # extra field: "auto" | "jacobi" | "sequential"
@@ -1013,7 +1014,7 @@ _EDIT_GUIDANCES = ", ".join(repr(name) for name in EDIT_GUIDANCE_MODES)
 # Form fields that carry numbers or booleans (a form sends text): converted before validation, so "2" is the
 # integer 2 and "two" is refused as a string where an integer belongs.
 _FORM_INTEGERS = ("n", "seed", "partial_images", "output_compression")
-_FORM_NUMBERS = ("guidance_scale",)
+_FORM_NUMBERS = ("guidance_scale", "image_guidance_scale")
 _FORM_BOOLEANS = ("stream",)
 _IMAGE_FIELDS = ("image", "image[]")  # the `openai` client sends a list of images as image[]
 _MAX_FORM_FIELDS = 64  # text fields of one edit request (OpenAI's client sends about 20 at most)
@@ -1023,12 +1024,13 @@ _INTEGER_RE = re.compile(r"\s*[+-]?\d{1,40}\s*")
 class ImageEditRequest(ImageGenerationRequest):
     """POST /v1/images/edits, its fields once the form (or JSON body) is read; the image is `read_edit_form`'s
     and `read_edit_json`'s business. The fields of /v1/images/generations, with `prompt` the instruction, plus
-    the extra field `guidance`; a `mask` and output formats other than PNG are refused; `background`,
-    `quality`, `input_fidelity`, `user` and unknown fields are ignored."""
+    the extra fields `guidance` and `image_guidance_scale`; a `mask` and output formats other than PNG are
+    refused; `background`, `quality`, `input_fidelity`, `user` and unknown fields are ignored."""
 
     expected: ClassVar[str] = "an object (or multipart/form-data fields)"
 
     guidance: StrictStr | None = Field(None, description=f"one of {_EDIT_GUIDANCES}")
+    image_guidance_scale: GuidanceScale | None = Field(None, description="a number >= 0 and <= 100")
     mask: Any = None
     output_format: StrictStr | None = Field(None, description="'png'")
 
@@ -1077,8 +1079,8 @@ def read_edit_form(body: bytes, content_type: str, limits: Limits) -> EditReques
     app caps its size): at most `_MAX_FORM_FIELDS` text fields, `limits.max_images` + 1 files, text fields
     of at most 4 bytes per `limits.max_prompt_chars` character. Fields: `image` (or `image[]`): one image
     file (PNG, JPEG, WEBP or GIF; a data: URL as a text field works too); `prompt`: the instruction; `n`,
-    `size`, `response_format`, `model`, `user` and the extra fields `seed`, `guidance_scale`, `guidance`
-    and `decoding`, as in `parse_image_request` (numbers sent as text). Several images -> 400
+    `size`, `response_format`, `model`, `user` and the extra fields `seed`, `guidance_scale`, `guidance`,
+    `image_guidance_scale` and `decoding`, as in `parse_image_request` (numbers sent as text). Several images -> 400
     "too_many_images" (one image per request); a `mask` -> 400; a text field given twice -> 400; an image
     over `limits.max_image_bytes` -> 413. The image's pixels are the app's to check from its header
     (`check_image_headers`) before it is decoded.
@@ -1159,6 +1161,7 @@ def _edit_request(fields: dict[str, Any], refs: list[ImageRef], limits: Limits) 
         response_format=request.response_format or "b64_json",
         guidance_scale=request.guidance_scale if request.guidance_scale is not None else EDIT_GUIDANCE_SCALE,
         guidance=request.guidance or EDIT_GUIDANCE,
+        image_guidance_scale=request.image_guidance_scale,
         seed=request.seed,
         model=request.model,
         decoding=request.decoding or limits.default_decoding,

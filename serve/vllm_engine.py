@@ -573,6 +573,9 @@ class VLLMEngine(Admission):
     def _edit_programs(self, job: EditJob) -> list[Generator]:
         from mllm.generation import _check_image_room, _draw_prefixes
 
+        if job.image_guidance_scale is not None:  # a guidance triple, where the logits processor pairs rows
+            raise ValueError("'image_guidance_scale' (two guidances at once) is not served by the vLLM engine: "
+                             "leave it out, or serve with the builtin engine")
         inner = self.model.model
         processor = inner.processor
         source = {"type": "image", "codes": processor.encode_images([job.image])[0]}

@@ -71,10 +71,11 @@ def test_the_options_reach_mllm_edit(model_dir, scene_png, tmp_path, capsys, mon
     monkeypatch.setattr(MLLM, "edit", spy)
     assert _edit(model_dir, scene_png, tmp_path / "x.png", "--n", "2", "--seed", "3", "--guidance", "both",
                  "--guidance-scale", "2.5", "--temperature", "0", "--top-k", "4", "--top-p", "0.5",
-                 "--decoding", "jacobi") == 0
+                 "--decoding", "jacobi", "--image-guidance-scale", "1.25") == 0
     capsys.readouterr()
     assert seen == {"instruction": "make the circle blue", "size": (48, 48), "n": 2, "seed": 3, "guidance": "both",
-                    "guidance_scale": 2.5, "temperature": 0.0, "top_k": 4, "top_p": 0.5, "decoding": "jacobi"}
+                    "guidance_scale": 2.5, "temperature": 0.0, "top_k": 4, "top_p": 0.5, "decoding": "jacobi",
+                    "image_guidance_scale": 1.25}
 
 
 @pytest.mark.parametrize("case, expected", [

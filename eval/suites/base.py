@@ -122,12 +122,13 @@ class DrawSuite(Suite):
 class EditSuite(Suite):
     """An edit suite: `images_per_prompt` edits per item (seeds 0..n-1, `--option seeds=N`), with classifier-free
     guidance set by `--option guidance=instruction|both` (what the unconditional branch drops) and
-    `--option guidance_scale=S` (1: none), and the codes' `--option temperature=T` (0: greedy); defaults those
+    `--option guidance_scale=S` (1: none), `--option image_guidance_scale=S` (both guidances at once, each with
+    its own scale; unset: off), and the codes' `--option temperature=T` (0: greedy); defaults those
     of `MLLM.edit`. A subclass gives its own defaults
     as class attributes and may read more options (extend `option_names`, call `super().configure`)."""
 
     kind = "edit"
-    option_names = ("seeds", "guidance", "guidance_scale", "temperature")
+    option_names = ("seeds", "guidance", "guidance_scale", "image_guidance_scale", "temperature")
     images_per_prompt = 1
 
     def __init__(self) -> None:
@@ -135,6 +136,7 @@ class EditSuite(Suite):
 
         self.guidance: str = EDIT_GUIDANCE
         self.guidance_scale: float = EDIT_GUIDANCE_SCALE
+        self.image_guidance_scale: float | None = None
         self.temperature: float = EDIT_TEMPERATURE
 
     def configure(self, options: dict[str, Any] | None) -> None:
@@ -148,6 +150,8 @@ class EditSuite(Suite):
         self.guidance = guidance
         self.guidance_scale = _number_option(options, "guidance_scale", self.guidance_scale, lambda v: v > 0,
                                              "must be positive (1: no guidance)")
+        self.image_guidance_scale = _number_option(options, "image_guidance_scale", self.image_guidance_scale,
+                                                   lambda v: v > 0, "must be positive")
         self.temperature = _number_option(options, "temperature", self.temperature, lambda v: v >= 0,
                                           "must be 0 (greedy) or more")
 

@@ -37,8 +37,9 @@ Options (`--option key=value`):
                               rasteriser; exact: the clean renderer)
     size=N                    image side (default: the model's image size, read from its folder; else 48)
     seeds=N                   edits per item (default 1), seeds seed..seed+N-1 (`mllm eval --seed`)
-    guidance=instruction|both, guidance_scale=S, temperature=T
-                              classifier-free guidance of the edits and the codes' temperature (defaults
+    guidance=instruction|both, guidance_scale=S, image_guidance_scale=S, temperature=T
+                              classifier-free guidance of the edits (image_guidance_scale: both guidances at
+                              once, each with its own scale) and the codes' temperature (defaults
                               those of `MLLM.edit`); the `--guidance-scale` and `--temperature` flags of
                               `mllm eval` are for draw suites only
 """

@@ -1,5 +1,5 @@
 """`mllm edit --model DIR IMAGE "INSTRUCTION" --out FILE.png [--n N --seed S --guidance-scale G
---guidance instruction|both --temperature T --top-k K --top-p P --decoding auto|jacobi|sequential]`.
+--guidance instruction|both --image-guidance-scale I --temperature T --top-k K --top-p P --decoding auto|jacobi|sequential]`.
 
 The model reads IMAGE and the instruction and draws the edited image (`MLLM.edit`). Writes FILE.png, or
 FILE-0.png, FILE-1.png, ... for --n > 1 (as `mllm draw` does), and prints the paths. The images have the
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mllm.commands import _common as common
 from mllm.commands.draw import output_paths
-from mllm.commands.types import non_negative_float, positive_int, unit_float
+from mllm.commands.types import non_negative_float, positive_float, positive_int, unit_float
 from mllm.config import EDIT_GUIDANCE, EDIT_GUIDANCE_MODES, EDIT_GUIDANCE_SCALE, EDIT_TEMPERATURE
 
 EPILOG = """\
@@ -62,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              f"(default: {EDIT_GUIDANCE})",
     )
     parser.add_argument(
+        "--image-guidance-scale",
+        type=positive_float,
+        default=None,
+        help="guide by the image and by the instruction at once, each with its own scale (InstructPix2Pix's "
+             "form; three rows per edit): this is the image's scale, --guidance-scale the instruction's, and "
+             "--guidance is unused (default: off)",
+    )
+    parser.add_argument(
         "--temperature",
         type=non_negative_float,
         default=EDIT_TEMPERATURE,
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     model = common.load_model(args)
     images = model.edit(image, args.instruction, n=args.n, seed=args.seed, guidance_scale=args.guidance_scale,
                         guidance=args.guidance, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        decoding=args.decoding)
+                        decoding=args.decoding, image_guidance_scale=args.image_guidance_scale)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for edited, path in zip(images, paths):
         try:

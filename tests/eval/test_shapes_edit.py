@@ -74,6 +74,9 @@ def test_items_are_held_out_balanced_round_robin_and_deterministic():
     assert (other.images_per_prompt, other.guidance, other.guidance_scale) == (2, "both", 2.0)
     assert (_suite().guidance_scale, _suite().temperature) == (EDIT_GUIDANCE_SCALE, EDIT_TEMPERATURE)
     assert _suite({"temperature": "0"}).temperature == 0.0
+    assert (_suite().image_guidance_scale, _suite({"image_guidance_scale": "1.25"}).image_guidance_scale) == (None, 1.25)
+    with pytest.raises(ValueError, match="--option image_guidance_scale=0: must be positive"):
+        _suite({"image_guidance_scale": "0"})
     with pytest.raises(ValueError, match="look"):
         _suite({"look": "blurry"})
     with pytest.raises(ValueError, match=r"--option temperature=-1: must be 0 \(greedy\) or more"):
@@ -146,10 +149,11 @@ def test_eval_score_reads_a_predictions_file_with_relative_image_paths(tmp_path,
 def test_a_real_run_with_the_tiny_model(model_dir, tmp_path):
     out = tmp_path / "run"
     settings = runner.EvalSettings(model=str(model_dir), suite="shapes-edit", out=str(out), limit=6, batch_size=4,
-                                   progress=False, options={"seeds": "2", "look": "other"})
+                                   progress=False, options={"seeds": "2", "look": "other", "image_guidance_scale": "1.2"})
     results = runner.evaluate(settings)
     saved = json.loads((out / runner.RESULTS_NAME).read_text())
     assert saved["suite"] == "shapes-edit" and saved["count"] == 6 and saved["guidance"] == "instruction"
+    assert saved["image_guidance_scale"] == 1.2
     assert {"accuracy", "kept", "copied", *(f"accuracy_{op}" for op in EDIT_OPERATIONS)} <= set(saved["metrics"])
     for name, value in saved["metrics"].items():
         if name != "images":

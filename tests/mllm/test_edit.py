@@ -66,6 +66,26 @@ def test_greedy_edits_are_the_same_with_jacobi_drafts_from_the_source(tiny, scen
     assert all(torch.equal(a[0], b[0]) for a, b in zip(sequential, jacobi))
 
 
+@pytest.mark.parametrize("decoding", ["sequential", "jacobi"])
+def test_two_guidances_reduce_to_each_single_guidance_at_its_limits(tiny, scenes, decoding):
+    """u + s_I (i - u) + s_T (c - i): with s_I = s_T the image-alone branch cancels (guidance "both" at s_T);
+    with s_I = 1 the unconditional one does (guidance "instruction" at s_T). Greedy codes are the same,
+    and with other scales something else is drawn."""
+    kwargs = {"temperature": 0.0, "seed": 0, "decoding": decoding}
+    texts = ["make the circle blue", "remove the square"]
+
+    def edits(**options):
+        return [per[0] for per in edit_images(tiny, scenes, texts, **kwargs, **options)]
+
+    both = edits(guidance_scale=3.0, guidance="both")
+    instruction = edits(guidance_scale=3.0, guidance="instruction")
+    assert all(torch.equal(a, b) for a, b in zip(edits(guidance_scale=3.0, image_guidance_scale=3.0), both))
+    assert all(torch.equal(a, b) for a, b in zip(edits(guidance_scale=3.0, image_guidance_scale=1.0), instruction))
+    mixed = edits(guidance_scale=3.0, image_guidance_scale=-4.0)
+    assert not all(torch.equal(a, b) for a, b in zip(mixed, both))
+    assert not all(torch.equal(a, b) for a, b in zip(mixed, instruction))
+
+
 def test_the_unconditional_rows_follow_the_guidance_mode(tiny, scenes, monkeypatch):
     """guidance "instruction": each row's unconditional prefix is its own image alone; "both": the
     unconditional draw request; the drafts are the source's codes."""
