@@ -124,6 +124,12 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
     assert modes(out) == {"dirs": {"0o775"}, "files": {"0o664"}}
 
 
+def test_the_long_plan_is_the_demo_with_twice_the_models_steps():
+    base, long = demo.PLANS["shapes"], demo.PLANS["shapes-long"]
+    assert long.pretrain_steps == 2 * base.pretrain_steps
+    assert replace(long, pretrain_steps=base.pretrain_steps, minutes=base.minutes) == base
+
+
 def test_minutes_scale_the_training_stages():
     base = demo.PLANS["shapes"]
     plan = demo.scaled(base, base.minutes / 2)

@@ -151,12 +151,18 @@ def test_the_openai_client_edits_an_image(client, model, scene):
                               extra_body={"seed": 1, "guidance": "both", "guidance_scale": 3.0,
                                           "decoding": "sequential"})
     assert _decoded(both.data[0].b64_json).size == (64, 64)
-    if os.environ.get("MLLM_TEST_ENGINE", "builtin") == "builtin":  # the vLLM engine refuses it (a 400)
+    if os.environ.get("MLLM_TEST_ENGINE", "builtin") == "builtin":  # both guidances at once: three rows an edit
         two = client.images.edit(image=("scene.png", png, "image/png"), prompt=INSTRUCTION, n=2,
                                  extra_body={"seed": 1, "guidance_scale": 2.0, "image_guidance_scale": 1.5})
         local = model.edit(scene, INSTRUCTION, n=2, seed=1, guidance_scale=2.0, image_guidance_scale=1.5)
         assert [_decoded(item.b64_json).convert("RGB").tobytes() for item in two.data] == \
             [image.tobytes() for image in local]
+    else:
+        import openai
+
+        with pytest.raises(openai.BadRequestError, match="not served by the vLLM engine"):
+            client.images.edit(image=("scene.png", png, "image/png"), prompt=INSTRUCTION,
+                               extra_body={"guidance_scale": 2.0, "image_guidance_scale": 1.5})
 
 
 def test_the_openai_client_gets_typed_400s(client, scene):
