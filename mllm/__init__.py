@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 # kernel from the Hugging Face Hub and warns when it cannot; it then uses its own CPU kernel, which is what
 # runs here anyway (nothing is ever downloaded). The warning would otherwise open every `train` and `merge`.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Where the `kernels` package is installed (transformers >= 5.25 depends on it), that fetch goes through it,
+# and in offline mode it logs that it skips the kernel's publisher check: the same non-event, one more line.
+logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
 
 
 def load(model_dir, adapter=None, device=None, dtype=None):
