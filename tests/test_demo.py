@@ -296,3 +296,16 @@ def test_a_tokenizer_look_renders_the_training_scenes_again_for_the_teacher_and_
     # the same look twice is no pairing at all
     assert [s.command for s in demo.stages(out, replace(base, tokenizer_look="varied"))] == [
         s.command for s in demo.stages(out, base)]
+
+
+def test_the_cells_plan_is_the_demo_with_one_code_a_cell():
+    base, cells = demo.PLANS["shapes"], demo.PLANS["shapes-cells"]
+    assert replace(cells, tokenizer_steps=base.tokenizer_steps, tokenizer_overrides=base.tokenizer_overrides,
+                   minutes=base.minutes) == base
+    tokenizer = {stage.name: stage for stage in demo.stages(Path("out"), cells)}["tokenizer"]
+    assert "--max-steps 2400" in tokenizer.command and "tokenizer.local_context=0" in tokenizer.command
+    from tokenizer_vision.config import TokenizerConfig
+    from training.config import parse_overrides
+
+    config = TokenizerConfig.from_name("shapes").replace(**parse_overrides(cells.tokenizer_overrides)["tokenizer"])
+    assert config.grid_size == (3, 3) and config.codebook_size == 128  # one code a 16 px cell of the 3x3 grid
