@@ -309,3 +309,15 @@ def test_the_cells_plan_is_the_demo_with_one_code_a_cell():
 
     config = TokenizerConfig.from_name("shapes").replace(**parse_overrides(cells.tokenizer_overrides)["tokenizer"])
     assert config.grid_size == (3, 3) and config.codebook_size == 128  # one code a 16 px cell of the 3x3 grid
+
+
+def test_every_plan_is_a_size_of_mllm_demo():
+    import argparse
+
+    from mllm.commands import demo as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    sizes = next(action.choices for action in parser._actions if action.dest == "size")
+    assert set(sizes) == set(demo.PLANS)
+    assert parser.parse_args(["--size", "shapes-cells"]).size == "shapes-cells"

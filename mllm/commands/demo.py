@@ -14,11 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=positive_float,
                         help="scale the training stages to about this many minutes in all (default: the plan's "
                              "own: 40 for shapes)")
-    parser.add_argument("--size", choices=("shapes", "shapes-long", "shapes-exact", "shapes-lean", "tiny"),
+    parser.add_argument("--size", choices=("shapes", "shapes-long", "shapes-cells", "shapes-exact", "shapes-lean", "tiny"),
                         default="shapes",
                         help="shapes (the demo: captions, VQA, drawing, editing and questions over two images, in the "
                              "varied world; about 40 minutes on 2 CPU cores), shapes-long (the same with twice the "
-                             "model's steps: every figure higher, about an hour), shapes-exact (the same on exact renders: "
+                             "model's steps: every figure higher, about an hour), shapes-cells (one code a cell of the "
+                             "scene's grid: edits and positioned drawing better, VQA on its bar), shapes-exact (the same on exact renders: "
                              "edits better, reads other renderers badly; about 37 minutes), shapes-lean (no editing "
                              "or two-image training: about 20-25 minutes, the earlier bars only) or tiny (a plumbing "
                              "check: every stage on tiny models that cannot learn, no bars; 47 s on 2 CPU cores)")
