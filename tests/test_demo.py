@@ -298,8 +298,8 @@ def test_a_tokenizer_look_renders_the_training_scenes_again_for_the_teacher_and_
         s.command for s in demo.stages(out, base)]
 
 
-def test_the_cells_plan_is_the_demo_with_one_code_a_cell():
-    base, cells = demo.PLANS["shapes"], demo.PLANS["shapes-cells"]
+def test_the_cells_plan_is_the_long_demo_with_one_code_a_cell():
+    base, cells = demo.PLANS["shapes-long"], demo.PLANS["shapes-cells"]
     assert replace(cells, tokenizer_steps=base.tokenizer_steps, tokenizer_overrides=base.tokenizer_overrides,
                    minutes=base.minutes) == base
     tokenizer = {stage.name: stage for stage in demo.stages(Path("out"), cells)}["tokenizer"]

@@ -18,9 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default="shapes",
                         help="shapes (the demo: captions, VQA, drawing, editing and questions over two images, in the "
                              "varied world; about 40 minutes on 2 CPU cores), shapes-long (the same with twice the "
-                             "model's steps: every figure higher, about an hour), shapes-cells (one code a cell of the "
-                             "scene's grid: edits and positioned drawing better, VQA on its bar; about 80 minutes measured "
-                             "without bf16), shapes-exact (the same on exact renders: "
+                             "model's steps: every figure higher, about an hour), shapes-cells (shapes-long with one code "
+                             "a cell of the scene's grid: the best edits and positioned drawing; about 115 minutes "
+                             "measured without bf16), shapes-exact (the same on exact renders: "
                              "edits better, reads other renderers badly; about 37 minutes), shapes-lean (no editing "
                              "or two-image training: about 20-25 minutes, the earlier bars only) or tiny (a plumbing "
                              "check: every stage on tiny models that cannot learn, no bars; 47 s on 2 CPU cores)")
