@@ -61,6 +61,8 @@ TOKENIZE_BATCH = 32  # conversations per processor call (one vision-tokenizer ca
 # Tasks whose questions about one record's images are grouped into multi-turn examples (vqa_turns) and, with
 # vqa_branches and packing, trained as branches off the images.
 BRANCHED_TASKS = ("vqa", "multi")
+# LLMTrainConfig.edit_image_first_loss: what an edit example sent image first trains.
+EDIT_IMAGE_FIRST_LOSSES = ("all", "start")
 
 
 @dataclass
@@ -82,6 +84,12 @@ class LLMTrainConfig:
     # The share of edit examples (of those that keep both) whose user turn is the image, then the instruction:
     # the order a chat client sends them in. The rest keep the instruction first (`edit_sample`).
     edit_image_first: float = 0.0
+    # What those image-first examples train: "all" (the whole reply, the edited image included) or "start" (the
+    # reply's <|boi|> only: the example is cut after it). "start" teaches the model to start drawing when a
+    # client sends the image first, while the drawing itself is learned in the instruction-first order only;
+    # chat then draws an edit from the turn read instruction first (`mllm.generation.chat`). Drawing from both
+    # orders cost edits in the instruction-first order (docs/experiments.md, section 26).
+    edit_image_first_loss: str = "all"
     # Edit records that describe their result (`target_caption`) train replies that say it before drawing
     # it (`edit_sample`) when true; false (the default) trains image-only replies from the same data. In a
     # trial with whole-image codes, describing first did not help (docs/experiments.md, section 16).
@@ -133,6 +141,9 @@ class LLMTrainConfig:
         drops = (self.edit_drop_instruction, self.edit_drop_both)
         if not 0.0 <= self.edit_image_first <= 1.0:
             raise ValueError(f"edit_image_first must be in [0, 1], got {self.edit_image_first}")
+        if self.edit_image_first_loss not in EDIT_IMAGE_FIRST_LOSSES:
+            raise ValueError(f"edit_image_first_loss must be one of {EDIT_IMAGE_FIRST_LOSSES}, "
+                             f"got {self.edit_image_first_loss!r}")
         if not (all(0.0 <= d <= 1.0 for d in drops) and sum(drops) <= 1.0):
             raise ValueError(f"edit_drop_instruction and edit_drop_both must be in [0, 1] with a sum <= 1, got {drops}")
         if not self.edit_changed_weight > 0:
@@ -388,6 +399,26 @@ def branch_turns(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:
         position_ids += range(shared, shared + rest)
         branch_ids += [branch] * rest
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "branch_ids": branch_ids}
+
+
+def image_first_edit(messages: list[dict]) -> bool:
+    """Whether an edit conversation's user turn is the image, then the instruction (`edit_image_first`)."""
+    content = messages[0]["content"]
+    if isinstance(content, str) or len(content) < 2:
+        return False
+    kinds = [part["type"] for part in content]
+    return kinds[0] == "image" and "text" in kinds
+
+
+def cut_after_reply_start(example: dict[str, list[int]], boi_token_id: int) -> dict[str, list[int]]:
+    """A tokenized example cut right after the first supervised `<|boi|>` (the reply's start of image): what is
+    left trains the decision to draw, not the drawing (`edit_image_first_loss: start`). An example with no
+    supervised `<|boi|>` is returned as it is."""
+    ids, labels = example["input_ids"], example["labels"]
+    for index, (token, label) in enumerate(zip(ids, labels)):
+        if token == boi_token_id and label == boi_token_id:
+            return {key: value[:index + 1] if isinstance(value, list) else value for key, value in example.items()}
+    return example
 
 
 def edit_loss_weights(example: dict[str, list[int]], vocab, weight: float) -> list[float] | None:
@@ -879,12 +910,14 @@ __all__ = [
     "TaskLossTrainer",
     "branch_turns",
     "complete_checkpoints",
+    "cut_after_reply_start",
     "draw_conversations",
     "draw_mixture",
     "edit_loss_weights",
     "examples_needed",
     "freeze_all_but_new_rows",
     "group_vqa_turns",
+    "image_first_edit",
     "load_task_pools",
     "make_collator",
     "missing_tasks_note",

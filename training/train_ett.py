@@ -84,6 +84,10 @@ class ETTTrainConfig(LLMTrainConfig):
         if self.quantization is not None:
             raise ValueError("ett trains a full-precision LLM (full or LoRA) with the tokenizer: set "
                              "quantization=null")
+        if self.edit_image_first_loss != "all":
+            # ETT tokenizes each batch's conversations as it trains them (ETTCollator), where no example is cut
+            raise ValueError("ett trains every example's whole reply: set edit_image_first_loss=all (\"start\" is "
+                             "for `recipe: llm`)")
 
 
 def bind_codes(conversations: list[list[dict]], codes: torch.Tensor) -> list[list[dict]]:

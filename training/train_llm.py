@@ -57,6 +57,10 @@ def main(cfg: LLMTrainConfig, resume: bool = False) -> Path:
     drawn, task_names = components.draw_mixture(cfg, model.processor)
     examples = components.tokenize_examples(model.processor, [messages for _, messages in drawn], cfg.max_length,
                                             [tree and task in components.BRANCHED_TASKS for task, _ in drawn])
+    for index, (task, messages) in enumerate(drawn):
+        if (task == "edit" and cfg.edit_image_first_loss == "start"
+                and components.image_first_edit(messages)):
+            examples[index] = components.cut_after_reply_start(examples[index], model.config.boi_token_id)
     for example, (task, _) in zip(examples, drawn):
         example["task"] = task_names.index(task)
         if task == "edit":

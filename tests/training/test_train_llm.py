@@ -497,3 +497,32 @@ def test_loss_weights_follow_their_tokens_into_the_batch_and_scale_their_terms(p
     b = (batch["task_ids"][:, 1:].reshape(-1) == 1) & supervised
     torch.testing.assert_close(owner.task_sums[0, 1].float(), terms[b].sum())
     assert owner.task_sums[1].tolist() == [2.0, 2.0]
+
+
+def test_image_first_edits_can_train_the_start_of_the_reply_only(loaded):
+    """edit_image_first_loss "start": an edit sent image first is cut after its reply's <|boi|>, so it trains
+    the decision to draw and nothing of the drawing; an instruction-first edit keeps its whole reply."""
+    from training.components import cut_after_reply_start, image_first_edit
+
+    h, w = loaded.config.grid_size
+    size = loaded.config.codebook_size
+    source = {"type": "image", "codes": torch.arange(h * w).reshape(h, w) % size}
+    target = {"type": "image", "codes": (torch.arange(h * w).reshape(h, w) + 1) % size}
+    instruction = {"type": "text", "text": "make the circle blue"}
+    reply = {"role": "assistant", "content": [target]}
+    image_first = [{"role": "user", "content": [source, instruction]}, reply]
+    text_first = [{"role": "user", "content": [instruction, source]}, reply]
+    assert image_first_edit(image_first) and not image_first_edit(text_first)
+    assert not image_first_edit([{"role": "user", "content": [source]}, reply])  # the instruction dropped
+    whole, _ = tokenize_examples(loaded.processor, [image_first, text_first], 256)
+    boi = loaded.config.boi_token_id
+    cut = cut_after_reply_start(whole, boi)
+    supervised = [(i, t) for i, (t, label) in enumerate(zip(cut["input_ids"], cut["labels"])) if label != -100]
+    assert cut["input_ids"][-1] == boi and supervised == [(len(cut["input_ids"]) - 1, boi)]
+    assert cut["input_ids"] == whole["input_ids"][:len(cut["input_ids"])]
+    assert len(whole["input_ids"]) - len(cut["input_ids"]) >= h * w  # the edited image's codes are gone
+    prompt_only = {"input_ids": whole["input_ids"][:5], "labels": [-100] * 5}
+    assert cut_after_reply_start(prompt_only, boi) == prompt_only
+    LLMTrainConfig(data="d", out="o", edit_image_first_loss="start").validate()
+    with pytest.raises(ValueError, match="edit_image_first_loss must be one of"):
+        LLMTrainConfig(data="d", out="o", edit_image_first_loss="codes").validate()
