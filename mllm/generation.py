@@ -52,7 +52,6 @@ from mllm.config import (
     DRAW_TEMPERATURE,
     EDIT_GUIDANCE,
     EDIT_GUIDANCE_MODES,
-    EDIT_GUIDANCE_SCALE,
     EDIT_TEMPERATURE,
     JACOBI_AUTO_MAX_IMAGES,
 )
@@ -175,7 +174,7 @@ def edit_images(
     images: Sequence[Any],
     instructions: str | Sequence[str],
     n: int = 1,
-    guidance_scale: float = EDIT_GUIDANCE_SCALE,
+    guidance_scale: float | None = None,
     guidance: str = EDIT_GUIDANCE,
     temperature: float = EDIT_TEMPERATURE,
     top_k: int | None = None,
@@ -190,7 +189,8 @@ def edit_images(
 
     Each pair is `processor.edit_conversation(image, instruction)` (the instruction, then the image)
     rendered with the generation prompt and `<|boi|>` appended; the loop is `sample_image_codes`'s. One
-    instruction goes with every image. `guidance` names what the unconditional branch of classifier-free
+    instruction goes with every image. `guidance_scale` None: the model's own (`config.edit_guidance_scale`,
+    EDIT_GUIDANCE_SCALE unless its training measured another). `guidance` names what the unconditional branch of classifier-free
     guidance drops, as training drops it: "instruction" (each image alone: guidance pushes towards what the
     instruction changes) or "both" (the unconditional draw request); guidance_scale 1 runs no guidance.
     `image_guidance_scale` (None: off) runs both branches at once, each with its own scale, as InstructPix2Pix
@@ -209,6 +209,8 @@ def edit_images(
         raise ValueError(f"got {len(images)} images but {len(instructions)} instructions")
     if guidance not in EDIT_GUIDANCE_MODES:
         raise ValueError(f"guidance must be one of {EDIT_GUIDANCE_MODES}, got {guidance!r}")
+    if guidance_scale is None:
+        guidance_scale = model.config.edit_guidance_scale
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     if not images:
@@ -713,6 +715,7 @@ def chat(
                 f"the context length {model.context_length}"
             )
         limit = min(model.context_length, len(prompt) + max_new_tokens)  # the reply ends by this length
+        edit_turn = edit_order(conversation)
         image_codes: list[torch.Tensor] = []
         draw = bool(generated) and generated[-1] == boi
         if draw and len(prompt) + len(generated) - 1 + per_image > limit:
@@ -728,6 +731,14 @@ def chat(
                 if not new or new[-1] != boi:
                     break
             draw = False
+            if edit_turn is not None and not image_codes:
+                # An edit request sent image first (as chat clients send it): its image is drawn from the turn
+                # read in the order edits are trained in, which draws them far better (docs/editing.md). The
+                # reply so far is the same; the budget stays the reply's.
+                reordered = _encode_prompts(model, [edit_turn])["input_ids"][0]
+                reordered_limit = min(model.context_length, len(reordered) + (limit - len(prompt)))
+                if len(reordered) + len(generated) - 1 + per_image <= reordered_limit:
+                    limit, prompt = reordered_limit, reordered
             unconditional = None
             if guidance_scale != 1.0:
                 unconditional = _draw_prefixes(model, [model.processor.unconditional_draw_conversation()])[0]
@@ -756,6 +767,27 @@ def chat(
 
 
 # ---------------------------------------------------------------------------- helpers
+def edit_order(conversation: Conversation) -> Conversation | None:
+    """The conversation with its last user turn read as an edit request is trained (`processor.edit_conversation`:
+    the instruction, then the image), when that turn is one image followed by text, as chat clients send an
+    edit; None when the turn is anything else (already instruction first, no image, several images, ...).
+
+    Chat decides whether to draw from the turn as sent (models are trained to start an image for both orders,
+    `edit_image_first`), and draws from this reading: the decision is the same, the edit much better."""
+    if not conversation or conversation[-1].get("role") != "user":
+        return None
+    content = conversation[-1].get("content")
+    if isinstance(content, str):
+        return None
+    if not isinstance(content, (list, tuple)) or not all(isinstance(part, dict) for part in content):
+        return None
+    kinds = ["image" if part.get("type") in ("image", "image_url") else part.get("type") for part in content]
+    if kinds.count("image") != 1 or kinds[0] != "image" or "text" not in kinds:
+        return None
+    texts = [part for part in content if part.get("type") == "text"]
+    return [*conversation[:-1], {**conversation[-1], "content": [*texts, content[0]]}]
+
+
 def _next_text(model, prompt: torch.Tensor, generated: list[int], limit: int, may_draw: bool, temperature,
                top_k, top_p, stop_strings: list[str]) -> list[int]:
     """chat(): the next stretch of reply text after prompt + generated, up to the end of turn, the

@@ -612,18 +612,26 @@ class VLLMEngine(Admission):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _chat_programs(self, job: ChatJob) -> list[Generator]:
-        from mllm.generation import _encode_prompts
+        from mllm.generation import _encode_prompts, edit_order
 
         inner = self.model.model
         batch = _encode_prompts(inner, [job.messages])
         prompt = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
         job.prompt_tokens = len(prompt)
+        edit_turn = edit_order(job.messages)
+        edit_prompt = None
+        if edit_turn is not None:
+            batch = _encode_prompts(inner, [edit_turn])
+            edit_prompt = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
         seeds = self._seeds(job.seed, job.n) if job.seed is not None else [None] * job.n
-        return [self._chat(job, choice, prompt, seeds[choice]) for choice in range(job.n)]
+        return [self._chat(job, choice, prompt, seeds[choice], edit_prompt) for choice in range(job.n)]
 
-    def _chat(self, job: ChatJob, choice: int, prompt: list[int], seed: int | None):
+    def _chat(self, job: ChatJob, choice: int, prompt: list[int], seed: int | None,
+              edit_prompt: list[int] | None = None):
         """One choice of a chat turn: text until the end of turn, a stop string or the budget; an image
-        where the model starts one and it fits (drawn with the job's guidance), then more text."""
+        where the model starts one and it fits (drawn with the job's guidance), then more text. An edit
+        request sent image first (`edit_prompt`: the turn read instruction first, `mllm.generation.edit_order`)
+        has its image drawn from that reading, as the built-in engine does."""
         from mllm.generation import _draw_prefixes, _finish_text
 
         inner = self.model.model
@@ -657,6 +665,10 @@ class VLLMEngine(Admission):
             if len(prompt) + len(generated) - 1 + per_image > limit:  # no room (never: boi_until guards it)
                 generated.pop()
                 continue
+            if edit_prompt is not None and not codes:
+                reordered_limit = len(edit_prompt) + (limit - len(prompt))
+                if len(edit_prompt) + len(generated) - 1 + per_image <= min(reordered_limit, self.context_length):
+                    prompt, limit = edit_prompt, reordered_limit
             uncond = None
             if job.guidance_scale != 1.0:
                 uncond = _draw_prefixes(inner, [inner.processor.unconditional_draw_conversation()])[0].tolist()

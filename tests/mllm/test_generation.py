@@ -630,3 +630,53 @@ def test_jacobi_drafts_start_from_the_models_greedy_unconditional_drawing(tiny, 
     greedy = {d: generate_images(tiny, ["a red circle", "two blue squares"], temperature=0.0, decoding=d)
               for d in ("jacobi", "sequential")}
     assert all(torch.equal(a[0], b[0]) for a, b in zip(greedy["jacobi"], greedy["sequential"]))
+
+
+def test_an_edit_sent_image_first_is_drawn_from_the_instruction_first_turn(tiny, monkeypatch):
+    """A user turn of one image, then text (as chat clients send an edit): chat decides to draw from the turn
+    as sent, and draws (and goes on) from the turn read instruction first, the order edits are trained in."""
+    from mllm.generation import _encode_prompts, edit_order
+
+    config = tiny.config
+    h, w = config.grid_size
+    image = {"type": "image", "codes": torch.arange(h * w).reshape(h, w) % config.codebook_size}
+    instruction = {"type": "text", "text": "make the circle blue"}
+    sent = [{"role": "user", "content": [image, instruction]}]
+    read = edit_order(sent)
+    assert read == [{"role": "user", "content": [instruction, image]}]
+    assert read[0]["content"] == tiny.processor.edit_conversation(image, instruction["text"])[0]["content"]
+    drawn_from = []
+    real_sample = generation.sample_image_codes
+
+    def spy(model, rows, *args, **kwargs):
+        drawn_from.append(rows[0].tolist())
+        return real_sample(model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "sample_image_codes", spy)
+    text_calls = spy_text_generation(monkeypatch)
+    per_image = config.image_tokens_per_image + 2
+    with biased_head(tiny, {config.boi_token_id: 200.0}):
+        reply = chat(tiny, sent, max_new_tokens=per_image + 2, max_images=1, seed=0)
+    as_sent = _encode_prompts(tiny, [sent])["input_ids"][0].tolist()
+    as_read = _encode_prompts(tiny, [read])["input_ids"][0].tolist()
+    assert as_sent != as_read and sorted(as_sent) == sorted(as_read)  # the same tokens, another order
+    assert len(reply["images"]) == 1
+    assert text_calls[0] == as_sent  # the decision to draw: the turn as sent
+    assert drawn_from == [as_read + [config.boi_token_id]]  # the drawing: the turn read instruction first
+    assert text_calls[1][:len(as_read)] == as_read  # the text after the image follows the same reading
+
+
+@pytest.mark.parametrize("content", [
+    "make the circle blue",  # text only
+    [{"type": "text", "text": "make the circle blue"}, {"type": "image", "image": "a.png"}],  # already instruction first
+    [{"type": "image", "image": "a.png"}, {"type": "image", "image": "b.png"},
+     {"type": "text", "text": "What changed between the two images?"}],  # two images
+    [{"type": "image", "image": "a.png"}],  # no text
+])
+def test_edit_order_leaves_other_turns_alone(content):
+    from mllm.generation import edit_order
+
+    assert edit_order([{"role": "user", "content": content}]) is None
+    assert edit_order([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                                    {"type": "text", "text": "t"}]},
+                       {"role": "assistant", "content": "ok"}]) is None  # the last turn is not the user's
