@@ -22,6 +22,7 @@ from eval import runner
 from eval.runner import EvalSettings
 from mllm import init as model_init
 from mllm import merge
+from mllm.config import MLLMConfig
 from mllm.data import pretokenize, shapes
 from training import recipes
 
@@ -103,14 +104,24 @@ def _eval(name: str, suite: str, model: Path, out: Path, data: Path | None = Non
     return Stage(name, out / "results.json", command, lambda: runner.evaluate(settings))
 
 
-def _copy_model(name: str, source: Path, target: Path) -> Stage:
+def _set_edit_guidance(model_folder: Path, scale: float | None) -> None:
+    """A model folder's default edit guidance scale (`edit_guidance_scale` in its mllm_config.json); None
+    leaves it."""
+    if scale is not None:
+        config = MLLMConfig.load(model_folder)
+        config.edit_guidance_scale = scale
+        config.save(model_folder)
+
+
+def _copy_model(name: str, source: Path, target: Path, edit_guidance_scale: float | None = None) -> Stage:
     """Copy a finished model folder to `target` through a temp folder, so a killed copy leaves no half
-    folder that looks complete."""
+    folder that looks complete; `edit_guidance_scale` (if given) becomes the copy's default for edits."""
 
     def copy() -> None:
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(source, partial)
+        _set_edit_guidance(partial, edit_guidance_scale)
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
         print(f"copied {source} -> {target}")
@@ -173,10 +184,11 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
                    {"model": pretrained, "data": codes, "out": out / "sft"}, plan.sft_steps, plan.llm_overrides),
             Stage("merge", out / "model" / "mllm_config.json",
                   f"mllm merge --base {pretrained} --adapter {out / 'sft' / 'adapter'} --out {out / 'model'}",
-                  lambda: merge.merge_adapter(pretrained, out / "sft" / "adapter", out / "model", dtype="auto")),
+                  lambda: (merge.merge_adapter(pretrained, out / "sft" / "adapter", out / "model", dtype="auto"),
+                           _set_edit_guidance(out / "model", plan.edit_guidance_scale))),
         ]
     else:
-        model = [_copy_model("model", pretrained, out / "model")]
+        model = [_copy_model("model", pretrained, out / "model", plan.edit_guidance_scale)]
     mixed = ([_data("LLM data", llm_data(out, plan), plan.train_scenes, plan.image_size,
                     resized_share=plan.resized_share, look=plan.look, tasks=plan.tasks)]
              if plan.resized_share > 0 or plan.tasks else [])

@@ -88,6 +88,9 @@ class Plan:
     # the clean image as the target, so the codes of a resized scene match the codes of a native render.
     tokenizer_overrides: tuple[str, ...] = ("tokenizer.image_size=48", "rescale_share=0.5")
     llm_overrides: tuple[str, ...] = ()
+    # The demo model's edit guidance scale when a request names none (`edit_guidance_scale` in its
+    # mllm_config.json): the best measured for the plan; None keeps the library's default (EDIT_GUIDANCE_SCALE).
+    edit_guidance_scale: float | None = None
     # Whether the quality bars (BARS) apply: a plan whose models are too small to learn reports its figures
     # without judging them, so that a 0% reads as expected rather than as a failure.
     bars: bool = True

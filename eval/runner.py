@@ -170,6 +170,7 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from eval.suites import ScoreContext, get_suite
+    from eval.suites.base import model_edit_guidance_scale
 
     suite = get_suite(args.suite)
     out = Path(args.out)
@@ -234,7 +235,8 @@ def evaluate(args: EvalSettings) -> dict[str, Any]:
         "predictions": str(predictions_path), "options": options, "seconds": round(time.time() - started, 1),
         **({"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
             "seed": args.seed, "decoding": args.decoding} if suite.kind == "draw" else {}),
-        **({"guidance": suite.guidance, "guidance_scale": suite.guidance_scale,
+        **({"guidance": suite.guidance, "guidance_scale": suite.guidance_scale if suite.guidance_scale is not None
+            else model_edit_guidance_scale(args.model),
             "image_guidance_scale": suite.image_guidance_scale, "temperature": suite.temperature,
             "top_k": args.top_k, "seed": args.seed, "decoding": args.decoding} if suite.kind == "edit" else {})})
     print(table)

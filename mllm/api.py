@@ -27,7 +27,6 @@ from mllm.config import (
     DRAW_GUIDANCE_SCALE,
     DRAW_TEMPERATURE,
     EDIT_GUIDANCE,
-    EDIT_GUIDANCE_SCALE,
     EDIT_TEMPERATURE,
 )
 from mllm.data.samples import image_part, text_part
@@ -133,7 +132,7 @@ class MLLM:
         instruction: str | Sequence[str],
         n: int = 1,
         seed: int | Sequence[int] | None = None,
-        guidance_scale: float = EDIT_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
         guidance: str = EDIT_GUIDANCE,
         temperature: float = EDIT_TEMPERATURE,
         top_k: int | None = None,
@@ -146,7 +145,8 @@ class MLLM:
 
         The model reads the image and the instruction ("make the circle blue", "remove the square", "add a
         small red circle at the top left", ...) and draws the edited image. Same image, instruction and seed
-        -> the same result (edit j uses seed + j). `guidance` is what classifier-free guidance's
+        -> the same result (edit j uses seed + j). `guidance_scale` None: the model's own
+        (`config.edit_guidance_scale`; 1 runs no guidance). `guidance` is what classifier-free guidance's
         unconditional branch drops ("instruction" or "both"; guidance_scale 1: none); `image_guidance_scale`
         (None: off) guides by the image and by the instruction at once, each with its own scale
         (`mllm.generation.edit_images`); `decoding` as in `draw`.

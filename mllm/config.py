@@ -50,7 +50,7 @@ DRAW_TEMPERATURE = 0.6
 # edits would all be the same); dropping both keeps more objects but leaves more sources unchanged.
 EDIT_GUIDANCE_MODES = ("instruction", "both")
 EDIT_GUIDANCE = "instruction"
-EDIT_GUIDANCE_SCALE = 1.5
+EDIT_GUIDANCE_SCALE = 1.5  # a model's own default is its config's `edit_guidance_scale` (this unless set)
 EDIT_TEMPERATURE = 0.3
 # How image codes are decoded (`mllm.generation.sample_image_codes`): "jacobi", speculative Jacobi decoding
 # (several codes per forward pass, each accepted by the speculative-sampling rule), or "sequential" (one code
@@ -91,6 +91,9 @@ class MLLMConfig:
     draw_template: str = "Draw: {prompt}"
     caption_prompt: str = "Describe the image."
     vqa_template: str = "{question}"
+    # The guidance scale of an edit that names none (`MLLM.edit`, `mllm edit`, /v1/images/edits, the edit
+    # suites): the one measured best for this model (`mllm demo` writes its plan's; 1: no guidance).
+    edit_guidance_scale: float = EDIT_GUIDANCE_SCALE
     versions: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,6 +106,8 @@ class MLLMConfig:
             raise ValueError(
                 f"vocab_size {self.vocab_size} cannot hold {self.image_offset} text ids + {self.codebook_size} image ids"
             )
+        if not self.edit_guidance_scale > 0:
+            raise ValueError(f"edit_guidance_scale must be positive (1: no guidance), got {self.edit_guidance_scale}")
         specials = {"boi": self.boi_token_id, "eoi": self.eoi_token_id, "image": self.image_token_id}
         for name, token_id in specials.items():
             if not 0 <= token_id < self.image_offset:

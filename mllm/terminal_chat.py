@@ -36,7 +36,6 @@ from mllm.config import (
     DRAW_GUIDANCE_SCALE,
     DRAW_TEMPERATURE,
     EDIT_GUIDANCE,
-    EDIT_GUIDANCE_SCALE,
     EDIT_TEMPERATURE,
 )
 
@@ -67,7 +66,7 @@ class ChatOptions:
     guidance_scale: float = DRAW_GUIDANCE_SCALE  # of drawn images
     image_temperature: float = DRAW_TEMPERATURE
     decoding: str = DEFAULT_DECODING  # of drawn images: "jacobi" or "sequential" (same distribution)
-    edit_guidance_scale: float = EDIT_GUIDANCE_SCALE  # of /edit
+    edit_guidance_scale: float | None = None  # of /edit (None: the model's own, `config.edit_guidance_scale`)
     edit_guidance: str = EDIT_GUIDANCE  # of /edit: what guidance's unconditional branch drops
     edit_temperature: float = EDIT_TEMPERATURE  # of /edit
 

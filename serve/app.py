@@ -277,7 +277,8 @@ def create_app(model_dir: str | None = None, *, model=None, adapter: str | None 
         await parse(check_image_headers, [spec.image], limits)  # pixels judged from the header, not decoded
         with _reserve(engine) as slot:  # admitted before the image is decoded
             image, _ = await cpu(_decode_shrunk, spec.image, limits, shrink)
-            job = EditJob(image=image, prompt=spec.prompt, n=spec.n, guidance_scale=spec.guidance_scale,
+            scale = spec.guidance_scale if spec.guidance_scale is not None else model.model.config.edit_guidance_scale
+            job = EditJob(image=image, prompt=spec.prompt, n=spec.n, guidance_scale=scale,
                           guidance=spec.guidance, image_guidance_scale=spec.image_guidance_scale, seed=spec.seed,
                           decoding=spec.decoding)
             slot.submit(job)

@@ -79,7 +79,6 @@ from mllm.config import (
     DRAW_GUIDANCE_SCALE,
     EDIT_GUIDANCE,
     EDIT_GUIDANCE_MODES,
-    EDIT_GUIDANCE_SCALE,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -251,7 +250,7 @@ class EditRequest:
     n: int = 1
     size: tuple[int, int] | None = None
     response_format: str = "b64_json"
-    guidance_scale: float = EDIT_GUIDANCE_SCALE  # extra field
+    guidance_scale: float | None = None  # extra field; None: the model's own (`config.edit_guidance_scale`)
     guidance: str = EDIT_GUIDANCE  # extra field: what guidance's unconditional branch drops
     image_guidance_scale: float | None = None  # extra field: both guidances at once, this the image's scale
     seed: int | None = None
@@ -1159,7 +1158,7 @@ def _edit_request(fields: dict[str, Any], refs: list[ImageRef], limits: Limits) 
         n=request.n if request.n is not None else 1,
         size=request.dimensions,
         response_format=request.response_format or "b64_json",
-        guidance_scale=request.guidance_scale if request.guidance_scale is not None else EDIT_GUIDANCE_SCALE,
+        guidance_scale=request.guidance_scale,
         guidance=request.guidance or EDIT_GUIDANCE,
         image_guidance_scale=request.image_guidance_scale,
         seed=request.seed,

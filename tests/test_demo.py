@@ -311,6 +311,32 @@ def test_the_cells_plan_is_the_long_demo_with_one_code_a_cell():
     assert config.grid_size == (3, 3) and config.codebook_size == 128  # one code a 16 px cell of the 3x3 grid
 
 
+def test_a_plan_sets_its_models_edit_guidance_scale(tmp_path):
+    """Plan.edit_guidance_scale becomes the demo model's default for edits (its mllm_config.json); None keeps
+    the library's."""
+    from mllm.config import EDIT_GUIDANCE_SCALE, MLLMConfig
+
+    source = tmp_path / "pretrain" / "model"
+    source.mkdir(parents=True)
+    MLLMConfig(image_offset=10, codebook_size=8, grid_size=(2, 2), image_size=16, boi_token_id=1, eoi_token_id=2,
+               image_token_id=3, end_of_turn_token_id=4, pad_token_id=0, vocab_size=64).save(source)
+    (source / "weights.bin").write_bytes(b"w")
+    for scale, expected in ((1.0, 1.0), (None, EDIT_GUIDANCE_SCALE)):
+        out = tmp_path / f"out-{scale}"
+        (out / "pretrain").mkdir(parents=True)
+        (out / "pretrain" / "model").symlink_to(source)
+        plan = replace(demo.PLANS["shapes-cells"], edit_guidance_scale=scale)
+        stage = {stage.name: stage for stage in demo.stages(out, plan)}["model"]
+        stage.action()
+        assert MLLMConfig.load(out / "model").edit_guidance_scale == expected
+        assert (out / "model" / "weights.bin").read_bytes() == b"w"
+    assert MLLMConfig.load(source).edit_guidance_scale == EDIT_GUIDANCE_SCALE  # the source is left alone
+    with pytest.raises(ValueError, match="edit_guidance_scale must be positive"):
+        MLLMConfig(image_offset=10, codebook_size=8, grid_size=(2, 2), image_size=16, boi_token_id=1,
+                   eoi_token_id=2, image_token_id=3, end_of_turn_token_id=4, pad_token_id=0, vocab_size=64,
+                   edit_guidance_scale=0.0)
+
+
 def test_every_plan_is_a_size_of_mllm_demo():
     import argparse
 

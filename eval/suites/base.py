@@ -132,10 +132,10 @@ class EditSuite(Suite):
     images_per_prompt = 1
 
     def __init__(self) -> None:
-        from mllm.config import EDIT_GUIDANCE, EDIT_GUIDANCE_SCALE, EDIT_TEMPERATURE
+        from mllm.config import EDIT_GUIDANCE, EDIT_TEMPERATURE
 
         self.guidance: str = EDIT_GUIDANCE
-        self.guidance_scale: float = EDIT_GUIDANCE_SCALE
+        self.guidance_scale: float | None = None  # None: the model's own (`config.edit_guidance_scale`)
         self.image_guidance_scale: float | None = None
         self.temperature: float = EDIT_TEMPERATURE
 
@@ -179,6 +179,19 @@ def model_image_size(model_dir: str | Path | None) -> int | None:
 
     try:
         return int(MLLMConfig.load(model_dir).image_size)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def model_edit_guidance_scale(model_dir: str | Path | None) -> float | None:
+    """The guidance scale a model folder's edits use by default (`mllm_config.json`'s edit_guidance_scale), read
+    without loading the model; None when `model_dir` is not a model folder."""
+    if model_dir is None:
+        return None
+    from mllm.config import MLLMConfig
+
+    try:
+        return float(MLLMConfig.load(model_dir).edit_guidance_scale)
     except (OSError, ValueError, TypeError, KeyError):
         return None
 

@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--edit-guidance-scale",
         type=float,
-        default=EDIT_GUIDANCE_SCALE,
-        help=f"classifier-free guidance scale of /edit; 1 turns guidance off (default: {EDIT_GUIDANCE_SCALE:g})",
+        default=None,
+        help="classifier-free guidance scale of /edit; 1 turns guidance off (default: the model's own, "
+             f"edit_guidance_scale in its mllm_config.json: {EDIT_GUIDANCE_SCALE:g} unless its training measured another)",
     )
     parser.add_argument(
         "--edit-guidance",

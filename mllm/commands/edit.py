@@ -50,8 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--guidance-scale",
         type=float,
-        default=EDIT_GUIDANCE_SCALE,
-        help=f"classifier-free guidance scale; 1 turns guidance off (default: {EDIT_GUIDANCE_SCALE:g})",
+        default=None,
+        help="classifier-free guidance scale; 1 turns guidance off (default: the model's own, edit_guidance_scale "
+             f"in its mllm_config.json: {EDIT_GUIDANCE_SCALE:g} unless its training measured another)",
     )
     parser.add_argument(
         "--guidance",

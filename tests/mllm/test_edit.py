@@ -113,6 +113,29 @@ def test_the_unconditional_rows_follow_the_guidance_mode(tiny, scenes, monkeypat
     assert torch.equal(seen["unconditional"], draw)
 
 
+def test_an_edit_without_a_scale_uses_the_models_own(tiny, scenes, monkeypatch):
+    """guidance_scale None (the default of MLLM.edit and edit_images): the model's `edit_guidance_scale`; 1 runs
+    the conditional rows alone."""
+    from mllm.config import EDIT_GUIDANCE_SCALE
+
+    scales = []
+    real = generation.sample_image_codes
+
+    def spy(model, prefixes, unconditional, guidance_scale, *args, **kwargs):
+        scales.append((guidance_scale, unconditional is not None))
+        return real(model, prefixes, unconditional, guidance_scale, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "sample_image_codes", spy)
+    assert tiny.config.edit_guidance_scale == EDIT_GUIDANCE_SCALE  # a model that sets none: the library's
+    MLLM(tiny).edit(scenes[0], "make the circle blue", seed=0)
+    monkeypatch.setattr(tiny.config, "edit_guidance_scale", 1.0)
+    default = MLLM(tiny).edit(scenes[0], "make the circle blue", seed=0)[0]
+    named = MLLM(tiny).edit(scenes[0], "make the circle blue", seed=0, guidance_scale=1.0)[0]
+    MLLM(tiny).edit(scenes[0], "make the circle blue", seed=0, guidance_scale=2.0)
+    assert scales == [(EDIT_GUIDANCE_SCALE, True), (1.0, False), (1.0, False), (2.0, True)]
+    assert list(default.getdata()) == list(named.getdata())
+
+
 def test_edit_errors(tiny, scenes):
     with pytest.raises(ValueError, match="2 images but 3 instructions"):
         edit_images(tiny, scenes, ["a", "b", "c"])

@@ -165,6 +165,18 @@ def test_the_openai_client_edits_an_image(client, model, scene):
                                extra_body={"guidance_scale": 2.0, "image_guidance_scale": 1.5})
 
 
+@pytest.mark.skipif(os.environ.get("MLLM_TEST_ENGINE", "builtin") != "builtin",
+                    reason="vLLM's sampler draws other (equally seeded) codes than MLLM.edit")
+def test_an_edit_that_names_no_scale_gets_the_models_own(client, model, scene, monkeypatch):
+    png = _png(scene)
+    monkeypatch.setattr(model.model.config, "edit_guidance_scale", 1.0)  # e.g. a demo plan's measured best
+    served = client.images.edit(image=("scene.png", png, "image/png"), prompt=INSTRUCTION, extra_body={"seed": 3})
+    unguided = model.edit(scene, INSTRUCTION, seed=3, guidance_scale=1.0)
+    guided = model.edit(scene, INSTRUCTION, seed=3, guidance_scale=1.5)
+    got = _decoded(served.data[0].b64_json).convert("RGB").tobytes()
+    assert got == unguided[0].tobytes() and got != guided[0].tobytes()
+
+
 def test_the_openai_client_gets_typed_400s(client, scene):
     import openai
 
