@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mllm.cli import main
-from mllm.config import EDIT_GUIDANCE, EDIT_GUIDANCE_SCALE, EDIT_TEMPERATURE
+from mllm.config import EDIT_GUIDANCE, EDIT_TEMPERATURE
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_the_edit_command(session, model, scene_png, monkeypatch):
     session.handle("/edit make the circle blue")
     image, instruction, kwargs = calls[-1]
     assert image.size == (48, 48) and instruction == "make the circle blue"
-    assert kwargs == {"seed": 0, "guidance_scale": EDIT_GUIDANCE_SCALE, "guidance": EDIT_GUIDANCE,
+    assert kwargs == {"seed": 0, "guidance_scale": None, "guidance": EDIT_GUIDANCE,  # None: the model's own
                       "temperature": EDIT_TEMPERATURE, "decoding": "auto"}
     user, assistant = session.history[-2:]
     assert [part["type"] for part in user["content"]] == ["image", "text"]

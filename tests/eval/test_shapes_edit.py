@@ -72,7 +72,7 @@ def test_items_are_held_out_balanced_round_robin_and_deterministic():
     first = other.load_items(None, limit=1)[0]
     assert first.id == items[0].id and first.image.size == (40, 40) and first.meta["look"] == "other"
     assert (other.images_per_prompt, other.guidance, other.guidance_scale) == (2, "both", 2.0)
-    assert (_suite().guidance_scale, _suite().temperature) == (EDIT_GUIDANCE_SCALE, EDIT_TEMPERATURE)
+    assert (_suite().guidance_scale, _suite().temperature) == (None, EDIT_TEMPERATURE)  # None: the model's own
     assert _suite({"temperature": "0"}).temperature == 0.0
     assert (_suite().image_guidance_scale, _suite({"image_guidance_scale": "1.25"}).image_guidance_scale) == (None, 1.25)
     with pytest.raises(ValueError, match="--option image_guidance_scale=0: must be positive"):
@@ -154,6 +154,7 @@ def test_a_real_run_with_the_tiny_model(model_dir, tmp_path):
     saved = json.loads((out / runner.RESULTS_NAME).read_text())
     assert saved["suite"] == "shapes-edit" and saved["count"] == 6 and saved["guidance"] == "instruction"
     assert saved["image_guidance_scale"] == 1.2
+    assert saved["guidance_scale"] == EDIT_GUIDANCE_SCALE  # the model's own, recorded as a number
     assert {"accuracy", "kept", "copied", *(f"accuracy_{op}" for op in EDIT_OPERATIONS)} <= set(saved["metrics"])
     for name, value in saved["metrics"].items():
         if name != "images":
