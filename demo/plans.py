@@ -129,11 +129,12 @@ PLANS = {
     # One code a cell: `shapes-long` (4000 model steps) with a 16x tokenizer (3 x 3 codes at 48 px, each code
     # the whole 16 px cell of the scene's grid, `local_context=0`), K = 128, 2400 tokenizer steps (it separates
     # the 37 cell contents only after about 1100). Every object is one code: the best edits of any plan
-    # (49.0%; 41.3% at 2000 model steps, where VQA sat on its bar), drawing with a position 97%, both
-    # tokenizer agreements 100%, VQA 94.2%, captions and two-image questions below `shapes-long`'s
-    # (docs/experiments.md, sections 24 and 25). Measured on a machine without bf16: about 115 minutes there.
+    # (52.3% at its default edit guidance scale 1, no guidance; 49.0% at the library's 1.5; 41.3% at 2000
+    # model steps, where VQA sat on its bar), drawing with a position 97%, both tokenizer agreements 100%,
+    # VQA 94.2%, captions and two-image questions below `shapes-long`'s (docs/experiments.md, sections 24,
+    # 25 and 26). Measured on a machine without bf16: about 115 minutes there.
     "shapes-cells": Plan(tasks=True, look="varied", tokenizer_look="exact", minutes=115.0, tokenizer_steps=2400,
-                         pretrain_steps=4000, tokenizer_overrides=(
+                         pretrain_steps=4000, edit_guidance_scale=1.0, tokenizer_overrides=(
         "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=0", "paired_share=0.5",
         "tokenizer.code_preference_margin=0.0005", "tokenizer.channel_mult=[1,2,2,4,4]",
         "tokenizer.codebook_size=128", "tokenizer.ema_decay=0.95")),

@@ -301,7 +301,8 @@ def test_a_tokenizer_look_renders_the_training_scenes_again_for_the_teacher_and_
 def test_the_cells_plan_is_the_long_demo_with_one_code_a_cell():
     base, cells = demo.PLANS["shapes-long"], demo.PLANS["shapes-cells"]
     assert replace(cells, tokenizer_steps=base.tokenizer_steps, tokenizer_overrides=base.tokenizer_overrides,
-                   minutes=base.minutes) == base
+                   minutes=base.minutes, edit_guidance_scale=base.edit_guidance_scale) == base
+    assert cells.edit_guidance_scale == 1.0  # it edits best without guidance (docs/editing.md, "Measured")
     tokenizer = {stage.name: stage for stage in demo.stages(Path("out"), cells)}["tokenizer"]
     assert "--max-steps 2400" in tokenizer.command and "tokenizer.local_context=0" in tokenizer.command
     from tokenizer_vision.config import TokenizerConfig
