@@ -138,6 +138,18 @@ PLANS = {
         "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=0", "paired_share=0.5",
         "tokenizer.code_preference_margin=0.0005", "tokenizer.channel_mult=[1,2,2,4,4]",
         "tokenizer.codebook_size=128", "tokenizer.ema_decay=0.95")),
+    # `shapes-cells` with every edit trained instruction first (`edit_image_first: 0`): the plan closest to the
+    # bars. Edits 67.0% right at its scale 1 (71.0% with seed 1), every operation at 50% or more; VQA 96.9%,
+    # two images 84.7% (docs/experiments.md, sections 26 and 27). A chat turn of an image, then an instruction
+    # starts an image for about a third of the edits only: edits go through the edit paths (`model.edit`,
+    # `mllm edit`, /v1/images/edits, the web page's draw mode, /edit in `mllm chat`), which send the
+    # instruction first. About 115 minutes without bf16, as `shapes-cells`.
+    "shapes-cells-edit": Plan(tasks=True, look="varied", tokenizer_look="exact", minutes=115.0, tokenizer_steps=2400,
+                              pretrain_steps=4000, edit_guidance_scale=1.0, llm_overrides=("edit_image_first=0",),
+                              tokenizer_overrides=(
+        "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=0", "paired_share=0.5",
+        "tokenizer.code_preference_margin=0.0005", "tokenizer.channel_mult=[1,2,2,4,4]",
+        "tokenizer.codebook_size=128", "tokenizer.ema_decay=0.95")),
     # The same in the exact world (every scene the exact render, a tokenizer of exact renders): it edits best
     # (41.7% against 30.3%) but reads the held-out rasteriser's scenes badly (docs/demo.md, "The exact world").
     "shapes-exact": Plan(tasks=True, minutes=37.0, tokenizer_overrides=(

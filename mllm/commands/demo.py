@@ -14,13 +14,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=positive_float,
                         help="scale the training stages to about this many minutes in all (default: the plan's "
                              "own: 40 for shapes)")
-    parser.add_argument("--size", choices=("shapes", "shapes-long", "shapes-cells", "shapes-exact", "shapes-lean", "tiny"),
-                        default="shapes",
+    parser.add_argument("--size", choices=("shapes", "shapes-long", "shapes-cells", "shapes-cells-edit", "shapes-exact",
+                                           "shapes-lean", "tiny"), default="shapes",
                         help="shapes (the demo: captions, VQA, drawing, editing and questions over two images, in the "
                              "varied world; about 40 minutes on 2 CPU cores), shapes-long (the same with twice the "
                              "model's steps: every figure higher, about an hour), shapes-cells (shapes-long with one code "
-                             "a cell of the scene's grid: the best edits and positioned drawing; about 115 minutes "
-                             "measured without bf16), shapes-exact (the same on exact renders: "
+                             "a cell of the scene's grid: positioned drawing, and edits in chat too; about 115 minutes "
+                             "measured without bf16), shapes-cells-edit (the same with every edit trained instruction "
+                             "first: the best edits, through the edit paths rather than plain chat turns; as long), "
+                             "shapes-exact (the same on exact renders: "
                              "edits better, reads other renderers badly; about 37 minutes), shapes-lean (no editing "
                              "or two-image training: about 20-25 minutes, the earlier bars only) or tiny (a plumbing "
                              "check: every stage on tiny models that cannot learn, no bars; 47 s on 2 CPU cores)")
