@@ -128,25 +128,13 @@ PLANS = {
         "tokenizer.code_preference_margin=0.0005")),
     # One code a cell: `shapes-long` (4000 model steps) with a 16x tokenizer (3 x 3 codes at 48 px, each code
     # the whole 16 px cell of the scene's grid, `local_context=0`), K = 128, 2400 tokenizer steps (it separates
-    # the 37 cell contents only after about 1100). Every object is one code: the best edits of any plan
-    # (52.3% at its default edit guidance scale 1, no guidance; 49.0% at the library's 1.5; 41.3% at 2000
-    # model steps, where VQA sat on its bar), drawing with a position 97%, both tokenizer agreements 100%,
-    # VQA 94.2%, captions and two-image questions below `shapes-long`'s (docs/experiments.md, sections 24,
-    # 25 and 26). Measured on a machine without bf16: about 115 minutes there.
+    # the 37 cell contents only after about 1100). Every object is one code: the best edits of any plan that
+    # edits in chat too (52.3% at its default edit guidance scale 1, no guidance; 49.0% at the library's 1.5;
+    # 41.3% at 2000 model steps, where VQA sat on its bar), drawing with a position 97%, both tokenizer
+    # agreements 100%, VQA 94.2%, captions and two-image questions below `shapes-long`'s (docs/experiments.md,
+    # sections 24-27). Measured on a machine without bf16: about 115 minutes there.
     "shapes-cells": Plan(tasks=True, look="varied", tokenizer_look="exact", minutes=115.0, tokenizer_steps=2400,
                          pretrain_steps=4000, edit_guidance_scale=1.0, tokenizer_overrides=(
-        "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=0", "paired_share=0.5",
-        "tokenizer.code_preference_margin=0.0005", "tokenizer.channel_mult=[1,2,2,4,4]",
-        "tokenizer.codebook_size=128", "tokenizer.ema_decay=0.95")),
-    # `shapes-cells` with every edit trained instruction first (`edit_image_first: 0`): the plan closest to the
-    # bars. Edits 67.0% right at its scale 1 (71.0% with seed 1), every operation at 50% or more; VQA 96.9%,
-    # two images 84.7% (docs/experiments.md, sections 26 and 27). A chat turn of an image, then an instruction
-    # starts an image for about a third of the edits only: edits go through the edit paths (`model.edit`,
-    # `mllm edit`, /v1/images/edits, the web page's draw mode, /edit in `mllm chat`), which send the
-    # instruction first. About 115 minutes without bf16, as `shapes-cells`.
-    "shapes-cells-edit": Plan(tasks=True, look="varied", tokenizer_look="exact", minutes=115.0, tokenizer_steps=2400,
-                              pretrain_steps=4000, edit_guidance_scale=1.0, llm_overrides=("edit_image_first=0",),
-                              tokenizer_overrides=(
         "tokenizer.image_size=48", "rescale_share=0.5", "tokenizer.local_context=0", "paired_share=0.5",
         "tokenizer.code_preference_margin=0.0005", "tokenizer.channel_mult=[1,2,2,4,4]",
         "tokenizer.codebook_size=128", "tokenizer.ema_decay=0.95")),
@@ -171,6 +159,14 @@ PLANS = {
                  llm_overrides=("per_device_batch_size=4", "logging_steps=1", "save_steps=2", "max_length=256"),
                  bars=False, purpose=TINY_PURPOSE),
 }
+
+# `shapes-cells` with every edit trained instruction first (`edit_image_first: 0`): the plan closest to the
+# bars. Edits 67.0% right at its scale 1 (71.0% with seed 1), every operation at 50% or more; VQA 96.9%,
+# two images 84.7% (docs/experiments.md, sections 26 and 27). A chat turn of an image, then an instruction
+# starts an image for about a third of the edits only: edits go through the edit paths (`model.edit`,
+# `mllm edit`, /v1/images/edits, the web page's draw mode, /edit in `mllm chat`), which send the
+# instruction first. About 115 minutes without bf16, as `shapes-cells`.
+PLANS["shapes-cells-edit"] = replace(PLANS["shapes-cells"], llm_overrides=("edit_image_first=0",))
 
 
 def model_dir(out: Path, plan: Plan) -> Path:
