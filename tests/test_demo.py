@@ -303,12 +303,17 @@ def test_the_cells_plan_is_the_long_demo_with_one_code_a_cell():
     assert replace(cells, tokenizer_steps=base.tokenizer_steps, tokenizer_overrides=base.tokenizer_overrides,
                    minutes=base.minutes, edit_guidance_scale=base.edit_guidance_scale) == base
     assert cells.edit_guidance_scale == 1.0  # it edits best without guidance (docs/editing.md, "Measured")
-    # its instruction-first variant differs only in what its edits train
+    # its editing variant differs only in its model's training: every edit instruction first, and a mixture
+    # with more edits and pairs
     edit = demo.PLANS["shapes-cells-edit"]
-    assert replace(edit, llm_overrides=cells.llm_overrides) == cells
-    assert edit.llm_overrides == ("edit_image_first=0",)
+    assert replace(edit, llm_overrides=cells.llm_overrides, minutes=cells.minutes) == cells
     pretrain = {stage.name: stage for stage in demo.stages(Path("out"), edit)}["pretrain"]
-    assert "edit_image_first=0" in pretrain.command
+    assert all(setting in pretrain.command for setting in edit.llm_overrides)
+    from training.recipes import load_recipe
+
+    _, config = load_recipe("shapes-pretrain-tasks", ["data=d", "out=o", *edit.llm_overrides])
+    assert config.edit_image_first == 0
+    assert config.tasks == {"caption": 0.75, "vqa": 1.5, "t2i": 0.75, "edit": 1.5, "multi": 0.75}
     tokenizer = {stage.name: stage for stage in demo.stages(Path("out"), cells)}["tokenizer"]
     assert "--max-steps 2400" in tokenizer.command and "tokenizer.local_context=0" in tokenizer.command
     from tokenizer_vision.config import TokenizerConfig
