@@ -178,6 +178,13 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
     """The demo's stages, in order."""
     data, test, codes = out / "data" / "train", out / "data" / "test", out / "data" / "train-codes"
     pretrained = out / "pretrain" / "model"
+    finish = []
+    if plan.finish_steps:
+        finish = [_train("finish", out / "finish" / "model" / "mllm_config.json", "train",
+                         "shapes-pretrain-tasks" if plan.tasks else "shapes-pretrain",
+                         {"model": pretrained, "data": codes, "out": out / "finish"}, plan.finish_steps,
+                         plan.finish_overrides)]
+        pretrained = out / "finish" / "model"
     if plan.sft_steps:
         model = [
             _train("sft", out / "sft" / "adapter" / "adapter_config.json", "train", "shapes-sft",
@@ -211,6 +218,7 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
         *_model_chain("", out, out, plan, codes, {"teacher": teacher}),
         _eval("tokenizer metrics, held-out rasteriser", "tokenizer", out / "tokenizer",
               out / "eval" / OTHER_LOOK_TOKENIZER, data=other_look_test(out)),
+        *finish,
         *model,
         *_evals("", model_dir(out, plan), out, out, plan,
                 ("shapes-vqa", "shapes-caption", "shapes-t2i", OTHER_SIZE_VQA, "shapes-edit", "shapes-multi",

@@ -306,7 +306,8 @@ def test_the_cells_plan_is_the_long_demo_with_one_code_a_cell():
     # its editing variant differs only in its model's training: every edit instruction first, and a mixture
     # with more edits and pairs
     edit = demo.PLANS["shapes-cells-edit"]
-    assert replace(edit, llm_overrides=cells.llm_overrides, minutes=cells.minutes) == cells
+    assert replace(edit, llm_overrides=cells.llm_overrides, minutes=cells.minutes, finish_steps=0,
+                   finish_overrides=()) == cells
     pretrain = {stage.name: stage for stage in demo.stages(Path("out"), edit)}["pretrain"]
     assert all(setting in pretrain.command for setting in edit.llm_overrides)
     from training.recipes import load_recipe
@@ -314,6 +315,16 @@ def test_the_cells_plan_is_the_long_demo_with_one_code_a_cell():
     _, config = load_recipe("shapes-pretrain-tasks", ["data=d", "out=o", *edit.llm_overrides])
     assert config.edit_image_first == 0
     assert config.tasks == {"caption": 0.75, "vqa": 1.5, "t2i": 0.75, "edit": 1.5, "multi": 0.75}
+    # then the finish stage: the pretrained model, 1000 more steps with twice the pairs, becomes the model
+    names = [stage.name for stage in demo.stages(Path("out"), edit)]
+    assert names.index("pretrain") < names.index("finish") < names.index("model")
+    finish = {stage.name: stage for stage in demo.stages(Path("out"), edit)}["finish"]
+    assert "--model out/pretrain/model" in finish.command and "--max-steps 1000" in finish.command
+    assert all(setting in finish.command for setting in edit.finish_overrides)
+    _, config = load_recipe("shapes-pretrain-tasks", ["data=d", "out=o", *edit.finish_overrides])
+    assert config.tasks["multi"] == 1.5 and config.learning_rate == 1e-4 and config.edit_image_first == 0
+    assert "finish" not in [stage.name for stage in demo.stages(Path("out"), cells)]
+    assert demo.scaled(edit, 70.0).finish_steps == 500
     tokenizer = {stage.name: stage for stage in demo.stages(Path("out"), cells)}["tokenizer"]
     assert "--max-steps 2400" in tokenizer.command and "tokenizer.local_context=0" in tokenizer.command
     from tokenizer_vision.config import TokenizerConfig
