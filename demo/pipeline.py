@@ -129,6 +129,11 @@ def _copy_model(name: str, source: Path, target: Path, edit_guidance_scale: floa
     return Stage(name, target / "mllm_config.json", f"cp -r {source} {target}", copy)
 
 
+def _pretrain_recipe(plan: Plan) -> str:
+    """The full-model recipe of the pretrain and finish stages: with editing and two-image tasks or without."""
+    return "shapes-pretrain-tasks" if plan.tasks else "shapes-pretrain"
+
+
 def _model_chain(prefix: str, root: Path, out: Path, plan: Plan, codes: Path,
                  tokenizer_options: dict[str, Path | str]) -> list[Stage]:
     """tokenizer -> its metrics -> init -> pretokenize -> shapes-pretrain, under `root` (stage names prefixed)."""
@@ -145,8 +150,7 @@ def _model_chain(prefix: str, root: Path, out: Path, plan: Plan, codes: Path,
         Stage(f"{prefix}pretokenize", codes / "index.json",
               f"mllm pretokenize --data {source} --vision-tokenizer {tokenizer} --out {codes}",
               lambda: pretokenize.pretokenize(source, tokenizer, codes)),
-        _train(f"{prefix}pretrain", root / "pretrain" / "model" / "mllm_config.json", "train",
-               "shapes-pretrain-tasks" if plan.tasks else "shapes-pretrain",
+        _train(f"{prefix}pretrain", root / "pretrain" / "model" / "mllm_config.json", "train", _pretrain_recipe(plan),
                {"model": root / "init", "data": codes, "out": root / "pretrain"}, plan.pretrain_steps,
                plan.llm_overrides),
     ]
@@ -180,8 +184,7 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
     pretrained = out / "pretrain" / "model"
     finish = []
     if plan.finish_steps:
-        finish = [_train("finish", out / "finish" / "model" / "mllm_config.json", "train",
-                         "shapes-pretrain-tasks" if plan.tasks else "shapes-pretrain",
+        finish = [_train("finish", out / "finish" / "model" / "mllm_config.json", "train", _pretrain_recipe(plan),
                          {"model": pretrained, "data": codes, "out": out / "finish"}, plan.finish_steps,
                          plan.finish_overrides)]
         pretrained = out / "finish" / "model"

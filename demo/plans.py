@@ -173,12 +173,13 @@ PLANS = {
 # chat turn of an image, then an instruction, is mostly answered in words: edits go through the edit paths
 # (`model.edit`, `mllm edit`, /v1/images/edits, the web page's draw mode, /edit in `mllm chat`), which send
 # the instruction first. About 140 minutes without bf16.
+def _cells_edit_training(multi: float) -> tuple[str, ...]:
+    return ("edit_image_first=0", "tasks.edit=1.5", f"tasks.multi={multi}", "tasks.t2i=0.75", "tasks.caption=0.75")
+
+
 PLANS["shapes-cells-edit"] = replace(
-    PLANS["shapes-cells"], minutes=140.0,
-    llm_overrides=("edit_image_first=0", "tasks.edit=1.5", "tasks.multi=0.75", "tasks.t2i=0.75", "tasks.caption=0.75"),
-    finish_steps=1000,
-    finish_overrides=("edit_image_first=0", "tasks.edit=1.5", "tasks.multi=1.5", "tasks.t2i=0.75", "tasks.caption=0.75",
-                      "learning_rate=1e-4", "warmup_steps=50", "seed=1"))
+    PLANS["shapes-cells"], minutes=140.0, llm_overrides=_cells_edit_training(0.75), finish_steps=1000,
+    finish_overrides=(*_cells_edit_training(1.5), "learning_rate=1e-4", "warmup_steps=50", "seed=1"))
 
 
 def model_dir(out: Path, plan: Plan) -> Path:

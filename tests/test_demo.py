@@ -308,7 +308,8 @@ def test_the_cells_plan_is_the_long_demo_with_one_code_a_cell():
     edit = demo.PLANS["shapes-cells-edit"]
     assert replace(edit, llm_overrides=cells.llm_overrides, minutes=cells.minutes, finish_steps=0,
                    finish_overrides=()) == cells
-    pretrain = {stage.name: stage for stage in demo.stages(Path("out"), edit)}["pretrain"]
+    edit_stages = {stage.name: stage for stage in demo.stages(Path("out"), edit)}
+    pretrain = edit_stages["pretrain"]
     assert all(setting in pretrain.command for setting in edit.llm_overrides)
     from training.recipes import load_recipe
 
@@ -316,9 +317,9 @@ def test_the_cells_plan_is_the_long_demo_with_one_code_a_cell():
     assert config.edit_image_first == 0
     assert config.tasks == {"caption": 0.75, "vqa": 1.5, "t2i": 0.75, "edit": 1.5, "multi": 0.75}
     # then the finish stage: the pretrained model, 1000 more steps with twice the pairs, becomes the model
-    names = [stage.name for stage in demo.stages(Path("out"), edit)]
+    names = list(edit_stages)
     assert names.index("pretrain") < names.index("finish") < names.index("model")
-    finish = {stage.name: stage for stage in demo.stages(Path("out"), edit)}["finish"]
+    finish = edit_stages["finish"]
     assert "--model out/pretrain/model" in finish.command and "--max-steps 1000" in finish.command
     assert all(setting in finish.command for setting in edit.finish_overrides)
     _, config = load_recipe("shapes-pretrain-tasks", ["data=d", "out=o", *edit.finish_overrides])
