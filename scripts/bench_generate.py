@@ -78,6 +78,7 @@ import argparse
 import copy
 import inspect
 import json
+import re
 import sys
 import tempfile
 import time
@@ -269,10 +270,24 @@ def generate_images_method(decoding: str | None, cache: str | None, window: int 
     return run
 
 
+# transformers' Janus image generate calls `_prepare_static_cache` without its `prefill_chunk_size` argument
+# before 5.18 (a TypeError at the first image; seen with 5.17.0 on a GPU machine, 2026-12-04).
+JANUS_MIN_TRANSFORMERS = (5, 18)
+
+
 def unsupported(method: str) -> str | None:
-    """Why the installed generate_images cannot run `method` (None: it can)."""
+    """Why the installed generate_images (or, for janus, transformers) cannot run `method` (None: it can)."""
     from mllm.generation import generate_images
 
+    if method == "janus":
+        import transformers
+
+        installed = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+        if installed < JANUS_MIN_TRANSFORMERS:
+            minimum = ".".join(map(str, JANUS_MIN_TRANSFORMERS))
+            return (f"transformers {transformers.__version__}'s Janus image generate fails before {minimum} "
+                    f"(pip install 'transformers>={minimum}')")
+        return None
     parameters = inspect.signature(generate_images).parameters
     if method == "static" and "cache" not in parameters:
         return "generate_images has no `cache` parameter yet"
@@ -362,7 +377,7 @@ def run_benchmark(model, methods: list[str], batch_sizes: list[int], repeats: in
     runners: dict[str, tuple[Callable, ForwardCounter | None]] = {}
     decoder = model.llm.get_decoder()
     for name in methods:
-        reason = unsupported(name) if name in ("static", "jacobi") else None
+        reason = unsupported(name) if name in ("static", "jacobi", "janus") else None
         if reason:
             notes.append(f"{name}: skipped ({reason})")
             continue

@@ -13,13 +13,20 @@ from mllm.model import UnifiedMLLM
 from tokenizer_vision import DualCodebookTokenizer
 
 
+def _load(model_dir, **kwargs) -> UnifiedMLLM:
+    # On the CPU: from_pretrained's default device is CUDA where there is one, while these tests compare with
+    # plain transformers models and batches on the CPU.
+    kwargs.setdefault("device", "cpu")
+    return UnifiedMLLM.from_pretrained(model_dir, **kwargs)
+
+
 def _logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def test_properties_and_learned_embeddings(model_tiny_dir, model_batch):
-    model = UnifiedMLLM.from_pretrained(model_tiny_dir)
+    model = _load(model_tiny_dir)
     assert not model.training and not model.vision_tokenizer.training
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
     assert model.context_length == 512  # LLM_SIZES["tiny"]["max_position_embeddings"]
@@ -36,7 +43,7 @@ def test_properties_and_learned_embeddings(model_tiny_dir, model_batch):
 
 
 def test_forward_loss_is_the_llm_loss(model_tiny_dir, model_batch):
-    model = UnifiedMLLM.from_pretrained(model_tiny_dir)
+    model = _load(model_tiny_dir)
     batch = model_batch(model)
     assert (batch["labels"] != -100).any()
     output = model(**batch)
@@ -45,14 +52,26 @@ def test_forward_loss_is_the_llm_loss(model_tiny_dir, model_batch):
     torch.testing.assert_close(output.loss, expected)
 
 
-def test_learned_round_trip_gives_identical_logits(model_tiny_dir, model_batch, tmp_path):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/device_check.sh runs it there)")
+def test_the_default_device_is_cuda_where_there_is_one_with_the_cpu_logits(model_tiny_dir, model_batch):
     model = UnifiedMLLM.from_pretrained(model_tiny_dir)
+    assert model.device.type == "cuda" and next(model.vision_tokenizer.parameters()).device.type == "cuda"
+    cpu = _load(model_tiny_dir)
+    batch = model_batch(cpu)
+    on_gpu = {key: value.to(model.device) for key, value in batch.items()}
+    with torch.no_grad():
+        logits = model(on_gpu["input_ids"], attention_mask=on_gpu["attention_mask"]).logits
+    torch.testing.assert_close(logits.cpu(), _logits(cpu, batch), atol=2e-3, rtol=2e-3)
+
+
+def test_learned_round_trip_gives_identical_logits(model_tiny_dir, model_batch, tmp_path):
+    model = _load(model_tiny_dir)
     batch = model_batch(model)
     with torch.no_grad():  # make the saved weights differ from the initial ones
         model.llm.get_input_embeddings().weight[model.config.image_offset :] += 0.5
     expected = _logits(model, batch)
     model.save_pretrained(tmp_path / "copy")
-    loaded = UnifiedMLLM.from_pretrained(tmp_path / "copy")
+    loaded = _load(tmp_path / "copy")
     assert loaded.config.to_dict() == MLLMConfig.load(tmp_path / "copy").to_dict()
     torch.testing.assert_close(_logits(loaded, batch), expected, rtol=0, atol=0)
     # and a save over an existing model folder replaces it
@@ -61,7 +80,7 @@ def test_learned_round_trip_gives_identical_logits(model_tiny_dir, model_batch, 
 
 
 def test_codebook_round_trip_gives_identical_logits(model_codebook_dir, model_batch, tmp_path):
-    model = UnifiedMLLM.from_pretrained(model_codebook_dir)
+    model = _load(model_codebook_dir)
     assert model.projector is not None
     with torch.no_grad():
         model.projector.fc2.bias += 0.1
@@ -70,13 +89,13 @@ def test_codebook_round_trip_gives_identical_logits(model_codebook_dir, model_ba
     model.save_pretrained(tmp_path / "copy", bake=False)
     assert model.config.embedding_mode == "codebook"
     assert (tmp_path / "copy" / "projector.safetensors").is_file()
-    loaded = UnifiedMLLM.from_pretrained(tmp_path / "copy")
+    loaded = _load(tmp_path / "copy")
     assert loaded.config.embedding_mode == "codebook"
     torch.testing.assert_close(_logits(loaded, batch), expected, rtol=0, atol=0)
 
 
 def test_codebook_embeddings_use_the_projector_not_the_rows(model_codebook_dir, model_batch):
-    model = UnifiedMLLM.from_pretrained(model_codebook_dir)
+    model = _load(model_codebook_dir)
     batch = model_batch(model)
     with torch.no_grad():
         model.projector.fc2.bias += 1.0  # the matrix rows are now stale
@@ -94,7 +113,7 @@ def test_codebook_embeddings_use_the_projector_not_the_rows(model_codebook_dir, 
 
 
 def test_bake_keeps_logits_and_the_baked_llm_alone_reproduces_them(model_codebook_dir, model_batch, tmp_path):
-    model = UnifiedMLLM.from_pretrained(model_codebook_dir)
+    model = _load(model_codebook_dir)
     with torch.no_grad():
         model.projector.fc2.bias += 1.0
     batch = model_batch(model)
@@ -108,7 +127,7 @@ def test_bake_keeps_logits_and_the_baked_llm_alone_reproduces_them(model_codeboo
     with torch.no_grad():
         alone = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(alone, expected)
-    torch.testing.assert_close(_logits(UnifiedMLLM.from_pretrained(tmp_path / "baked"), batch), expected)
+    torch.testing.assert_close(_logits(_load(tmp_path / "baked"), batch), expected)
 
     model.bake()
     assert model.config.embedding_mode == "learned" and model.projector is None
@@ -119,7 +138,7 @@ def test_codebook_gradient_reaches_projector_and_codebooks(model_codebook_dir, m
     vision_tokenizer = DualCodebookTokenizer.from_pretrained(
         model_codebook_dir / "vision_tokenizer", codebook_update="loss"
     )
-    model = UnifiedMLLM.from_pretrained(model_codebook_dir, vision_tokenizer=vision_tokenizer)
+    model = _load(model_codebook_dir, vision_tokenizer=vision_tokenizer)
     assert model.vision_tokenizer is vision_tokenizer
     batch = model_batch(model)
     embedded = model.embed_ids(batch["input_ids"])
@@ -144,7 +163,7 @@ def test_codebook_gradient_reaches_projector_and_codebooks(model_codebook_dir, m
 def test_peft_adapter_loads_with_identical_logits(model_tiny_dir, model_batch, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    model = UnifiedMLLM.from_pretrained(model_tiny_dir)
+    model = _load(model_tiny_dir)
     batch = model_batch(model)
     base_logits = _logits(model, batch)
     torch.manual_seed(0)
@@ -157,7 +176,7 @@ def test_peft_adapter_loads_with_identical_logits(model_tiny_dir, model_batch, t
     with pytest.raises(ValueError, match="peft adapter"):
         model.save_pretrained(tmp_path / "full")
 
-    loaded = UnifiedMLLM.from_pretrained(model_tiny_dir, adapter=tmp_path / "adapter")
+    loaded = _load(model_tiny_dir, adapter=tmp_path / "adapter")
     torch.testing.assert_close(_logits(loaded, batch), expected, rtol=0, atol=0)
     assert loaded.num_parameters() > model.num_parameters() - 1  # the adapter's weights are counted
 
@@ -170,25 +189,25 @@ def test_peft_adapter_loads_with_identical_logits(model_tiny_dir, model_batch, t
     torch.testing.assert_close(merged, expected)
 
     with pytest.raises(ValueError, match="not a peft adapter folder"):
-        UnifiedMLLM.from_pretrained(model_tiny_dir, adapter=model_tiny_dir)
+        _load(model_tiny_dir, adapter=model_tiny_dir)
 
 
 def test_loading_options_and_errors(model_tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="flash_attention_2"):
-        UnifiedMLLM.from_pretrained(model_tiny_dir, attn_implementation="flash_attention_2", dtype="bf16")
+        _load(model_tiny_dir, attn_implementation="flash_attention_2", dtype="bf16")
     with pytest.raises(ValueError, match="attn_implementation"):
-        UnifiedMLLM.from_pretrained(model_tiny_dir, attn_implementation="xformers")
+        _load(model_tiny_dir, attn_implementation="xformers")
     with pytest.raises(ValueError, match="dtype"):
-        UnifiedMLLM.from_pretrained(model_tiny_dir, dtype="fp8")
+        _load(model_tiny_dir, dtype="fp8")
     with pytest.raises(FileNotFoundError, match="mllm init"):
-        UnifiedMLLM.from_pretrained(tmp_path)
-    model = UnifiedMLLM.from_pretrained(model_tiny_dir, dtype="bf16", attn_implementation="eager")
+        _load(tmp_path)
+    model = _load(model_tiny_dir, dtype="bf16", attn_implementation="eager")
     assert model.dtype == torch.bfloat16 and model.vision_tokenizer.dtype == torch.float32
     assert model.llm.config._attn_implementation == "eager"
 
 
 def test_a_failed_save_leaves_no_folder_and_keeps_the_old_one(model_tiny_dir, tmp_path, monkeypatch):
-    model = UnifiedMLLM.from_pretrained(model_tiny_dir)
+    model = _load(model_tiny_dir)
 
     def fail(directory):
         raise OSError("disk full")
