@@ -35,6 +35,14 @@ def _command(inputs, out: Path, *extra: str) -> list[str]:
             "save_total_limit=3", "max_length=256", "warmup_steps=5"]
 
 
+def _readable(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _env() -> dict[str, str]:
     # One thread in every run: a different thread count may change the order of float reductions.
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -62,7 +70,9 @@ def test_sigkilled_cli_run_resumes_to_the_uninterrupted_result(inputs, tmp_path)
     try:
         deadline = time.time() + 240
         first = killed / f"checkpoint-{SAVE_EVERY}" / "trainer_state.json"
-        while not first.is_file() and process.poll() is None and time.time() < deadline:
+        # Until trainer_state.json reads back whole: the Trainer writes it last, so the first checkpoint is
+        # then complete. An existing but half-written file (seen on a loaded machine) would leave none.
+        while not _readable(first) and process.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)  # whatever it was doing: a step, a log line, a checkpoint
     finally:
