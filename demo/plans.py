@@ -169,10 +169,11 @@ PLANS = {
 # editing and the two-image questions a larger share (edit 1.5, multi 0.75; captions and drawing, far over
 # their bars, 0.75 each), then 1000 more steps with the pairs' weight doubled, a lower learning rate and
 # another data seed (the "finish" stage): edits 82.0% at its scale 1, every operation at 68% or more; two
-# images 87.3%, VQA 96.2%, captions 84.0%: every quality bar met (docs/experiments.md, sections 26-29). A
+# images 87.3%, VQA 96.2%, captions 84.0% in fp32; end to end with bf16 edits 85.7% and two images 87.6%:
+# every quality bar met (docs/experiments.md, sections 26-30). A
 # chat turn of an image, then an instruction, is mostly answered in words: edits go through the edit paths
 # (`model.edit`, `mllm edit`, /v1/images/edits, the web page's draw mode, /edit in `mllm chat`), which send
-# the instruction first. About 140 minutes without bf16.
+# the instruction first. About 80 minutes on 2 cores with bf16 (one end-to-end run), 140 without.
 def _cells_edit_training(multi: float) -> tuple[str, ...]:
     return ("edit_image_first=0", "tasks.edit=1.5", f"tasks.multi={multi}", "tasks.t2i=0.75", "tasks.caption=0.75")
 

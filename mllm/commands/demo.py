@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a cell of the scene's grid: positioned drawing, and edits in chat too; about 115 minutes "
                              "measured without bf16), shapes-cells-edit (the same with every edit trained instruction "
                              "first and more edits and pairs: every quality bar, edits through the edit paths rather "
-                             "than plain chat turns; about 140 minutes measured without bf16), "
+                             "than plain chat turns; about 80 minutes with bf16, 140 without), "
                              "shapes-exact (the same on exact renders: "
                              "edits better, reads other renderers badly; about 37 minutes), shapes-lean (no editing "
                              "or two-image training: about 20-25 minutes, the earlier bars only) or tiny (a plumbing "
