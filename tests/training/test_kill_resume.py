@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.components import complete_checkpoints
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, SAVE_EVERY = 120, 10
 
@@ -33,14 +35,6 @@ def _command(inputs, out: Path, *extra: str) -> list[str]:
             "--data", str(data), "--out", str(out), "--max-steps", str(STEPS), *extra,
             "--set", "per_device_batch_size=4", "num_samples=24", "logging_steps=1", f"save_steps={SAVE_EVERY}",
             "save_total_limit=3", "max_length=256", "warmup_steps=5"]
-
-
-def _readable(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def _env() -> dict[str, str]:
@@ -69,10 +63,9 @@ def test_sigkilled_cli_run_resumes_to_the_uninterrupted_result(inputs, tmp_path)
                                stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        first = killed / f"checkpoint-{SAVE_EVERY}" / "trainer_state.json"
-        # Until trainer_state.json reads back whole: the Trainer writes it last, so the first checkpoint is
-        # then complete. An existing but half-written file (seen on a loaded machine) would leave none.
-        while not _readable(first) and process.poll() is None and time.time() < deadline:
+        # Until the first checkpoint is complete by the rule resuming uses (its trainer_state.json reads back
+        # whole): a file that exists but is half-written (seen on a loaded machine) would leave none.
+        while not complete_checkpoints(killed) and process.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)  # whatever it was doing: a step, a log line, a checkpoint
     finally:
