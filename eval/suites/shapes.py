@@ -16,6 +16,7 @@ the caption names exactly the scene's objects with the right colour, shape and p
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from eval.suites.base import Item, ScoreContext, Suite
@@ -120,8 +121,8 @@ def caption_matches(caption: str, scene: dict) -> tuple[bool, bool]:
         return False, False
     objects = scene["objects"]
 
-    def as_set(entries, fields):
-        return sorted(tuple(entry.get(field) for field in fields) for entry in entries)
+    def as_set(entries, fields):  # a multiset: a caption may leave a field out (None), which does not sort
+        return Counter(tuple(entry.get(field) for field in fields) for entry in entries)
 
     right = as_set(specs, ("color", "shape", "cell")) == as_set(objects, ("color", "shape", "cell"))
     exact = as_set(specs, ("size", "color", "shape", "cell")) == as_set(objects, ("size", "color", "shape", "cell"))

@@ -110,6 +110,10 @@ def test_shapes_caption_reads_captions_back_with_the_judge():
     assert caption_matches("a red circle at the top right and a blue square at the center", scene) \
         == (False, False)
     assert caption_matches("two shapes", scene) == (False, False)
+    # an object named without its size (seen from a trained model): right, not exact, and no crash sorting
+    # a missing size among the others
+    assert caption_matches("a red circle at the top left and a small blue square at the center", scene) \
+        == (True, False)
 
 
 def test_two_processes_share_the_work_and_the_file(model_dir, tmp_path):
