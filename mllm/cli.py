@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "edit": ("mllm.commands.edit", 'edit an image with a model folder ("make the circle blue", "remove the square")'),
     "train": ("mllm.commands.train", "train the unified model with a staged recipe (align, pretrain, sft, ett; LoRA, QLoRA or full)"),
     "merge": ("mllm.commands.merge", "base model folder + LoRA adapter -> full model folder"),
+    "chat-threshold": ("mllm.commands.chat_threshold", "measure and set when chat answers an image and an instruction with an image"),
     "chat": ("mllm.commands.chat", "chat with a model in the terminal (/image PATH, /draw PROMPT, /reset, /quit)"),
     "serve": ("mllm.commands.serve", "OpenAI-compatible HTTP server (chat completions with images, image generation) + web chat"),
     "demo": ("mllm.commands.demo", "the whole pipeline on the shapes world: data, tokenizer, model, evaluation, report"),

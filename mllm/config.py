@@ -94,6 +94,12 @@ class MLLMConfig:
     # The guidance scale of an edit that names none (`MLLM.edit`, `mllm edit`, /v1/images/edits, the edit
     # suites): the one measured best for this model (`mllm demo` writes its plan's; 1: no guidance).
     edit_guidance_scale: float = EDIT_GUIDANCE_SCALE
+    # Chat, on a turn of one image followed by text (an edit as chat clients send it, or a question): the
+    # reply starts with an image when the model gives `<|boi|>` at least this chance as the reply's first
+    # token, even where another token is likelier. A model trained on instruction-first edits gives
+    # image-first edits a small but clear chance of an image and questions almost none (docs/editing.md,
+    # "Edits in chat"); `mllm demo` measures this threshold for its model. None: the plain decision.
+    chat_image_threshold: float | None = None
     versions: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,6 +114,8 @@ class MLLMConfig:
             )
         if not self.edit_guidance_scale > 0:
             raise ValueError(f"edit_guidance_scale must be positive (1: no guidance), got {self.edit_guidance_scale}")
+        if self.chat_image_threshold is not None and not 0 < self.chat_image_threshold < 1:
+            raise ValueError(f"chat_image_threshold must be in (0, 1) or null, got {self.chat_image_threshold}")
         specials = {"boi": self.boi_token_id, "eoi": self.eoi_token_id, "image": self.image_token_id}
         for name, token_id in specials.items():
             if not 0 <= token_id < self.image_offset:

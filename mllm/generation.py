@@ -725,8 +725,10 @@ def chat(
             if not draw:
                 if len(prompt) + len(generated) >= limit:
                     break
+                # The reply's first token on a turn of an image then text: `config.chat_image_threshold`.
+                floor = config.chat_image_threshold if edit_turn is not None and not generated else None
                 new = _next_text(model, prompt, generated, limit, len(image_codes) < max_images, temperature,
-                                 top_k, top_p, stop_strings)
+                                 top_k, top_p, stop_strings, image_floor=floor)
                 generated += new
                 if not new or new[-1] != boi:
                     break
@@ -789,18 +791,71 @@ def edit_order(conversation: Conversation) -> Conversation | None:
 
 
 def _next_text(model, prompt: torch.Tensor, generated: list[int], limit: int, may_draw: bool, temperature,
-               top_k, top_p, stop_strings: list[str]) -> list[int]:
+               top_k, top_p, stop_strings: list[str], image_floor: float | None = None) -> list[int]:
     """chat(): the next stretch of reply text after prompt + generated, up to the end of turn, the
     `limit` (total length) or `<|boi|>`. `<|boi|>` is allowed (when `may_draw`) only where its image
-    (h*w + 2 tokens) still fits under `limit`."""
+    (h*w + 2 tokens) still fits under `limit`; with `image_floor`, the first token is `<|boi|>` whenever
+    the model gives it at least that chance (`_ImageStart`)."""
     config = model.config
     ids = torch.tensor([prompt.tolist() + generated], device=model.device)
     last_start = limit - (config.image_tokens_per_image + 2)  # the longest sequence an image may follow
     can_draw = may_draw and ids.shape[1] <= last_start
     ends, boi = _end_of_reply_ids(model), config.boi_token_id
+    processors: list[LogitsProcessor] = []
+    if can_draw:
+        processors.append(_ImageRoom(boi, last_start))
+        if image_floor is not None:
+            processors.append(_ImageStart(boi, ids.shape[1], [image_floor]))
     return _generate_ids(model, ids, torch.ones_like(ids), limit - ids.shape[1], temperature, top_k, top_p,
                          stop_strings, stop_ids=[*ends, boi] if can_draw else ends, allow_boi=can_draw,
-                         logits_processors=[_ImageRoom(boi, last_start)] if can_draw else None)[0]
+                         logits_processors=processors or None)[0]
+
+
+def image_start_chances(model, conversations: Sequence[Conversation]) -> list[float]:
+    """The chance the model gives `<|boi|>` as the first token of its reply to each conversation, among the
+    tokens chat may start a reply with (image ids and other control tokens suppressed, as `chat` does): what
+    `config.chat_image_threshold` is compared with. One forward pass per conversation."""
+    return [chance for chance, _ in image_start_decisions(model, conversations)]
+
+
+def image_start_decisions(model, conversations: Sequence[Conversation]) -> list[tuple[float, bool]]:
+    """`image_start_chances`, each with whether `<|boi|>` is the likeliest first token (the plain greedy
+    decision to start an image)."""
+    config = model.config
+    ends, boi = _end_of_reply_ids(model), config.boi_token_id
+    suppressed = _suppressed_ids(model, [*ends, boi], allow_boi=True)
+    out = []
+    with _generation_mode(model), torch.no_grad():
+        for conversation in conversations:
+            batch = _encode_prompts(model, [conversation])
+            ids = batch["input_ids"][:, batch["attention_mask"][0].bool()]
+            logits = model.llm(input_ids=ids).logits[0, -1].float()
+            logits[suppressed] = -float("inf")
+            out.append((float(torch.softmax(logits, dim=-1)[boi]), int(logits.argmax()) == boi))
+    return out
+
+
+class _ImageStart(LogitsProcessor):
+    """At sequence length `at` (the reply's first token): `<|boi|>` in each row whose chance of it, from the
+    scores as they reach this processor (after the suppression of ids a reply may not start with; before
+    temperature), is at least the row's floor (`config.chat_image_threshold`; None: the row is left alone).
+    `floors`: one per row of the batch."""
+
+    def __init__(self, boi_token_id: int, at: int, floors: Sequence[float | None]) -> None:
+        self.boi_token_id, self.at = boi_token_id, at
+        self.floors = torch.tensor([2.0 if floor is None else floor for floor in floors])  # 2: never reached
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.at:
+            return scores
+        chance = torch.softmax(scores.float(), dim=-1)[:, self.boi_token_id]
+        forced = chance >= self.floors.to(chance.device)
+        if not bool(forced.any()):
+            return scores
+        scores = scores.clone()
+        scores[forced] = -float("inf")
+        scores[forced, self.boi_token_id] = 0.0
+        return scores
 
 
 class _ImageRoom(LogitsProcessor):
@@ -896,12 +951,7 @@ def _generate_ids(
     engine uses them); `logits_processors` are applied after the suppression.
     """
     config = model.config
-    vocab_rows = model.llm.get_output_embeddings().weight.shape[0]
-    allowed = set(stop_ids) | ({config.boi_token_id} if allow_boi else set())
-    control = special_token_ids(model.processor.text_tokenizer) | {
-        config.boi_token_id, config.eoi_token_id, config.image_token_id}
-    suppressed = list(range(config.image_offset, vocab_rows)) + sorted(
-        i for i in control if i not in allowed and 0 <= i < config.image_offset)
+    suppressed = _suppressed_ids(model, stop_ids, allow_boi)
     sampling = temperature > 0
     generation_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -934,6 +984,18 @@ def _generate_ids(
                 break
         new_rows.append(row)
     return new_rows
+
+
+def _suppressed_ids(model, stop_ids: Sequence[int], allow_boi: bool) -> list[int]:
+    """The ids text generation never emits: image ids (and padding rows) and every control id of the text
+    tokenizer that is not a stop id (nor `<|boi|>` where it is allowed)."""
+    config = model.config
+    vocab_rows = model.llm.get_output_embeddings().weight.shape[0]
+    allowed = set(stop_ids) | ({config.boi_token_id} if allow_boi else set())
+    control = special_token_ids(model.processor.text_tokenizer) | {
+        config.boi_token_id, config.eoi_token_id, config.image_token_id}
+    return list(range(config.image_offset, vocab_rows)) + sorted(
+        i for i in control if i not in allowed and 0 <= i < config.image_offset)
 
 
 def _end_of_reply_ids(model) -> list[int]:

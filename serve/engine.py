@@ -299,7 +299,15 @@ class Engine(Admission):
     def _run_chat(self, jobs: list[ChatJob]) -> None:
         from transformers import StoppingCriteriaList
 
-        from mllm.generation import _encode_prompts, _end_of_reply_ids, _finish_text, _generate_ids, chat
+        from mllm.generation import (
+            _encode_prompts,
+            _end_of_reply_ids,
+            _finish_text,
+            _generate_ids,
+            _ImageStart,
+            chat,
+            edit_order,
+        )
 
         model = self.model.model
         config = model.config
@@ -318,9 +326,14 @@ class Engine(Admission):
         with _scoped_seed(first.seed, model.device):
             streamer = _RowStreamer(model, [job.on_delta for job, _ in rows], [choice for _, choice in rows], first.stop)
             limits = _RowLimits(budgets, [job.cancelled for job, _ in rows], batch["input_ids"].shape[1])
+            # The reply's first token on a turn of an image then text: `config.chat_image_threshold`, as in chat.
+            floors = [config.chat_image_threshold if edit_order(job.messages) is not None else None for job, _ in rows]
+            starts = [_ImageStart(config.boi_token_id, batch["input_ids"].shape[1], floors)] if any(
+                floor is not None for floor in floors) else None
             new_ids = _generate_ids(model, batch["input_ids"], batch["attention_mask"], max(budgets), first.temperature,
                                     None, first.top_p, first.stop, stop_ids=[*ends, config.boi_token_id],
-                                    allow_boi=True, streamer=streamer, stopping_criteria=StoppingCriteriaList([limits]))
+                                    allow_boi=True, streamer=streamer, stopping_criteria=StoppingCriteriaList([limits]),
+                                    logits_processors=starts)
             results: dict[int, list] = {id(job): [None] * job.n for job in jobs}
             for row, ((job, choice), ids, budget) in enumerate(zip(rows, new_ids, budgets)):
                 if job.cancelled.is_set():

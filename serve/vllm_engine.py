@@ -91,6 +91,12 @@ def _apply(rows: dict[int, _Row], logits: torch.Tensor) -> torch.Tensor:
             boi_until = spec.get("boi_until")
             if boi_until is not None and row.prompt_len + len(row.output) > boi_until:
                 logits[index, spec["boi"]] = neg
+            floor = spec.get("boi_floor")  # `config.chat_image_threshold`, on the reply's first token
+            if floor is not None and not row.output:
+                boi = spec["boi"]
+                if float(torch.softmax(logits[index].float(), dim=-1)[boi]) >= floor:
+                    logits[index] = neg
+                    logits[index, boi] = 0.0
             continue
         # an image row: every position is an image position
         if spec.get("pair") is None:
@@ -121,7 +127,8 @@ class MLLMLogitsProcessor(_ProcessorBase):
     """vLLM v1 batch-level logits processor for mllm requests (those with `extra_args["mllm"]`).
 
     Text rows ("kind": "text"): image ids, control ids and, past `boi_until` tokens, `<|boi|>` suppressed
-    (as `mllm.generation._generate_ids` and `_ImageRoom` do). Image rows ("kind": "image"): only image ids;
+    (as `mllm.generation._generate_ids` and `_ImageRoom` do); with "boi_floor", the row's first token is
+    `<|boi|>` whenever its chance is at least that (`_ImageStart`, `config.chat_image_threshold`). Image rows ("kind": "image"): only image ids;
     rows of a guidance pair (same "pair", roles "c" and "u") both get u + s (c - u) on the image ids when
     both are in the batch with as many output tokens; otherwise each present member is forced to emit
     its "poison" id (`<|eoi|>`), which ends it and lets the engine fail the request."""
@@ -296,11 +303,11 @@ class VLLMEngine(Admission):
                                                                        config.image_token_id}
         self.control = control
 
-    def _text_spec(self, allow_boi: bool, boi_until: int | None) -> dict:
+    def _text_spec(self, allow_boi: bool, boi_until: int | None, boi_floor: float | None = None) -> dict:
         allowed = set(self.ends) | ({self.boi} if allow_boi else set())
         suppress = sorted(i for i in self.control if i not in allowed and 0 <= i < self.image_range[0])
         return {"kind": "text", "image_range": self.image_range, "suppress": suppress, "boi": self.boi,
-                "boi_until": boi_until if allow_boi else None}
+                "boi_until": boi_until if allow_boi else None, "boi_floor": boi_floor if allow_boi else None}
 
     # ------------------------------------------------------------------ client side (Engine's interface)
     def reserve(self) -> Reservation:
@@ -648,7 +655,9 @@ class VLLMEngine(Admission):
         while len(prompt) + len(generated) < limit:
             may_draw = len(codes) < MAX_IMAGES_PER_TURN
             last_start = limit - per_image
-            spec = self._text_spec(may_draw, last_start)
+            # The reply's first token on a turn of an image then text: `config.chat_image_threshold`.
+            floor = inner.config.chat_image_threshold if edit_prompt is not None and not generated else None
+            spec = self._text_spec(may_draw, last_start, floor)
             stop_ids = [*self.ends, self.boi] if may_draw else list(self.ends)
             step_seed = None if seed is None else rng.randrange(2**31 - 1)
             ids, reason = yield _TextStep(prompt + generated, limit - len(prompt) - len(generated), job.temperature,

@@ -242,6 +242,10 @@ CASES = [
         "--set tasks.chatt=0.5",
         ["did you mean chat?"]),
     # merge
+    ("chat-threshold --model {out}/nope", ["{out}/nope", "not a model folder"]),
+    ("chat-threshold --model {model} --scenes 0", ["--scenes"]),
+    ("chat-threshold --model {model} --look varid", ["did you mean varied?"]),
+    ("chat-threshold --model {model} --out {out}", ["--out {out} is a folder"]),
     ("merge --base {out}/nope --adapter {adapter_other} --out {out}/m", ["{out}/nope"]),
     ("merge --base {model} --adapter {model} --out {out}/m", ["--adapter {model}", "model folder"]),
     ("merge --base {model} --adapter {adapter_notlora} --out {out}/m", ["{adapter_notlora}", "peft_type"]),

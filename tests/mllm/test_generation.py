@@ -680,3 +680,38 @@ def test_edit_order_leaves_other_turns_alone(content):
     assert edit_order([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
                                                     {"type": "text", "text": "t"}]},
                        {"role": "assistant", "content": "ok"}]) is None  # the last turn is not the user's
+
+
+def test_chat_starts_an_image_where_its_chance_reaches_the_models_threshold(tiny, monkeypatch):
+    """`config.chat_image_threshold`: on a turn of an image then text, the reply starts with an image whenever
+    the model gives `<|boi|>` at least that chance as its first token (`image_start_chances`), even where
+    another token is likelier; under it, or on a turn of text alone, the plain (greedy) decision stands."""
+    from mllm.generation import image_start_chances
+
+    config = tiny.config
+    h, w = config.grid_size
+    image = {"type": "image", "codes": torch.arange(h * w).reshape(h, w) % config.codebook_size}
+    sent = [{"role": "user", "content": [image, {"type": "text", "text": "make the circle blue"}]}]
+    text_only = [{"role": "user", "content": "make the circle blue"}]
+    red = tiny.processor.text_tokenizer.encode("red", add_special_tokens=False)[0]
+    with biased_head(tiny, {red: 10.0}):  # "red" the likeliest first token by far
+        (base,) = image_start_chances(tiny, sent)
+    bias = float(torch.log(torch.tensor(0.1 / 0.9 * (1 - base) / base)))  # about a 10% chance of <|boi|>
+    per_image = config.image_tokens_per_image + 2
+    monkeypatch.setattr(config, "chat_image_threshold", None)
+    with biased_head(tiny, {red: 10.0, config.boi_token_id: bias}):
+        chance, chance_text = image_start_chances(tiny, [sent, text_only])
+        assert 0.02 < chance < 0.4
+        plain = chat(tiny, sent, max_new_tokens=per_image + 2, max_images=1)
+        assert plain["images"] == []  # greedy: <|boi|> is not the likeliest token
+        for threshold, drawn in ((chance * 0.9, 1), (chance * 1.1, 0)):
+            monkeypatch.setattr(config, "chat_image_threshold", threshold)
+            reply = chat(tiny, sent, max_new_tokens=per_image + 2, max_images=1)
+            assert len(reply["images"]) == drawn, threshold
+        monkeypatch.setattr(config, "chat_image_threshold", min(chance, chance_text) * 0.5)
+        assert chat(tiny, text_only, max_new_tokens=per_image + 2, max_images=1)["images"] == []
+
+
+def test_chat_image_threshold_must_be_a_chance():
+    with pytest.raises(ValueError, match="chat_image_threshold must be in"):
+        BareModel().config.__class__(**{**BareModel().config.to_dict(), "chat_image_threshold": 1.5})

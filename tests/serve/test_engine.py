@@ -253,3 +253,37 @@ def test_a_reply_that_starts_an_image_without_room_counts_its_own_tokens(model):
         llm.set_output_embeddings(head)
     (choice,) = job.result
     assert choice["images"] == [] and choice["completion_tokens"] == 6 and choice["finish_reason"] == "length"
+
+
+def test_the_models_chat_image_threshold_applies_to_each_row_of_a_batch(model, monkeypatch):
+    """`config.chat_image_threshold` in the batched text pass: a turn of an image then text starts an image
+    where the model's chance of `<|boi|>` reaches it (here any chance: the untrained model never prefers
+    `<|boi|>`); a text turn in the same batch, and the same image turn without a threshold, answer in words."""
+    import torch
+
+    from mllm.generation import image_start_decisions
+
+    config = model.model.config
+    h, w = config.grid_size
+    image = {"type": "image", "codes": torch.zeros(h, w, dtype=torch.long)}
+    edit = [{"role": "user", "content": [image, {"type": "text", "text": "make the circle blue"}]}]
+    ((chance, likeliest),) = image_start_decisions(model.model, edit)
+    assert not likeliest and chance > 1e-6
+    budget = config.image_tokens_per_image + 4
+
+    def run(threshold):
+        monkeypatch.setattr(config, "chat_image_threshold", threshold)
+        engine = Engine(model, max_batch=4, batch_window_s=0.3)
+        try:
+            jobs = [_chat("x", messages=edit, max_tokens=budget), _chat("make the circle blue", max_tokens=budget)]
+            for job in jobs:
+                engine.submit(job)
+            _wait(*jobs)
+            assert engine.stats["max_batch"] == 2
+        finally:
+            engine.close()
+        return [len(job.result[0]["images"]) for job in jobs]
+
+    assert run(1e-6) == [1, 0]
+    assert run(None) == [0, 0]
+    assert run(min(0.99, chance * 1.5)) == [0, 0]

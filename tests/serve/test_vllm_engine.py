@@ -16,61 +16,23 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm runs these tests in .venv-vllm)")
 
-import torch
 
 from serve.engine import ChatJob, ImageJob
-from serve.vllm_engine import MLLMLogitsProcessor, PairLost, _apply, _Row
+from serve.vllm_engine import MLLMLogitsProcessor, PairLost
 
 VLLM_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
              "num_key_value_heads": 1, "max_position_embeddings": 512, "text_vocab_size": 256}
 
 
 # ------------------------------------------------------------------------------------ the logits processor
-def _image_spec(pair, role, scale=3.0):
-    return {"kind": "image", "image_range": [4, 10], "poison": 2, "pair": pair, "role": role, "scale": scale}
-
-
-def test_guidance_written_into_both_rows_and_image_positions_restricted():
-    logits = torch.randn(3, 12)
-    original = logits.clone()
-    rows = {0: _Row(_image_spec("p", "c"), 5, [4, 5]), 2: _Row(_image_spec("p", "u"), 3, [4, 5]),
-            1: _Row({"kind": "image", "image_range": [4, 10], "pair": None, "poison": 2}, 4, [])}
-    out = _apply(rows, logits)
-    c, u = original[0, 4:10], original[2, 4:10]
-    guided = u + 3.0 * (c - u)
-    for row in (0, 2):
-        assert torch.allclose(out[row, 4:10], guided)
-        assert torch.isinf(out[row, :4]).all() and torch.isinf(out[row, 10:]).all()
-    assert torch.equal(out[1, 4:10], original[1, 4:10])  # unguided image row: only restricted
-    assert torch.isinf(out[1, :4]).all() and torch.isinf(out[1, 10:]).all()
-
-
-def test_a_row_without_its_partner_is_forced_to_its_poison_id():
-    logits = torch.randn(2, 12)
-    rows = {0: _Row(_image_spec("p", "c"), 5, [4]), 1: _Row(_image_spec("q", "u"), 5, [4, 4])}
-    out = _apply(rows, logits)
-    for row in (0, 1):
-        assert int(out[row].argmax()) == 2 and torch.isinf(out[row]).sum() == 11
-    # partners out of step (different output lengths) are not guided either
-    rows = {0: _Row(_image_spec("p", "c"), 5, [4]), 1: _Row(_image_spec("p", "u"), 5, [4, 4])}
-    out = _apply(rows, torch.randn(2, 12))
-    assert int(out[0].argmax()) == 2 and int(out[1].argmax()) == 2
-
-
-def test_text_rows_suppress_images_control_ids_and_late_boi():
-    spec = {"kind": "text", "image_range": [4, 10], "suppress": [1], "boi": 3, "boi_until": 6}
-    rows = {0: _Row(spec, 5, []), 1: _Row(spec, 5, [7, 8])}
-    out = _apply(rows, torch.zeros(2, 12))
-    assert torch.isinf(out[:, 4:10]).all() and torch.isinf(out[:, 1]).all()
-    assert out[0, 3] == 0 and torch.isinf(out[1, 3])  # 5 + 0 <= 6: may start an image; 5 + 2 > 6: not
-
-
+# (`_apply` itself, which needs no vLLM: tests/serve/test_vllm_logits.py)
 def test_processor_follows_batch_updates():
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
     processor = MLLMLogitsProcessor()
-    params = SamplingParams(extra_args={"mllm": _image_spec(None, "c")})
+    params = SamplingParams(extra_args={"mllm": {"kind": "image", "image_range": [4, 10], "poison": 2, "pair": None,
+                                                 "role": "c", "scale": 3.0}})
     plain = SamplingParams()
     processor.update_state(BatchUpdate(batch_size=2, removed=[], added=[(0, params, [1, 2], []), (1, plain, [1], [])],
                                        moved=[]))
