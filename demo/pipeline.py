@@ -22,6 +22,7 @@ from eval import runner
 from eval.runner import EvalSettings
 from mllm import init as model_init
 from mllm import merge
+from mllm.chat_threshold import DEFAULT_SCENES as DEFAULT_THRESHOLD_SCENES
 from mllm.config import MLLMConfig
 from mllm.data import pretokenize, shapes
 from training import recipes
@@ -111,6 +112,30 @@ def _set_edit_guidance(model_folder: Path, scale: float | None) -> None:
         config = MLLMConfig.load(model_folder)
         config.edit_guidance_scale = scale
         config.save(model_folder)
+
+
+def _chat_threshold(model_folder: Path, out: Path, plan: Plan) -> Stage:
+    """`mllm chat-threshold`: the model's chat image threshold, measured on scenes it never trained on and
+    written into its mllm_config.json; the figures in out/results.json (the marker)."""
+    results = out / "results.json"
+    scenes = min(DEFAULT_THRESHOLD_SCENES, plan.test_scenes)
+
+    def measure() -> None:
+        import mllm
+        from mllm.chat_threshold import measure as measure_chances
+
+        figures = measure_chances(mllm.load(model_folder), look=plan.look, scenes=scenes)
+        config = MLLMConfig.load(model_folder)
+        config.chat_image_threshold = figures["threshold"]
+        config.save(model_folder)
+        out.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"chat_image_threshold = {figures['threshold']}: edits sent image first that start an image "
+              f"{figures['edits_starting_an_image_plain']}% -> {figures['edits_starting_an_image']}%, questions "
+              f"{figures['questions_starting_an_image_plain']}% -> {figures['questions_starting_an_image']}%")
+
+    return Stage("chat threshold", results, f"mllm chat-threshold --model {model_folder} --look {plan.look} "
+                 f"--scenes {scenes} --out {results}", measure)
 
 
 def _copy_model(name: str, source: Path, target: Path, edit_guidance_scale: float | None = None) -> Stage:
@@ -223,6 +248,7 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
               out / "eval" / OTHER_LOOK_TOKENIZER, data=other_look_test(out)),
         *finish,
         *model,
+        *([_chat_threshold(model_dir(out, plan), out / "eval" / "chat-threshold", plan)] if plan.chat_threshold else []),
         *_evals("", model_dir(out, plan), out, out, plan,
                 ("shapes-vqa", "shapes-caption", "shapes-t2i", OTHER_SIZE_VQA, "shapes-edit", "shapes-multi",
                  OTHER_LOOK_VQA)),
@@ -233,7 +259,8 @@ def ablation_stages(out: Path, plan: Plan) -> list[Stage]:
     """The paper claims in miniature, after the demo (reusing its data, teacher and dual tokenizer):
 
     (a) TokenFlow: a pixel-only tokenizer (one codebook, the same K and code grid, the same steps) and a
-        model trained on its codes with the demo's recipe and steps, against the demo's dual-codebook model.
+        model trained on its codes with the demo's recipe and steps (its finish stage too), against the demo's
+        dual-codebook model.
     (b) ETT: from one codebook-mode init of the dual tokenizer, `shapes-ett` for `ett_steps` with the
         tokenizer tuned end to end, and the same with it frozen (`ett.train_tokenizer=false`).
     """
@@ -245,9 +272,16 @@ def ablation_stages(out: Path, plan: Plan) -> list[Stage]:
         return _train(name, folder / "model" / "mllm_config.json", "train", "shapes-ett",
                       {"model": init, "data": data, "out": folder}, plan.ett_steps, (*overrides, *plan.llm_overrides))
 
+    pixel_model, finish = pixel / "pretrain" / "model", []
+    if plan.finish_steps:  # the demo's model had its finish stage: so does the pixel-only one
+        finish = [_train("pixel-only finish", pixel / "finish" / "model" / "mllm_config.json", "train",
+                         _pretrain_recipe(plan), {"model": pixel_model, "data": pixel / "train-codes",
+                                                  "out": pixel / "finish"}, plan.finish_steps, plan.finish_overrides)]
+        pixel_model = pixel / "finish" / "model"
     return [
         *_model_chain("pixel-only ", pixel, out, plan, pixel / "train-codes", {"quantizer": "pixel"}),
-        *_evals("pixel-only ", pixel / "pretrain" / "model", pixel, out, plan, ("shapes-vqa", "shapes-t2i")),
+        *finish,
+        *_evals("pixel-only ", pixel_model, pixel, out, plan, ("shapes-vqa", "shapes-t2i")),
         _init("codebook-mode init", plan, out / "tokenizer", init, embedding="codebook"),
         ett("ETT", ab / "ett"),
         ett("frozen tokenizer", ab / "frozen", ("ett.train_tokenizer=false",)),

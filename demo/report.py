@@ -82,7 +82,12 @@ def write_report(out: Path, plan: Plan, timings: dict[str, float], commands: dic
              ("editing: untouched objects kept (%)", _metric(_results(out, "eval/shapes-edit"), "kept")),
              ("editing: output is the unchanged source (%)", _metric(_results(out, "eval/shapes-edit"), "copied")),
              *((f"two images, {kind} questions (%)", _metric(_results(out, "eval/shapes-multi"), f"accuracy_{kind}"))
-               for kind in ("count", "more", "change", "single"))]
+               for kind in ("count", "more", "change", "single")),
+             *((label, _metric(_results(out, "eval/chat-threshold"), metric)) for label, metric in (
+                 ("chat: edits sent image first that start an image, with the model's threshold (%)",
+                  "edits_starting_an_image"),
+                 ("chat: the same without a threshold (%)", "edits_starting_an_image_plain"),
+                 ("chat: questions that start an image, with the threshold (%)", "questions_starting_an_image")))]
     for label, value in extra:
         if value is not None:
             rows.append(f"| {label} | {value:.2f} | | |")

@@ -63,7 +63,7 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
     printed = capsys.readouterr().out
     # The rerun starts at the interrupted stage: nothing before it runs again.
     assert _stages_run(printed) == [
-        "sft", "merge", "eval shapes-vqa", "eval shapes-caption", "eval shapes-t2i", "eval shapes-vqa-other-size",
+        "sft", "merge", "chat threshold", "eval shapes-vqa", "eval shapes-caption", "eval shapes-t2i", "eval shapes-vqa-other-size",
         "eval shapes-edit", "eval shapes-multi", f"eval {demo.OTHER_LOOK_VQA}"]
     for stage in demo.stages(out, plan):
         assert stage.marker.is_file(), stage.name
@@ -103,7 +103,15 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
     held_out = json.loads((out / "eval" / demo.OTHER_LOOK_VQA / "results.json").read_text())
     assert held_out["data"].endswith("test-other-look")
     assert (out / "eval" / demo.OTHER_LOOK_TOKENIZER / "results.json").is_file()
+    # The chat image threshold was measured on the model and written into its config (the tiny model's
+    # chances are whatever an untrained model gives: the value is the rule's, checked in test_chat_threshold).
+    from mllm.config import MLLMConfig
+
+    chat = json.loads((out / "eval" / "chat-threshold" / "results.json").read_text())
+    assert chat["scenes"] == plan.test_scenes and chat["look"] == plan.look
+    assert MLLMConfig.load(out / "model").chat_image_threshold == chat["threshold"]
     text = (out / "report.md").read_text()
+    assert "chat: edits sent image first that start an image" in text
     assert f"rendered at {plan.other_size} px" in text and "eval/shapes-edit/examples.png" in text
     # the report says how to rerun every stage by hand
     assert "mllm train --recipe shapes-sft" in text and "mllm eval --model" in text
@@ -124,10 +132,27 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
     assert modes(out) == {"dirs": {"0o775"}, "files": {"0o664"}}
 
 
-def test_the_long_plan_is_the_demo_with_twice_the_models_steps():
-    base, long = demo.PLANS["shapes"], demo.PLANS["shapes-long"]
+def test_the_long_plan_is_the_six_by_six_plan_with_twice_the_models_steps():
+    base, long = demo.PLANS["shapes-6x6"], demo.PLANS["shapes-long"]
     assert long.pretrain_steps == 2 * base.pretrain_steps
     assert replace(long, pretrain_steps=base.pretrain_steps, minutes=base.minutes) == base
+
+
+def test_the_demo_is_the_cells_edit_plan_with_half_its_pretraining():
+    """`mllm demo`'s default: shapes-cells-edit's tokenizer, mixture, finish stage and chat threshold, with
+    2000 pretraining steps instead of 4000 (docs/experiments.md, section 31)."""
+    shapes, edit = demo.PLANS["shapes"], demo.PLANS["shapes-cells-edit"]
+    assert (shapes.pretrain_steps, shapes.finish_steps, edit.pretrain_steps) == (2000, 1000, 4000)
+    assert replace(shapes, pretrain_steps=edit.pretrain_steps, minutes=edit.minutes) == edit
+    assert shapes.chat_threshold and shapes.edit_guidance_scale == 1.0 and "edit_image_first=0" in shapes.llm_overrides
+    import argparse
+
+    from mllm.commands.demo import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).size == "shapes" and set(parser._option_string_actions["--size"].choices) == set(
+        demo.PLANS)
 
 
 def test_minutes_scale_the_training_stages():
@@ -307,7 +332,8 @@ def test_the_cells_plan_is_the_long_demo_with_one_code_a_cell():
     # with more edits and pairs
     edit = demo.PLANS["shapes-cells-edit"]
     assert replace(edit, llm_overrides=cells.llm_overrides, minutes=cells.minutes, finish_steps=0,
-                   finish_overrides=()) == cells
+                   finish_overrides=(), chat_threshold=False) == cells
+    assert edit.chat_threshold  # its model answers image-first edits in words without one
     edit_stages = {stage.name: stage for stage in demo.stages(Path("out"), edit)}
     pretrain = edit_stages["pretrain"]
     assert all(setting in pretrain.command for setting in edit.llm_overrides)

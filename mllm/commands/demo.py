@@ -13,20 +13,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); rerun to resume")
     parser.add_argument("--minutes", type=positive_float,
                         help="scale the training stages to about this many minutes in all (default: the plan's "
-                             "own: 40 for shapes)")
-    parser.add_argument("--size", choices=("shapes", "shapes-long", "shapes-cells", "shapes-cells-edit", "shapes-exact",
-                                           "shapes-lean", "tiny"), default="shapes",
-                        help="shapes (the demo: captions, VQA, drawing, editing and questions over two images, in the "
-                             "varied world; about 40 minutes on 2 CPU cores), shapes-long (the same with twice the "
-                             "model's steps: every figure higher, about an hour), shapes-cells (shapes-long with one code "
-                             "a cell of the scene's grid: positioned drawing, and edits in chat too; about 115 minutes "
-                             "measured without bf16), shapes-cells-edit (the same with every edit trained instruction "
-                             "first and more edits and pairs: every quality bar, edits through the edit paths rather "
-                             "than plain chat turns; about 80 minutes with bf16, 140 without), "
-                             "shapes-exact (the same on exact renders: "
-                             "edits better, reads other renderers badly; about 37 minutes), shapes-lean (no editing "
-                             "or two-image training: about 20-25 minutes, the earlier bars only) or tiny (a plumbing "
-                             "check: every stage on tiny models that cannot learn, no bars; 47 s on 2 CPU cores)")
+                             "own: 45 for shapes)")
+    parser.add_argument("--size", choices=("shapes", "shapes-cells-edit", "shapes-cells", "shapes-6x6", "shapes-long",
+                                           "shapes-exact", "shapes-lean", "tiny"), default="shapes",
+                        help="shapes (the demo: captions, VQA, drawing, editing and questions over two images in one "
+                             "decoder, one code a cell of the scene's grid, every edit trained instruction first; every "
+                             "quality bar but editing's move, about 45 minutes on 2 CPU cores with bf16), "
+                             "shapes-cells-edit (the same with twice the model's steps before its finish: every "
+                             "quality bar, about 80 minutes with bf16, 140 without), shapes-cells (one code a cell, a "
+                             "share of the edits trained image first: edits in plain chat turns without a threshold; "
+                             "about 115 minutes measured without bf16), shapes-6x6 (the previous demo: 6x6 codes an "
+                             "image, edits 30%%, about 40 minutes), shapes-long (shapes-6x6 with twice the model's "
+                             "steps, about an hour), shapes-exact (shapes-6x6 on exact renders: reads other "
+                             "renderers badly; about 37 minutes), shapes-lean (no editing or two-image training: "
+                             "about 20-25 minutes, the earlier bars only) or tiny (a plumbing check: every stage on "
+                             "tiny models that cannot learn, no bars; about a minute on 2 CPU cores)")
     parser.add_argument("--ablations", action="store_true",
                         help="after the demo, the paper claims in miniature: dual vs pixel-only codebook, and ETT vs "
                              "a frozen tokenizer (about 40 more minutes on 2 CPU cores); writes DIR/ablations.md")
