@@ -116,7 +116,7 @@ TINY_PURPOSE = (
     "evaluation) on tiny models for a few steps, to show that the whole pipeline runs on this machine. Its models are far too small and too briefly "
     "trained to learn anything: empty captions and answers and noise drawings are expected, and the quality "
     "bars are not applicable at this size. For a model that meets them, run the shapes size: "
-    "`mllm demo --out runs/demo` (about 45 minutes on 2 CPU cores)."
+    "`mllm demo --out runs/demo` (45-60 minutes on 2 CPU cores)."
 )
 
 PLANS = {
@@ -158,7 +158,7 @@ PLANS = {
     # The previous demo: no editing or two-image training, whole-image codes; about 20-25 minutes on 2 cores.
     # It meets the earlier bars (VQA, captions, drawing, tokenizer) only (docs/demo.md, "The plan").
     "shapes-lean": Plan(),
-    # A plumbing check, not a model: every stage for real, on tiny models and a few scenes (47 s on 2 cores,
+    # A plumbing check, not a model: every stage for real, on tiny models and a few scenes (about 15 s on 2 cores,
     # docs/demo.md). Its quality figures are meaningless: no bars.
     "tiny": Plan(llm="tiny", tokenizer="tiny", image_size=32, train_scenes=96, test_scenes=12, teacher_steps=4,
                  resized_share=0.5, tokenizer_steps=4, pretrain_steps=4, sft_steps=3, ett_steps=2, vqa_items=12,
@@ -192,7 +192,7 @@ PLANS["shapes-cells-edit"] = replace(
     PLANS["shapes-cells"], minutes=140.0, llm_overrides=_cells_edit_training(0.75), finish_steps=1000, chat_threshold=True,
     finish_overrides=(*_cells_edit_training(1.5), "learning_rate=1e-4", "warmup_steps=50", "seed=1"))
 
-# The demo: `shapes-cells-edit` with 2000 model steps instead of 4000 before its 1000-step `finish`, about 45 minutes
+# The demo: `shapes-cells-edit` with 2000 model steps instead of 4000 before its 1000-step `finish`, 45-60 minutes
 # on 2 cores with bf16: every quality bar but one edit operation, move (48%, 24 of 50); editing 79.7%, two
 # images 86.9%, VQA 96.0%, captions 86.0%, drawing 100 / 89.4%, both tokenizer agreements 100%
 # (docs/experiments.md, section 31). The time bar (20 minutes with the install) is out of reach of any plan

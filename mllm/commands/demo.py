@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "shapes-exact", "shapes-lean", "tiny"), default="shapes",
                         help="shapes (the demo: captions, VQA, drawing, editing and questions over two images in one "
                              "decoder, one code a cell of the scene's grid, every edit trained instruction first; every "
-                             "quality bar but editing's move, about 45 minutes on 2 CPU cores with bf16), "
+                             "quality bar but editing's move, 45-60 minutes on 2 CPU cores with bf16), "
                              "shapes-cells-edit (the same with twice the model's steps before its finish: every "
                              "quality bar, about 80 minutes with bf16, 140 without), shapes-cells (one code a cell, a "
                              "share of the edits trained image first: edits in plain chat turns without a threshold; "
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "steps, about an hour), shapes-exact (shapes-6x6 on exact renders: reads other "
                              "renderers badly; about 37 minutes), shapes-lean (no editing or two-image training: "
                              "about 20-25 minutes, the earlier bars only) or tiny (a plumbing check: every stage on "
-                             "tiny models that cannot learn, no bars; about a minute on 2 CPU cores)")
+                             "tiny models that cannot learn, no bars; about 15 s on 2 CPU cores)")
     parser.add_argument("--ablations", action="store_true",
                         help="after the demo, the paper claims in miniature: dual vs pixel-only codebook, and ETT vs "
                              "a frozen tokenizer (about 40 more minutes on 2 CPU cores); writes DIR/ablations.md")
