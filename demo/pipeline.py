@@ -121,15 +121,9 @@ def _chat_threshold(model_folder: Path, out: Path, plan: Plan) -> Stage:
     scenes = min(DEFAULT_THRESHOLD_SCENES, plan.test_scenes)
 
     def measure() -> None:
-        import mllm
-        from mllm.chat_threshold import measure as measure_chances
+        from mllm.chat_threshold import calibrate
 
-        figures = measure_chances(mllm.load(model_folder), look=plan.look, scenes=scenes)
-        config = MLLMConfig.load(model_folder)
-        config.chat_image_threshold = figures["threshold"]
-        config.save(model_folder)
-        out.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(figures, indent=2) + "\n")
+        figures = calibrate(model_folder, scenes=scenes, look=plan.look, out=results)
         print(f"chat_image_threshold = {figures['threshold']}: edits sent image first that start an image "
               f"{figures['edits_starting_an_image_plain']}% -> {figures['edits_starting_an_image']}%, questions "
               f"{figures['questions_starting_an_image_plain']}% -> {figures['questions_starting_an_image']}%")

@@ -97,4 +97,29 @@ def measure(model, scenes: int = DEFAULT_SCENES, look: str = "varied", margin: f
     }
 
 
-__all__ = ["DEFAULT_MARGIN", "DEFAULT_SCENES", "FIRST_SCENE", "calibration_turns", "choose_threshold", "measure"]
+def calibrate(model_dir, scenes: int = DEFAULT_SCENES, look: str = "varied", margin: float = DEFAULT_MARGIN,
+              out=None, write: bool = True, device: str | None = None) -> dict[str, Any]:
+    """`mllm chat-threshold`: load the model folder, `measure` it, write the figures to `out` (a JSON file;
+    None: not) and, with `write`, the threshold into the folder's mllm_config.json. Returns the figures."""
+    import json
+    from pathlib import Path
+
+    import mllm
+    from mllm.config import MLLMConfig
+
+    model_dir = Path(model_dir)
+    config = MLLMConfig.load(model_dir)  # a clear error before loading weights when it is no model folder
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {Path(out) / 'chat-threshold.json'}")
+    figures = measure(mllm.load(model_dir, device=device), scenes=scenes, look=look, margin=margin)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(figures, indent=2) + "\n")
+    if write:
+        config.chat_image_threshold = figures["threshold"]
+        config.save(model_dir)
+    return figures
+
+
+__all__ = ["DEFAULT_MARGIN", "DEFAULT_SCENES", "FIRST_SCENE", "calibrate", "calibration_turns", "choose_threshold",
+           "measure"]

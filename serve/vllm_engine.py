@@ -128,8 +128,8 @@ class MLLMLogitsProcessor(_ProcessorBase):
 
     Text rows ("kind": "text"): image ids, control ids and, past `boi_until` tokens, `<|boi|>` suppressed
     (as `mllm.generation._generate_ids` and `_ImageRoom` do); with "boi_floor", the row's first token is
-    `<|boi|>` whenever its chance is at least that (`_ImageStart`, `config.chat_image_threshold`). Image rows ("kind": "image"): only image ids;
-    rows of a guidance pair (same "pair", roles "c" and "u") both get u + s (c - u) on the image ids when
+    `<|boi|>` whenever its chance is at least that (`_ImageStart`, `config.chat_image_threshold`).
+    Image rows ("kind": "image"): only image ids; rows of a guidance pair (same "pair", roles "c" and "u") both get u + s (c - u) on the image ids when
     both are in the batch with as many output tokens; otherwise each present member is forced to emit
     its "poison" id (`<|eoi|>`), which ends it and lets the engine fail the request."""
 

@@ -10,7 +10,6 @@ is a word (mllm/chat_threshold.py; docs/editing.md, "Edits in chat").
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from mllm.commands.types import device, positive_float, positive_int
@@ -49,28 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import mllm
-    from mllm.chat_threshold import measure
-    from mllm.config import MLLMConfig
+    from mllm.chat_threshold import calibrate
 
-    config = MLLMConfig.load(args.model)  # a clear error before loading weights when it is no model folder
-    if args.out is not None and args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a folder: give a file name, e.g. {args.out / 'chat-threshold.json'}")
-    model = mllm.load(args.model, device=None if args.device == "auto" else args.device)
-    figures = measure(model, scenes=args.scenes, look=args.look, margin=args.margin)
+    figures = calibrate(args.model, scenes=args.scenes, look=args.look, margin=args.margin, out=args.out,
+                        write=not args.dry_run, device=None if args.device == "auto" else args.device)
     threshold = figures["threshold"]
     print(f"edits sent image first that start an image: {figures['edits_starting_an_image_plain']}% without a "
           f"threshold, {figures['edits_starting_an_image']}% with it")
     print(f"questions that start an image: {figures['questions_starting_an_image_plain']}% without, "
           f"{figures['questions_starting_an_image']}% with it (largest chance {figures['question_chance_max']:.2g})")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(figures, indent=2) + "\n")
     shown = "none (the plain decision)" if threshold is None else f"{threshold:.3g}"
     if args.dry_run:
         print(f"chat_image_threshold would be {shown} (--dry-run: {args.model} left as it is)")
-        return 0
-    config.chat_image_threshold = threshold
-    config.save(args.model)
-    print(f"chat_image_threshold = {shown}, written to {args.model / 'mllm_config.json'}")
+    else:
+        print(f"chat_image_threshold = {shown}, written to {args.model / 'mllm_config.json'}")
     return 0
