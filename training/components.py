@@ -40,6 +40,7 @@ from transformers import (
 from mllm.attention import register as register_packed_eager
 from mllm.data.arrays import check_data_path
 from mllm.data.samples import TASKS, Sample
+from mllm.data.shapes_tasks import EDIT_OPERATIONS
 from mllm.data.shards import DataStats, read_records, record_samples
 from mllm.io import fsync_path, fsync_tree, recover_dir, rewrite_jsonl, write_dir
 from mllm.lora import LoraSettings, new_token_ids
@@ -99,6 +100,10 @@ class LLMTrainConfig:
     # copies, so without it the few codes that carry the instruction are a small part of the edit's loss. At 4
     # every figure of the demo fell (docs/experiments.md, section 21): 1 by default.
     edit_changed_weight: float = 1.0
+    # Weights of the edit operations (`{"move": 2.0}`): an edit example of a named operation is drawn that many
+    # times as often as one of weight 1 (operations not named, and edits whose record names no operation, keep
+    # 1; 0 leaves an operation out). Empty (the default): edits are drawn as the data holds them.
+    edit_operations: dict[str, float] = field(default_factory=dict)
     lora: LoraSettings | None = None  # null = full fine-tune of the LLM
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -146,6 +151,11 @@ class LLMTrainConfig:
                              f"got {self.edit_image_first_loss!r}")
         if not (all(0.0 <= d <= 1.0 for d in drops) and sum(drops) <= 1.0):
             raise ValueError(f"edit_drop_instruction and edit_drop_both must be in [0, 1] with a sum <= 1, got {drops}")
+        for operation, weight in self.edit_operations.items():
+            if operation not in EDIT_OPERATIONS:
+                raise ValueError(f"edit_operations: {unknown_name('edit operation', operation, EDIT_OPERATIONS)}")
+            if not (isinstance(weight, (int, float)) and weight >= 0):
+                raise ValueError(f"edit_operations: the weight of {operation} must be a number >= 0, got {weight!r}")
         if not self.edit_changed_weight > 0:
             raise ValueError(f"edit_changed_weight must be > 0, got {self.edit_changed_weight}")
         if min(self.max_steps, self.per_device_batch_size, self.gradient_accumulation_steps) <= 0:
@@ -272,7 +282,8 @@ def group_vqa_turns(samples: list, turns: int, seed: int, task: str = "vqa") -> 
 def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processor, cfg_dropout: float,
                        num_samples: int | None, seed: int,
                        edit_drops: tuple[float, float] = (0.0, 0.0),
-                       edit_image_first: float = 0.0, edit_describe: bool = False) -> list[tuple[str, list[dict]]]:
+                       edit_image_first: float = 0.0, edit_describe: bool = False,
+                       edit_operations: dict[str, float] | None = None) -> list[tuple[str, list[dict]]]:
     """(task, messages) drawn from the mixture: each example picks a task with probability proportional to
     its weight, then that task's next sample (a seeded shuffle, reshuffled when exhausted). A fraction
     `cfg_dropout` of text-to-image examples has its prompt replaced by the unconditional one, so
@@ -281,7 +292,9 @@ def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processo
     unconditional draw prompt (`processor.edit_conversation` builds the same branches); `edit_image_first`:
     the share of the other edit examples whose user turn puts the image before the instruction;
     `edit_describe` keeps an edit record's description of its result in the reply, before the image
-    (false: image-only replies)."""
+    (false: image-only replies); `edit_operations` weights the edit samples by their operation (an edit example
+    picks an operation with probability proportional to its weight times its number of samples, then that
+    operation's next sample; unnamed operations weigh 1)."""
     rng = random.Random(seed)
     names = sorted(name for name in pools if tasks.get(name, 0) > 0)
     if not names:
@@ -289,12 +302,20 @@ def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processo
     weights = [tasks[name] for name in names]
     orders: dict[str, list[int]] = {name: [] for name in names}
     total = num_samples if num_samples is not None else sum(len(pools[name]) for name in names)
+    by_operation = _operation_groups(pools.get("edit", []), edit_operations) if "edit" in names else None
     drawn = []
     for _ in range(total):
         task = rng.choices(names, weights)[0]
-        if not orders[task]:
-            orders[task] = rng.sample(range(len(pools[task])), len(pools[task]))
-        messages = pools[task][orders[task].pop()].messages
+        if task == "edit" and by_operation is not None:
+            groups, group_weights = by_operation
+            operation = rng.choices(list(groups), group_weights)[0]
+            if not orders.get(operation):
+                orders[operation] = rng.sample(groups[operation], len(groups[operation]))
+            messages = pools[task][orders[operation].pop()].messages
+        else:
+            if not orders[task]:
+                orders[task] = rng.sample(range(len(pools[task])), len(pools[task]))
+            messages = pools[task][orders[task].pop()].messages
         if task == "edit" and not edit_describe:
             messages = [message if message["role"] != "assistant" else
                         {**message, "content": [p for p in message["content"] if p["type"] == "image"]}
@@ -318,6 +339,23 @@ def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processo
     return drawn
 
 
+def _operation_groups(samples: list, weights: dict[str, float] | None):
+    """({"edit:<operation>": [index, ...]}, [weight x count, ...]) over the edit samples, for `draw_conversations`;
+    None without weights (edits drawn as one pool). Keys are prefixed so they never meet a task's name in the
+    shared `orders`."""
+    if not weights:
+        return None
+    groups: dict[str, list[int]] = {}
+    for index, sample in enumerate(samples):
+        groups.setdefault(f"edit:{sample.operation or ''}", []).append(index)
+    groups = dict(sorted(groups.items()))
+    group_weights = [weights.get(key.split(":", 1)[1], 1.0) * len(indices) for key, indices in groups.items()]
+    if not any(weight > 0 for weight in group_weights):
+        raise ValueError(f"edit_operations {weights} leaves no edit sample to draw: give an operation of the data "
+                         f"({', '.join(key.split(':', 1)[1] or 'unnamed' for key in groups)}) a weight > 0")
+    return groups, group_weights
+
+
 def examples_needed(cfg: LLMTrainConfig) -> int:
     """`num_samples`, or by default exactly what the run consumes: max_steps optimizer steps of
     per_device_batch_size x gradient_accumulation_steps examples on each of WORLD_SIZE processes (a mixture
@@ -334,7 +372,7 @@ def draw_mixture(cfg: LLMTrainConfig, processor) -> tuple[list[tuple[str, list[d
     pools = load_task_pools(cfg.data, cfg.tasks, cfg.vqa_turns, cfg.seed)
     drawn = draw_conversations(pools, cfg.tasks, processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed,
                                (cfg.edit_drop_instruction, cfg.edit_drop_both), cfg.edit_image_first,
-                               cfg.edit_describe)
+                               cfg.edit_describe, cfg.edit_operations)
     return drawn, sorted(pools)
 
 

@@ -37,6 +37,9 @@ class Sample:
     key: str
     task: str
     messages: list[dict[str, Any]] = field(default_factory=list)
+    # Edit samples: the record's edit operation ("recolour", "move", ...) where the record names one; training
+    # can weight the operations (`edit_operations` of the LLM recipe).
+    operation: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -99,7 +102,7 @@ def t2i_sample(key: str, prompt: str, image: Image.Image) -> Sample:
 
 
 def edit_sample(key: str, source: Image.Image, instruction: str, target: Image.Image,
-                description: str | None = None) -> Sample:
+                description: str | None = None, operation: str | None = None) -> Sample:
     """user: the instruction as it is ("make the circle blue") + the source image -> assistant: the edited
     image (the generation target). The instruction comes first so that every source code lies the same
     number of tokens before the target code at its grid position, whatever the instruction's length: the
@@ -116,6 +119,7 @@ def edit_sample(key: str, source: Image.Image, instruction: str, target: Image.I
             {"role": "user", "content": [text_part(instruction), image_part(source)]},
             {"role": "assistant", "content": reply},
         ],
+        operation,
     )
 
 

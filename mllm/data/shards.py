@@ -424,7 +424,9 @@ def record_samples(
             stats.skip("malformed_field", f"{key}: edit {edit!r}"[:200])
         elif two_images("edit"):
             description = edit.get("target_caption") if _is_text(edit.get("target_caption")) else None
-            samples.append(edit_sample(f"{key}/edit", images[0], edit["instruction"], images[1], description))
+            operation = edit.get("operation") if _is_text(edit.get("operation")) else None
+            samples.append(edit_sample(f"{key}/edit", images[0], edit["instruction"], images[1], description,
+                                       operation))
     if "multi" in tasks and "multi_qa" in meta:
         for index, pair in _qa_pairs(meta, "multi_qa", key, stats):
             if two_images("multi_qa"):

@@ -269,6 +269,43 @@ def test_training_draws_edits_with_their_dropped_branches_and_both_orders():
     assert first_turn == ["image", "image", "text"] and len(grouped[0].messages) == 2 * len(records[0]["multi_qa"])
 
 
+def test_training_weights_edits_by_operation():
+    """edit_operations: an operation of weight w is drawn w times as often per sample; 0 leaves it out; the
+    samples carry their record's operation; the recipe names only known operations."""
+    from training.components import LLMTrainConfig, draw_conversations
+
+    records = [task_records(scene_seed("train", index), 48)[0] for index in range(60)]
+    pools = {"edit": [s for r in records for s in record_samples(
+        {"key": r["key"], "image": r["images"][0], "images": r["images"], "json": r}, ("edit",))]}
+    assert [s.operation for s in pools["edit"]] == [r["edit"]["operation"] for r in records]
+    operation_of = {id(s.messages): s.operation for s in pools["edit"]}
+    held = Counter(s.operation for s in pools["edit"])
+    assert held["move"] > 0 and held["recolour"] > 0
+
+    def shares(weights):
+        drawn = draw_conversations(pools, {"edit": 1.0}, None, 0.0, 6000, seed=0, edit_describe=True,
+                                   edit_operations=weights)
+        counts = Counter(operation_of[id(messages)] for _, messages in drawn)
+        return {operation: counts[operation] / len(drawn) for operation in held}
+
+    plain = shares({})
+    weighted = shares({"move": 3.0, "add": 0})
+    total = sum(held.values())
+    for operation, count in held.items():
+        assert abs(plain[operation] - count / total) < 0.03
+    assert weighted["add"] == 0
+    expected_total = total + 2 * held["move"] - held["add"]
+    assert abs(weighted["move"] - 3 * held["move"] / expected_total) < 0.03
+    assert abs(weighted["recolour"] - held["recolour"] / expected_total) < 0.03
+    with pytest.raises(ValueError, match="edit operation"):
+        LLMTrainConfig(data="d", out="o", edit_operations={"shrink": 2.0}).validate()
+    with pytest.raises(ValueError, match=">= 0"):
+        LLMTrainConfig(data="d", out="o", edit_operations={"move": -1.0}).validate()
+    with pytest.raises(ValueError, match="no edit sample"):
+        draw_conversations(pools, {"edit": 1.0}, None, 0.0, 10, seed=0,
+                           edit_operations=dict.fromkeys(held, 0.0))
+
+
 def test_pretokenizing_encodes_a_repeated_image_once():
     """A scene's edit and pair records repeat its image: pretokenize encodes it once, with the same codes."""
     from mllm.data.pretokenize import pretokenize_records
