@@ -9,6 +9,7 @@ a killed demo continues where it stopped when the same `mllm demo` command runs 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from mllm import merge
 from mllm.chat_threshold import DEFAULT_SCENES as DEFAULT_THRESHOLD_SCENES
 from mllm.config import MLLMConfig
 from mllm.data import pretokenize, shapes
+from mllm.data.shapes_tasks import EDIT_OPERATIONS
 from training import recipes
 
 
@@ -179,9 +181,10 @@ def _evals(prefix: str, model: Path, root: Path, out: Path, plan: Plan, suites: 
     """One stage per evaluation suite of `model`, results under root/eval/<suite>."""
     test = out / "data" / "test"
     look = {"look": plan.look}
+    edit_per_operation = max(1, math.ceil(plan.edit_items / len(EDIT_OPERATIONS)))
     evals = {
         "shapes-edit": lambda name, folder: _eval(name, "shapes-edit", model, folder, limit=plan.edit_items,
-                                                  options=look),
+                                                  options={**look, "per_operation": str(edit_per_operation)}),
         "shapes-multi": lambda name, folder: _eval(name, "shapes-multi", model, folder, limit=plan.multi_items,
                                                    options=look),
         OTHER_LOOK_VQA: lambda name, folder: _eval(name, "shapes-vqa", model, folder, other_look_test(out),

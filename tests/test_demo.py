@@ -140,10 +140,13 @@ def test_the_long_plan_is_the_six_by_six_plan_with_twice_the_models_steps():
 
 def test_the_demo_is_the_cells_edit_plan_with_half_its_pretraining():
     """`mllm demo`'s default: shapes-cells-edit's tokenizer, mixture, finish stage and chat threshold, with
-    2000 pretraining steps instead of 4000 (docs/experiments.md, section 31)."""
+    2000 pretraining steps instead of 4000 and moves drawn three times as often in the finish
+    (docs/experiments.md, sections 31-32)."""
     shapes, edit = demo.PLANS["shapes"], demo.PLANS["shapes-cells-edit"]
     assert (shapes.pretrain_steps, shapes.finish_steps, edit.pretrain_steps) == (2000, 1000, 4000)
-    assert replace(shapes, pretrain_steps=edit.pretrain_steps, minutes=edit.minutes) == edit
+    assert shapes.finish_overrides == (*edit.finish_overrides, "edit_operations.move=3")
+    assert replace(shapes, pretrain_steps=edit.pretrain_steps, minutes=edit.minutes,
+                   finish_overrides=edit.finish_overrides) == edit
     assert shapes.chat_threshold and shapes.edit_guidance_scale == 1.0 and "edit_image_first=0" in shapes.llm_overrides
     import argparse
 

@@ -85,6 +85,13 @@ def test_items_are_held_out_balanced_round_robin_and_deterministic():
         _suite({"guidance_scale": "x"})
     with pytest.raises(ValueError, match="size"):
         _suite({"size": "8"})
+    # per_operation: more items per operation only add scenes after the default 50 of each
+    more = _suite({"per_operation": "60"}).load_items(None)
+    assert Counter(item.meta["operation"] for item in more) == {op: 60 for op in EDIT_OPERATIONS}
+    assert [(i.id, i.prompt) for i in more[:len(items)]] == [(i.id, i.prompt) for i in items]
+    assert len(_suite({"per_operation": "2"}).load_items(None)) == 2 * len(EDIT_OPERATIONS)
+    with pytest.raises(ValueError, match="per_operation"):
+        _suite({"per_operation": "0"})
 
 
 def test_rendered_targets_score_100_and_wrong_edits_lower_it(tmp_path):
