@@ -194,11 +194,12 @@ PLANS["shapes-cells-edit"] = replace(
     PLANS["shapes-cells"], minutes=140.0, llm_overrides=_cells_edit_training(0.75), finish_steps=1000, chat_threshold=True,
     finish_overrides=(*_cells_edit_training(1.5), "learning_rate=1e-4", "warmup_steps=50", "seed=1"))
 
-# The demo: `shapes-cells-edit` with 2000 model steps instead of 4000 before its 1000-step `finish`, 45-60 minutes
-# on 2 cores with bf16: every quality bar but one edit operation, move (48%, 24 of 50); editing 79.7%, two
-# images 86.9%, VQA 96.0%, captions 86.0%, drawing 100 / 89.4%, both tokenizer agreements 100%
-# (docs/experiments.md, section 31). The time bar (20 minutes with the install) is out of reach of any plan
-# that edits on 2 cores: the tokenizer alone takes 11 minutes, and edits need about 3000 model steps.
+# The demo: `shapes-cells-edit` with 2000 model steps instead of 4000 before its 1000-step `finish`, which draws
+# moves three times as often among its edits; 45-60 minutes on 2 cores with bf16: every quality bar met (edits
+# 83.0% of 600, move 61%; two images 88.2%, VQA 95.8%, captions 84.7%, drawing 100 / 93.1%, both tokenizer
+# agreements 100%; docs/experiments.md, sections 31-32). The time bar (20 minutes with the install) is out of
+# reach of any plan that edits on 2 cores: the tokenizer alone takes 11 minutes, and edits need about 3000
+# model steps.
 PLANS["shapes"] = replace(PLANS["shapes-cells-edit"], minutes=45.0, pretrain_steps=2000,
                           finish_overrides=(*PLANS["shapes-cells-edit"].finish_overrides, "edit_operations.move=3"))
 
