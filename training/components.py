@@ -303,15 +303,16 @@ def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processo
     orders: dict[str, list[int]] = {name: [] for name in names}
     total = num_samples if num_samples is not None else sum(len(pools[name]) for name in names)
     by_operation = _operation_groups(pools.get("edit", []), edit_operations) if "edit" in names else None
+    operation_orders: dict[str, list[int]] = {}
     drawn = []
     for _ in range(total):
         task = rng.choices(names, weights)[0]
         if task == "edit" and by_operation is not None:
             groups, group_weights = by_operation
             operation = rng.choices(list(groups), group_weights)[0]
-            if not orders.get(operation):
-                orders[operation] = rng.sample(groups[operation], len(groups[operation]))
-            messages = pools[task][orders[operation].pop()].messages
+            if not operation_orders.get(operation):
+                operation_orders[operation] = rng.sample(groups[operation], len(groups[operation]))
+            messages = pools[task][operation_orders[operation].pop()].messages
         else:
             if not orders[task]:
                 orders[task] = rng.sample(range(len(pools[task])), len(pools[task]))
@@ -340,19 +341,18 @@ def draw_conversations(pools: dict[str, list], tasks: dict[str, float], processo
 
 
 def _operation_groups(samples: list, weights: dict[str, float] | None):
-    """({"edit:<operation>": [index, ...]}, [weight x count, ...]) over the edit samples, for `draw_conversations`;
-    None without weights (edits drawn as one pool). Keys are prefixed so they never meet a task's name in the
-    shared `orders`."""
+    """({operation: [index, ...]}, [weight x count, ...]) over the edit samples, for `draw_conversations`
+    ("" groups the samples whose record names no operation); None without weights (edits drawn as one pool)."""
     if not weights:
         return None
     groups: dict[str, list[int]] = {}
     for index, sample in enumerate(samples):
-        groups.setdefault(f"edit:{sample.operation or ''}", []).append(index)
+        groups.setdefault(sample.operation or "", []).append(index)
     groups = dict(sorted(groups.items()))
-    group_weights = [weights.get(key.split(":", 1)[1], 1.0) * len(indices) for key, indices in groups.items()]
+    group_weights = [weights.get(operation, 1.0) * len(indices) for operation, indices in groups.items()]
     if not any(weight > 0 for weight in group_weights):
         raise ValueError(f"edit_operations {weights} leaves no edit sample to draw: give an operation of the data "
-                         f"({', '.join(key.split(':', 1)[1] or 'unnamed' for key in groups)}) a weight > 0")
+                         f"({', '.join(operation or 'unnamed' for operation in groups)}) a weight > 0")
     return groups, group_weights
 
 

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "shapes-exact", "shapes-lean", "tiny"), default="shapes",
                         help="shapes (the demo: captions, VQA, drawing, editing and questions over two images in one "
                              "decoder, one code a cell of the scene's grid, every edit trained instruction first; every "
-                             "quality bar but editing's move, 45-60 minutes on 2 CPU cores with bf16), "
+                             "quality bar, 45-60 minutes on 2 CPU cores with bf16), "
                              "shapes-cells-edit (the same with twice the model's steps before its finish: every "
                              "quality bar, about 80 minutes with bf16, 140 without), shapes-cells (one code a cell, a "
                              "share of the edits trained image first: edits in plain chat turns without a threshold; "
