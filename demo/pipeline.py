@@ -150,6 +150,26 @@ def _copy_model(name: str, source: Path, target: Path, edit_guidance_scale: floa
     return Stage(name, target / "mllm_config.json", f"cp -r {source} {target}", copy)
 
 
+def _encoder_tuning(model: Path, plan: Plan) -> Stage:
+    """The finished model's tokenizer encoder taught to read objects anywhere in their cell (in place; the
+    figures file it writes last marks the stage done), on at most the plan's numbers of scenes."""
+    from training.tune_encoder import RESULT_NAME, EncoderTuneConfig, tune_encoder
+
+    defaults = EncoderTuneConfig()
+    steps = plan.encoder_tuning_steps
+    cfg = EncoderTuneConfig(steps=steps, scenes=min(defaults.scenes, plan.train_scenes),
+                            check_scenes=min(defaults.check_scenes, plan.test_scenes))
+
+    def tune() -> None:
+        figures = tune_encoder(model, cfg)
+        print(f"tokenizer judge agreement, objects anywhere in the cell: {figures['anywhere_judge_agreement_before']}%"
+              f" -> {figures['anywhere_judge_agreement']}%; exact renders' codes kept: {figures['exact_codes_kept']}%")
+
+    return Stage("encoder tuning", model / "vision_tokenizer" / RESULT_NAME,
+                 f"mllm tune-encoder --model {model} --steps {steps} --scenes {cfg.scenes} --check-scenes {cfg.check_scenes}",
+                 tune)
+
+
 def _pretrain_recipe(plan: Plan) -> str:
     """The full-model recipe of the pretrain and finish stages: with editing and two-image tasks or without."""
     return "shapes-pretrain-tasks" if plan.tasks else "shapes-pretrain"
@@ -245,6 +265,7 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
               out / "eval" / OTHER_LOOK_TOKENIZER, data=other_look_test(out)),
         *finish,
         *model,
+        *([_encoder_tuning(model_dir(out, plan), plan)] if plan.encoder_tuning_steps else []),
         *([_chat_threshold(model_dir(out, plan), out / "eval" / "chat-threshold", plan)] if plan.chat_threshold else []),
         *_evals("", model_dir(out, plan), out, out, plan,
                 ("shapes-vqa", "shapes-caption", "shapes-t2i", OTHER_SIZE_VQA, "shapes-edit", "shapes-multi",

@@ -105,6 +105,10 @@ class Plan:
     # instruction first, whose models otherwise answer most edits sent image first (as chat clients send
     # them) in words (docs/editing.md, "Edits in chat").
     chat_threshold: bool = False
+    # Steps of `mllm tune-encoder` on the finished model's tokenizer (0: none): its encoder alone learns to read
+    # objects anywhere in their cell, codebooks and decoder unchanged, so the model's codes keep their meaning
+    # (training/tune_encoder.py; docs/experiments.md, section 34).
+    encoder_tuning_steps: int = 0
     # Whether the quality bars (BARS) apply: a plan whose models are too small to learn reports its figures
     # without judging them, so that a 0% reads as expected rather than as a failure.
     bars: bool = True
@@ -165,7 +169,7 @@ PLANS = {
     "tiny": Plan(llm="tiny", tokenizer="tiny", image_size=32, train_scenes=96, test_scenes=12, teacher_steps=4,
                  resized_share=0.5, tokenizer_steps=4, pretrain_steps=4, sft_steps=3, ett_steps=2, vqa_items=12,
                  caption_items=6, t2i_prompts=5, t2i_seeds=1, tasks=True, edit_items=6, multi_items=8, minutes=1.0,
-                 look="varied", tokenizer_look="exact", chat_threshold=True,
+                 look="varied", tokenizer_look="exact", chat_threshold=True, encoder_tuning_steps=2,
                  teacher_overrides=("image_size=32", "vision_hidden_size=32", "vision_layers=1", "vision_heads=2",
                                     "text_hidden_size=32", "text_layers=1", "text_heads=2", "projection_dim=32",
                                     "batch_size=16", "warmup_steps=1", "log_every=1"),
@@ -200,7 +204,7 @@ PLANS["shapes-cells-edit"] = replace(
 # agreements 100%; docs/experiments.md, sections 31-32). The time bar (20 minutes with the install) is out of
 # reach of any plan that edits on 2 cores: the tokenizer alone takes 11 minutes, and edits need about 3000
 # model steps.
-PLANS["shapes"] = replace(PLANS["shapes-cells-edit"], minutes=45.0, pretrain_steps=2000,
+PLANS["shapes"] = replace(PLANS["shapes-cells-edit"], minutes=45.0, pretrain_steps=2000, encoder_tuning_steps=300,
                           finish_overrides=(*PLANS["shapes-cells-edit"].finish_overrides, "edit_operations.move=3"))
 
 
@@ -229,7 +233,9 @@ def scaled(plan: Plan, minutes: float | None) -> Plan:
                    pretrain_steps=max(1, round(plan.pretrain_steps * factor)),
                    sft_steps=plan.sft_steps and max(1, round(plan.sft_steps * factor)),
                    finish_steps=plan.finish_steps and max(1, round(plan.finish_steps * factor)),
-                   ett_steps=max(1, round(plan.ett_steps * factor)), minutes=minutes)
+                   ett_steps=max(1, round(plan.ett_steps * factor)),
+                   encoder_tuning_steps=plan.encoder_tuning_steps and max(1, round(plan.encoder_tuning_steps * factor)),
+                   minutes=minutes)
 
 
 __all__ = ["BARS", "OTHER_LOOK_TOKENIZER", "OTHER_LOOK_VQA", "OTHER_SIZE_VQA", "PLANS", "TINY_PURPOSE", "Plan", "get_plan", "model_dir", "scaled"]

@@ -48,6 +48,14 @@ def _results(out: Path, folder: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _encoder_tuning(out: Path, plan: Plan) -> dict[str, Any]:
+    """The figures `mllm tune-encoder` wrote beside the model's tokenizer ({} without the stage)."""
+    from training.tune_encoder import RESULT_NAME
+
+    path = model_dir(out, plan) / "vision_tokenizer" / RESULT_NAME
+    return json.loads(path.read_text()) if plan.encoder_tuning_steps and path.is_file() else {}
+
+
 def _metric(results: dict[str, Any], name: str) -> float | None:
     value = results.get("metrics", results).get(name)
     return float(value) if isinstance(value, (int, float)) else None
@@ -83,6 +91,12 @@ def write_report(out: Path, plan: Plan, timings: dict[str, float], commands: dic
              ("editing: output is the unchanged source (%)", _metric(_results(out, "eval/shapes-edit"), "copied")),
              *((f"two images, {kind} questions (%)", _metric(_results(out, "eval/shapes-multi"), f"accuracy_{kind}"))
                for kind in ("count", "more", "change", "single")),
+             *((label, _metric(_encoder_tuning(out, plan), metric)) for label, metric in (
+                 ("tokenizer judge agreement, objects anywhere in their cell, before encoder tuning (%)",
+                  "anywhere_judge_agreement_before"),
+                 ("tokenizer judge agreement, objects anywhere in their cell, after encoder tuning (%)",
+                  "anywhere_judge_agreement"),
+                 ("encoder tuning: exact renders' codes kept (%)", "exact_codes_kept"))),
              *((label, _metric(_results(out, "eval/chat-threshold"), metric)) for label, metric in (
                  ("chat: edits sent image first that start an image, with the model's threshold (%)",
                   "edits_starting_an_image"),

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretokenize": ("mllm.commands.pretokenize", "replace the images of shards by their vision-tokenizer codes"),
     "train-teacher": ("mllm.commands.train_teacher", "train a tiny CLIP teacher for the tokenizer's semantic branch"),
     "train-tokenizer": ("mllm.commands.train_tokenizer", "train the dual-codebook visual tokenizer"),
+    "tune-encoder": ("mllm.commands.tune_encoder", "teach a shapes tokenizer's encoder objects anywhere in their cell (codes unchanged)"),
     "eval-tokenizer": ("mllm.commands.eval_tokenizer", "PSNR, SSIM, codebook use, semantic cosine, judge agreement"),
     "init": ("mllm.commands.init", "base LLM (+ vision tokenizer) -> unified model folder"),
     "caption": ("mllm.commands.caption", "describe image(s) with a model folder"),

@@ -63,7 +63,7 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
     printed = capsys.readouterr().out
     # The rerun starts at the interrupted stage: nothing before it runs again.
     assert _stages_run(printed) == [
-        "sft", "merge", "chat threshold", "eval shapes-vqa", "eval shapes-caption", "eval shapes-t2i", "eval shapes-vqa-other-size",
+        "sft", "merge", "encoder tuning", "chat threshold", "eval shapes-vqa", "eval shapes-caption", "eval shapes-t2i", "eval shapes-vqa-other-size",
         "eval shapes-edit", "eval shapes-multi", f"eval {demo.OTHER_LOOK_VQA}"]
     for stage in demo.stages(out, plan):
         assert stage.marker.is_file(), stage.name
@@ -98,6 +98,12 @@ def test_tiny_demo_runs_every_stage_resumes_after_an_interruption_and_reports(tm
     # Editing, questions over two images and the held-out rasteriser's scenes were evaluated too.
     edit = json.loads((out / "eval" / "shapes-edit" / "results.json").read_text())
     assert edit["count"] == plan.edit_items and (out / "eval" / "shapes-edit" / "examples.png").is_file()
+    # The model's tokenizer encoder was tuned to objects anywhere in their cell, on the plan's scenes, and the
+    # report shows its figures.
+    tuning = json.loads((out / "model" / "vision_tokenizer" / "encoder_tuning.json").read_text())
+    assert tuning["config"]["steps"] == plan.encoder_tuning_steps and tuning["config"]["scenes"] == plan.train_scenes
+    assert (f"| tokenizer judge agreement, objects anywhere in their cell, after encoder tuning (%) | "
+            f"{tuning['anywhere_judge_agreement']:.2f} |") in (out / "report.md").read_text()
     multi = json.loads((out / "eval" / "shapes-multi" / "results.json").read_text())
     assert multi["count"] == plan.multi_items
     held_out = json.loads((out / "eval" / demo.OTHER_LOOK_VQA / "results.json").read_text())
@@ -145,7 +151,8 @@ def test_the_demo_is_the_cells_edit_plan_with_half_its_pretraining():
     shapes, edit = demo.PLANS["shapes"], demo.PLANS["shapes-cells-edit"]
     assert (shapes.pretrain_steps, shapes.finish_steps, edit.pretrain_steps) == (2000, 1000, 4000)
     assert shapes.finish_overrides == (*edit.finish_overrides, "edit_operations.move=3")
-    assert replace(shapes, pretrain_steps=edit.pretrain_steps, minutes=edit.minutes,
+    assert shapes.encoder_tuning_steps == 300 and edit.encoder_tuning_steps == 0
+    assert replace(shapes, pretrain_steps=edit.pretrain_steps, minutes=edit.minutes, encoder_tuning_steps=0,
                    finish_overrides=edit.finish_overrides) == edit
     assert shapes.chat_threshold and shapes.edit_guidance_scale == 1.0 and "edit_image_first=0" in shapes.llm_overrides
     import argparse
@@ -169,6 +176,9 @@ def test_minutes_scale_the_training_stages():
     # without sft the pretrain model is the demo's model, and no sft/merge stage runs
     names = [stage.name for stage in demo.stages(Path("out"), base)]
     assert "sft" not in names and "merge" not in names and "model" in names
+    # the encoder is tuned after the model is whole and before anything measures it
+    assert names.index("model") < names.index("encoder tuning") < names.index("chat threshold")
+    assert plan.encoder_tuning_steps == round(base.encoder_tuning_steps / 2)
 
 
 def test_tiny_ablations_run_both_comparisons_and_write_the_table(tmp_path):

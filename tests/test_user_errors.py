@@ -242,6 +242,9 @@ CASES = [
         "--set tasks.chatt=0.5",
         ["did you mean chat?"]),
     # merge
+    ("tune-encoder --model {out}/nope", ["{out}/nope", "neither a tokenizer folder nor a model folder"]),
+    ("tune-encoder --model {model} --steps 0", ["--steps"]),
+    ("tune-encoder --model {model} --learning-rate -1", ["--learning-rate"]),
     ("chat-threshold --model {out}/nope", ["{out}/nope", "not a model folder"]),
     ("chat-threshold --model {model} --scenes 0", ["--scenes"]),
     ("chat-threshold --model {model} --look varid", ["did you mean varied?"]),

@@ -217,7 +217,8 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, half: float) -> np.n
     return (np.abs(dy) <= half) & (np.abs(dx) <= (dy + half) / 2)
 
 
-def render(scene: Scene, size: int = DEFAULT_IMAGE_SIZE, look: str = "exact") -> Image.Image:
+def render(scene: Scene, size: int = DEFAULT_IMAGE_SIZE, look: str = "exact",
+           max_jitter: float | None = None) -> Image.Image:
     """The scene as a `size` x `size` RGB image, drawn in one of LOOKS.
 
     "exact": pixels are set by testing pixel centres against the exact shape (box side EXTENTS of the cell,
@@ -232,11 +233,17 @@ def render(scene: Scene, size: int = DEFAULT_IMAGE_SIZE, look: str = "exact") ->
 
     "other", for evaluation only: a second rasteriser (PIL's ImageDraw at 2x, LANCZOS-downsampled) with its
     own extents (OTHER_EXTENTS) and a small fixed offset per object, no noise.
+
+    `max_jitter` ("varied" only; None: VARIED_MAX_JITTER) bounds the centre offsets, in cell sides: 0.5 lets
+    an object sit anywhere in its cell that keeps VARIED_MIN_MARGIN to the edge. Sizes, colours and noise
+    are those of the same seed at any bound.
     """
     if size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size must be at least {MIN_IMAGE_SIZE} px, got {size}")
+    if max_jitter is not None and (look != "varied" or not 0.0 <= max_jitter <= 0.5):
+        raise ValueError(f"max_jitter works with the varied look and lies in [0, 0.5], got {max_jitter} ({look})")
     if look == "varied":
-        return _render_varied(scene, size)
+        return _render_varied(scene, size, VARIED_MAX_JITTER if max_jitter is None else max_jitter)
     if look == "other":
         return _render_other(scene, size)
     if look != "exact":
@@ -258,14 +265,15 @@ def _symmetric(rng: random.Random, reach: float) -> float:
     return (2.0 * rng.random() - 1.0) * reach
 
 
-def varied_object_look(seed: int, cell: str, size: str) -> tuple[float, float, float, tuple[float, ...]]:
+def varied_object_look(seed: int, cell: str, size: str,
+                       max_jitter: float = VARIED_MAX_JITTER) -> tuple[float, float, float, tuple[float, ...]]:
     """(box side, centre offset x, centre offset y, colour offset) of a "varied" object, in cell sides and
     levels; a function of (seed, cell, size) only, so it survives any edit of the object's colour or shape
     and of the other objects."""
     rng = _rng(seed, f"look:{cell}:{size}")
     low, high = SIZE_RANGES[size]
     extent = low + (high - low) * rng.random()
-    reach = min(VARIED_MAX_JITTER, (1.0 - extent) / 2 - VARIED_MIN_MARGIN)
+    reach = min(max_jitter, (1.0 - extent) / 2 - VARIED_MIN_MARGIN)
     jitter_x, jitter_y = _symmetric(rng, reach), _symmetric(rng, reach)
     offset = tuple(_symmetric(rng, VARIED_MAX_COLOR_OFFSET) for _ in range(3))
     return extent, jitter_x, jitter_y, offset
@@ -288,7 +296,7 @@ def _gaussian_noise(seed: int, shape: tuple[int, ...], sigma: float) -> np.ndarr
     return (sigma * radius * np.cos(2.0 * np.pi * uniform[count:])).reshape(shape)
 
 
-def _render_varied(scene: Scene, size: int) -> Image.Image:
+def _render_varied(scene: Scene, size: int, max_jitter: float) -> Image.Image:
     image_rng = _rng(scene.seed, "look:image")
     antialias = image_rng.random() < VARIED_ANTIALIAS_SHARE
     tint = [VARIED_MAX_TINT * image_rng.random() for _ in range(3)]
@@ -302,7 +310,7 @@ def _render_varied(scene: Scene, size: int) -> Image.Image:
     canvas[:] = np.subtract(BACKGROUND, tint)
     cell_side = size / 3
     for obj in scene.objects:
-        extent, jitter_x, jitter_y, color_offset = varied_object_look(scene.seed, obj.cell, obj.size)
+        extent, jitter_x, jitter_y, color_offset = varied_object_look(scene.seed, obj.cell, obj.size, max_jitter)
         row, col = divmod(CELLS.index(obj.cell), 3)
         top, bottom, left, right = _cell_pixels(row, col, cell_side, size)
         xs = (np.arange(left, right)[:, None] + offsets[None, :]).reshape(-1)
