@@ -43,7 +43,7 @@ class EncoderTuneConfig:
     temperature: float = 0.05
     # The tuned tokenizer's `code_preference_margin`: the encoder learns the contents' codes, not which of a
     # content's near-duplicate codes the old encoder picked, so the tuned one snaps to the common code within
-    # this margin (the demo's cell contents lie at least 0.11 apart). None: keep the tokenizer's own.
+    # this margin (the demo's 37 cell contents lie at least 0.136 apart). None: keep the tokenizer's own.
     preference_margin: float | None = 0.02
     check_scenes: int = 300  # held-out scenes (test split) for the before/after figures
     seed: int = 0
