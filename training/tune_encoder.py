@@ -228,13 +228,14 @@ def _smallest_gap(quantizer, codes: dict) -> float:
 
 
 def _save(tokenizer, source: Path, target: Path, figures: dict, weights_name: str) -> None:
-    """The weights, then the figures, each written atomically (`write_file`): a killed run leaves the old or the
-    new weights, and the figures file (the demo's marker) only once the weights are in place."""
+    """The weights, the config, then the figures, each written atomically: a killed run leaves the old or the
+    new weights, and the figures file (the demo's marker) only once weights and config are in place."""
     import shutil
 
     from safetensors.torch import save_model
 
     from mllm.io import TMP_SUFFIX, aside, fsync_path, fsync_tree, write_file
+    from tokenizer_vision.model import CONFIG_NAME
 
     if target != source:
         shutil.copytree(source, target, dirs_exist_ok=True)
@@ -242,6 +243,8 @@ def _save(tokenizer, source: Path, target: Path, figures: dict, weights_name: st
     save_model(tokenizer, str(staging), metadata={"format": "pt"})  # drops aliases of tied tensors, as saving does
     fsync_path(staging)
     os.replace(staging, target / weights_name)
+    # the config carries the preference margin the tuned encoder is meant to encode with
+    write_file(target / CONFIG_NAME, json.dumps(tokenizer.config.to_dict(), indent=2) + "\n")
     write_file(target / RESULT_NAME, json.dumps(figures, indent=2) + "\n")
     fsync_tree(target)
 

@@ -102,3 +102,12 @@ def test_max_jitter_moves_objects_and_keeps_the_rest():
     assert abs(ink[0] - ink[1]) <= 0.05 * ink[0]
     with pytest.raises(ValueError, match="max_jitter"):
         shapes.render(scene, 96, look="exact", max_jitter=0.2)
+
+
+def test_the_preference_margin_is_saved_with_the_weights(tiny_tokenizer):
+    from tokenizer_vision import DualCodebookTokenizer
+    from training.tune_encoder import tune_encoder
+
+    tune_encoder(tiny_tokenizer, _small(preference_margin=0.001), progress=False)
+    assert json.loads((tiny_tokenizer / "config.json").read_text())["code_preference_margin"] == 0.001
+    assert DualCodebookTokenizer.from_pretrained(tiny_tokenizer).quantizer.preference_margin == 0.001
