@@ -201,8 +201,8 @@ PLANS["shapes-cells-edit"] = replace(
 # The demo: `shapes-cells-edit` with 2000 model steps instead of 4000 before its 1000-step `finish`, which draws
 # moves three times as often among its edits, and then 300 steps of `mllm tune-encoder` on the model's
 # tokenizer (objects anywhere in their cell read right: 82% -> 97% judge agreement, codes unchanged); 45-60
-# minutes on 2 cores with bf16: every quality bar met (edits 81.3% of 600, move 60%; two images 86.4%, VQA
-# 95.8%, captions 80.7%, drawing 100 / 93.1%, both tokenizer agreements 100%; docs/experiments.md, sections
+# minutes on 2 cores with bf16: every quality bar met (edits 82.7% of 600, move 61%; two images 88.2%, VQA
+# 95.7%, captions 86.7%, drawing 100 / 93.1%, both tokenizer agreements 100%; docs/experiments.md, sections
 # 31-34). The time bar (20 minutes with the install) is out of
 # reach of any plan that edits on 2 cores: the tokenizer alone takes 11 minutes, and edits need about 3000
 # model steps.
