@@ -245,6 +245,7 @@ CASES = [
     ("tune-encoder --model {out}/nope", ["{out}/nope", "neither a tokenizer folder nor a model folder"]),
     ("tune-encoder --model {model} --steps 0", ["--steps"]),
     ("tune-encoder --model {model} --learning-rate -1", ["--learning-rate"]),
+    ("tune-encoder --model {model} --preference-margin -0.1", ["--preference-margin"]),
     ("chat-threshold --model {out}/nope", ["{out}/nope", "not a model folder"]),
     ("chat-threshold --model {model} --scenes 0", ["--scenes"]),
     ("chat-threshold --model {model} --look varid", ["did you mean varied?"]),

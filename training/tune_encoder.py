@@ -162,6 +162,14 @@ def tune_encoder(path: str | Path, cfg: EncoderTuneConfig | None = None, out: st
     labels = slot[targets]  # (N, h, w) index into `used`
     codes = {branch: F.normalize(quantizer.codebook(branch).detach().float(), dim=-1)[used]
              for branch in quantizer.branches}
+    if cfg.preference_margin is not None:  # checked before training: the codes do not move
+        if not bool(quantizer.code_preference.any()):
+            raise ValueError(f"{source} keeps no code counts (it was trained without code_preference_margin), so "
+                             "it cannot prefer common codes; pass --preference-margin 0 to keep its own setting")
+        gap = _smallest_gap(quantizer, codes)
+        if cfg.preference_margin >= gap / 2:
+            raise ValueError(f"preference_margin {cfg.preference_margin} would merge cell contents (their codes lie "
+                             f"{gap:.3g} apart); use less than {gap / 2:.3g}")
 
     tokenizer.requires_grad_(False)
     parameters = [p for encoder in _encoders(tokenizer) for p in encoder.parameters()]
@@ -189,10 +197,6 @@ def tune_encoder(path: str | Path, cfg: EncoderTuneConfig | None = None, out: st
     tokenizer.requires_grad_(False)
     tokenizer.eval()
     if cfg.preference_margin is not None:
-        gap = _smallest_gap(quantizer, codes)
-        if cfg.preference_margin >= gap / 2:
-            raise ValueError(f"preference_margin {cfg.preference_margin} would merge cell contents (their codes lie "
-                             f"{gap:.3g} apart); use less than {gap / 2:.3g}")
         tokenizer.config.code_preference_margin = quantizer.preference_margin = cfg.preference_margin
 
     with torch.no_grad():

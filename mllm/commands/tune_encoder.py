@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mllm.commands.types import positive_float, positive_int
+from mllm.commands.types import non_negative_float, positive_float, positive_int
 
 EPILOG = """\
 The model folder's vision_tokenizer/ (or a tokenizer folder) is changed in place unless --out names a copy;
@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"training scenes, each rendered three ways (default {defaults.scenes})")
     parser.add_argument("--check-scenes", type=positive_int, default=defaults.check_scenes,
                         help=f"held-out scenes for the before/after figures (default {defaults.check_scenes})")
+    parser.add_argument("--preference-margin", type=non_negative_float, default=defaults.preference_margin,
+                        help="the tuned tokenizer's code_preference_margin: among codes this close to the nearest, "
+                             f"the common one (default {defaults.preference_margin:g}; 0: keep the tokenizer's own)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of the batches (default {defaults.seed})")
 
 
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from training.tune_encoder import EncoderTuneConfig, tune_encoder
 
     cfg = EncoderTuneConfig(steps=args.steps, learning_rate=args.learning_rate, scenes=args.scenes,
-                            check_scenes=args.check_scenes, seed=args.seed)
+                            check_scenes=args.check_scenes, seed=args.seed,
+                            preference_margin=args.preference_margin or None)
     figures = tune_encoder(args.model, cfg, out=args.out)
     print(f"judge agreement, objects anywhere in the cell: {figures['anywhere_judge_agreement_before']}% before, "
           f"{figures['anywhere_judge_agreement']}% after; varied world {figures['varied_judge_agreement']}%")

@@ -65,11 +65,24 @@ def test_same_seed_same_weights_and_in_place(tiny_tokenizer, tmp_path):
     assert all(torch.equal(first[n], second[n]) for n in first)
 
 
+def _with_code_counts(folder):
+    from tokenizer_vision import DualCodebookTokenizer
+
+    tokenizer = DualCodebookTokenizer.from_pretrained(folder)
+    tokenizer.quantizer.code_preference.fill_(1.0)
+    tokenizer.save_pretrained(folder)
+
+
 def test_margin_that_would_merge_contents_is_refused(tiny_tokenizer):
     from training.tune_encoder import tune_encoder
 
+    with pytest.raises(ValueError, match="keeps no code counts"):
+        tune_encoder(tiny_tokenizer, _small(preference_margin=0.001), progress=False)
+    _with_code_counts(tiny_tokenizer)
+    before = (tiny_tokenizer / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="would merge cell contents"):
         tune_encoder(tiny_tokenizer, _small(preference_margin=100.0), progress=False)
+    assert (tiny_tokenizer / "model.safetensors").read_bytes() == before  # refused before anything was written
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -108,6 +121,7 @@ def test_the_preference_margin_is_saved_with_the_weights(tiny_tokenizer):
     from tokenizer_vision import DualCodebookTokenizer
     from training.tune_encoder import tune_encoder
 
+    _with_code_counts(tiny_tokenizer)
     tune_encoder(tiny_tokenizer, _small(preference_margin=0.001), progress=False)
     assert json.loads((tiny_tokenizer / "config.json").read_text())["code_preference_margin"] == 0.001
     assert DualCodebookTokenizer.from_pretrained(tiny_tokenizer).quantizer.preference_margin == 0.001
