@@ -329,19 +329,20 @@ class DualCodebookTokenizer(nn.Module):
             "quantized_pix": _end_to_end_features(quantized.quantized_pix, pix_rows),
         }
 
-    def _quantize(self, pixel_values: torch.Tensor) -> QuantizerOutput:
+    def encoder_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Normalised images (B, 3, S, S) -> the quantizer's inputs (z_sem (B, d_sem, h, w), z_pix (B, d_pix,
+        h, w)), None for a branch the mode lacks; with gradients when enabled."""
         if self.local_encoder is not None:
             z = self.local_encoder(pixel_values)  # (B, d_sem + d_pix, h, w): [semantic; pixel]
             d_sem = self.config.d_sem if self.config.uses_semantic else 0
-            z_sem, z_pix = z[:, :d_sem], z[:, d_sem:]
-            return self.quantizer(z_sem if d_sem else None, z_pix if self.config.uses_pixel else None)
-        z_pix = (
-            self.pixel_encoder(pixel_values) if self.pixel_encoder is not None else None
-        )  # (B, d_pix, h, w)
-        z_sem = (
-            self.semantic_encoder(pixel_values) if self.semantic_encoder is not None else None
-        )  # (B, d_sem, h, w)
-        return self.quantizer(z_sem, z_pix)
+            return (z[:, :d_sem] if d_sem else None), (z[:, d_sem:] if self.config.uses_pixel else None)
+        # pixel first, as before: the order of the random draws (dropout) in training stays the same
+        z_pix = self.pixel_encoder(pixel_values) if self.pixel_encoder is not None else None
+        z_sem = self.semantic_encoder(pixel_values) if self.semantic_encoder is not None else None
+        return z_sem, z_pix
+
+    def _quantize(self, pixel_values: torch.Tensor) -> QuantizerOutput:
+        return self.quantizer(*self.encoder_outputs(pixel_values))
 
     def _pixel_values(self, images: ImageSource | Sequence[ImageSource] | torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor):

@@ -80,14 +80,7 @@ def _position_features(tokenizer, pixel_values):
     """(B, 3, S, S) -> {branch: (B * h * w, d) unit rows}, the quantizer's inputs, with gradients."""
     from tokenizer_vision.quantizer import _unit_rows
 
-    config = tokenizer.config
-    if tokenizer.local_encoder is not None:
-        z = tokenizer.local_encoder(pixel_values)
-        d_sem = config.d_sem if config.uses_semantic else 0
-        z_sem, z_pix = (z[:, :d_sem] if d_sem else None), (z[:, d_sem:] if config.uses_pixel else None)
-    else:
-        z_pix = tokenizer.pixel_encoder(pixel_values) if tokenizer.pixel_encoder is not None else None
-        z_sem = tokenizer.semantic_encoder(pixel_values) if tokenizer.semantic_encoder is not None else None
+    z_sem, z_pix = tokenizer.encoder_outputs(pixel_values)
     maps = {"sem": z_sem, "pix": z_pix}
     return {branch: _unit_rows(maps[branch]) for branch in tokenizer.quantizer.branches}
 
