@@ -104,6 +104,12 @@ class LLMTrainConfig:
     # times as often as one of weight 1 (operations not named, and edits whose record names no operation, keep
     # 1; 0 leaves an operation out). Empty (the default): edits are drawn as the data holds them.
     edit_operations: dict[str, float] = field(default_factory=dict)
+    # Two-image question types also drawn alone, one question an example, as extra entries of the mixture with
+    # these weights (`{"change": 0.75}`: the pool `multi/change`, weighed against `tasks`); the `multi` task keeps
+    # every question, grouped by record. Empty (the default): none. "What changed between the two images?" is
+    # learned only from many such questions in a row: one among a record's six, it stayed at 18% where 4,000
+    # alone lifted it to 60% (docs/experiments.md, section 35).
+    multi_types: dict[str, float] = field(default_factory=dict)
     lora: LoraSettings | None = None  # null = full fine-tune of the LLM
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -139,8 +145,13 @@ class LLMTrainConfig:
         schedulers = [kind.value for kind in SchedulerType]
         if self.lr_scheduler not in schedulers:
             raise ValueError(f"lr_scheduler: {unknown_name('scheduler', self.lr_scheduler, schedulers)}")
-        if not any(weight > 0 for weight in self.tasks.values()) or any(w < 0 for w in self.tasks.values()):
-            raise ValueError(f"tasks: weights must be >= 0 with at least one positive, got {self.tasks}")
+        for question_type, weight in self.multi_types.items():
+            if not (isinstance(weight, (int, float)) and weight >= 0):
+                raise ValueError(f"multi_types: the weight of {question_type} must be a number >= 0, got {weight!r}")
+        if any(w < 0 for w in self.tasks.values()) or not any(
+                weight > 0 for weight in (*self.tasks.values(), *self.multi_types.values())):
+            raise ValueError(f"tasks: weights must be >= 0 with at least one positive (here or in multi_types), "
+                             f"got {self.tasks}")
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
         drops = (self.edit_drop_instruction, self.edit_drop_both)
@@ -181,22 +192,35 @@ class LLMTrainConfig:
 
 
 # ---------------------------------------------------------------------------------------- data
-def load_task_pools(data: str, tasks: dict[str, float], vqa_turns: int = 1, seed: int = 0) -> dict[str, list]:
+def load_task_pools(data: str, tasks: dict[str, float], vqa_turns: int = 1, seed: int = 0,
+                    multi_types: dict[str, float] | None = None) -> dict[str, list]:
     """{task: [Sample, ...]} for the tasks with a positive weight, read once from the shards.
 
     `vqa_turns` > 1 groups each image's QA pairs into multi-turn vqa conversations (`group_vqa_turns`), and
-    likewise the questions over one pair of images (task multi).
+    likewise the questions over one pair of images (task multi). Each type of `multi_types` with a positive
+    weight also gets the pool `multi/<type>`: that type's two-image questions, one an example (`mixture_weights`).
     `split=False`: every process reads every shard; the Trainer's sampler splits the examples."""
     check_data_path(data)
+    alone = [question_type for question_type, weight in (multi_types or {}).items() if weight > 0]
     wanted = tuple(task for task, weight in tasks.items() if weight > 0)
+    read = wanted + (("multi",) if alone and "multi" not in wanted else ())
     stats = DataStats()
-    pools: dict[str, list] = {task: [] for task in wanted}
+    pools: dict[str, list] = {task: [] for task in read}
     for record in read_records(data, stats=stats, split=False):
-        for sample in record_samples(record, wanted, stats):
+        for sample in record_samples(record, read, stats):
             pools[sample.task].append(sample)
     main = _is_main_process()  # every process reads the data; one says what it found
     if stats.total_skipped and main:
         print(f"skipped records: {stats.report()}")
+    for question_type in alone:
+        pool = [sample for sample in pools["multi"] if sample.question_type == question_type]
+        if not pool:
+            found = sorted({sample.question_type for sample in pools["multi"] if sample.question_type})
+            raise ValueError(f"multi_types: {data} holds no two-image question of type {question_type!r} "
+                             f"(its types: {', '.join(found) or 'none named'})")
+        pools[f"multi/{question_type}"] = pool
+    if "multi" not in wanted:
+        pools.pop("multi", None)
     for task in BRANCHED_TASKS:
         if vqa_turns > 1 and pools.get(task):
             pools[task] = group_vqa_turns(pools[task], vqa_turns, seed, task)
@@ -356,6 +380,11 @@ def _operation_groups(samples: list, weights: dict[str, float] | None):
     return groups, group_weights
 
 
+def mixture_weights(cfg: LLMTrainConfig) -> dict[str, float]:
+    """The weight of each pool of the mixture: the tasks', then `multi/<type>` for each of `multi_types`."""
+    return {**cfg.tasks, **{f"multi/{question_type}": weight for question_type, weight in cfg.multi_types.items()}}
+
+
 def examples_needed(cfg: LLMTrainConfig) -> int:
     """`num_samples`, or by default exactly what the run consumes: max_steps optimizer steps of
     per_device_batch_size x gradient_accumulation_steps examples on each of WORLD_SIZE processes (a mixture
@@ -369,8 +398,8 @@ def examples_needed(cfg: LLMTrainConfig) -> int:
 def draw_mixture(cfg: LLMTrainConfig, processor) -> tuple[list[tuple[str, list[dict]]], list[str]]:
     """The run's examples as (task, messages), drawn once with the recipe's seed, and the sorted task names
     (a task's index in it is the `task` of its examples)."""
-    pools = load_task_pools(cfg.data, cfg.tasks, cfg.vqa_turns, cfg.seed)
-    drawn = draw_conversations(pools, cfg.tasks, processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed,
+    pools = load_task_pools(cfg.data, cfg.tasks, cfg.vqa_turns, cfg.seed, cfg.multi_types)
+    drawn = draw_conversations(pools, mixture_weights(cfg), processor, cfg.cfg_dropout, examples_needed(cfg), cfg.seed,
                                (cfg.edit_drop_instruction, cfg.edit_drop_both), cfg.edit_image_first,
                                cfg.edit_describe, cfg.edit_operations)
     return drawn, sorted(pools)

@@ -40,6 +40,9 @@ class Sample:
     # Edit samples: the record's edit operation ("recolour", "move", ...) where the record names one; training
     # can weight the operations (`edit_operations` of the LLM recipe).
     operation: str | None = None
+    # Multi-image samples: the question's type ("count", "more", "change", "single" in the shapes world) where the
+    # record names one; training can draw a type alone as extra examples (`multi_types` of the LLM recipe).
+    question_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -123,7 +126,8 @@ def edit_sample(key: str, source: Image.Image, instruction: str, target: Image.I
     )
 
 
-def multi_image_sample(key: str, images: list[Image.Image], question: str, answer: str) -> Sample:
+def multi_image_sample(key: str, images: list[Image.Image], question: str, answer: str,
+                       question_type: str | None = None) -> Sample:
     """user: every image, in order, then the question ("Which image has more objects?") -> assistant: answer."""
     return Sample(
         key,
@@ -132,6 +136,7 @@ def multi_image_sample(key: str, images: list[Image.Image], question: str, answe
             {"role": "user", "content": [*(image_part(image) for image in images), text_part(question)]},
             {"role": "assistant", "content": [text_part(answer)]},
         ],
+        question_type=question_type,
     )
 
 

@@ -430,7 +430,9 @@ def record_samples(
     if "multi" in tasks and "multi_qa" in meta:
         for index, pair in _qa_pairs(meta, "multi_qa", key, stats):
             if two_images("multi_qa"):
-                samples.append(multi_image_sample(f"{key}/multi{index}", images, pair["question"], pair["answer"]))
+                question_type = pair.get("type") if _is_text(pair.get("type")) else None
+                samples.append(multi_image_sample(f"{key}/multi{index}", images, pair["question"], pair["answer"],
+                                                  question_type))
     if codes is not None:
         for sample in samples:
             _image_parts_to_codes(sample)

@@ -306,6 +306,51 @@ def test_training_weights_edits_by_operation():
                            edit_operations=dict.fromkeys(held, 0.0))
 
 
+def test_training_draws_a_two_image_question_type_alone(tmp_path):
+    """multi_types: a question type's two-image questions become a pool of their own, one question an example,
+    drawn at its weight beside the tasks; the samples carry their question's type; a type the data lacks and a
+    negative weight are refused."""
+    from mllm.data.shapes import write_shapes_data
+    from training.components import (
+        LLMTrainConfig,
+        draw_conversations,
+        load_task_pools,
+        mixture_weights,
+    )
+
+    write_shapes_data(tmp_path / "d", 12, size=48, tasks=True)
+    records = [record for record in read_records(str(tmp_path / "d")) if "multi_qa" in record["json"]]
+    changes = [qa for record in records for qa in record["json"]["multi_qa"] if qa["type"] == "change"]
+    assert len(changes) == 12  # one a scene: its edit record's
+
+    cfg = LLMTrainConfig(data=str(tmp_path / "d"), out="o", tasks={"caption": 1.0},
+                         multi_types={"change": 3.0, "count": 0.0})
+    cfg.validate()
+    assert mixture_weights(cfg) == {"caption": 1.0, "multi/change": 3.0, "multi/count": 0.0}
+    pools = load_task_pools(cfg.data, cfg.tasks, 12, 0, cfg.multi_types)
+    assert sorted(pools) == ["caption", "multi/change"]  # the multi task itself is not trained (weight 0)
+    alone = pools["multi/change"]
+    assert [s.messages[1]["content"][0]["text"] for s in alone] == [qa["answer"] for qa in changes]
+    assert all(s.task == "multi" and s.question_type == "change" and len(s.messages) == 2 for s in alone)
+    assert [part["type"] for part in alone[0].messages[0]["content"]] == ["image", "image", "text"]
+
+    drawn = draw_conversations(pools, mixture_weights(cfg), None, 0.0, 2000, seed=0)
+    share = Counter(task for task, _ in drawn)["multi/change"] / len(drawn)
+    assert abs(share - 0.75) < 0.04
+    # With the multi task trained too, it keeps every question, grouped by record.
+    both = load_task_pools(cfg.data, {"caption": 1.0, "multi": 1.0}, 12, 0, {"change": 1.0})
+    assert len(both["multi"]) == len(records) and len(both["multi/change"]) == 12
+
+    with pytest.raises(ValueError, match="no two-image question of type 'shape'.*change"):
+        load_task_pools(cfg.data, cfg.tasks, 12, 0, {"shape": 1.0})
+    with pytest.raises(ValueError, match="multi_types.*>= 0"):
+        LLMTrainConfig(data="d", out="o", multi_types={"change": -1.0}).validate()
+    # A question type alone is a mixture of its own: no task weight needed; with neither, refused.
+    LLMTrainConfig(data="d", out="o", tasks={"caption": 0.0}, multi_types={"change": 1.0}).validate()
+    with pytest.raises(ValueError, match="at least one positive"):
+        LLMTrainConfig(data="d", out="o", tasks={"caption": 0.0}, multi_types={"change": 0.0}).validate()
+
+
 def test_pretokenizing_encodes_a_repeated_image_once():
     """A scene's edit and pair records repeat its image: pretokenize encodes it once, with the same codes."""
     from mllm.data.pretokenize import pretokenize_records
