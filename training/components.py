@@ -107,8 +107,8 @@ class LLMTrainConfig:
     # Two-image question types also drawn alone, one question an example, as extra entries of the mixture with
     # these weights (`{"change": 0.75}`: the pool `multi/change`, weighed against `tasks`); the `multi` task keeps
     # every question, grouped by record. Empty (the default): none. "What changed between the two images?" is
-    # learned only from many such questions in a row: one among a record's six, it stayed at 18% where 4,000
-    # alone lifted it to 60% (docs/experiments.md, section 35).
+    # learned only from many such questions in a row: one among a record's six, it stayed at 18% where 600 steps
+    # of it alone lifted it to 60%, at the other questions' expense (docs/experiments.md, section 35).
     multi_types: dict[str, float] = field(default_factory=dict)
     lora: LoraSettings | None = None  # null = full fine-tune of the LLM
     learning_rate: float = 2e-4
