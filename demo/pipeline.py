@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,7 @@ def _copy_model(name: str, source: Path, target: Path, edit_guidance_scale: floa
 def _encoder_tuning(model: Path, plan: Plan) -> Stage:
     """The finished model's tokenizer encoder taught to read objects anywhere in their cell (in place; the
     figures file it writes last marks the stage done), on at most the plan's numbers of scenes."""
-    from training.tune_encoder import RESULT_NAME, EncoderTuneConfig, tune_encoder
+    from training.tune_encoder import RESULT_NAME, EncoderTuneConfig, MarginTooWide, tune_encoder
 
     defaults = EncoderTuneConfig()
     steps = plan.encoder_tuning_steps
@@ -161,7 +161,11 @@ def _encoder_tuning(model: Path, plan: Plan) -> Stage:
                             check_scenes=min(defaults.check_scenes, plan.test_scenes))
 
     def tune() -> None:
-        figures = tune_encoder(model, cfg)
+        try:
+            figures = tune_encoder(model, cfg)
+        except MarginTooWide as exn:  # a plan cut to a few minutes: its tokenizer holds the contents close
+            print(f"note: {exn}; tuning with the tokenizer's own margin (--preference-margin 0)")
+            figures = tune_encoder(model, replace(cfg, preference_margin=None))
         print(f"tokenizer judge agreement, objects anywhere in the cell: {figures['anywhere_judge_agreement_before']}%"
               f" -> {figures['anywhere_judge_agreement']}%; exact renders' codes kept: {figures['exact_codes_kept']}%")
 
@@ -225,10 +229,15 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
     data, test, codes = out / "data" / "train", out / "data" / "test", out / "data" / "train-codes"
     pretrained = out / "pretrain" / "model"
     finish = []
+    if plan.focus_steps:
+        finish.append(_train("focus", out / "focus" / "model" / "mllm_config.json", "train", _pretrain_recipe(plan),
+                             {"model": pretrained, "data": codes, "out": out / "focus"}, plan.focus_steps,
+                             plan.focus_overrides))
+        pretrained = out / "focus" / "model"
     if plan.finish_steps:
-        finish = [_train("finish", out / "finish" / "model" / "mllm_config.json", "train", _pretrain_recipe(plan),
-                         {"model": pretrained, "data": codes, "out": out / "finish"}, plan.finish_steps,
-                         plan.finish_overrides)]
+        finish.append(_train("finish", out / "finish" / "model" / "mllm_config.json", "train", _pretrain_recipe(plan),
+                              {"model": pretrained, "data": codes, "out": out / "finish"}, plan.finish_steps,
+                              plan.finish_overrides))
         pretrained = out / "finish" / "model"
     if plan.sft_steps:
         model = [

@@ -85,6 +85,11 @@ class Plan:
     # 0: none. Runs before sft, which then starts from the finished model.
     finish_steps: int = 0
     finish_overrides: tuple[str, ...] = ()
+    # A full-model stage between pretraining and finish ("focus"): the same recipe with `focus_overrides` for
+    # `focus_steps` steps, on one thing alone (0: none). The demo drills "What changed between the two images?"
+    # there: a question learned only from many of it in a row (docs/experiments.md, section 35).
+    focus_steps: int = 0
+    focus_overrides: tuple[str, ...] = ()
     sft_steps: int = 0  # 0: no sft stage; the pretrain model is the demo's model
     ett_steps: int = 1000  # `--ablations`: each of the two shapes-ett runs (tokenizer tuned / frozen)
     vqa_items: int = 1000
@@ -124,6 +129,11 @@ TINY_PURPOSE = (
     "bars are not applicable at this size. For a model that meets them, run the shapes size: "
     "`mllm demo --out runs/demo` (45-60 minutes on 2 CPU cores)."
 )
+
+# The focus stage's mixture: "What changed between the two images?" alone, one question an example
+# (`multi_types`), at the pretraining's learning rate.
+CHANGE_FOCUS = ("edit_image_first=0", "tasks.caption=0", "tasks.vqa=0", "tasks.t2i=0", "tasks.edit=0", "tasks.multi=0",
+                "multi_types.change=1", "learning_rate=4e-4", "warmup_steps=20", "seed=2")
 
 PLANS = {
     # Six by six codes: captions, VQA, drawing, editing and questions over two images in one decoder, in the
@@ -177,7 +187,10 @@ PLANS = {
                                       "paired_share=0.5", "tokenizer.code_preference_margin=0.0005"),
                  llm_overrides=("per_device_batch_size=4", "logging_steps=1", "save_steps=2", "max_length=256"),
                  finish_steps=2, finish_overrides=("per_device_batch_size=4", "logging_steps=1", "save_steps=2",
-                                                   "max_length=256", "learning_rate=1e-4", "seed=1"),
+                                                   "max_length=256", "learning_rate=1e-4", "seed=1",
+                                                   "multi_types.change=0.75"),
+                 focus_steps=2, focus_overrides=(*CHANGE_FOCUS, "per_device_batch_size=4", "logging_steps=1",
+                                                 "save_steps=2", "max_length=256"),
                  bars=False, purpose=TINY_PURPOSE),
 }
 
@@ -198,16 +211,19 @@ PLANS["shapes-cells-edit"] = replace(
     PLANS["shapes-cells"], minutes=140.0, llm_overrides=_cells_edit_training(0.75), finish_steps=1000, chat_threshold=True,
     finish_overrides=(*_cells_edit_training(1.5), "learning_rate=1e-4", "warmup_steps=50", "seed=1"))
 
-# The demo: `shapes-cells-edit` with 2000 model steps instead of 4000 before its 1000-step `finish`, which draws
-# moves three times as often among its edits, and then 300 steps of `mllm tune-encoder` on the model's
-# tokenizer (objects anywhere in their cell read right: 82% -> 97% judge agreement, codes unchanged); 45-60
-# minutes on 2 cores with bf16: every quality bar met (edits 82.7% of 600, move 61%; two images 88.2%, VQA
-# 95.7%, captions 86.7%, drawing 100 / 93.1%, both tokenizer agreements 100%; docs/experiments.md, sections
-# 31-34). The time bar (20 minutes with the install) is out of
-# reach of any plan that edits on 2 cores: the tokenizer alone takes 11 minutes, and edits need about 3000
-# model steps.
-PLANS["shapes"] = replace(PLANS["shapes-cells-edit"], minutes=45.0, pretrain_steps=2000, encoder_tuning_steps=300,
-                          finish_overrides=(*PLANS["shapes-cells-edit"].finish_overrides, "edit_operations.move=3"))
+# The demo: `shapes-cells-edit` with 2000 model steps instead of 4000, then 600 steps of "What changed between
+# the two images?" alone (the `focus` stage), then its 1000-step `finish`, which draws moves three times as
+# often among its edits and the change questions alone too, and then 300 steps of `mllm tune-encoder` on the
+# model's tokenizer (objects anywhere in their cell read right: 82% -> 97% judge agreement, codes unchanged);
+# 45-60 minutes on 2 cores with bf16: every quality bar met (edits 76.2% of 600, move 53%; two images 89.8%,
+# what changed 66% where it was 18% without the focus; VQA 94.9%, captions 79.7%, drawing 100 / 85.2%, both
+# tokenizer agreements 100%; docs/experiments.md, sections 31-35). The time bar (20 minutes with the install)
+# is out of reach of any plan that edits on 2 cores: the tokenizer alone takes 11 minutes, and edits need
+# about 3000 model steps.
+PLANS["shapes"] = replace(PLANS["shapes-cells-edit"], minutes=48.0, pretrain_steps=2000, encoder_tuning_steps=300,
+                          focus_steps=600, focus_overrides=CHANGE_FOCUS,
+                          finish_overrides=(*PLANS["shapes-cells-edit"].finish_overrides, "edit_operations.move=3",
+                                            "multi_types.change=0.75"))
 
 
 def model_dir(out: Path, plan: Plan) -> Path:
@@ -235,6 +251,7 @@ def scaled(plan: Plan, minutes: float | None) -> Plan:
                    pretrain_steps=max(1, round(plan.pretrain_steps * factor)),
                    sft_steps=plan.sft_steps and max(1, round(plan.sft_steps * factor)),
                    finish_steps=plan.finish_steps and max(1, round(plan.finish_steps * factor)),
+                   focus_steps=plan.focus_steps and max(1, round(plan.focus_steps * factor)),
                    ett_steps=max(1, round(plan.ett_steps * factor)),
                    encoder_tuning_steps=plan.encoder_tuning_steps and max(1, round(plan.encoder_tuning_steps * factor)),
                    minutes=minutes)

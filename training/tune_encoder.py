@@ -31,6 +31,11 @@ FIRST_SCENE = 2_000_000  # train-split scene index of the first scene this draws
 RESULT_NAME = "encoder_tuning.json"  # written next to the tuned tokenizer's config.json
 
 
+
+class MarginTooWide(ValueError):
+    """The preference margin asked for would let one cell content's codes stand for another's (a tokenizer
+    trained too briefly to hold its contents apart)."""
+
 @dataclass
 class EncoderTuneConfig:
     steps: int = 300
@@ -161,8 +166,8 @@ def tune_encoder(path: str | Path, cfg: EncoderTuneConfig | None = None, out: st
                              "it cannot prefer common codes; pass --preference-margin 0 to keep its own setting")
         gap = _smallest_gap(quantizer, codes)
         if cfg.preference_margin >= gap / 2:
-            raise ValueError(f"preference_margin {cfg.preference_margin} would merge cell contents (their codes lie "
-                             f"{gap:.3g} apart); use less than {gap / 2:.3g}")
+            raise MarginTooWide(f"preference_margin {cfg.preference_margin} would merge cell contents (their codes "
+                                f"lie {gap:.3g} apart); use less than {gap / 2:.3g}")
 
     tokenizer.requires_grad_(False)
     parameters = [p for encoder in _encoders(tokenizer) for p in encoder.parameters()]
@@ -246,4 +251,4 @@ def _save(tokenizer, source: Path, target: Path, figures: dict, weights_name: st
     fsync_tree(target)
 
 
-__all__ = ["RESULT_NAME", "EncoderTuneConfig", "judge_agreement", "tokenizer_folder", "tune_encoder"]
+__all__ = ["RESULT_NAME", "EncoderTuneConfig", "MarginTooWide", "judge_agreement", "tokenizer_folder", "tune_encoder"]

@@ -74,13 +74,13 @@ def _with_code_counts(folder):
 
 
 def test_margin_that_would_merge_contents_is_refused(tiny_tokenizer):
-    from training.tune_encoder import tune_encoder
+    from training.tune_encoder import MarginTooWide, tune_encoder
 
     with pytest.raises(ValueError, match="keeps no code counts"):
         tune_encoder(tiny_tokenizer, _small(preference_margin=0.001), progress=False)
     _with_code_counts(tiny_tokenizer)
     before = (tiny_tokenizer / "model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="would merge cell contents"):
+    with pytest.raises(MarginTooWide, match="would merge cell contents"):  # the demo falls back on it
         tune_encoder(tiny_tokenizer, _small(preference_margin=100.0), progress=False)
     assert (tiny_tokenizer / "model.safetensors").read_bytes() == before  # refused before anything was written
 
