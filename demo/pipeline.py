@@ -228,16 +228,16 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
     """The demo's stages, in order."""
     data, test, codes = out / "data" / "train", out / "data" / "test", out / "data" / "train-codes"
     pretrained = out / "pretrain" / "model"
-    finish = []
+    continued = []  # the stages that train the pretrained model further
     if plan.focus_steps:
-        finish.append(_train("focus", out / "focus" / "model" / "mllm_config.json", "train", _pretrain_recipe(plan),
-                             {"model": pretrained, "data": codes, "out": out / "focus"}, plan.focus_steps,
-                             plan.focus_overrides))
+        continued.append(_train("focus", out / "focus" / "model" / "mllm_config.json", "train", _pretrain_recipe(plan),
+                                {"model": pretrained, "data": codes, "out": out / "focus"}, plan.focus_steps,
+                                plan.focus_overrides))
         pretrained = out / "focus" / "model"
     if plan.finish_steps:
-        finish.append(_train("finish", out / "finish" / "model" / "mllm_config.json", "train", _pretrain_recipe(plan),
-                              {"model": pretrained, "data": codes, "out": out / "finish"}, plan.finish_steps,
-                              plan.finish_overrides))
+        continued.append(_train("finish", out / "finish" / "model" / "mllm_config.json", "train", _pretrain_recipe(plan),
+                                  {"model": pretrained, "data": codes, "out": out / "finish"}, plan.finish_steps,
+                                  plan.finish_overrides))
         pretrained = out / "finish" / "model"
     if plan.sft_steps:
         model = [
@@ -272,7 +272,7 @@ def stages(out: Path, plan: Plan) -> list[Stage]:
         *_model_chain("", out, out, plan, codes, {"teacher": teacher}),
         _eval("tokenizer metrics, held-out rasteriser", "tokenizer", out / "tokenizer",
               out / "eval" / OTHER_LOOK_TOKENIZER, data=other_look_test(out)),
-        *finish,
+        *continued,
         *model,
         *([_encoder_tuning(model_dir(out, plan), plan)] if plan.encoder_tuning_steps else []),
         *([_chat_threshold(model_dir(out, plan), out / "eval" / "chat-threshold", plan)] if plan.chat_threshold else []),
