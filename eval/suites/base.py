@@ -210,6 +210,24 @@ def int_option(options: dict[str, Any] | None, key: str, default: int, minimum: 
     return number
 
 
+def parse_flag(value: Any, name: str) -> bool:
+    """A boolean option's value (a string from `--option name=value`, or a bool) -> bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"--option {name}={value!r} is not a boolean; use {name}=true or {name}=false")
+
+
+def bool_option(options: dict[str, Any] | None, key: str, default: bool = False) -> bool:
+    """A boolean `--option key=value` (true/false, 1/0, yes/no, on/off), or `default` when absent."""
+    value = (options or {}).get(key)
+    return default if value is None else parse_flag(value, key)
+
+
 NORMALIZE_OPTION = "normalize"
 NORMALIZE_MODES = ("official", "lmms-eval")  # answer normalisation of the VQA-style suites
 

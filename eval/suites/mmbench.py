@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite, prediction_notes
+from eval.suites.base import Item, ScoreContext, Suite, parse_flag, prediction_notes
 
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _REQUIRED = ("index", "question", "image", "A", "B")
@@ -57,17 +57,6 @@ def image_data_url(b64: str) -> str:
     payload = "".join(b64.split())
     mime = next((kind for prefix, kind in _MIME if payload.startswith(prefix)), "image/png")
     return f"data:{mime};base64,{payload}"
-
-
-def _parse_flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"mmbench: option {name}={value!r} is not a boolean; use {name}=true or {name}=false")
 
 
 def _find_tsv(data: str | None) -> Path:
@@ -160,7 +149,7 @@ class MMBenchSuite(Suite):
             plain_accuracy,
         )
 
-        circular = _parse_flag(context.options.get("circular", False), "circular")
+        circular = parse_flag(context.options.get("circular", False), "circular")
         if items and all(item.meta.get("answer") is None for item in items):
             raise ValueError("mmbench: these rows have no 'answer' (the test split hides them); score the dev "
                              "split, or submit the predictions to the MMBench evaluation server")

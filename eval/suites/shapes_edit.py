@@ -37,6 +37,8 @@ Options (`--option key=value`):
     look=exact|varied|other   how scenes are rendered (default varied, the training world; other: a held-out
                               rasteriser; exact: the clean renderer)
     size=N                    image side (default: the model's image size, read from its folder; else 48)
+    first=N                   start at held-out scene N (default 0; with --data, the shards' N-th scene):
+                              first=5000 scores edits of scenes the default items never use
     per_operation=N           built-in items per operation (default 50; 100 halves the sampling spread of an
                               operation's accuracy to about 5 points)
     seeds=N                   edits per item (default 1), seeds seed..seed+N-1 (`mllm eval --seed`)
@@ -85,30 +87,33 @@ def render_scene(scene, size: int, look: str):
     return render(scene, size) if look == "exact" else render(scene, size, look=look)
 
 
-def heldout_scenes(data: str | None) -> Iterator:
-    """Scenes in a fixed order: the held-out test scenes `scene_seed("test", i)`, i = 0, 1, ..., or, with
-    `data`, the scenes of shards written by `mllm data shapes --split test`, in order."""
+def heldout_scenes(data: str | None, first: int = 0) -> Iterator:
+    """Scenes in a fixed order: the held-out test scenes `scene_seed("test", i)`, i = first, first + 1, ...,
+    or, with `data`, the scenes of shards written by `mllm data shapes --split test`, in order from the
+    `first`-th."""
     from mllm.data.shapes import Scene, make_scene, scene_seed
 
     if data is None:
-        for index in range(_MAX_SCENES):
+        for index in range(first, first + _MAX_SCENES):
             yield make_scene(scene_seed("test", index))
         return
     from mllm.data.shards import DataStats, read_records
 
-    for record in read_records(data, stats=DataStats(), split=False):
+    for position, record in enumerate(read_records(data, stats=DataStats(), split=False)):
         meta = record.get("json") or {}
         if "scene" not in meta:
             raise ValueError(f"{data} does not hold shapes-world scenes (no 'scene' in the records' JSON); "
                              "make them with `mllm data shapes --split test`")
-        yield Scene.from_dict(meta["scene"])
+        if position >= first:
+            yield Scene.from_dict(meta["scene"])
 
 
 class RenderOptions:
     """The `look` and `size` options of the suites that render held-out scenes themselves."""
 
-    render_option_names = ("look", "size")
+    render_option_names = ("look", "size", "first")
     look: str = DEFAULT_LOOK
+    first: int = 0  # index of the first held-out scene the items take (`heldout_scenes`)
     size: int | None = None  # --option size
     model_size: int | None = None  # the model's, from `use_model`
 
@@ -121,6 +126,7 @@ class RenderOptions:
             raise unknown_name("--option look value", look, LOOKS)
         self.look = look
         self.size = int_option(options, "size", 0, minimum=MIN_IMAGE_SIZE) or None
+        self.first = int_option(options, "first", 0, minimum=0)
 
     def use_model(self, model_dir) -> None:
         self.model_size = model_image_size(model_dir)
@@ -141,9 +147,9 @@ def _objects(scene) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ items
 def edit_items(data: str | None, limit: int | None, size: int, look: str,
-               per_operation: int = ITEMS_PER_OPERATION) -> list[Item]:
-    """Items round-robin over EDIT_OPERATIONS (see the module docstring): the first `limit`, or
-    `per_operation` per operation (every fitting scene of `data`)."""
+               per_operation: int = ITEMS_PER_OPERATION, first: int = 0) -> list[Item]:
+    """Items round-robin over EDIT_OPERATIONS (see the module docstring) from held-out scene `first` on: the
+    first `limit`, or `per_operation` per operation (every fitting scene of `data`)."""
     from mllm.data.shapes_tasks import EDIT_OPERATIONS, make_edit, possible_operations
 
     wanted = len(EDIT_OPERATIONS) * per_operation if data is None else None
@@ -152,7 +158,7 @@ def edit_items(data: str | None, limit: int | None, size: int, look: str,
     items: list[Item] = []
     if wanted == 0:
         return items
-    for scene in heldout_scenes(data):
+    for scene in heldout_scenes(data, first):
         operation = EDIT_OPERATIONS[len(items) % len(EDIT_OPERATIONS)]
         if operation not in possible_operations(scene):
             continue  # the next scene gets this operation
@@ -187,7 +193,7 @@ class ShapesEditSuite(RenderOptions, EditSuite):
         self.per_operation = int_option(options, "per_operation", ITEMS_PER_OPERATION)
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
-        return edit_items(data, limit, self.image_size, self.look, self.per_operation)
+        return edit_items(data, limit, self.image_size, self.look, self.per_operation, self.first)
 
     def score(self, predictions: dict[str, dict], items: list[Item], context: ScoreContext) -> dict[str, Any]:
         from PIL import Image

@@ -23,6 +23,12 @@ again at `size` in `look`.
 Options (`--option key=value`):
     look=exact|varied|other   how scenes are rendered (default varied, the training world)
     size=N                    image side (default: the model's image size, read from its folder; else 48)
+    first=N                   start at held-out scene N (default 0; with --data, the shards' N-th scene):
+                              first=11000 asks about scenes the default items never use
+    balanced=true             every question type asked equally often: every pair an edit pair (scene
+                              first + p and its edit), one question of each type a pair (the count and the
+                              named-image question about the first image in even pairs, the second in odd
+                              ones), where the default mixture asks "what changed" once in eleven
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from eval.suites.base import Item, ScoreContext, Suite
+from eval.suites.base import Item, ScoreContext, Suite, bool_option
 from eval.suites.shapes_edit import RenderOptions, heldout_scenes, percent, render_scene
 
 DEFAULT_PAIRS = 100
@@ -43,19 +49,30 @@ def normalise(text: Any) -> str:
     return text[:-1].strip() if text.endswith(".") else text
 
 
-def multi_items(data: str | None, limit: int | None, size: int, look: str) -> list[Item]:
-    """The items of the module docstring: DEFAULT_PAIRS pairs (every pair the shards allow with `data`),
-    the first `limit` questions when given."""
+def balanced_questions(questions: list[dict], pair: int) -> list[dict]:
+    """One question of each type: of the two asked about each image (count, single), the first image's in
+    an even pair and the second's in an odd one."""
+    chosen: dict[str, list[dict]] = defaultdict(list)
+    for qa in questions:
+        chosen[qa["type"]].append(qa)
+    return [of_type[pair % 2 if len(of_type) > 1 else 0] for of_type in chosen.values()]
+
+
+def multi_items(data: str | None, limit: int | None, size: int, look: str, first_scene: int = 0,
+                balanced: bool = False) -> list[Item]:
+    """The items of the module docstring from held-out scene `first_scene` on: DEFAULT_PAIRS pairs (every
+    pair the shards allow with `data`), the first `limit` questions when given; `balanced`: edit pairs only,
+    one question of each type a pair."""
     from mllm.data.shapes_tasks import make_edit, multi_qa
 
     pairs = DEFAULT_PAIRS if data is None else None
-    scenes = heldout_scenes(data)
+    scenes = heldout_scenes(data, first_scene)
     items: list[Item] = []
     pair = 0
     while (pairs is None or pair < pairs) and (limit is None or len(items) < limit):
         first = next(scenes, None)
-        other = next(scenes, None)  # the independent pairs' second scene; unused by an edit pair
-        kind = PAIR_KINDS[pair % 2]
+        kind = "edit" if balanced else PAIR_KINDS[pair % 2]
+        other = None if balanced else next(scenes, None)  # the independent pairs' second scene
         if first is None or (kind == "independent" and other is None):
             break
         if kind == "edit":
@@ -64,7 +81,8 @@ def multi_items(data: str | None, limit: int | None, size: int, look: str) -> li
         else:
             second, change, operation = other, None, None
         images = [render_scene(first, size, look), render_scene(second, size, look)]
-        for k, qa in enumerate(multi_qa(first, second, change=change)):
+        questions = multi_qa(first, second, change=change)
+        for k, qa in enumerate(balanced_questions(questions, pair) if balanced else questions):
             items.append(Item(
                 id=f"{pair:03d}-{k}", prompt=qa["question"], image=images,
                 meta={"answer": qa["answer"], "type": qa["type"], "pair": kind, "scene_seeds": [first.seed, second.seed],
@@ -82,15 +100,17 @@ class ShapesMultiSuite(RenderOptions, Suite):
     max_new_tokens = 32  # the longest answers are changes: "a small red circle was added at the top left"
     needs_data = False
     primary_metric = "accuracy"
-    option_names = RenderOptions.render_option_names
+    option_names = RenderOptions.render_option_names + ("balanced",)
+    balanced: bool = False
     data_help = ("optional: shards from `mllm data shapes --split test`; default: held-out scene pairs (half "
                  "an edit, half independent), two images per question")
 
     def configure(self, options: dict[str, Any] | None) -> None:
         self.configure_rendering(options)
+        self.balanced = bool_option(options, "balanced")
 
     def load_items(self, data: str | None, limit: int | None = None) -> list[Item]:
-        return multi_items(data, limit, self.image_size, self.look)
+        return multi_items(data, limit, self.image_size, self.look, self.first, self.balanced)
 
     def score(self, predictions: dict[str, dict], items: list[Item], context: ScoreContext) -> dict[str, Any]:
         from mllm.data.shapes_tasks import MULTI_QUESTION_TYPES

@@ -94,6 +94,26 @@ def test_items_are_held_out_balanced_round_robin_and_deterministic():
         _suite({"per_operation": "0"})
 
 
+def test_first_starts_the_items_at_a_later_held_out_scene():
+    items = _suite({"first": "5000", "per_operation": "2"}).load_items(None)
+    assert [item.meta["operation"] for item in items] == list(EDIT_OPERATIONS) * 2
+    seeds = [item.meta["scene_seed"] for item in items]
+    assert seeds[0] == scene_seed("test", 5000) and seeds == sorted(seeds)
+    default = {item.meta["scene_seed"] for item in _suite({"per_operation": "100"}).load_items(None)}
+    assert not default & set(seeds)  # none of the demo's 600 items
+    # the same round-robin as from scene 0: scene 5000 + i gets the operation in turn when it allows it
+    index, expected = 5000, []
+    while len(expected) < len(items):
+        scene = make_scene(scene_seed("test", index))
+        operation = EDIT_OPERATIONS[len(expected) % len(EDIT_OPERATIONS)]
+        if operation in possible_operations(scene):
+            expected.append((scene.seed, make_edit(scene, operation=operation).instruction))
+        index += 1
+    assert [(item.meta["scene_seed"], item.prompt) for item in items] == expected
+    with pytest.raises(ValueError, match="--option first=-1: must be at least 0"):
+        _suite({"first": "-1"})
+
+
 def test_rendered_targets_score_100_and_wrong_edits_lower_it(tmp_path):
     suite = _suite()
     items = suite.load_items(None, limit=12)  # two items per operation

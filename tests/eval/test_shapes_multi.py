@@ -59,6 +59,34 @@ def test_pairs_alternate_edit_and_independent_held_out_scenes_deterministically(
     assert exact.image[0].size == (64, 64) and exact.image[0].tobytes() == render_scene(first, 64, "exact").tobytes()
 
 
+def test_balanced_asks_each_type_once_a_pair_over_edit_pairs_from_a_later_scene():
+    items = _suite({"balanced": "true", "first": "11000"}).load_items(None)
+    assert len(items) == 400  # 100 edit pairs, one question of each type
+    assert Counter(item.meta["type"] for item in items) == {t: 100 for t in MULTI_QUESTION_TYPES}
+    assert {item.meta["pair"] for item in items} == {"edit"}
+    for pair in (0, 1, 57):
+        scene = make_scene(scene_seed("test", 11000 + pair))
+        edit = make_edit(scene)
+        questions = multi_qa(scene, edit.target, change=edit.change)
+        asked = [item for item in items if item.id.startswith(f"{pair:03d}-")]
+        assert [item.meta["scene_seeds"] for item in asked] == [[scene.seed, edit.target.seed]] * 4
+        ordinal = ("first", "second")[pair % 2]  # the image asked about alternates by pair
+        count = next(item for item in asked if item.meta["type"] == "count")
+        assert count.prompt == f"How many objects are in the {ordinal} image?"
+        assert count.meta["answer"] == str(len((scene, edit.target)[pair % 2].objects))
+        single = next(item for item in asked if item.meta["type"] == "single")
+        assert single.prompt == [qa for qa in questions if qa["type"] == "single"][pair % 2]["question"]
+        change = next(item for item in asked if item.meta["type"] == "change")
+        assert (change.prompt, change.meta["answer"]) == ("What changed between the two images?", edit.change)
+    # without `balanced`, `first` moves the default mixture along the held-out scenes
+    later = _suite({"first": "11000"}).load_items(None, limit=6)
+    assert later[0].meta["scene_seeds"][0] == scene_seed("test", 11000)
+    plain = _suite({"balanced": "no"}).load_items(None, limit=20)
+    assert [(i.id, i.prompt) for i in plain] == [(i.id, i.prompt) for i in _suite().load_items(None, limit=20)]
+    with pytest.raises(ValueError, match="--option balanced='maybe' is not a boolean"):
+        _suite({"balanced": "maybe"})
+
+
 def test_right_answers_score_100_and_wrong_ones_lower_it():
     suite = _suite()
     items = suite.load_items(None, limit=60)
