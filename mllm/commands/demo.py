@@ -17,10 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=("shapes", "shapes-cells-edit", "shapes-cells", "shapes-6x6", "shapes-long",
                                            "shapes-exact", "shapes-lean", "tiny"), default="shapes",
                         help="shapes (the demo: captions, VQA, drawing, editing and questions over two images in one "
-                             "decoder, one code a cell of the scene's grid, every edit trained instruction first; every "
-                             "quality bar, 45-60 minutes on 2 CPU cores with bf16), "
-                             "shapes-cells-edit (the same with twice the model's steps before its finish: every "
-                             "quality bar, about 80 minutes with bf16, 140 without), shapes-cells (one code a cell, a "
+                             "decoder, one code a cell of the scene's grid, every edit trained instruction first; on the "
+                             "edge of the editing bars, met in one run and missed in another; 45-60 minutes on 2 CPU "
+                             "cores with bf16), shapes-cells-edit (the same with twice the model's steps before its "
+                             "finish: every quality bar with a margin, about 80 minutes with bf16, 140 without), shapes-cells (one code a cell, a "
                              "share of the edits trained image first: edits in plain chat turns without a threshold; "
                              "about 115 minutes measured without bf16), shapes-6x6 (the previous demo: 6x6 codes an "
                              "image, edits 30%%, about 40 minutes), shapes-long (shapes-6x6 with twice the model's "
