@@ -1,5 +1,5 @@
 """The demo's report: DIR/report.md (what the plan is for, results against the quality bars where the
-plan has them, sample answers, stage times, commands), DIR/report.png (held-out scenes with the model's
+plan has them, sample answers, stage times, the environment, commands), DIR/environment.json, DIR/report.png (held-out scenes with the model's
 captions and answers, drawings, tokenizer reconstructions, loss against the step) and, after
 `--ablations`, the ablation table. An empty or whitespace-only reply is shown as "(empty)"."""
 
@@ -61,6 +61,39 @@ def _metric(results: dict[str, Any], name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+# The packages whose versions can move a training run's numbers: two environments that differ in them (or in
+# the CPU's floating-point kernels) are two training runs, whose figures differ as two seeds' would
+# (docs/experiments.md, section 36). A fresh install resolves the newest release in each range.
+ENVIRONMENT_PACKAGES = ("torch", "transformers", "accelerate", "peft", "tokenizers", "sentencepiece", "safetensors",
+                        "numpy", "pillow")
+ENVIRONMENT_NAME = "environment.json"
+
+
+def environment() -> dict[str, str]:
+    """What the run's numbers depend on besides the code and the plan: Python, the CPU (its model name and the
+    kernels torch picks for it), torch's threads, and the versions of ENVIRONMENT_PACKAGES."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model in /proc/cpuinfo; elsewhere platform's answer stays
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    found = {"python": platform.python_version(), "cpu": cpu,
+             "cpu kernels (torch)": torch.backends.cpu.get_cpu_capability(), "torch threads": str(torch.get_num_threads())}
+    for package in ENVIRONMENT_PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
 def write_report(out: Path, plan: Plan, timings: dict[str, float], commands: dict[str, str] | None = None
                  ) -> dict[str, Any]:
     """DIR/report.md (what the plan is for, the results against the bars, sample answers, stage times, how
@@ -108,6 +141,8 @@ def write_report(out: Path, plan: Plan, timings: dict[str, float], commands: dic
     table = "\n".join(rows)
     total = sum(timings.values())
     samples = _samples(out)
+    env = environment()
+    (out / ENVIRONMENT_NAME).write_text(json.dumps(env, indent=2) + "\n")
     title = (f"# Demo report ({plan.llm} size: a plumbing check, not a model)" if not plan.bars
              else f"# Demo report ({plan.llm} model, {plan.minutes:g}-minute plan)")
     lines = [title, "", *([f"> {plan.purpose}", ""] if plan.purpose else []), "![report](report.png)", "",
@@ -119,6 +154,10 @@ def write_report(out: Path, plan: Plan, timings: dict[str, float], commands: dic
              "## Stages (wall time, seconds)", "",
              "| stage | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in timings.items()],
              f"| total | {total:.0f} |", "",
+             "## Environment", "",
+             ("The same code and plan give the same figures in the same environment; another CPU or other package "
+              f"versions make another training run ({ENVIRONMENT_NAME})."), "",
+             "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in env.items()], "",
              *(["## How each stage ran", "", "```bash", *commands.values(), "```", ""] if commands else []),
              "## Use the model", "", "```bash",
              f"mllm chat --model {model_dir(out, plan)}", f"mllm serve --model {model_dir(out, plan)}", "```", ""]

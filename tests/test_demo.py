@@ -294,6 +294,16 @@ def test_the_shapes_report_keeps_its_bars(tmp_path):
         assert any(line.startswith(f"| {label} |") and line.endswith(f"| >= {minimum:.0f}% | {verdict} |")
                    for line in text.splitlines()), label
     assert "| a small red circle at the top |" in text and "| 2 |" in text
+    # the environment the figures belong to: the CPU's kernels and the packages' versions, in the report and
+    # in environment.json
+    import torch
+    import transformers
+
+    env = json.loads((out / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
+    assert env["cpu kernels (torch)"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
+    environment = text.split("## Environment")[1]
+    assert f"| torch | {torch.__version__} |" in environment and f"| numpy | {env['numpy']} |" in environment
 
 
 def test_the_report_picture_shows_empty_replies_and_what_was_not_asked():
