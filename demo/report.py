@@ -1,7 +1,7 @@
 """The demo's report: DIR/report.md (what the plan is for, results against the quality bars where the
-plan has them, sample answers, stage times, the environment, commands), DIR/environment.json, DIR/report.png (held-out scenes with the model's
-captions and answers, drawings, tokenizer reconstructions, loss against the step) and, after
-`--ablations`, the ablation table. An empty or whitespace-only reply is shown as "(empty)"."""
+plan has them, sample answers, stage times, the environment, commands), DIR/environment.json,
+DIR/report.png (held-out scenes with the model's captions and answers, drawings, tokenizer
+reconstructions, loss against the step) and, after `--ablations`, the ablation table. An empty or whitespace-only reply is shown as "(empty)"."""
 
 from __future__ import annotations
 

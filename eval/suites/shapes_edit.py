@@ -109,7 +109,7 @@ def heldout_scenes(data: str | None, first: int = 0) -> Iterator:
 
 
 class RenderOptions:
-    """The `look` and `size` options of the suites that render held-out scenes themselves."""
+    """The `look`, `size` and `first` options of the suites that render held-out scenes themselves."""
 
     render_option_names = ("look", "size", "first")
     look: str = DEFAULT_LOOK
