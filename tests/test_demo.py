@@ -144,12 +144,14 @@ def test_the_long_plan_is_the_six_by_six_plan_with_twice_the_models_steps():
     assert replace(long, pretrain_steps=base.pretrain_steps, minutes=base.minutes) == base
 
 
-def test_the_demo_is_the_cells_edit_plan_with_half_its_pretraining():
-    """`mllm demo`'s default: shapes-cells-edit's tokenizer, mixture, finish stage and chat threshold, with
+def test_the_half_plan_is_the_cells_edit_plan_with_half_its_pretraining():
+    """shapes-half: shapes-cells-edit's tokenizer, mixture, finish stage and chat threshold, with
     2000 pretraining steps instead of 4000, then 600 steps of "What changed" questions alone (the focus stage),
     and in the finish moves drawn three times as often and the change questions also alone
     (docs/experiments.md, sections 31-32 and 35)."""
-    shapes, edit = demo.PLANS["shapes"], demo.PLANS["shapes-cells-edit"]
+    shapes, edit = demo.PLANS["shapes-half"], demo.PLANS["shapes-cells-edit"]
+    # the demo's default is the same plan with shapes-cells-edit's 4000 pretraining steps
+    assert replace(demo.PLANS["shapes"], pretrain_steps=2000, minutes=shapes.minutes) == shapes
     assert (shapes.pretrain_steps, shapes.finish_steps, edit.pretrain_steps) == (2000, 1000, 4000)
     assert shapes.finish_overrides == (*edit.finish_overrides, "edit_operations.move=3", "multi_types.change=0.75")
     assert shapes.encoder_tuning_steps == 300 and edit.encoder_tuning_steps == 0

@@ -13,13 +13,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); rerun to resume")
     parser.add_argument("--minutes", type=positive_float,
                         help="scale the training stages to about this many minutes in all (default: the plan's "
-                             "own: 45 for shapes)")
-    parser.add_argument("--size", choices=("shapes", "shapes-cells-edit", "shapes-cells", "shapes-6x6", "shapes-long",
+                             "own: 75 for shapes)")
+    parser.add_argument("--size", choices=("shapes", "shapes-half", "shapes-cells-edit", "shapes-cells", "shapes-6x6", "shapes-long",
                                            "shapes-exact", "shapes-lean", "tiny"), default="shapes",
                         help="shapes (the demo: captions, VQA, drawing, editing and questions over two images in one "
-                             "decoder, one code a cell of the scene's grid, every edit trained instruction first; on the "
-                             "edge of the editing bars, met in one run and missed in another; 45-60 minutes on 2 CPU "
-                             "cores with bf16), shapes-cells-edit (the same with twice the model's steps before its "
+                             "decoder, one code a cell of the scene's grid, every edit trained instruction first, a "
+                             "focus stage for the question \"what changed\" and the encoder tuned; about 75 minutes "
+                             "on 2 CPU cores with bf16), shapes-half (the same with half the pretraining: on the edge "
+                             "of the editing bars, met in one run and missed in another; 45-60 minutes), "
+                             "shapes-cells-edit (the same with twice the model's steps before its "
                              "finish: every quality bar with a margin, about 80 minutes with bf16, 140 without), "
                              "shapes-cells (one code a cell, a share of the edits trained image first: edits in plain chat turns without a threshold; "
                              "about 115 minutes measured without bf16), shapes-6x6 (the previous demo: 6x6 codes an "
