@@ -149,30 +149,30 @@ def test_the_half_plan_is_the_cells_edit_plan_with_half_its_pretraining():
     2000 pretraining steps instead of 4000, then 600 steps of "What changed" questions alone (the focus stage),
     and in the finish moves drawn three times as often and the change questions also alone
     (docs/experiments.md, sections 31-32 and 35)."""
-    shapes, edit = demo.PLANS["shapes-half"], demo.PLANS["shapes-cells-edit"]
+    half, edit = demo.PLANS["shapes-half"], demo.PLANS["shapes-cells-edit"]
     # the demo's default is the same plan with shapes-cells-edit's 4000 pretraining steps
-    assert replace(demo.PLANS["shapes"], pretrain_steps=2000, minutes=shapes.minutes) == shapes
-    assert (shapes.pretrain_steps, shapes.finish_steps, edit.pretrain_steps) == (2000, 1000, 4000)
-    assert shapes.finish_overrides == (*edit.finish_overrides, "edit_operations.move=3", "multi_types.change=0.75")
-    assert shapes.encoder_tuning_steps == 300 and edit.encoder_tuning_steps == 0
-    assert (shapes.focus_steps, edit.focus_steps) == (600, 0)
-    assert replace(shapes, pretrain_steps=edit.pretrain_steps, minutes=edit.minutes, encoder_tuning_steps=0,
+    assert replace(demo.PLANS["shapes"], pretrain_steps=2000, minutes=half.minutes) == half
+    assert (half.pretrain_steps, half.finish_steps, edit.pretrain_steps) == (2000, 1000, 4000)
+    assert half.finish_overrides == (*edit.finish_overrides, "edit_operations.move=3", "multi_types.change=0.75")
+    assert half.encoder_tuning_steps == 300 and edit.encoder_tuning_steps == 0
+    assert (half.focus_steps, edit.focus_steps) == (600, 0)
+    assert replace(half, pretrain_steps=edit.pretrain_steps, minutes=edit.minutes, encoder_tuning_steps=0,
                    finish_overrides=edit.finish_overrides, focus_steps=0, focus_overrides=()) == edit
     # the focus stage trains the change questions alone, between pretraining and finish
     from training.components import mixture_weights
     from training.recipes import load_recipe
 
-    _, focus = load_recipe("shapes-pretrain-tasks", ["data=d", "out=o", *shapes.focus_overrides])
+    _, focus = load_recipe("shapes-pretrain-tasks", ["data=d", "out=o", *half.focus_overrides])
     assert {pool: weight for pool, weight in mixture_weights(focus).items() if weight > 0} == {"multi/change": 1}
     assert focus.learning_rate == 4e-4
-    names = [stage.name for stage in demo.stages(Path("out"), shapes)]
+    names = [stage.name for stage in demo.stages(Path("out"), half)]
     assert names.index("pretrain") < names.index("focus") < names.index("finish") < names.index("model")
-    stages = {stage.name: stage for stage in demo.stages(Path("out"), shapes)}
+    stages = {stage.name: stage for stage in demo.stages(Path("out"), half)}
     assert "--model out/pretrain/model" in stages["focus"].command and "--max-steps 600" in stages["focus"].command
     assert "--model out/focus/model" in stages["finish"].command
     assert "focus" not in [stage.name for stage in demo.stages(Path("out"), edit)]
-    assert demo.scaled(shapes, shapes.minutes / 2).focus_steps == 300
-    assert shapes.chat_threshold and shapes.edit_guidance_scale == 1.0 and "edit_image_first=0" in shapes.llm_overrides
+    assert demo.scaled(half, half.minutes / 2).focus_steps == 300
+    assert half.chat_threshold and half.edit_guidance_scale == 1.0 and "edit_image_first=0" in half.llm_overrides
     import argparse
 
     from mllm.commands.demo import add_arguments
